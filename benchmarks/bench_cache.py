@@ -1,0 +1,122 @@
+"""Speed of moesim.cache.replay against libCacheSim's C loop (process_trace), per policy.
+
+    python benchmarks/bench_cache.py [--requests 1000000] [--capacity 300] [--universe 10000]
+                                     [--alpha 1.0] [--seed 0] [--repeat 3]
+
+Builds a seeded Zipf stream, writes it as a plain-text trace (one id per line) and as an
+ORACLE_GENERAL_TRACE (24-byte records with the next access of each request; libCacheSim's Belady
+needs it), then for each policy times, in the same run:
+
+* libCacheSim ``process_trace`` on the binary oracle trace (its fastest reader; for lru, fifo and
+  lfu also on the plain-text trace, shown separately),
+* ``moesim.cache.replay`` on the ids read back from the binary trace with ``np.fromfile``
+  (the read is timed; Belady's next uses are recomputed by replay, not taken from the file),
+
+checks that the miss counts agree and prints a table. Timings are the best of ``--repeat`` runs.
+Not a test: nothing here fails except a miss-count mismatch (exit status 1).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moesim.cache import next_use_positions, replay
+
+ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
+LCS_NAME = {"lru": "LRU", "fifo": "FIFO", "lfu": "LFU", "belady": "Belady"}
+TARGET = {"lru": 0.5, "fifo": 0.5, "lfu": 0.25, "belady": 0.25}
+
+
+def zipf_stream(n: int, universe: int, alpha: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, universe + 1) ** alpha
+    ids = rng.choice(universe, size=n, p=p / p.sum())
+    return rng.permutation(universe)[ids].astype(np.int64)
+
+
+def write_traces(stream: np.ndarray, d: Path) -> tuple[Path, Path]:
+    txt, bin_ = d / "trace.txt", d / "trace.oracleGeneral"
+    np.savetxt(txt, stream, fmt="%d")
+    rec = np.zeros(len(stream), dtype=ORACLE)
+    rec["t"] = np.arange(len(stream))
+    rec["id"] = stream
+    rec["size"] = 1
+    rec["next"] = next_use_positions(stream)
+    rec.tofile(bin_)
+    return txt, bin_
+
+
+def time_libcachesim(lcs, policy: str, path: Path, kind: str, capacity: int, n: int, repeat: int):
+    best, misses = float("inf"), None
+    for _ in range(repeat):
+        params = lcs.ReaderInitParam(ignore_obj_size=True)
+        ttype = lcs.TraceType.ORACLE_GENERAL_TRACE if kind == "oracle" else lcs.TraceType.PLAIN_TXT_TRACE
+        reader = lcs.TraceReader(str(path), ttype, params)
+        cache = getattr(lcs, LCS_NAME[policy])(capacity)
+        t0 = time.perf_counter()
+        miss_ratio, _ = cache.process_trace(reader)
+        best = min(best, time.perf_counter() - t0)
+        misses = round(miss_ratio * n)
+    return n / best, misses
+
+
+def time_moesim(policy: str, path: Path, capacity: int, repeat: int):
+    best, res = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        ids = np.fromfile(path, dtype=ORACLE)["id"].astype(np.int64)
+        res = replay(ids, capacity, policy)
+        best = min(best, time.perf_counter() - t0)
+    return res.requests / best, res.misses
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=1_000_000)
+    ap.add_argument("--capacity", type=int, default=300)
+    ap.add_argument("--universe", type=int, default=10_000)
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--policies", default="lru,fifo,lfu,belady")
+    a = ap.parse_args(argv)
+    import libcachesim as lcs
+
+    stream = zipf_stream(a.requests, a.universe, a.alpha, a.seed)
+    n = len(stream)
+    print(f"Zipf stream: {n:,} requests, {a.universe:,} ids, alpha {a.alpha}, seed {a.seed}; "
+          f"capacity {a.capacity}; best of {a.repeat}; Python {platform.python_version()}, "
+          f"{platform.machine()}")
+    ok = True
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+        txt, bin_ = write_traces(stream, Path(tmp))
+        for pol in a.policies.split(","):
+            lcs_rate, lcs_miss = time_libcachesim(lcs, pol, bin_, "oracle", a.capacity, n, a.repeat)
+            txt_rate = txt_miss = None
+            if pol != "belady":  # without next-access times libCacheSim's Belady is meaningless
+                txt_rate, txt_miss = time_libcachesim(lcs, pol, txt, "txt", a.capacity, n, a.repeat)
+            ms_rate, ms_miss = time_moesim(pol, bin_, a.capacity, a.repeat)
+            equal = ms_miss == lcs_miss and (txt_miss is None or txt_miss == lcs_miss)
+            ok &= equal
+            rows.append((pol, lcs_rate, txt_rate, ms_rate, ms_rate / lcs_rate, TARGET[pol], equal,
+                         ms_miss, lcs_miss))
+    hdr = (f"{'policy':<7} {'libcachesim req/s':>18} {'(plain txt)':>12} {'moesim req/s':>13} "
+           f"{'ratio':>6} {'target':>6}  {'misses equal':<12} {'misses':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for pol, lr, tr, mr, ratio, target, eq, mm, lm in rows:
+        tr_s = f"{tr / 1e6:.2f} M" if tr else "-"
+        print(f"{pol:<7} {lr / 1e6:>16.2f} M {tr_s:>12} {mr / 1e6:>11.2f} M {ratio:>6.2f} {target:>6.2f}  "
+              f"{'yes' if eq else f'NO ({lm})':<12} {mm:>9,}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

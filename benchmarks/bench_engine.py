@@ -1,0 +1,91 @@
+"""Engine speed: simulated expert accesses per second against a bare SimPy loop measured in the
+same run, and peak memory at two trace lengths (flat = streaming works).
+
+    python benchmarks/bench_engine.py            # ~1M token×expert accesses
+    python benchmarks/bench_engine.py --quick    # smaller, for a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import simpy
+
+
+def bare_simpy_events_per_s(n: int = 1_000_000) -> float:
+    env = simpy.Environment()
+
+    def proc():
+        for _ in range(n):
+            yield env.timeout(1)
+
+    env.process(proc())
+    t = time.perf_counter()
+    env.run()
+    return n / (time.perf_counter() - t)
+
+
+def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str) -> dict:
+    from moesim.config import scenario_from_dict
+    from moesim.engine.run import simulate
+
+    sc = scenario_from_dict({"name": "bench", "model": preset, "hardware": "a100-80gb-pcie4",
+                             "trace": {"path": trace}, "cache": {"gpu": {"capacity_experts": capacity,
+                                                                          "policy": policy}},
+                             "predictor": {"name": predictor}, "batch": {"size": 1}})
+    t = time.perf_counter()
+    res = simulate(sc)
+    wall = time.perf_counter() - t
+    s = res.summary
+    return {"wall_s": wall, "pairs": s["token_expert_pairs"], "accesses": s["accesses"],
+            "misses": s["misses"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def make_trace(path: Path, preset: str, requests: int, decode: int) -> None:
+    from moesim.models import get_preset
+    from moesim.traces.synthetic import generate_to_file
+
+    generate_to_file(path, get_preset(preset), preset=preset, requests=requests, prompt_len=16, decode_len=decode,
+                     rng=np.random.default_rng(0), seed=0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        trace, preset, cap, policy, pred = a.child
+        print(json.dumps(run_one(trace, preset, int(cap), policy, pred)))
+        return
+    preset = "olmoe-1b-7b"  # 16 layers × top-8 = 128 token×expert accesses per token
+    decode = 60 if a.quick else 240
+    sizes = {"short": 8, "long": 32} if not a.quick else {"short": 4, "long": 8}
+    floor = bare_simpy_events_per_s(200_000 if a.quick else 1_000_000)
+    print(f"bare SimPy timeout loop: {floor / 1e6:.2f} M events/s")
+    print(f"{'trace':6s} {'policy':7s} {'predictor':9s} {'accesses':>9s} {'pairs':>9s} {'wall s':>7s} "
+          f"{'pairs/s':>9s} {'vs floor':>8s} {'peak RSS MB':>11s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, req in sizes.items():
+            path = Path(tmp) / f"{name}.parquet"
+            make_trace(path, preset, req, decode)
+            combos = [("lru", "on_demand"), ("lru", "oracle"), ("belady", "on_demand")] if name == "long" \
+                else [("lru", "on_demand")]
+            for policy, pred in combos:
+                out = subprocess.run([sys.executable, __file__, "--child", str(path), preset, "256", policy, pred],
+                                     capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout)
+                rate = r["pairs"] / r["wall_s"]
+                print(f"{name:6s} {policy:7s} {pred:9s} {r['accesses']:9d} {r['pairs']:9d} {r['wall_s']:7.2f} "
+                      f"{rate / 1e3:8.0f}k {rate / floor:8.3f} {r['peak_rss_mb']:11.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Pure cache simulation over a stream of integer ids: no timing, no tiers, no pinning.
+
+:func:`replay` counts hits and misses of one policy at one capacity. A miss inserts the
+requested id, evicting one victim first when the cache is full (demand paging, no bypass);
+capacity 0 makes every request a miss. Each policy has a specialised loop (the ``_replay_*``
+functions) that gives exactly the same counts as driving the incremental policy classes of
+:mod:`moesim.cache.policies` (:func:`replay_incremental`), which the tests check, and the
+same counts as libCacheSim's ``process_trace``.
+
+:func:`next_use_positions` and :class:`NextUse` give Belady its future: the next position at
+which each request's id (or any key after any position) is requested again.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_right
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .policies import POLICIES, get_policy
+
+__all__ = ["ReplayResult", "replay", "replay_incremental", "next_use_positions", "NextUse"]
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """Counts of one replay: ``hits + misses == requests``."""
+
+    hits: int
+    misses: int
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def miss_ratio(self) -> float:
+        n = self.hits + self.misses
+        return self.misses / n if n else 0.0
+
+    @property
+    def hit_ratio(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+
+# ---- next use --------------------------------------------------------------------------------
+
+def _as_int_array(stream) -> np.ndarray:
+    a = np.asarray(stream)
+    if a.ndim != 1:
+        raise ValueError(f"a request stream must be one-dimensional, got shape {a.shape}")
+    if a.size == 0:
+        return a.astype(np.int64)
+    if a.dtype.kind not in "iu":
+        if a.dtype.kind == "b" or a.dtype == object or a.dtype.kind == "f":
+            b = a.astype(np.int64)
+            if a.dtype.kind == "f" and not np.array_equal(b, a):
+                raise ValueError("request ids must be integers")
+            return b
+        raise ValueError(f"request ids must be integers, got dtype {a.dtype}")
+    return a
+
+
+def _sort_keys(a: np.ndarray) -> np.ndarray:
+    """``a`` itself, or ``a`` shifted into uint16 when its ids span fewer than 2**16 values:
+    the same order, and numpy's stable sort on 16-bit ints is a radix sort (~5x faster)."""
+    if a.size == 0:
+        return a
+    lo, hi = int(a.min()), int(a.max())
+    if hi - lo < 1 << 16:
+        return (a - lo).astype(np.uint16) if lo else a.astype(np.uint16)
+    return a
+
+
+def next_use_positions(stream, never: int = -1) -> np.ndarray:
+    """For every position ``i`` of ``stream``, the smallest ``j > i`` with ``stream[j] ==
+    stream[i]``, or ``never`` (default -1, as libCacheSim's ``next_access_vtime``) if there is
+    none. Vectorised: one stable argsort, O(n log n) (a radix sort when the ids span < 65536
+    values). Returns int64."""
+    a = _as_int_array(stream)
+    n = a.size
+    if n < 2:
+        return np.full(n, never, dtype=np.int64)
+    k = _sort_keys(a)
+    order = np.argsort(k, kind="stable")
+    s = k[order]
+    out = np.empty(n, dtype=np.int64)
+    out[order[:-1]] = np.where(s[1:] == s[:-1], order[1:], never)
+    out[order[-1]] = never
+    return out
+
+
+class NextUse:
+    """Index over a stream of keys: ``next_after(key, pos)`` is the smallest position ``> pos``
+    at which ``key`` is requested, or ``math.inf`` if none. Positions are 0-based indices into
+    the stream. O(1) when ``stream[pos] == key`` (the usual question: "this access just
+    happened, when is the next one?"), else O(log m) by bisection over the key's m positions."""
+
+    __slots__ = ("_keys", "_next", "_positions", "n")
+
+    def __init__(self, stream) -> None:
+        a = _as_int_array(stream)
+        self.n = n = int(a.size)
+        self._keys: list[int] = a.tolist()
+        self._next: list[float] = []
+        self._positions: dict[int, list[int]] = {}
+        if not n:
+            return
+        order = np.argsort(_sort_keys(a), kind="stable")
+        s = a[order]
+        same = s[1:] == s[:-1]
+        nxt = np.empty(n, dtype=np.int64)
+        nxt[order[:-1]] = np.where(same, order[1:], -1)
+        nxt[order[-1]] = -1
+        self._next = [math.inf if v < 0 else v for v in nxt.tolist()]
+        cuts = np.flatnonzero(~same) + 1
+        starts = np.concatenate(([0], cuts)).tolist()
+        ends = np.concatenate((cuts, [n])).tolist()
+        olist = order.tolist()
+        ids = s[starts].tolist()
+        self._positions = {k: olist[b:e] for k, b, e in zip(ids, starts, ends)}
+
+    def next_after(self, key: int, pos: int) -> float:
+        if 0 <= pos < self.n and self._keys[pos] == key:
+            return self._next[pos]
+        ps = self._positions.get(key)
+        if not ps:
+            return math.inf
+        i = bisect_right(ps, pos)
+        return ps[i] if i < len(ps) else math.inf
+
+    def positions(self, key: int) -> list[int]:
+        """All positions at which ``key`` is requested, ascending."""
+        return list(self._positions.get(key, ()))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+# ---- replay ----------------------------------------------------------------------------------
+
+def _as_list(requests) -> list[int]:
+    if isinstance(requests, list):
+        return requests
+    if isinstance(requests, np.ndarray):
+        return _as_int_array(requests).tolist()
+    return [int(x) for x in requests]
+
+
+def _check(capacity, policy: str) -> int:
+    if policy not in POLICIES:
+        get_policy(policy)  # raises the KeyError listing the known names
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
+        raise TypeError(f"capacity must be an int, got {capacity!r}")
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    return int(capacity)
+
+
+def replay(requests: Sequence[int] | np.ndarray | Iterable[int], capacity: int, policy: str) -> ReplayResult:
+    """Replay ``requests`` (integer ids) through an empty cache of ``capacity`` entries managed by
+    ``policy`` (``lru``, ``lfu``, ``fifo``, ``belady``). Hits touch, misses insert (evicting the
+    policy's victim first when full). Belady's next uses are computed from ``requests``."""
+    cap = _check(capacity, policy)
+    if policy == "belady":
+        arr = _as_int_array(requests if isinstance(requests, (list, np.ndarray)) else list(requests))
+        n = int(arr.size)
+        if cap == 0 or n == 0:
+            return ReplayResult(0, n)
+        misses = _replay_belady(arr, cap)
+        return ReplayResult(n - misses, misses)
+    reqs = _as_list(requests)
+    n = len(reqs)
+    if cap == 0 or n == 0:
+        return ReplayResult(0, n)
+    misses = _FAST[policy](reqs, cap)
+    return ReplayResult(n - misses, misses)
+
+
+def _replay_lru(reqs: list[int], cap: int) -> int:
+    od: OrderedDict[int, None] = OrderedDict()
+    to_end = od.move_to_end
+    evict = od.popitem
+    size = misses = 0
+    for x in reqs:
+        if x in od:
+            to_end(x)
+            continue
+        misses += 1
+        if size < cap:
+            size += 1
+        else:
+            evict(False)
+        od[x] = None
+    return misses
+
+
+def _replay_fifo(reqs: list[int], cap: int) -> int:
+    resident: set[int] = set()
+    add, discard = resident.add, resident.remove
+    ring = [0] * cap   # ring[p] is the oldest resident id once the cache is full
+    p = size = misses = 0
+    for x in reqs:
+        if x in resident:
+            continue
+        misses += 1
+        if size < cap:
+            size += 1
+        else:
+            discard(ring[p])
+        ring[p] = x
+        add(x)
+        p += 1
+        if p == cap:
+            p = 0
+    return misses
+
+
+def _replay_lfu(reqs: list[int], cap: int) -> int:
+    # freq/last: true (frequency, tick) of resident ids. The heap holds exactly one entry per
+    # resident id, never greater than its true value (hits do not push): pop the top, and if it
+    # is stale re-push its true value, until the top is current -- that is the LFU victim
+    # (lowest frequency, then oldest last access), as in policies.LFU.
+    freq: dict[int, int] = {}
+    last: dict[int, int] = {}
+    heap: list[tuple[int, int, int]] = []
+    push, pop, replace = heapq.heappush, heapq.heappop, heapq.heapreplace
+    get = freq.get
+    size = misses = tick = 0
+    for x in reqs:
+        tick += 1
+        f = get(x)
+        if f is not None:
+            freq[x] = f + 1
+            last[x] = tick
+            continue
+        misses += 1
+        if size < cap:
+            size += 1
+        else:
+            while True:
+                hf, ht, k = heap[0]
+                tf = freq[k]
+                tl = last[k]
+                if hf == tf and ht == tl:
+                    pop(heap)
+                    del freq[k], last[k]
+                    break
+                replace(heap, (tf, tl, k))
+        freq[x] = 1
+        last[x] = tick
+        push(heap, (1, tick, x))
+    return misses
+
+
+def _replay_belady(arr: np.ndarray, cap: int) -> int:
+    # The heap holds plain ints -(next use); the id is recovered from the position: a next use
+    # v < n is position v, whose id is reqs[v]. "Never again" after position i is encoded as
+    # 2n-1-i (>= n, and larger for older i, so ties among dead ids go to the least recently
+    # accessed, as in policies.Belady). A hit pushes the id's new next use and leaves its old
+    # entry, whose value (the current position) is <= now, while every current entry is > now.
+    #
+    # Short reuses need no entry at all: if the id requested at i is next requested at
+    # j <= i + cap, MIN cannot evict it in (i, j) -- to be the farthest at an eviction at t it
+    # would need cap-1 other residents with distinct next uses in (t, j), plus the miss at t,
+    # all inside (i, j), which holds only j-i-1 < cap positions. Such requests get the sentinel
+    # 0 and push nothing. The id with the farthest next use is therefore never such an id, so
+    # the top of the heap is always a current entry; stale entries are <= now and are cleared
+    # now and then by keeping the `size` smallest values (a sorted list is a heap).
+    n = int(arr.size)
+    nxt = next_use_positions(arr, never=-1)
+    pos = np.arange(n, dtype=np.int64)
+    short = nxt - pos <= cap           # includes never (-1): fixed just below
+    dead = nxt < 0
+    short &= ~dead
+    np.copyto(nxt, 2 * n - 1 - pos, where=dead)
+    neg = np.negative(nxt)
+    neg[short] = 0
+    neg = neg.tolist()
+    reqs = arr.tolist()
+    resident: set[int] = set()
+    add, discard = resident.add, resident.remove
+    heap: list[int] = []
+    push, pop, replace = heapq.heappush, heapq.heappop, heapq.heapreplace
+    limit = 8 * cap + 1024
+    size = misses = 0
+    for x, nv in zip(reqs, neg):
+        if x in resident:
+            if nv:
+                push(heap, nv)
+            continue
+        misses += 1
+        if size < cap:
+            size += 1
+            if nv:
+                push(heap, nv)
+        else:
+            v = -(replace(heap, nv) if nv else pop(heap))
+            discard(reqs[v] if v < n else reqs[2 * n - 1 - v])
+            if len(heap) > limit:
+                heap.sort()
+                del heap[size:]
+        add(x)
+    return misses
+
+
+_FAST = {"lru": _replay_lru, "fifo": _replay_fifo, "lfu": _replay_lfu}
+
+
+def replay_incremental(requests, capacity: int, policy: str) -> ReplayResult:
+    """The same replay driven through the incremental policy classes (slow; the reference the
+    fast paths are tested against)."""
+    cap = _check(capacity, policy)
+    reqs = _as_list(requests)
+    n = len(reqs)
+    if cap == 0:
+        return ReplayResult(0, n)
+    pol = get_policy(policy)
+    if pol.needs_next_use:
+        nxt = [math.inf if v < 0 else v for v in next_use_positions(np.asarray(reqs, dtype=np.int64)).tolist()]
+    else:
+        nxt = [None] * n
+    hits = 0
+    for x, nu in zip(reqs, nxt):
+        if x in pol:
+            hits += 1
+            pol.touch(x, nu)
+            continue
+        if len(pol) >= cap:
+            pol.remove(pol.victim())
+        pol.insert(x, nu)
+    return ReplayResult(hits, n - hits)

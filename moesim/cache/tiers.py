@@ -1,0 +1,304 @@
+"""One level of the multi-level expert cache (GPU HBM or host DRAM), as the engine drives it.
+
+Keys are ints ``layer * num_experts + expert``. An entry is either READY (its bytes are there) or
+IN_FLIGHT (a slot reserved for a copy in progress). Both hold a slot. Victims are chosen by the
+tier's eviction policy among READY entries that are not pinned; an IN_FLIGHT or pinned entry is
+never evicted.
+
+Lifecycle::
+
+    reserve(key, pos) -> evicted keys | None     (absent -> IN_FLIGHT; counts as an access)
+    complete(key)                                (IN_FLIGHT -> READY; not an access)
+    cancel(key)                                  (IN_FLIGHT -> absent; the slot is freed)
+    hit(key, pos) -> bool                        (READY: an access, True; else False, no change)
+    pin(key) / unpin(key)                        (reference counts on a READY or IN_FLIGHT key)
+
+``pos`` is the position of the access in the engine's access stream (Belady's clock: the tier
+asks ``next_use(key, pos)`` for the first request of ``key`` after ``pos``). Other policies do
+not look at it.
+
+With ``partition="per_layer"`` the capacity is per layer and every layer has its own policy
+instance, so a reservation for layer ``l`` can only evict layer-``l`` keys. With ``"global"`` all
+keys share one capacity and one policy. ``capacity=None`` means unbounded (never evicts; no
+policy is kept at all).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+from .policies import POLICIES, Policy, get_policy
+
+__all__ = ["Tier", "PARTITIONS"]
+
+PARTITIONS = ("global", "per_layer")
+
+
+class _NoPolicy(Policy):
+    """Stands in for the policy of an unbounded tier: it never has to choose a victim."""
+
+    __slots__ = ()
+    name = "none"
+
+    def insert(self, key, next_use=None):
+        pass
+
+    def touch(self, key, next_use=None):
+        pass
+
+    def remove(self, key):
+        pass
+
+    def victim(self, excluded=()):
+        return None
+
+    def __len__(self):
+        return 0
+
+    def __contains__(self, key):
+        return False
+
+    def keys(self):
+        return []
+
+
+_NO_POLICY = _NoPolicy()
+
+
+class Tier:
+    """One cache level: slots, READY/IN_FLIGHT entries, pins, and an eviction policy per partition.
+
+    Counters: ``reservations`` (successful ``reserve`` calls), ``evictions``, ``completions``,
+    ``cancellations``, ``hits`` is *not* counted here (the engine counts; the hit path stays a
+    dict lookup plus a policy touch). Always ``occupancy() == reservations - evictions -
+    cancellations``.
+    """
+
+    __slots__ = ("name", "capacity", "policy", "partition", "num_experts", "num_layers", "_next_use",
+                 "_ready", "_flight", "_pins", "_blocked", "_occ", "_total", "_policies", "_per_layer",
+                 "_belady", "reservations", "evictions", "completions", "cancellations")
+
+    def __init__(self, name: str, capacity: int | None, policy: str = "lru", partition: str = "global",
+                 num_experts: int = 1, num_layers: int = 1,
+                 next_use: Callable[[int, int], float] | None = None) -> None:
+        if policy not in POLICIES:
+            get_policy(policy)  # KeyError naming the known policies
+        if partition not in PARTITIONS:
+            raise ValueError(f"tier {name!r}: partition must be one of {PARTITIONS}, got {partition!r}")
+        if capacity is not None:
+            try:
+                if isinstance(capacity, bool):
+                    raise TypeError
+                capacity = operator.index(capacity)
+            except TypeError:
+                raise ValueError(f"tier {name!r}: capacity must be None or an int >= 0, got {capacity!r}") from None
+            if capacity < 0:
+                raise ValueError(f"tier {name!r}: capacity must be None or an int >= 0, got {capacity!r}")
+        if num_experts < 1 or num_layers < 1:
+            raise ValueError(f"tier {name!r}: num_experts and num_layers must be >= 1")
+        if POLICIES[policy].needs_next_use and next_use is None and capacity is not None:
+            raise ValueError(f"tier {name!r}: policy {policy!r} needs a next_use(key, pos) function")
+        self.name, self.capacity, self.policy, self.partition = name, capacity, policy, partition
+        self.num_experts, self.num_layers = num_experts, num_layers
+        self._per_layer = partition == "per_layer"
+        bounded = capacity is not None
+        self._belady = bounded and POLICIES[policy].needs_next_use
+        # next_use is only consulted by policies that read it: the hit path of the others skips it
+        self._next_use = next_use if self._belady else None
+        n_parts = num_layers if self._per_layer else 1
+        self._policies: list[Policy] = [get_policy(policy) if bounded else _NO_POLICY for _ in range(n_parts)]
+        self._ready: dict[int, Policy] = {}   # READY key -> the policy instance of its partition
+        self._flight: dict[int, Policy] = {}  # IN_FLIGHT key -> the same
+        self._pins: dict[int, int] = {}       # key -> pin count (> 0)
+        self._blocked: set[int] = set()       # pinned or IN_FLIGHT: never a victim
+        self._occ = [0] * num_layers          # slots held per layer (READY + IN_FLIGHT)
+        self._total = 0
+        self.reservations = self.evictions = self.completions = self.cancellations = 0
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    def is_ready(self, key: int) -> bool:
+        return key in self._ready
+
+    def in_flight(self, key: int) -> bool:
+        return key in self._flight
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._ready or key in self._flight
+
+    def is_pinned(self, key: int) -> bool:
+        return key in self._pins
+
+    def pin_count(self, key: int) -> int:
+        return self._pins.get(key, 0)
+
+    def occupancy(self, layer: int | None = None) -> int:
+        """Slots held (READY + IN_FLIGHT), in all, or by ``layer``'s keys."""
+        return self._total if layer is None else self._occ[layer]
+
+    def capacity_for(self, layer: int) -> int | None:
+        """Slots ``layer``'s keys may hold at most: the per-layer capacity with ``per_layer``, the
+        whole (shared) capacity with ``global``; None if unbounded."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"tier {self.name!r}: layer {layer} out of range 0..{self.num_layers - 1}")
+        return self.capacity
+
+    def free_for(self, layer: int) -> int | None:
+        """Free slots for ``layer``'s keys without evicting (None if unbounded)."""
+        if self.capacity is None:
+            return None
+        used = self._occ[layer] if self._per_layer else self._total
+        return self.capacity - used
+
+    def resident_keys(self) -> list[int]:
+        """READY keys, ascending."""
+        return sorted(self._ready)
+
+    def in_flight_keys(self) -> list[int]:
+        """IN_FLIGHT keys, ascending."""
+        return sorted(self._flight)
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __repr__(self) -> str:
+        cap = "unbounded" if self.capacity is None else f"{self.capacity}{' per layer' if self._per_layer else ''}"
+        return (f"Tier({self.name!r}, {self.policy}, {cap}: {len(self._ready)} ready, "
+                f"{len(self._flight)} in flight, {len(self._pins)} pinned)")
+
+    # ---- the hit path ----------------------------------------------------------------------
+
+    def hit(self, key: int, pos: int) -> bool:
+        """True, and an access for the policy, if ``key`` is READY; False (nothing changes) if it
+        is absent or IN_FLIGHT."""
+        p = self._ready.get(key)
+        if p is None:
+            return False
+        nu = self._next_use
+        if nu is None:
+            p.touch(key)
+        else:
+            p.touch(key, nu(key, pos))
+        return True
+
+    # ---- slots -----------------------------------------------------------------------------
+
+    def _layer(self, key: int) -> int:
+        layer = key // self.num_experts
+        if not 0 <= layer < self.num_layers or key < 0:
+            raise ValueError(f"tier {self.name!r}: key {key} is not layer*{self.num_experts}+expert "
+                             f"for {self.num_layers} layers")
+        return layer
+
+    def reserve(self, key: int, pos: int) -> list[int] | None:
+        """Allocate a slot for incoming ``key`` (it becomes IN_FLIGHT, an access for the policy),
+        evicting the policy's victim among READY unpinned keys of the same partition if full.
+        Returns the evicted keys (empty if a slot was free), or None -- changing nothing -- when
+        no slot can be freed (capacity 0, or every key of the partition pinned or in flight).
+        Raises ValueError if ``key`` is already READY or IN_FLIGHT."""
+        if key in self._flight or key in self._ready:
+            state = "in flight" if key in self._flight else "ready"
+            raise ValueError(f"tier {self.name!r}: key {key} is already {state}; cannot reserve it again")
+        layer = self._layer(key)
+        part = layer if self._per_layer else 0
+        p = self._policies[part]
+        cap = self.capacity
+        evicted: list[int] = []
+        if cap is not None:
+            used = self._occ[layer] if self._per_layer else self._total
+            if used >= cap:
+                if cap == 0:
+                    return None
+                if self._belady:
+                    p.expire(pos, self._next_use)  # type: ignore[attr-defined]
+                v = p.victim(self._blocked)
+                if v is None:
+                    return None
+                p.remove(v)
+                del self._ready[v]
+                self._occ[v // self.num_experts] -= 1
+                self._total -= 1
+                self.evictions += 1
+                evicted.append(v)
+        nu = self._next_use
+        p.insert(key, nu(key, pos) if nu is not None else None)
+        self._flight[key] = p
+        self._blocked.add(key)
+        self._occ[layer] += 1
+        self._total += 1
+        self.reservations += 1
+        return evicted
+
+    def complete(self, key: int) -> None:
+        """IN_FLIGHT -> READY (KeyError if ``key`` is not in flight). Not an access."""
+        p = self._flight.pop(key, None)
+        if p is None:
+            raise KeyError(f"tier {self.name!r}: key {key} is not in flight")
+        self._ready[key] = p
+        if key not in self._pins:
+            self._blocked.discard(key)
+        self.completions += 1
+
+    def cancel(self, key: int) -> None:
+        """Drop the reservation of an IN_FLIGHT key, freeing its slot. KeyError if not in flight,
+        ValueError if it is pinned (unpin first)."""
+        p = self._flight.get(key)
+        if p is None:
+            raise KeyError(f"tier {self.name!r}: key {key} is not in flight")
+        if key in self._pins:
+            raise ValueError(f"tier {self.name!r}: cannot cancel pinned key {key}")
+        del self._flight[key]
+        p.remove(key)
+        self._blocked.discard(key)
+        self._occ[key // self.num_experts] -= 1
+        self._total -= 1
+        self.cancellations += 1
+
+    def pin(self, key: int) -> None:
+        """Add a reference to a READY or IN_FLIGHT key: it is never evicted while pinned.
+        KeyError if the key holds no slot."""
+        if key not in self._ready and key not in self._flight:
+            raise KeyError(f"tier {self.name!r}: cannot pin key {key}: not resident or in flight")
+        pins = self._pins
+        pins[key] = pins.get(key, 0) + 1
+        self._blocked.add(key)
+
+    def unpin(self, key: int) -> None:
+        """Drop one reference (KeyError if ``key`` is not pinned)."""
+        pins = self._pins
+        c = pins.get(key)
+        if c is None:
+            raise KeyError(f"tier {self.name!r}: key {key} is not pinned")
+        if c > 1:
+            pins[key] = c - 1
+            return
+        del pins[key]
+        if key not in self._flight:
+            self._blocked.discard(key)
+
+    # ---- checking --------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Assert the internal invariants (for tests; O(n))."""
+        ready, flight = self._ready, self._flight
+        assert not (ready.keys() & flight.keys()), "a key both ready and in flight"
+        keys = ready.keys() | flight.keys()
+        assert self._total == len(keys)
+        occ = [0] * self.num_layers
+        for k in keys:
+            occ[k // self.num_experts] += 1
+        assert occ == self._occ, (occ, self._occ)
+        if self.capacity is not None:
+            if self._per_layer:
+                assert max(occ) <= self.capacity
+            else:
+                assert self._total <= self.capacity
+        assert set(self._pins) <= keys and all(c > 0 for c in self._pins.values())
+        assert self._blocked == set(self._pins) | flight.keys()
+        assert self._total == self.reservations - self.evictions - self.cancellations
+        if self.capacity is not None:
+            for i, p in enumerate(self._policies):
+                mine = {k for k in keys if not self._per_layer or k // self.num_experts == i}
+                assert set(p.keys()) == mine, (i, sorted(p.keys()), sorted(mine))
+                for k in mine:
+                    assert (ready.get(k) or flight.get(k)) is p

@@ -1,0 +1,285 @@
+"""Typed scenario configuration (pydantic) and YAML loading with path-precise errors.
+
+Config objects are frozen and forbid unknown keys. `load_scenario(path, overrides)` resolves the
+model preset, the hardware profile and relative paths, so the engine gets plain, checked objects.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InputError, pydantic_message
+from .hardware.profile import HardwareProfile, load_profile, profile_from_dict
+from .models import ModelSpec, get_preset, preset_names
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TierConfig(_Strict):
+    """One cache tier: capacity in experts or in GB (not both), eviction policy, partitioning."""
+
+    capacity_experts: int | None = Field(None, ge=0)
+    capacity_gb: float | None = Field(None, ge=0)
+    policy: str = "lru"
+    partition: Literal["global", "per_layer"] = "global"
+
+    @model_validator(mode="after")
+    def _one_capacity(self):
+        if self.capacity_experts is not None and self.capacity_gb is not None:
+            raise ValueError("give capacity_experts or capacity_gb, not both")
+        if self.capacity_experts is None and self.capacity_gb is None:
+            raise ValueError("give capacity_experts or capacity_gb")
+        return self
+
+    def experts(self, expert_bytes: int) -> int:
+        """Capacity in whole experts (per layer with partition: per_layer)."""
+        if self.capacity_experts is not None:
+            return self.capacity_experts
+        return int(self.capacity_gb * 1e9 // expert_bytes)
+
+
+class CacheConfig(_Strict):
+    gpu: TierConfig
+    dram: TierConfig | None = Field(
+        None, description="host-DRAM tier; leave out to hold every expert in host memory")
+
+
+class PredictorConfig(BaseModel):
+    """`name` picks a registered predictor; other keys are its parameters (checked by it)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    name: str = "on_demand"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class BatchConfig(_Strict):
+    size: int = Field(1, ge=1, description="requests per static batch")
+    scheduler: Literal["static"] = "static"
+    dedup: bool = Field(True, description="load each expert once per step and layer for the whole batch")
+
+
+class SyntheticTrace(_Strict):
+    preset: str | None = None
+    requests: int = Field(8, gt=0)
+    prompt_len: int = Field(32, gt=0)
+    decode_len: int = Field(64, ge=0)
+    pre_attn: bool = False
+
+
+class TraceConfig(_Strict):
+    path: str | None = None
+    synthetic: SyntheticTrace | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of path or synthetic")
+        return self
+
+
+class Scenario(_Strict):
+    name: str = "scenario"
+    seed: int = 0
+    model: ModelSpec
+    hardware: HardwareProfile
+    trace: TraceConfig
+    cache: CacheConfig
+    predictor: PredictorConfig = PredictorConfig()
+    batch: BatchConfig = BatchConfig()
+    output: str | None = None
+    base_dir: str = Field(".", description="directory relative paths are resolved against")
+
+    def resolve(self, p: str) -> Path:
+        """A relative path is taken relative to the scenario file, else to the working directory."""
+        q = Path(p)
+        if q.is_absolute():
+            return q
+        beside = Path(self.base_dir) / q
+        return beside if beside.exists() or not q.exists() else q
+
+
+def _set_path(data: dict, dotted: str, value: Any, file: str | None) -> None:
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part) if isinstance(node, dict) else None
+        if nxt is None:
+            nxt = {}
+            node[part] = nxt
+        elif isinstance(nxt, str) and part in ("model", "hardware"):
+            nxt = {"preset": nxt} if part == "model" else {"profile": nxt}
+            node[part] = nxt
+        elif not isinstance(nxt, dict):
+            raise InputError(f"cannot set {dotted}: {'.'.join(parts[:i + 1])} is not a mapping",
+                             file=file, field=dotted)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], file: str | None = None) -> dict:
+    """Apply `--set a.b.c=value` overrides; values are parsed as YAML scalars/lists."""
+    data = copy.deepcopy(data)
+    for item in overrides or ():
+        if "=" not in item:
+            raise InputError(f"--set expects path=value, got {item!r}", field="--set")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, key.strip(), value, file)
+    return data
+
+
+def _resolve_model(raw: Any, file: str | None) -> ModelSpec:
+    try:
+        if isinstance(raw, str):
+            return get_preset(raw)
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            preset = raw.pop("preset", None)
+            if preset is not None:
+                base = get_preset(preset).model_dump()
+                base.update(raw)
+                return ModelSpec(**base)
+            return ModelSpec(**raw)
+    except KeyError as e:
+        raise InputError(f"unknown model preset {e.args[0]!r} (known: {', '.join(preset_names())})",
+                         file=file, field="model") from None
+    except ValidationError as e:
+        raise pydantic_message(e, file=file, prefix="model") from None
+    raise InputError(f"expected a preset name or a mapping, got {type(raw).__name__}", file=file, field="model")
+
+
+def _resolve_hardware(raw: Any, file: str | None, base: Path) -> HardwareProfile:
+    if isinstance(raw, str):
+        try:
+            return load_profile(raw, base)
+        except InputError as e:
+            if e.file:
+                raise
+            raise InputError(e.detail, file=file, field="hardware") from None
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        prof = raw.pop("profile", None)
+        if prof is not None:
+            merged = load_profile(prof, base).model_dump()
+            for sec, val in raw.items():  # shallow-per-section merge of overrides
+                if isinstance(val, dict) and isinstance(merged.get(sec), dict):
+                    merged[sec] = {**merged[sec], **val}
+                else:
+                    merged[sec] = val
+            return profile_from_dict(merged, file=file, prefix="hardware")
+        return profile_from_dict(raw, file=file, prefix="hardware")
+    raise InputError(f"expected a profile name, path or mapping, got {type(raw).__name__}",
+                     file=file, field="hardware")
+
+
+def scenario_from_dict(data: Any, *, file: str | None = None, base_dir: Path | None = None) -> Scenario:
+    """Validate a scenario mapping (after overrides) into a Scenario."""
+    if not isinstance(data, dict):
+        raise InputError(f"expected a mapping at top level, got {type(data).__name__}", file=file)
+    base = Path(base_dir) if base_dir is not None else Path(".")
+    data = dict(data)
+    for required in ("model", "hardware", "trace", "cache"):
+        if required not in data:
+            raise InputError("missing required key", file=file, field=required)
+    data["model"] = _resolve_model(data["model"], file)
+    data["hardware"] = _resolve_hardware(data["hardware"], file, base)
+    if isinstance(data.get("trace"), str):
+        data["trace"] = {"path": data["trace"]}
+    if isinstance(data.get("predictor"), str):
+        data["predictor"] = {"name": data["predictor"]}
+    data.setdefault("base_dir", str(base))
+    try:
+        sc = Scenario(**data)
+    except ValidationError as e:
+        raise pydantic_message(e, file=file) from None
+    check_scenario(sc, file)
+    return sc
+
+
+def check_scenario(sc: Scenario, file: str | None) -> None:
+    """Cross-field checks that need the model and hardware: capacities, policy and predictor names."""
+    from .cache.policies import POLICIES  # local: cache does not depend on config
+    from .predictors import registry
+
+    m, hw = sc.model, sc.hardware
+    for tier_name in ("gpu", "dram"):
+        tier = getattr(sc.cache, tier_name)
+        if tier is None:
+            continue
+        field = f"cache.{tier_name}"
+        if tier.policy not in POLICIES:
+            raise InputError(f"unknown eviction policy {tier.policy!r} (known: {', '.join(sorted(POLICIES))})",
+                             file=file, field=f"{field}.policy")
+        n = tier.experts(m.expert_bytes)
+        per = tier.partition == "per_layer"
+        if n < m.top_k:
+            raise InputError(
+                f"capacity of {n} expert(s){' per layer' if per else ''} is smaller than top_k={m.top_k}: "
+                "a token's experts could not be resident together", file=file, field=field)
+        if tier.capacity_gb is not None and tier.capacity_gb > (hw.gpu.memory_gb if tier_name == "gpu"
+                                                               else hw.host_dram.capacity_gb):
+            raise InputError(f"capacity_gb {tier.capacity_gb:g} exceeds the "
+                             f"{'GPU memory' if tier_name == 'gpu' else 'host DRAM'} of profile {hw.name!r}",
+                             file=file, field=f"{field}.capacity_gb")
+        cache_bytes = min(n * (m.num_layers if per else 1), m.total_experts) * m.expert_bytes
+        if tier_name == "gpu":
+            need, have = cache_bytes + m.resident_bytes, hw.gpu.memory_gb
+            what = f"{cache_bytes / 1e9:.2f} GB of cached experts + {m.resident_bytes / 1e9:.2f} GB of resident weights"
+        else:
+            need, have = cache_bytes, hw.host_dram.capacity_gb
+            what = f"{cache_bytes / 1e9:.2f} GB of experts"
+        if need > have * 1e9:
+            raise InputError(f"{what} does not fit the {have:g} GB of "
+                             f"{'GPU memory' if tier_name == 'gpu' else 'host DRAM'} in profile {hw.name!r}",
+                             file=file, field=field)
+    if sc.cache.dram is None and m.total_experts * m.expert_bytes > hw.host_dram.capacity_gb * 1e9:
+        raise InputError(
+            f"without a dram tier host memory must hold every expert "
+            f"({m.total_experts * m.expert_bytes / 1e9:.1f} GB) but profile {hw.name!r} has "
+            f"{hw.host_dram.capacity_gb:g} GB; add cache.dram with a capacity", file=file, field="cache.dram")
+    try:
+        registry.validate(sc.predictor.name, sc.predictor.params)
+    except KeyError:
+        raise InputError(f"unknown predictor {sc.predictor.name!r} (known: {', '.join(registry.names())})",
+                         file=file, field="predictor.name") from None
+    except ValidationError as e:
+        raise pydantic_message(e, file=file, prefix="predictor") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("file not found", file=str(p))
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"malformed YAML: {' '.join(str(e).split())}", file=str(p)) from None
+    except UnicodeDecodeError:
+        raise InputError("not a text file", file=str(p)) from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """Load a scenario YAML, apply `--set` overrides, validate everything."""
+    p = Path(path)
+    data = read_yaml(p)
+    if not isinstance(data, dict):
+        raise InputError(f"expected a mapping at top level, got {type(data).__name__}", file=str(p))
+    data = apply_overrides(data, overrides, str(p))
+    data.setdefault("name", p.stem)
+    return scenario_from_dict(data, file=str(p), base_dir=p.parent)
+
+
+def scenario_json_schema() -> dict:
+    return Scenario.model_json_schema()

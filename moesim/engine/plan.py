@@ -1,0 +1,113 @@
+"""Step plans: what each forward step of a static batch computes, built from a trace.
+
+A static batch of `size` requests runs one prefill step (all prompt tokens of the batch at once)
+and then decode steps (one token per still-running request) until every request is done.
+Per step and MoE layer the batch scheduler deduplicates: each unique expert is needed once, with
+`tokens_e` tokens routed to it (or, with dedup off, once per token).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+
+@dataclass
+class StepPlan:
+    index: int
+    phase: str                       # "prefill" | "decode"
+    batch: int                       # static batch number
+    request_ids: np.ndarray          # requests taking part
+    tokens: int                      # tokens processed in this step
+    context_tokens: int              # KV positions read by attention, summed over sequences
+    routing: np.ndarray              # [tokens, layers, top_k] expert ids
+    keys: list[np.ndarray] = field(default_factory=list)    # per layer: cache keys needed (layer*E+e)
+    counts: list[np.ndarray] = field(default_factory=list)  # per layer: tokens per needed key
+    pairs: int = 0                   # token×expert pairs (accesses without dedup)
+    first_token_requests: np.ndarray | None = None  # requests whose first output token this step makes
+    finished_requests: np.ndarray | None = None     # requests whose last token this step makes
+    output_tokens: int = 0
+
+
+def _dedup(routing: np.ndarray, num_experts: int, dedup: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per layer: sorted unique cache keys and their token counts (or one key per pair)."""
+    t, layers, k = routing.shape
+    offs = (np.arange(layers, dtype=np.int64) * num_experts)[None, :, None]
+    keys = (routing.astype(np.int64) + offs).transpose(1, 0, 2).reshape(layers, t * k)
+    if not dedup:
+        return list(keys), [np.ones(t * k, dtype=np.int64)] * layers
+    flat = np.sort(keys, axis=1)
+    out_k, out_c = [], []
+    for row in flat:  # layers is small (≤ ~100); np.unique per layer is vectorised inside
+        u, c = np.unique(row, return_counts=True)
+        out_k.append(u)
+        out_c.append(c)
+    return out_k, out_c
+
+
+def batch_steps(requests: list, batch_no: int, first_index: int, num_experts: int,
+                dedup: bool) -> Iterator[StepPlan]:
+    """The steps of one static batch. `requests` are RequestTrace objects."""
+    ids = np.array([r.request_id for r in requests], dtype=np.int64)
+    prompts = np.array([r.prompt_len for r in requests], dtype=np.int64)
+    decodes = np.array([r.decode_len for r in requests], dtype=np.int64)
+    routing = np.concatenate([r.experts[: r.prompt_len] for r in requests], axis=0)
+    keys, counts = _dedup(routing, num_experts, dedup)
+    done = ids[decodes == 0]
+    yield StepPlan(first_index, "prefill", batch_no, ids, int(prompts.sum()), int(prompts.sum()), routing,
+                   keys, counts, routing.shape[0] * routing.shape[2], ids, done, len(ids))
+    index = first_index + 1
+    for j in range(1, int(decodes.max(initial=0)) + 1):
+        active = np.flatnonzero(decodes >= j)
+        routing = np.stack([requests[i].experts[requests[i].prompt_len + j - 1] for i in active])
+        keys, counts = _dedup(routing, num_experts, dedup)
+        ctx = int((prompts[active] + j).sum())
+        finished = ids[active[decodes[active] == j]]
+        yield StepPlan(index, "decode", batch_no, ids[active], len(active), ctx, routing, keys, counts,
+                       routing.shape[0] * routing.shape[2], None, finished, len(active))
+        index += 1
+
+
+def static_plan(requests: Iterable, size: int, num_experts: int, dedup: bool = True) -> Iterator[StepPlan]:
+    """Group a request stream into static batches of `size` and yield every step in order."""
+    index, batch_no, pending = 0, 0, []
+    for r in requests:
+        pending.append(r)
+        if len(pending) == size:
+            for st in batch_steps(pending, batch_no, index, num_experts, dedup):
+                index = st.index + 1
+                yield st
+            batch_no, pending = batch_no + 1, []
+    if pending:
+        for st in batch_steps(pending, batch_no, index, num_experts, dedup):
+            yield st
+
+
+class Lookahead:
+    """An iterator of steps that can peek `depth` steps ahead (for oracles)."""
+
+    def __init__(self, steps: Iterator[StepPlan], depth: int):
+        self._it, self._buf, self.depth = steps, deque(), depth
+
+    def _fill(self, n: int) -> None:
+        while len(self._buf) < n:
+            nxt = next(self._it, None)
+            if nxt is None:
+                return
+            self._buf.append(nxt)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> StepPlan:
+        self._fill(1)
+        if not self._buf:
+            raise StopIteration
+        return self._buf.popleft()
+
+    def peek(self, i: int) -> StepPlan | None:
+        """The i-th step after the current one (0 = next)."""
+        self._fill(i + 1)
+        return self._buf[i] if i < len(self._buf) else None

@@ -1,0 +1,321 @@
+"""The simulation: a SimPy model of the per-step, per-layer pipeline of DESIGN §3.
+
+One driver process walks the steps and layers on the GPU compute stream. Expert loads are
+transfers on the PCIe and disk channels (one SimPy event each); a GPU-tier hit costs no event.
+Within a layer, expert compute starts as soon as the expert is resident and kernels run one after
+another, so the layer's end is computed from the load completion times once they are known.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from ..cache.tiers import Tier
+from ..hardware.channels import DEMAND, PREFETCH, Channel, Transfer
+from ..hardware.costs import CostModel
+from ..models import ModelSpec
+from ..predictors.base import Predictor, Prefetch
+from .metrics import Recorder
+from .plan import Lookahead, StepPlan
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Plain (non-pydantic) settings the engine needs, taken from the scenario."""
+
+    gpu_capacity: int | None          # experts (per layer if per_layer); None = unbounded
+    gpu_policy: str = "lru"
+    gpu_partition: str = "global"
+    dram_capacity: int | None = None  # None with has_dram=False: host memory holds every expert
+    dram_policy: str = "lru"
+    dram_partition: str = "global"
+    has_dram: bool = False
+    dedup: bool = True
+    record_events: bool = False
+
+
+class _Load:
+    """An expert on its way to the GPU (demand or prefetch), possibly via the disk."""
+
+    __slots__ = ("key", "prefetch", "target", "bypass", "transfer", "channel", "done_t", "waiters",
+                 "from_disk", "dram_reserved", "pinned_dram")
+
+    def __init__(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool):
+        self.key, self.prefetch, self.target, self.bypass = key, prefetch, target, bypass
+        self.transfer: Transfer | None = None
+        self.channel: Channel | None = None
+        self.done_t = -1.0
+        self.waiters: list = []
+        self.from_disk = self.dram_reserved = self.pinned_dram = False
+
+
+class _View:
+    """The read-only StepView predictors see."""
+
+    def __init__(self, sim: "Simulation", plan: StepPlan):
+        self._sim, self._plan = sim, plan
+        self.step, self.phase, self.request_ids = plan.index, plan.phase, plan.request_ids
+        self.gated = -1  # last layer whose gate has run
+
+    def _check(self, layer: int) -> None:
+        if layer > self.gated:
+            raise LookupError(f"layer {layer} is not routed yet (gate ran up to layer {self.gated})")
+
+    def experts(self, layer: int) -> np.ndarray:
+        self._check(layer)
+        E = self._sim.E
+        return np.unique(self._plan.keys[layer]) - layer * E
+
+    def token_experts(self, layer: int) -> np.ndarray:
+        self._check(layer)
+        return self._plan.routing[:, layer, :]
+
+    def future(self, n_layers: int, after_layer: int) -> list[tuple[int, int, np.ndarray]]:
+        """Oracle only: the unique experts of the next `n_layers` layers after `after_layer`."""
+        if not self._sim.predictor.needs_future:
+            raise PermissionError("only predictors with needs_future may read the trace ahead")
+        L, E = self._sim.L, self._sim.E
+        out, plan, ahead, layer = [], self._plan, 0, after_layer
+        for _ in range(n_layers):
+            layer += 1
+            if layer >= L:
+                plan, layer = self._sim.steps.peek(ahead), 0
+                ahead += 1
+                if plan is None:
+                    break
+            out.append((plan.index, layer, np.unique(plan.keys[layer]) - layer * E))
+        return out
+
+
+class Simulation:
+    """Runs a step plan through the timing model and records metrics."""
+
+    def __init__(self, model: ModelSpec, cost: CostModel, cfg: EngineConfig, predictor: Predictor,
+                 steps, next_use=None):
+        self.model, self.cost, self.cfg, self.predictor = model, cost, cfg, predictor
+        self.E, self.L = model.num_experts, model.num_layers
+        self.eb = model.expert_bytes
+        self.env = simpy.Environment()
+        self.steps = Lookahead(iter(steps), predictor.lookahead_steps())
+        self.gpu = Tier("gpu", cfg.gpu_capacity, cfg.gpu_policy, cfg.gpu_partition, self.E, self.L, next_use)
+        self.dram = (Tier("dram", cfg.dram_capacity, cfg.dram_policy, cfg.dram_partition, self.E, self.L, next_use)
+                     if cfg.has_dram else None)
+        self.events_log: list | None = [] if cfg.record_events else None
+        self.pcie = Channel(self.env, "pcie", cost.hw.pcie_h2d.copy_engines, cost.pcie_s, self._dropped,
+                            self.events_log)
+        self.disk = Channel(self.env, "disk", cost.hw.disk.queue_depth, cost.disk_s, self._dropped, self.events_log)
+        self.rec = Recorder(model)
+        self.loads: dict[int, _Load] = {}
+        self.prefetched_unused: set[int] = set()
+        self.pos = -1              # index of the latest access (the cache clock; Belady next-use index)
+        self.gated = (-1, -1)      # (step, layer) whose gate ran last: prefetches at or before are stale
+        self.view: _View | None = None
+
+    # ---- loads -------------------------------------------------------------------------------
+
+    def _start_load(self, key: int, prefetch: bool, target: tuple[int, int],
+                    bypass: bool = False) -> _Load | None:
+        """Reserve a GPU slot (evicting if needed) and start the copy chain. None: no slot for a
+        prefetch. A demand load with no evictable slot goes through a transient buffer (bypass)."""
+        evicted = None if bypass else self.gpu.reserve(key, self.pos)
+        if evicted is None:
+            if prefetch:
+                return None
+            load = _Load(key, False, target, True)
+            self.rec.bypass += 1
+        else:
+            self._evicted(evicted)
+            load = _Load(key, prefetch, target, False)
+            self.loads[key] = load
+        dram = self.dram
+        if dram is None:
+            self._copy(load, self.pcie)
+        elif dram.hit(key, self.pos):
+            self.rec.dram_hits += 1
+            dram.pin(key)
+            load.pinned_dram = True
+            self._copy(load, self.pcie)
+        else:
+            self.rec.dram_misses += 1
+            load.from_disk = True
+            if not dram.in_flight(key):  # else a bypass copy is already reading it: read it again
+                ev = dram.reserve(key, self.pos)
+                if ev is not None:
+                    load.dram_reserved = True
+                    self.rec.dram_evictions += len(ev)
+            self._copy(load, self.disk)
+        return load
+
+    def _copy(self, load: _Load, channel: Channel) -> None:
+        done = self._disk_done if channel is self.disk else self._pcie_done
+        t = Transfer(load.key, self.eb, PREFETCH if load.prefetch else DEMAND,
+                     lambda tr, ld=load: done(ld),
+                     (lambda ld=load: ld.prefetch and ld.target <= self.gated) if load.prefetch else None)
+        load.transfer, load.channel = t, channel
+        channel.submit(t)
+
+    def _disk_done(self, load: _Load) -> None:
+        if load.dram_reserved:
+            self.dram.complete(load.key)
+            self.dram.pin(load.key)
+            load.pinned_dram = True
+        self._copy(load, self.pcie)
+
+    def _pcie_done(self, load: _Load) -> None:
+        key = load.key
+        if load.pinned_dram:
+            self.dram.unpin(key)
+        load.done_t = self.env.now
+        if not load.bypass:
+            self.gpu.complete(key)
+            del self.loads[key]
+            if load.prefetch and not load.waiters:
+                self.prefetched_unused.add(key)
+        for w in load.waiters:
+            w()
+
+    def _dropped(self, t: Transfer) -> None:
+        """A stale prefetch left a queue without being copied: give its slots back."""
+        load = self.loads.pop(t.key)
+        self.gpu.cancel(t.key)
+        if load.channel is self.disk:
+            if load.dram_reserved:
+                self.dram.cancel(t.key)
+        elif load.pinned_dram:
+            self.dram.unpin(t.key)
+        self.rec.prefetch_dropped += 1
+
+    def _evicted(self, keys: list[int]) -> None:
+        for k in keys:
+            if k in self.prefetched_unused:
+                self.prefetched_unused.discard(k)
+                self.rec.prefetch_wasted += 1
+        self.rec.gpu_evictions += len(keys)
+
+    # ---- prefetch ----------------------------------------------------------------------------
+
+    def _issue(self, reqs: list[Prefetch]) -> None:
+        if not reqs:
+            return
+        E, gpu, cur = self.E, self.gpu, self.gated
+        for r in sorted(reqs, key=lambda p: (p.step, p.layer, -p.score, p.expert)):
+            target = (r.step, r.layer)
+            if target <= cur:
+                continue
+            key = r.layer * E + r.expert
+            if key in gpu:  # resident or already on its way
+                continue
+            if self._start_load(key, True, target) is not None:
+                self.rec.prefetch_issued += 1
+
+    def _hook(self, reqs: list[Prefetch]) -> float:
+        """Act on a predictor's answer; returns GPU-stream time the predictor costs."""
+        lat = self.predictor.params.latency_us * 1e-6
+        self.rec.predictor_s += lat
+        if self.predictor.params.runs_on == "gpu" or lat == 0:
+            self._issue(reqs)
+            return lat if self.predictor.params.runs_on == "gpu" else 0.0
+        if reqs:  # host CPU: the requests are issued once the predictor has finished
+            ev = self.env.timeout(lat)
+            ev.callbacks.append(lambda _e, r=reqs: self._issue(r))
+        return 0.0
+
+    # ---- the pipeline ------------------------------------------------------------------------
+
+    def run(self):
+        self.env.process(self._driver())
+        self.env.run()
+        self.rec.finish(self)
+        return self.rec
+
+    def _driver(self):
+        env, cost, m, rec = self.env, self.cost, self.model, self.rec
+        pred, gpu, E = self.predictor, self.gpu, self.E
+        ecs = cost.expert_compute_s
+        dedup = self.cfg.dedup
+        for plan in self.steps:
+            view = self.view = _View(self, plan)
+            t_step = env.now
+            rec.step_start(plan, t_step)
+            gpu_extra = self._hook(pred.on_step_start(view))
+            # dense blocks before the first MoE block: resident weights, compute only
+            dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
+                                            + cost.dense_ffn_s(plan.tokens))
+            if dense + gpu_extra > 0:
+                rec.compute_s += dense + gpu_extra
+                yield env.timeout(dense + gpu_extra)
+            attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
+            for layer in range(self.L):
+                t0 = env.now
+                pre = self._hook(pred.on_pre_attention(view, layer))
+                yield env.timeout(pre + attn)
+                t_gate = env.now
+                self.gated = (plan.index, layer)
+                view.gated = layer
+                post = self._hook(pred.on_gate(view, layer))
+                keys, counts = plan.keys[layer], plan.counts[layer]
+                busy = post + cost.shared_compute_s(plan.tokens)  # shared experts: always resident
+                hits = late = misses = 0
+                pending: list[tuple[_Load, float]] = []
+                pinned = []
+                unused = self.prefetched_unused
+                for key, cnt in zip(keys.tolist(), counts.tolist()):
+                    self.pos += 1
+                    c = ecs(cnt)
+                    if gpu.hit(key, self.pos):
+                        hits += 1
+                        busy += c
+                        if key in unused:
+                            unused.discard(key)
+                            rec.prefetch_used += 1
+                        gpu.pin(key)
+                        pinned.append(key)
+                        continue
+                    load = self.loads.get(key)
+                    if load is not None and (dedup or load.prefetch):  # on its way: wait for it
+                        late += 1
+                        if load.prefetch:
+                            rec.prefetch_late += 1
+                            load.prefetch = False
+                            load.channel.promote(load.transfer)
+                    else:  # without dedup a second token's copy is a transfer of its own
+                        misses += 1
+                        load = self._start_load(key, False, (plan.index, layer), bypass=load is not None)
+                    if not load.bypass:
+                        gpu.pin(key)
+                        pinned.append(key)
+                    pending.append((load, c))
+                cursor = t_gate + busy
+                if pending:
+                    waiting = [ld for ld, _ in pending if ld.done_t < 0]
+                    if waiting:
+                        ev = env.event()
+                        left = [len(waiting)]
+
+                        def arrived(ev=ev, left=left):
+                            left[0] -= 1
+                            if left[0] == 0:
+                                ev.succeed()
+                        for ld in waiting:
+                            ld.waiters.append(arrived)
+                        yield ev
+                    pending.sort(key=lambda p: p[0].done_t)
+                    for ld, c in pending:
+                        cursor = max(cursor, ld.done_t) + c
+                        busy += c
+                if cursor > env.now:
+                    yield env.timeout(cursor - env.now)
+                for key in pinned:
+                    gpu.unpin(key)
+                rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
+                              env.now - t_gate - busy, hits, late, misses, len(keys))
+            view.gated = self.L - 1
+            pred.on_step_end(view)
+            head = cost.lm_head_s(plan.tokens)
+            if head > 0:
+                rec.compute_s += head
+                yield env.timeout(head)
+            rec.step_end(plan, t_step, env.now)

@@ -1,0 +1,96 @@
+"""SimPy channels: a PCIe link or a disk with a fixed number of parallel slots.
+
+Each transfer holds one slot (copy engine / queue-depth entry) for `latency + bytes/bandwidth`.
+Demand transfers are served before prefetches (non-preemptive priority); a queued prefetch can be
+promoted to demand priority, or dropped when it is stale. One SimPy event per transfer.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+import simpy
+
+DEMAND, PREFETCH = 0, 1
+
+
+class Transfer:
+    """One copy of one expert over one channel. `on_done(transfer)` runs at completion."""
+
+    __slots__ = ("key", "nbytes", "priority", "on_done", "stale", "queued_at", "start", "end", "dropped")
+
+    def __init__(self, key: int, nbytes: int, priority: int, on_done: Callable[["Transfer"], None],
+                 stale: Callable[[], bool] | None = None):
+        self.key, self.nbytes, self.priority, self.on_done, self.stale = key, nbytes, priority, on_done, stale
+        self.queued_at = self.start = self.end = -1.0
+        self.dropped = False
+
+
+class Channel:
+    """A link with `slots` parallel transfers and a two-level priority queue."""
+
+    def __init__(self, env: simpy.Environment, name: str, slots: int, duration_s: Callable[[int], float],
+                 on_drop: Callable[[Transfer], None] | None = None, log: list | None = None):
+        self.env, self.name, self.slots = env, name, slots
+        self.duration_s = duration_s
+        self.on_drop = on_drop
+        self.log = log  # optional list of (resource, key, priority, start, end) for events.parquet
+        self.queues = (deque(), deque())
+        self.busy = 0
+        self.busy_time = 0.0
+        self.transfers = 0
+        self.bytes = 0
+
+    def submit(self, t: Transfer) -> None:
+        t.queued_at = self.env.now
+        self.queues[t.priority].append(t)
+        self._dispatch()
+
+    def promote(self, t: Transfer) -> None:
+        """Move a queued prefetch to demand priority (a demand access now waits on it)."""
+        if t.start < 0 and t.priority == PREFETCH:
+            try:
+                self.queues[PREFETCH].remove(t)
+            except ValueError:
+                return
+            t.priority = DEMAND
+            self.queues[DEMAND].append(t)
+            self._dispatch()
+
+    def _next(self) -> Transfer | None:
+        for q in self.queues:
+            while q:
+                t = q.popleft()
+                if t.priority == PREFETCH and t.stale is not None and t.stale():
+                    t.dropped = True
+                    if self.on_drop is not None:
+                        self.on_drop(t)
+                    continue
+                return t
+        return None
+
+    def _dispatch(self) -> None:
+        while self.busy < self.slots:
+            t = self._next()
+            if t is None:
+                return
+            self.busy += 1
+            now = self.env.now
+            d = self.duration_s(t.nbytes)
+            t.start, t.end = now, now + d
+            ev = self.env.timeout(d, t)
+            ev.callbacks.append(self._finish)
+
+    def _finish(self, ev) -> None:
+        t: Transfer = ev.value
+        self.busy -= 1
+        self.busy_time += t.end - t.start
+        self.transfers += 1
+        self.bytes += t.nbytes
+        if self.log is not None:
+            self.log.append((self.name, t.key, t.priority, t.start, t.end))
+        t.on_done(t)
+        self._dispatch()
+
+    def queued(self) -> int:
+        return len(self.queues[0]) + len(self.queues[1])

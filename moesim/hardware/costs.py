@@ -1,0 +1,110 @@
+"""Cost functions: how long a transfer, an expert FFN or an attention block takes.
+
+Measured tables from the profile win (for the model they were measured on); otherwise a roofline:
+time = launch overhead + max(FLOPs / peak FLOP/s, bytes moved / HBM bandwidth)
+(Williams, Waterman & Patterson, "Roofline", CACM 2009).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from ..models import ModelSpec
+from .profile import HardwareProfile, Table
+
+
+def transfer_s(nbytes: float, bandwidth_gbps: float, latency_us: float) -> float:
+    """DESIGN §2: latency_us·1e-6 + B / (b·1e9) seconds."""
+    return latency_us * 1e-6 + nbytes / (bandwidth_gbps * 1e9)
+
+
+def _interp_ms(table: Table, x: float) -> float:
+    xs, ys = table.tokens, table.ms
+    if len(xs) == 1:
+        return ys[0] * (x / xs[0]) if x > xs[0] else ys[0]
+    if x <= xs[-1]:
+        return float(np.interp(x, xs, ys))
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])  # linear extrapolation past the last point
+    return ys[-1] + slope * (x - xs[-1])
+
+
+class CostModel:
+    """Per-model, per-profile timing. Results are memoised by token count (hot path)."""
+
+    def __init__(self, model: ModelSpec, hw: HardwareProfile):
+        self.model, self.hw = model, hw
+        g = hw.gpu
+        self._peak = g.peak_bf16_tflops * 1e12
+        self._bw = g.hbm_bandwidth_gbps * 1e9
+        self._launch = g.kernel_launch_us * 1e-6
+        meas = hw.measured
+        applies = meas is not None and (meas.model is None or meas.model == model.name)
+        self._expert_table = meas.expert_compute_ms if applies else None
+        self._attn_table = meas.attention_ms if applies else None
+        self.uses_measured = {"expert_compute": self._expert_table is not None,
+                              "attention": self._attn_table is not None}
+        self.expert_compute_s = lru_cache(maxsize=None)(self._expert_compute_s)
+        self.shared_compute_s = lru_cache(maxsize=None)(self._shared_compute_s)
+        self.dense_ffn_s = lru_cache(maxsize=None)(self._dense_ffn_s)
+
+    def _roofline(self, flops: float, nbytes: float, kernels: int) -> float:
+        return kernels * self._launch + max(flops / self._peak, nbytes / self._bw)
+
+    def _ffn(self, tokens: int, params: int, kernels: int) -> float:
+        m = self.model
+        act_bytes = 2 * tokens * m.hidden_size * 2  # bf16 activations in and out
+        return self._roofline(2.0 * tokens * params, params * m.bytes_per_param + act_bytes, kernels)
+
+    def _expert_compute_s(self, tokens: int) -> float:
+        """One routed expert's FFN over `tokens` tokens."""
+        if tokens <= 0:
+            return 0.0
+        if self._expert_table is not None:
+            return _interp_ms(self._expert_table, tokens) * 1e-3
+        return self._ffn(tokens, self.model.expert_params, self.model.matrices_per_expert)
+
+    def _shared_compute_s(self, tokens: int) -> float:
+        """All shared experts of one layer over `tokens` tokens."""
+        m = self.model
+        if m.num_shared_experts == 0 or tokens <= 0:
+            return 0.0
+        return m.num_shared_experts * self._ffn(tokens, m.shared_expert_params, m.matrices_per_expert)
+
+    def _dense_ffn_s(self, tokens: int) -> float:
+        m = self.model
+        params = m.matrices_per_expert * m.hidden_size * (m.dense_intermediate_size or 0)
+        return self._ffn(tokens, params, m.matrices_per_expert) if params else 0.0
+
+    def attention_s(self, new_tokens: int, context_tokens: int, sequences: int = 1) -> float:
+        """One attention block: QKV/O projections for `new_tokens`, plus reading/writing the KV
+        cache of `context_tokens` positions in total (summed over the batch's sequences).
+
+        FLOPs = 2·new·attn_params + 4·new·ctx_per_seq·heads·head_dim (QK^T and PV);
+        bytes = weights + KV cache (2·ctx·kv_heads·head_dim·2 bytes, bf16).
+        """
+        if new_tokens <= 0:
+            return 0.0
+        if self._attn_table is not None:
+            return _interp_ms(self._attn_table, new_tokens) * 1e-3
+        m = self.model
+        ctx_per_seq = context_tokens / max(sequences, 1)
+        flops = 2.0 * new_tokens * m.attention_params + 4.0 * new_tokens * ctx_per_seq * m.num_heads * m.head_dim
+        kv_bytes = 2.0 * context_tokens * m.num_kv_heads * m.head_dim * 2
+        nbytes = m.attention_params * m.bytes_per_param + kv_bytes
+        return self._roofline(flops, nbytes, 4)
+
+    def lm_head_s(self, tokens: int) -> float:
+        m = self.model
+        if not m.vocab_size or tokens <= 0:
+            return 0.0
+        params = m.vocab_size * m.hidden_size
+        return self._roofline(2.0 * tokens * params, params * 2, 1)
+
+    def pcie_s(self, nbytes: float) -> float:
+        link = self.hw.pcie_h2d
+        return transfer_s(nbytes, link.bandwidth_gbps, link.latency_us)
+
+    def disk_s(self, nbytes: float) -> float:
+        d = self.hw.disk
+        return transfer_s(nbytes, d.read_bandwidth_gbps, d.latency_us)

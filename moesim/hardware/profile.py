@@ -1,0 +1,132 @@
+"""HardwareProfile: GPU, PCIe host-to-device link, disk and host DRAM, loaded from YAML.
+
+Every numeric field of a section must have an entry in that section's `source:` mapping
+(a datasheet, a paper, or "measured by moesim profile <date> on <machine>").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import InputError, pydantic_message
+
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
+
+
+class _Sourced(BaseModel):
+    """A section whose every number names where it comes from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    source: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _every_number_sourced(self):
+        for name, info in type(self).model_fields.items():
+            if name in ("source", "name"):
+                continue
+            if getattr(self, name) is not None and name not in self.source:
+                raise ValueError(f"{name} has no entry in source:")
+        return self
+
+
+class GPU(_Sourced):
+    name: str = ""
+    memory_gb: float = Field(gt=0)
+    hbm_bandwidth_gbps: float = Field(gt=0)
+    peak_bf16_tflops: float = Field(gt=0, description="dense (no sparsity) bf16 tensor-core peak")
+    kernel_launch_us: float = Field(ge=0)
+
+
+class Link(_Sourced):
+    bandwidth_gbps: float = Field(gt=0, description="sustained pinned host-to-device, 1e9 bytes/s")
+    latency_us: float = Field(ge=0)
+    copy_engines: int = Field(1, ge=1)
+
+
+class Disk(_Sourced):
+    name: str = ""
+    read_bandwidth_gbps: float = Field(gt=0)
+    latency_us: float = Field(ge=0)
+    queue_depth: int = Field(1, ge=1)
+
+
+class HostDRAM(_Sourced):
+    capacity_gb: float = Field(gt=0)
+
+
+class Table(BaseModel):
+    """A measured curve, linearly interpolated (and linearly extrapolated past the last point)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    tokens: list[float] = Field(min_length=1)
+    ms: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.tokens) != len(self.ms):
+            raise ValueError(f"tokens has {len(self.tokens)} points but ms has {len(self.ms)}")
+        if any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
+            raise ValueError("tokens must be strictly increasing")
+        if any(m < 0 for m in self.ms):
+            raise ValueError("ms must be >= 0")
+        return self
+
+
+class Measured(BaseModel):
+    """Measured tables; they win over the roofline formulas for the model they were measured on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str | None = Field(None, description="model preset/name the tables were measured for; "
+                                                "None = applies to any model")
+    expert_compute_ms: Table | None = None
+    attention_ms: Table | None = None
+    source: str
+
+
+class HardwareProfile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    description: str = ""
+    gpu: GPU
+    pcie_h2d: Link
+    disk: Disk
+    host_dram: HostDRAM
+    measured: Measured | None = None
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def _resolve(name_or_path: str, base: Path | None = None) -> Path:
+    cands = [Path(name_or_path)]
+    if base is not None:
+        cands.append(base / name_or_path)
+    cands += [PROFILE_DIR / name_or_path, PROFILE_DIR / f"{name_or_path}.yaml"]
+    for c in cands:
+        if c.is_file():
+            return c
+    raise InputError(f"no hardware profile {name_or_path!r} (known: {', '.join(list_profiles())})",
+                     field="hardware")
+
+
+def profile_from_dict(data: dict, *, file: str | None = None, prefix: str = "") -> HardwareProfile:
+    if not isinstance(data, dict):
+        raise InputError(f"expected a mapping, got {type(data).__name__}", file=file, field=prefix or None)
+    try:
+        return HardwareProfile(**data)
+    except ValidationError as e:
+        raise pydantic_message(e, file=file, prefix=prefix) from None
+    except TypeError as e:
+        raise InputError(str(e), file=file, field=prefix or None) from None
+
+
+def load_profile(name_or_path: str, base: Path | None = None) -> HardwareProfile:
+    path = _resolve(name_or_path, base)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"malformed YAML: {e}".replace("\n", " "), file=str(path)) from None
+    return profile_from_dict(data, file=str(path))

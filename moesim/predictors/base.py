@@ -1,0 +1,72 @@
+"""The predictor interface: the engine calls hooks, a predictor answers with prefetch requests.
+
+Predictors never touch SimPy or the cache; they see a read-only `StepView` of the routing that is
+known at the hook (and, if `needs_future`, the trace's future: only oracles may ask for it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..models import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Load `expert` of `layer` for absolute step `step`; higher `score` = more confident."""
+
+    step: int
+    layer: int
+    expert: int
+    score: float = 1.0
+
+
+class PredictorParams(BaseModel):
+    """Parameters every predictor has; subclasses add their own (unknown keys are errors)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    latency_us: float = Field(0.0, ge=0, description="inference time charged per hook call")
+    runs_on: Literal["cpu", "gpu"] = Field(
+        "cpu", description="gpu: latency delays the compute stream; cpu: it delays the prefetches")
+
+
+class StepView(Protocol):
+    """What the engine shows a predictor about the current step (see engine.sim._View)."""
+
+    step: int                 # absolute step index
+    phase: str                # "prefill" or "decode"
+    request_ids: np.ndarray   # requests in this step's batch
+
+    def experts(self, layer: int) -> np.ndarray: ...          # unique experts needed (gated layers only)
+    def token_experts(self, layer: int) -> np.ndarray: ...    # [tokens, top_k] routing (gated layers only)
+    def future(self, offset: int) -> list[tuple[int, int, np.ndarray]]: ...  # oracle only
+
+
+class Predictor:
+    """Base class: hooks return lists of Prefetch; default is to prefetch nothing."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[PredictorParams]] = PredictorParams
+    needs_future: ClassVar[bool] = False  # True only for oracles: they read the trace ahead
+
+    def __init__(self, params: PredictorParams, model: ModelSpec, rng: np.random.Generator):
+        self.params, self.model, self.rng = params, model, rng
+
+    def lookahead_steps(self) -> int:
+        """How many steps past the current one the engine must plan ahead for `future`."""
+        return 0
+
+    def on_step_start(self, view: StepView) -> list[Prefetch]:
+        return []
+
+    def on_pre_attention(self, view: StepView, layer: int) -> list[Prefetch]:
+        return []
+
+    def on_gate(self, view: StepView, layer: int) -> list[Prefetch]:
+        return []
+
+    def on_step_end(self, view: StepView) -> None:
+        """Called after the last layer: learn from the step's now fully known routing."""

@@ -1,0 +1,44 @@
+"""The two reference predictors: on-demand (prefetch nothing) and the oracle (knows the trace)."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from .base import Predictor, PredictorParams, Prefetch
+from .registry import register
+
+
+@register
+class OnDemand(Predictor):
+    """Load every expert when the gate asks for it: the baseline every prefetcher must beat."""
+
+    name = "on_demand"
+
+
+class OracleParams(PredictorParams):
+    lookahead_layers: int = Field(1, ge=1, description="prefetch this many layers ahead of the gate")
+
+
+@register
+class Oracle(Predictor):
+    """Knows the routing of the next `lookahead_layers` layers, across step boundaries too:
+    an upper bound on what any prefetcher with that look-ahead can achieve."""
+
+    name = "oracle"
+    Params = OracleParams
+    needs_future = True
+
+    def lookahead_steps(self) -> int:
+        return -(-self.params.lookahead_layers // self.model.num_layers)
+
+    def _ahead(self, view, layer: int) -> list[Prefetch]:
+        out = []
+        for step, lay, experts in view.future(self.params.lookahead_layers, after_layer=layer):
+            out.extend(Prefetch(step, lay, int(e)) for e in experts)
+        return out
+
+    def on_step_start(self, view) -> list[Prefetch]:
+        # Before layer 0's gate nothing is known; the oracle still knows layer 0 (and beyond).
+        return self._ahead(view, -1)
+
+    def on_gate(self, view, layer: int) -> list[Prefetch]:
+        return self._ahead(view, layer)

@@ -1,0 +1,51 @@
+"""Result files of a run: summary.json, steps.parquet, requests.parquet, events.parquet.
+
+Each file is written to a temporary name and renamed into place, so an interrupted run never
+leaves a half-written file where a finished one was.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, allow_nan=False, default=float) + "\n"
+
+
+def write_result(result, outdir: str | Path) -> list[Path]:
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    text = dump_json(result.summary)
+    p = out / "summary.json"
+    _atomic(p, lambda t: t.write_text(text))
+    written.append(p)
+    for name, df in (("steps", result.steps), ("requests", result.requests), ("events", result.events)):
+        if df is None:
+            continue
+        p = out / f"{name}.parquet"
+        _atomic(p, lambda t, df=df: df.to_parquet(t, index=False))
+        written.append(p)
+    return written
+
+
+def read_summary(outdir: str | Path) -> dict:
+    return json.loads((Path(outdir) / "summary.json").read_text())
+
+
+def read_table(outdir: str | Path, name: str) -> pd.DataFrame:
+    return pd.read_parquet(Path(outdir) / f"{name}.parquet")

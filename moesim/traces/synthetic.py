@@ -1,0 +1,334 @@
+"""Synthetic routing traces from a latent-gate model (DESIGN §2, "Synthetic traces").
+
+Per request r, token t and MoE layer l a hidden vector h (dimension d) drives the gate:
+
+    innovations  ε_l(t) = τ·ε_l(t-1) + sqrt(1-τ²)·ξ_l(t)          (AR(1) across tokens: temporal locality)
+    residual     u_0(t) = ε_0(t),  u_l(t) = ρ·u_{l-1}(t) + sqrt(1-ρ²)·ε_l(t)   (AR(1) across layers)
+    hidden       h_l(t) = sqrt(1-w)·u_l(t) + sqrt(w)·c_r              (c_r: the request's topic vector)
+    gate         experts_l(t) = topk( W_l·(h_l(t) + a·η_l(t)) / sqrt(1+a²) + b_l )
+
+with ξ, η, c ~ N(0, I) i.i.d. So h_0(t) = τ·h_0(t-1) + sqrt(1-τ²)·noise (+ topic), every h_l has unit
+variance per dimension, corr(h_l(t), h_{l+1}(t)) ≈ ρ and corr(h_l(t), h_l(t-1)) ≈ τ (before the topic).
+
+- ρ (`rho`) sets inter-layer predictability: h_l is what a speculative (next-layer) predictor sees.
+- `attention_noise` a is what attention adds after the pre-attention point: `pre_attn` = h_l, so a
+  same-layer pre-attention predictor's accuracy falls as a grows.
+- `popularity_skew` s gives the bias b_l[e] = -s·ln(rank_l(e)) (a random rank per layer; Zipf-like:
+  s = 0 is uniform popularity).
+- τ (`tau`) and the topic weight w (`topic_weight`) set temporal locality: token-to-token reuse, and
+  a per-request working set (MoE-Infinity's "sparse activation per request").
+
+- `gate_affinity` κ relates consecutive routers: W_{l+1}[π_l(e)] = κ·W_l[e] + sqrt(1-κ²)·fresh rows
+  (π_l a random permutation), so expert e at layer l has a likely successor π_l(e) at l+1 — the
+  inter-layer expert affinity of real models (ExFlow). With independent routers (κ = 0) ρ alone
+  barely moves the first-order "top-1 at l -> top-1 at l+1" predictability; with κ > 0 it does
+  (ρ = 0 still means no inter-layer predictability, whatever κ).
+
+W_l (rows N(0, I/d)) and b_l are fixed per layer and drawn first from the generator, then the
+per-request lengths, then one seed per request; each request's noise comes from its own seeded
+generator, so output does not depend on how requests are chunked. Same generator state → the
+same rows → byte-identical files.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import InputError, pydantic_message
+from .io import DEFAULT_ROW_GROUP_ROWS, write_trace
+from .schema import PHASES, TraceMeta, trace_schema
+
+
+class SyntheticParams(BaseModel):
+    """Knobs of the latent-gate generator."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rho: float = Field(0.8, ge=0.0, le=1.0, description="layer-to-layer correlation of the hidden state")
+    tau: float = Field(0.5, ge=0.0, le=1.0, description="token-to-token correlation of the hidden state")
+    attention_noise: float = Field(0.5, ge=0.0, description="std of what attention adds after pre_attn")
+    popularity_skew: float = Field(0.3, ge=0.0, description="Zipf-like exponent of the per-layer gate bias")
+    hidden_dim: int = Field(32, ge=2, le=1024, description="dimension of the latent vector h")
+    topic_weight: float = Field(0.2, ge=0.0, le=1.0, description="share of h's variance from a per-request topic")
+    gate_affinity: float = Field(0.8, ge=0.0, le=1.0,
+                                 description="correlation of layer l+1's gate rows with a permutation of layer l's")
+
+    def describe(self) -> str:
+        return ",".join(f"{k}={_fmt(v)}" for k, v in self.model_dump().items())
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+DEFAULT_PARAMS = SyntheticParams()
+
+# ---- presets, keyed by MODEL preset name ------------------------------------------------------
+# Calibration is loose. Sources, and what each was used for:
+#
+# [J24] Jiang et al., "Mixtral of Experts", arXiv:2401.04088, §5 (routing analysis, Table 5 and
+#       Fig. 7): no clear domain specialisation; near-uniform expert usage per layer; consecutive tokens
+#       get the same FIRST-choice expert ~14% of the time at layer 0, ~24-28% at layer 15, ~20-23% at
+#       layer 31 (random: 12.5%); their top-2 sets share an expert ~46-48% / ~61-67% / ~52-56% of the
+#       time (random: 46%). [Figures as we read them in the paper; not re-checked against the PDF here.]
+# [EM23] Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models with Offloading",
+#       arXiv:2312.17238: Mixtral's next-layer experts can be guessed by applying the next layer's gate
+#       to the current hidden state (speculative loading) -> high rho. Magnitude not fitted.
+# [Y24] Yao et al., "Exploiting Inter-Layer Expert Affinity for Accelerating MoE Inference" (ExFlow),
+#       arXiv:2401.08383: pre-trained GPT-MoE models show strong inter-layer expert affinity
+#       (P(expert at l+1 | expert at l) is concentrated) -> gate_affinity > 0. Magnitude not fitted.
+# [L25] Liang et al., "Not All Models Suit Expert Offloading: On Local Routing Consistency of MoE
+#       Models", arXiv:2505.16056: models with MoE in every layer and no shared experts have the highest
+#       local routing consistency; shared experts (Qwen1.5-MoE, DeepSeek-V2-Lite) lower it;
+#       domain-specialised experts raise it. Used for the ORDERING of tau / topic_weight only (their
+#       per-model numbers were not available to us).
+# [O24] Muennighoff et al., "OLMoE", arXiv:2409.02060, §5: strong domain specialisation (experts
+#       specialised to e.g. arXiv / GitHub data), load-balanced (near-uniform) global usage.
+# [X24] Xue et al., "MoE-Infinity", arXiv:2401.14361: request-level traces (Switch, NLLB, Mixtral) show
+#       sparse per-request activation and skewed reuse of a few experts within a request.
+# [H23] Huang et al., "Towards MoE Deployment: Mitigating Inefficiencies in MoE Inference",
+#       arXiv:2303.06182: skewed expert activation (a few hot experts), temporal locality (motivating
+#       expert buffering).
+# Only Mixtral's tau/topic_weight are fitted to numbers (first-choice repetition ~0.20 and top-2
+# overlap ~0.58 measured with `moesim trace info`-style counting vs [J24]'s ~0.21 / ~0.55 averages);
+# every other magnitude is uncalibrated and says so.
+PRESETS: dict[str, SyntheticParams] = {
+    # tau, topic_weight fitted to [J24] Table 5; skew low per [J24] Fig. 7; rho high per [EM23];
+    # gate_affinity per [Y24]. rho / attention_noise / gate_affinity magnitudes: uncalibrated.
+    "mixtral-8x7b": SyntheticParams(rho=0.9, tau=0.2, attention_noise=0.4, popularity_skew=0.15,
+                                    hidden_dim=32, topic_weight=0.05, gate_affinity=0.8),
+    # [O24] domain specialisation -> larger topic weight; [L25] no shared experts -> high local
+    # consistency (high tau); load balancing -> low skew. Magnitudes uncalibrated.
+    "olmoe-1b-7b": SyntheticParams(rho=0.85, tau=0.6, attention_noise=0.5, popularity_skew=0.3,
+                                   hidden_dim=32, topic_weight=0.3, gate_affinity=0.8),
+    # [X24] sparse per-request activation, skewed reuse; [H23] skewed activation -> higher skew and
+    # topic weight than the decoder-only LLM presets. Magnitudes uncalibrated.
+    "switch-base-128": SyntheticParams(rho=0.8, tau=0.5, attention_noise=0.5, popularity_skew=0.5,
+                                       hidden_dim=32, topic_weight=0.35, gate_affinity=0.8),
+    # [L25] shared experts -> lower local routing consistency than OLMoE/Mixtral. Magnitudes uncalibrated.
+    "qwen1.5-moe-a2.7b": SyntheticParams(rho=0.8, tau=0.35, attention_noise=0.5, popularity_skew=0.3,
+                                         hidden_dim=32, topic_weight=0.15, gate_affinity=0.8),
+    # [L25] shared experts + fine-grained routed experts -> lower consistency. Magnitudes uncalibrated.
+    "deepseek-v2-lite": SyntheticParams(rho=0.8, tau=0.35, attention_noise=0.5, popularity_skew=0.3,
+                                        hidden_dim=32, topic_weight=0.15, gate_affinity=0.8),
+    # No shared experts, 128 fine-grained experts: [L25]'s ordering puts it near OLMoE.
+    # Magnitudes uncalibrated.
+    "qwen3-30b-a3b": SyntheticParams(rho=0.85, tau=0.55, attention_noise=0.5, popularity_skew=0.3,
+                                     hidden_dim=32, topic_weight=0.25, gate_affinity=0.8),
+    # 16 experts, top-2, no shared experts: a Mixtral-like guess. Uncalibrated.
+    "phi-3.5-moe": SyntheticParams(rho=0.85, tau=0.3, attention_noise=0.5, popularity_skew=0.2,
+                                   hidden_dim=32, topic_weight=0.1, gate_affinity=0.8),
+    # Shared expert -> [L25]'s lower-consistency group, like Qwen1.5-MoE. Magnitudes uncalibrated.
+    "qwen2-57b-a14b": SyntheticParams(rho=0.8, tau=0.35, attention_noise=0.5, popularity_skew=0.3,
+                                      hidden_dim=32, topic_weight=0.15, gate_affinity=0.8),
+    # 32 experts top-4, no shared experts: no published routing statistics found. Uncalibrated.
+    "gpt-oss-20b": SyntheticParams(rho=0.85, tau=0.4, attention_noise=0.5, popularity_skew=0.3,
+                                   hidden_dim=32, topic_weight=0.15, gate_affinity=0.8),
+}
+
+PRESET_SOURCES: dict[str, str] = {
+    "mixtral-8x7b": "tau/topic_weight fitted to Jiang et al. 2024 (arXiv:2401.04088) Table 5; skew from its Fig. 7; "
+                    "rho, gate_affinity directions from Eliseev & Mazur 2023, Yao et al. 2024 "
+                    "(magnitudes uncalibrated)",
+    "olmoe-1b-7b": "directions from Muennighoff et al. 2024 §5 and Liang et al. 2025; magnitudes uncalibrated",
+    "switch-base-128": "directions from Xue et al. 2024 (MoE-Infinity) and Huang et al. 2023; magnitudes uncalibrated",
+    "qwen1.5-moe-a2.7b": "direction from Liang et al. 2025 (shared experts); magnitudes uncalibrated",
+    "deepseek-v2-lite": "direction from Liang et al. 2025 (shared experts); magnitudes uncalibrated",
+    "qwen3-30b-a3b": "direction from Liang et al. 2025; magnitudes uncalibrated",
+    "phi-3.5-moe": "uncalibrated (Mixtral-like guess)",
+    "qwen2-57b-a14b": "direction from Liang et al. 2025 (shared experts); magnitudes uncalibrated",
+    "gpt-oss-20b": "uncalibrated",
+}
+
+
+def resolve_params(spec_name: str, params=None, preset: str | None = None) -> tuple[str, SyntheticParams]:
+    """(preset label, params): explicit params win; else the preset (default: the model's name).
+
+    A model without a synthetic preset gets DEFAULT_PARAMS (label "default", uncalibrated); naming a
+    preset that does not exist is an error.
+    """
+    name = preset or spec_name
+    if isinstance(params, SyntheticParams):
+        return (preset or "custom"), params
+    base = PRESETS.get(name)
+    if base is None:
+        if preset is not None and preset != spec_name:
+            raise InputError(f"unknown synthetic preset {preset!r} (known: {', '.join(sorted(PRESETS))})",
+                             field="preset")
+        base, name = DEFAULT_PARAMS, "default"
+    if params is None:
+        return name, base
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be SyntheticParams, a dict or None, got {type(params).__name__}")
+    try:
+        return name, SyntheticParams(**{**base.model_dump(), **params})
+    except ValidationError as e:
+        raise pydantic_message(e, prefix="synthetic") from None
+
+
+def _lengths(value, n: int, rng: np.random.Generator, name: str, lo_ok: int) -> np.ndarray:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if value < lo_ok:
+            raise InputError(f"must be >= {lo_ok} (got {value})", field=name)
+        return np.full(n, int(value), dtype=np.int64)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (int, np.integer)) for v in value):
+        lo, hi = int(value[0]), int(value[1])
+        if lo < lo_ok or hi < lo:
+            raise InputError(f"expected (min, max) with {lo_ok} <= min <= max (got {tuple(value)})", field=name)
+        return rng.integers(lo, hi + 1, size=n).astype(np.int64)
+    raise InputError(f"expected an int or a (min, max) pair (got {value!r})", field=name)
+
+
+def _shape(spec) -> tuple[int, int, int]:
+    return int(spec.num_layers), int(spec.num_experts), int(spec.top_k)
+
+
+def iter_generate(spec, params=None, requests: int = 8, prompt_len=32, decode_len=64,
+                  rng: np.random.Generator | None = None, pre_attn: bool = False, scores: bool = False,
+                  preset: str | None = None, budget: int = 1 << 22) -> Iterator[pa.Table]:
+    """The rows of `generate`, as a sequence of tables of whole requests (bounded memory)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError("rng must be a numpy.random.Generator (e.g. numpy.random.default_rng(seed))")
+    _, p = resolve_params(spec.name, params, preset)
+    if not isinstance(requests, (int, np.integer)) or requests <= 0:
+        raise InputError(f"must be > 0 (got {requests!r})", field="requests")
+    L, E, K = _shape(spec)
+    d = p.hidden_dim
+    # model-level draws first: they depend on the seed only, not on the request count
+    W = rng.standard_normal((L, E, d)) / math.sqrt(d)
+    if p.gate_affinity > 0:
+        # W_{l+1}[perm_l(e)] = κ·W_l[e] + sqrt(1-κ²)·fresh: expert e at layer l has a "successor"
+        k, kc = p.gate_affinity, math.sqrt(max(0.0, 1.0 - p.gate_affinity**2))
+        for l in range(1, L):
+            perm = rng.permutation(E)
+            W[l, perm] = k * W[l - 1] + kc * W[l, perm]
+    ranks = np.stack([rng.permutation(E) for _ in range(L)]) + 1
+    bias = -p.popularity_skew * np.log(ranks)
+    bias -= bias.mean(axis=1, keepdims=True)
+    prompts = _lengths(prompt_len, requests, rng, "prompt_len", 1)
+    decodes = _lengths(decode_len, requests, rng, "decode_len", 0)
+    seeds = rng.integers(0, 2**63 - 1, size=requests)
+    totals = prompts + decodes
+
+    # chunks of whole requests with C * Tmax * L * max(d, E) <= budget (at least one request)
+    width = L * max(d, E)
+    start = 0
+    while start < requests:
+        end, tmax = start + 1, int(totals[start])
+        while end < requests and (end - start + 1) * max(tmax, int(totals[end])) * width <= budget:
+            tmax = max(tmax, int(totals[end]))
+            end += 1
+        yield _chunk(range(start, end), totals, prompts, seeds, W, bias, p, K, pre_attn, scores)
+        start = end
+
+
+def _chunk(reqs, totals, prompts, seeds, W, bias, p: SyntheticParams, K: int, want_pre: bool,
+           want_scores: bool) -> pa.Table:
+    L, E, d = W.shape
+    reqs = list(reqs)
+    C = len(reqs)
+    Ts = totals[reqs]
+    Tm = int(Ts.max())
+    xi = np.zeros((C, Tm, L, d))
+    eta = np.zeros((C, Tm, L, d))
+    topic = np.zeros((C, d))
+    for i, r in enumerate(reqs):
+        g = np.random.default_rng(int(seeds[r]))
+        T = int(Ts[i])
+        topic[i] = g.standard_normal(d)
+        xi[i, :T] = g.standard_normal((T, L, d))
+        eta[i, :T] = g.standard_normal((T, L, d))
+    # AR(1) across tokens (in place: xi becomes ε)
+    tau, a_t = p.tau, math.sqrt(max(0.0, 1.0 - p.tau**2))
+    for t in range(1, Tm):
+        xi[:, t] *= a_t
+        xi[:, t] += tau * xi[:, t - 1]
+    # AR(1) across layers (in place: xi becomes u)
+    rho, a_l = p.rho, math.sqrt(max(0.0, 1.0 - p.rho**2))
+    for l in range(1, L):
+        xi[:, :, l] *= a_l
+        xi[:, :, l] += rho * xi[:, :, l - 1]
+    w = p.topic_weight
+    h = xi
+    h *= math.sqrt(1.0 - w)
+    h += math.sqrt(w) * topic[:, None, None, :]
+    an = p.attention_noise
+    valid = np.arange(Tm)[None, :] < Ts[:, None]          # [C, Tm]
+    n_tok = int(valid.sum())
+    experts = np.empty((n_tok, L, K), dtype=np.int16)
+    sc = np.empty((n_tok, L, K), dtype=np.float32) if want_scores else None
+    for l in range(L):
+        x = (h[:, :, l] + an * eta[:, :, l]) / math.sqrt(1.0 + an * an)   # [C, Tm, d]
+        logits = x[valid] @ W[l].T + bias[l]                               # [n_tok, E]
+        if K < E:
+            idx = np.argpartition(-logits, K - 1, axis=1)[:, :K]
+        else:
+            idx = np.broadcast_to(np.arange(E), (n_tok, E)).copy()
+        top = np.take_along_axis(logits, idx, axis=1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        experts[:, l] = np.take_along_axis(idx, order, axis=1)
+        if want_scores:
+            m = logits.max(axis=1, keepdims=True)
+            z = np.exp(logits - m)
+            probs = z / z.sum(axis=1, keepdims=True)
+            sc[:, l] = np.take_along_axis(probs, experts[:, l].astype(np.int64), axis=1)
+    # rows in (request, token, layer) order
+    rid = np.repeat(np.asarray(reqs, dtype=np.int32), Ts)
+    tok = np.concatenate([np.arange(T, dtype=np.int32) for T in Ts])
+    pr = np.repeat(prompts[reqs], Ts)
+    phase_tok = (tok >= pr).astype(np.int8)                              # 0 prefill, 1 decode
+    n = n_tok * L
+    cols = {
+        "request_id": pa.array(np.repeat(rid, L), pa.int32()),
+        "token": pa.array(np.repeat(tok, L), pa.int32()),
+        "phase": pa.DictionaryArray.from_arrays(pa.array(np.repeat(phase_tok, L), pa.int8()), pa.array(PHASES)),
+        "layer": pa.array(np.tile(np.arange(L, dtype=np.int16), n_tok), pa.int16()),
+        "experts": _list(experts.reshape(n * K), K, pa.int16()),
+    }
+    if want_scores:
+        cols["scores"] = _list(sc.reshape(n * K), K, pa.float32())
+    if want_pre:
+        cols["pre_attn"] = _list(h[valid].astype(np.float16).reshape(n * d), d, pa.float16())
+    return pa.Table.from_pydict(cols, schema=trace_schema(scores=want_scores, pre_attn=want_pre))
+
+
+def _list(values: np.ndarray, width: int, typ) -> pa.ListArray:
+    offsets = np.arange(0, values.size + 1, width, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, typ))
+
+
+def generate(spec, params=None, requests: int = 8, prompt_len=32, decode_len=64,
+             rng: np.random.Generator | None = None, pre_attn: bool = False, scores: bool = False,
+             preset: str | None = None) -> pa.Table:
+    """A synthetic trace as one Arrow table (rows sorted by request, token, layer).
+
+    `params`: SyntheticParams, a dict of overrides of the preset, or None (the preset named `preset`,
+    by default the model's name). `prompt_len`/`decode_len`: an int or a (min, max) range drawn per
+    request. `pre_attn=True` writes h_l as float16; `scores=True` writes the softmax gate probabilities
+    of the chosen experts (softmax over all experts, not renormalised).
+    """
+    parts = list(iter_generate(spec, params, requests, prompt_len, decode_len, rng, pre_attn, scores, preset))
+    return pa.concat_tables(parts)
+
+
+def source_string(spec_name: str, params=None, preset: str | None = None) -> str:
+    name, p = resolve_params(spec_name, params, preset)
+    return f"synthetic:latent-gate(preset={name},{p.describe()})"
+
+
+def generate_to_file(path, spec, params=None, *, preset: str | None = None, requests: int = 8, prompt_len=32,
+                     decode_len=64, rng: np.random.Generator | None = None, seed: int | None = None,
+                     pre_attn: bool = False, scores: bool = False,
+                     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> Path:
+    """Generate and write a trace (streamed, atomically). `seed` is recorded in the metadata only:
+    the draws come from `rng`."""
+    L, E, K = _shape(spec)
+    meta = TraceMeta(model=spec.name, num_layers=L, num_experts=E, top_k=K,
+                     source=source_string(spec.name, params, preset), seed=seed)
+    return write_trace(path, iter_generate(spec, params, requests, prompt_len, decode_len, rng, pre_attn, scores,
+                                           preset), meta, row_group_rows=row_group_rows)
