@@ -79,8 +79,9 @@ def _print_summary(s: dict, out: Path) -> None:
               help="override a scenario field by its dotted path, e.g. cache.gpu.capacity_experts=64")
 @click.option("--events", is_flag=True, help="also write events.parquet (every transfer)")
 @click.option("--quiet", is_flag=True, help="no table on the terminal")
+@click.option("--no-report", is_flag=True, help="skip report.html")
 @_guard
-def run(scenario, output, overrides, events, quiet):
+def run(scenario, output, overrides, events, quiet, no_report):
     """Simulate one SCENARIO (YAML) and write summary.json, steps.parquet, requests.parquet."""
     from .config import load_scenario
     from .engine.run import simulate
@@ -90,6 +91,10 @@ def run(scenario, output, overrides, events, quiet):
     out = Path(output or sc.output or Path("reports") / sc.name)
     result = simulate(sc, record_events=events)
     write_result(result, out)
+    if not no_report:
+        from .report import render_run
+
+        render_run(out)
     if not quiet:
         _print_summary(result.summary, out)
 
@@ -228,6 +233,16 @@ def validate():
     click.echo(f"{len(rows) - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
+
+def _register_subcommands() -> None:
+    from .report.cli import report
+    from .sweep.cli import sweep
+
+    main.add_command(sweep)
+    main.add_command(report)
+
+
+_register_subcommands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

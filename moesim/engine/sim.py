@@ -113,6 +113,7 @@ class Simulation:
         self.pos = -1              # index of the latest access (the cache clock; Belady next-use index)
         self.gated = (-1, -1)      # (step, layer) whose gate ran last: prefetches at or before are stale
         self.view: _View | None = None
+        self.protected: dict[tuple[int, int], list[int]] = {}  # target (step, layer) -> pinned keys
 
     # ---- loads -------------------------------------------------------------------------------
 
@@ -180,6 +181,10 @@ class Simulation:
     def _dropped(self, t: Transfer) -> None:
         """A stale prefetch left a queue without being copied: give its slots back."""
         load = self.loads.pop(t.key)
+        keys = self.protected.get(load.target, ())
+        while t.key in keys:
+            keys.remove(t.key)
+            self.gpu.unpin(t.key)
         self.gpu.cancel(t.key)
         if load.channel is self.disk:
             if load.dram_reserved:
@@ -201,15 +206,31 @@ class Simulation:
         if not reqs:
             return
         E, gpu, cur = self.E, self.gpu, self.gated
+        protect = self.predictor.params.protect
         for r in sorted(reqs, key=lambda p: (p.step, p.layer, -p.score, p.expert)):
             target = (r.step, r.layer)
             if target <= cur:
                 continue
             key = r.layer * E + r.expert
-            if key in gpu:  # resident or already on its way
+            if key in gpu:  # resident or already on its way: at most protect it
+                if protect:
+                    self._protect(key, target)
                 continue
             if self._start_load(key, True, target) is not None:
                 self.rec.prefetch_issued += 1
+                if protect:
+                    self._protect(key, target)
+
+    def _protect(self, key: int, target: tuple[int, int]) -> None:
+        """Pin a predicted expert until its target layer has run (see _release)."""
+        self.gpu.pin(key)
+        self.protected.setdefault(target, []).append(key)
+
+    def _release(self, upto: tuple[int, int] | None) -> None:
+        """Unpin protections whose target layer is at or before `upto` (None: all)."""
+        for target in [t for t in self.protected if upto is None or t <= upto]:
+            for key in self.protected.pop(target):
+                self.gpu.unpin(key)
 
     def _hook(self, reqs: list[Prefetch]) -> float:
         """Act on a predictor's answer; returns GPU-stream time the predictor costs."""
@@ -228,6 +249,7 @@ class Simulation:
     def run(self):
         self.env.process(self._driver())
         self.env.run()
+        self._release(None)
         self.rec.finish(self)
         return self.rec
 
@@ -255,9 +277,9 @@ class Simulation:
                 t_gate = env.now
                 self.gated = (plan.index, layer)
                 view.gated = layer
-                post = self._hook(pred.on_gate(view, layer))
+                gate_reqs = pred.on_gate(view, layer)
                 keys, counts = plan.keys[layer], plan.counts[layer]
-                busy = post + cost.shared_compute_s(plan.tokens)  # shared experts: always resident
+                busy = cost.shared_compute_s(plan.tokens)  # shared experts: always resident
                 hits = late = misses = 0
                 pending: list[tuple[_Load, float]] = []
                 pinned = []
@@ -288,6 +310,10 @@ class Simulation:
                         gpu.pin(key)
                         pinned.append(key)
                     pending.append((load, c))
+                # The layer's own experts are pinned and their loads queued before the predictor's
+                # prefetches for later layers, so a prefetch never evicts what this layer needs.
+                post = self._hook(gate_reqs)
+                busy += post
                 cursor = t_gate + busy
                 if pending:
                     waiting = [ld for ld, _ in pending if ld.done_t < 0]
@@ -310,6 +336,8 @@ class Simulation:
                     yield env.timeout(cursor - env.now)
                 for key in pinned:
                     gpu.unpin(key)
+                if self.protected:
+                    self._release((plan.index, layer))
                 rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
                               env.now - t_gate - busy, hits, late, misses, len(keys))
             view.gated = self.L - 1

@@ -31,6 +31,8 @@ class PredictorParams(BaseModel):
     latency_us: float = Field(0.0, ge=0, description="inference time charged per hook call")
     runs_on: Literal["cpu", "gpu"] = Field(
         "cpu", description="gpu: latency delays the compute stream; cpu: it delays the prefetches")
+    protect: bool = Field(
+        True, description="keep a predicted expert (resident or prefetched) from eviction until its layer has run")
 
 
 class StepView(Protocol):

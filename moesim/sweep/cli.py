@@ -1,0 +1,86 @@
+"""`moesim sweep`: run every point of a sweep file, resumably (registered on the main group)."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import InputError
+from .executors import executor_names
+
+
+def guard(fn):
+    """InputError → `error: ...` on stderr and exit status 2; Ctrl-C → exit 130. No traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except InputError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.command("sweep")
+@click.argument("sweep_file", metavar="SWEEP.yaml", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="sweep dir (default: the file's output:, else reports/<sweep name>/)")
+@click.option("--executor", type=click.Choice(executor_names()), default="local", show_default=True,
+              help="where points run: local processes, or a Ray cluster")
+@click.option("--address", metavar="auto|ray://HOST:PORT", help="Ray cluster to join (--executor ray)")
+@click.option("--workers", type=int, help="local: worker processes (default: all cores); ray: most tasks in flight")
+@click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE", help="override a field of the base scenario")
+@click.option("--events", is_flag=True, help="also write events.parquet for every point")
+@click.option("--list", "list_only", is_flag=True, help="print the points (id and overrides) and exit")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option("--no-report", is_flag=True, help="do not write report.html")
+@guard
+def sweep(sweep_file, output, executor, address, workers, overrides, events, list_only, no_progress, no_report):
+    """Run every point of SWEEP.yaml (base scenario × grid × zip × repeats).
+
+    Each point writes DIR/points/<id>/ (status.json + result files); a rerun skips the points
+    already done, so an interrupted sweep resumes. Then DIR/results.parquet (one row per point),
+    DIR/manifest.parquet and DIR/report.html. Exit status 0 if every point is done, 1 if some
+    failed, 2 for a bad sweep file.
+    """
+    from .executors import get_executor
+    from .runner import run_sweep, summarize_failures
+    from .spec import load_sweep
+
+    spec = load_sweep(sweep_file, overrides)
+    if events:
+        spec.events = True
+    points = spec.points()
+    if list_only:
+        for p in points:
+            click.echo(f"{p.id}  {p.label}")
+        click.echo(f"{len(points)} point{'s' if len(points) != 1 else ''}", err=True)
+        return
+    ex = get_executor(executor, workers=workers, address=address)
+    out = Path(output or spec.output or Path("reports") / spec.name)
+    res = run_sweep(spec, out, ex, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
+    done = int((res.results["status"] == "done").sum()) if res.results is not None and len(res.results) else 0
+    if res.failed:
+        click.echo(f"{len(res.failed)} of {res.total} point{'s' if res.total != 1 else ''} failed:", err=True)
+        for line in summarize_failures(res.failed):
+            click.echo(line, err=True)
+    if res.interrupted:
+        click.echo(f"interrupted: {done} of {res.total} points done, kept in {out}/; "
+                   "run the same command again to resume", err=True)
+        sys.exit(130)
+    if not no_report and done:
+        try:
+            from ..report import render_sweep
+        except ImportError as e:  # plotly missing
+            click.echo(f"warning: no report ({e}); install plotly", err=True)
+        else:
+            render_sweep(out)
+    click.echo(f"{done} of {res.total} points done; results in {out}/results.parquet")
+    sys.exit(1 if res.failed or done < res.total else 0)

@@ -1,0 +1,181 @@
+"""Executors run sweep points and report each as it finishes. Registered by name (`--executor`).
+
+- `local` (default): a process pool over the cores of this machine (`--workers N`, default all);
+  with one worker the points run in this process, one after another.
+- `ray`: Ray remote tasks (`ray.init(address=...)`: none starts a local Ray, `auto` joins the
+  running cluster, `ray://host:port` a remote one). Ray is imported only when this executor is
+  used. A task returns its result files to the driver, which writes them, so workers need no
+  shared file system — but they need moesim installed and the trace file at the same path.
+
+An executor calls `on_done(status)` in the driver for every point, in completion order, after the
+point's directory is committed. A point whose worker dies is recorded as failed, never dropped.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from ..errors import InputError
+from .worker import PointTask, commit_bundle, record_failure, run_point
+
+EXECUTORS: dict[str, type["Executor"]] = {}
+
+OnDone = Callable[[dict], None]
+
+
+def register_executor(cls: type["Executor"]) -> type["Executor"]:
+    EXECUTORS[cls.name] = cls
+    return cls
+
+
+def executor_names() -> list[str]:
+    return list(EXECUTORS)
+
+
+def get_executor(name: str, workers: int | None = None, address: str | None = None) -> "Executor":
+    try:
+        cls = EXECUTORS[name]
+    except KeyError:
+        raise InputError(f"unknown executor {name!r} (known: {', '.join(EXECUTORS)})", field="--executor") from None
+    if workers is not None and workers < 1:
+        raise InputError(f"must be ≥ 1 (got {workers})", field="--workers")
+    return cls(workers=workers, address=address)
+
+
+class Executor:
+    """Runs point tasks; subclasses register under `name`."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, workers: int | None = None, address: str | None = None):
+        self.workers = workers
+        self.address = address
+
+    def describe(self, n_tasks: int) -> str:
+        return self.name
+
+    def run(self, tasks: list[PointTask], points_dir: Path, on_done: OnDone) -> None:
+        raise NotImplementedError
+
+
+def _start_method() -> str:
+    # forkserver: no fork of a process that already runs pyarrow/numpy threads; spawn elsewhere
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+@register_executor
+class LocalExecutor(Executor):
+    """A pool of worker processes on this machine."""
+
+    name = "local"
+
+    def __init__(self, workers: int | None = None, address: str | None = None):
+        if address is not None:
+            raise InputError("--address applies to --executor ray only", field="--address")
+        super().__init__(workers, None)
+
+    def pool_size(self, n_tasks: int) -> int:
+        return max(1, min(self.workers or os.cpu_count() or 1, n_tasks))
+
+    def describe(self, n_tasks: int) -> str:
+        n = self.pool_size(n_tasks)
+        return f"local, {n} worker{'s' if n != 1 else ''}" + (" (in-process)" if n == 1 else "")
+
+    def run(self, tasks: list[PointTask], points_dir: Path, on_done: OnDone) -> None:
+        if not tasks:
+            return
+        n = self.pool_size(len(tasks))
+        if n == 1:
+            for t in tasks:
+                on_done(run_point(t, str(points_dir)))
+            return
+        pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context(_start_method()))
+        futures: dict = {}
+        try:
+            futures = {pool.submit(run_point, t, str(points_dir)): t for t in tasks}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in sorted(done, key=lambda f: futures[f].index):
+                    t = futures[f]
+                    try:
+                        st = f.result()
+                    except Exception as e:  # BrokenProcessPool: a worker died; the pool is gone
+                        st = record_failure(points_dir, t, f"worker process failed ({type(e).__name__}: {e}); "
+                                            "killed or out of memory? (a script that starts a sweep needs "
+                                            "`if __name__ == '__main__':`) — rerun to retry")
+                    on_done(st)
+        except BaseException:
+            # Ctrl-C: cancel what has not started (explicitly: a collected pool would go on through
+            # its queue). Points already running die with the signal or finish, and either way leave
+            # a complete directory or none; wait for them unless interrupted again.
+            for f in futures:
+                f.cancel()
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+
+
+def _import_ray():
+    try:
+        import ray  # noqa: PLC0415
+    except ImportError:
+        raise InputError("the ray executor needs Ray, which is not installed: pip install moesim[ray]",
+                         field="--executor") from None
+    return ray
+
+
+def _ray_point(task: PointTask) -> dict:
+    return run_point(task, None)
+
+
+@register_executor
+class RayExecutor(Executor):
+    """Ray remote tasks, at most `workers` in flight (default: all at once; Ray schedules them)."""
+
+    name = "ray"
+
+    def describe(self, n_tasks: int) -> str:
+        where = self.address or "a local Ray"
+        return f"ray at {where}" + (f", ≤ {self.workers} in flight" if self.workers else "")
+
+    def run(self, tasks: list[PointTask], points_dir: Path, on_done: OnDone) -> None:
+        ray = _import_ray()
+        if not tasks:
+            return
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
+        remote = ray.remote(num_cpus=1, max_retries=0)(_ray_point)
+        queue = list(tasks)
+        pending: dict = {}
+        limit = self.workers or len(tasks)
+        try:
+            while queue or pending:
+                while queue and len(pending) < limit:
+                    t = queue.pop(0)
+                    pending[remote.remote(t)] = t
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    t = pending.pop(ref)
+                    try:
+                        st = commit_bundle(points_dir, ray.get(ref))
+                    except Exception as e:  # the task or its worker failed outside run_point
+                        st = record_failure(points_dir, t, f"ray task failed: {type(e).__name__}: {e}")
+                    on_done(st)
+        except BaseException:
+            for ref in pending:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:
+                    pass
+            raise
+        finally:
+            if started_here:
+                ray.shutdown()
