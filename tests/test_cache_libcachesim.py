@@ -9,12 +9,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from moesim.cache import next_use_positions, replay
+from moesim.cache.reference import libcachesim_misses
 
 lcs = pytest.importorskip("libcachesim")
 
 POLICIES = ["lru", "fifo", "lfu", "belady"]
-LCS_NAME = {"lru": "LRU", "fifo": "FIFO", "lfu": "LFU", "belady": "Belady"}
-ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
 
 
 # ---- libCacheSim -----------------------------------------------------------------------------
@@ -27,28 +26,8 @@ def trace_dir(tmp_path_factory):
 _counter = itertools.count()
 
 
-def write_oracle_trace(path, stream) -> None:
-    """ORACLE_GENERAL_TRACE: uint32 time, uint64 id, uint32 size, int64 next access (-1: none)."""
-    s = np.asarray(stream, dtype=np.int64)
-    rec = np.zeros(len(s), dtype=ORACLE)
-    rec["t"] = np.arange(len(s))
-    rec["id"] = s
-    rec["size"] = 1
-    rec["next"] = next_use_positions(s)
-    rec.tofile(path)
-
-
 def lcs_misses(trace_dir, stream, capacity: int, policies=POLICIES) -> dict[str, int]:
-    path = str(trace_dir / f"t{next(_counter)}.oracle")
-    write_oracle_trace(path, stream)
-    out = {}
-    for pol in policies:
-        params = lcs.ReaderInitParam(ignore_obj_size=True)
-        reader = lcs.TraceReader(path, lcs.TraceType.ORACLE_GENERAL_TRACE, params)
-        cache = getattr(lcs, LCS_NAME[pol])(capacity, hashpower=12)
-        miss_ratio, _ = cache.process_trace(reader)
-        out[pol] = round(miss_ratio * len(stream))
-    return out
+    return libcachesim_misses(stream, capacity, policies, path=str(trace_dir / f"t{next(_counter)}.oracle"))
 
 
 def zipf_stream(n: int, universe: int, alpha: float, seed: int) -> np.ndarray:

@@ -102,3 +102,9 @@ def test_trace_generate_then_run(tmp_path):
     r = moesim("run", sc, "-o", tmp_path / "out", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "out/summary.json").read_text())["requests"] == 3
+
+
+def test_validate_command_passes():
+    r = CliRunner().invoke(main, ["validate"])
+    assert r.exit_code == 0, r.output
+    assert " 0 failed" in r.output and "NO" not in r.output

@@ -7,8 +7,14 @@ import pandas as pd
 
 from ..models import ModelSpec
 
+_CHUNK = 16384
 STEP_COLUMNS = ("step", "batch", "phase", "layer", "tokens", "start_s", "gate_s", "end_s", "attention_s",
                 "compute_s", "stall_s", "hits", "late_hits", "misses", "unique_experts", "prefetches")
+
+
+_STEP_TYPES = {"step": "int32", "batch": "int32", "phase": pd.CategoricalDtype(["prefill", "decode"]), "layer": "int16", "tokens": "int32",
+               "hits": "int32", "late_hits": "int32", "misses": "int32", "unique_experts": "int32",
+               "prefetches": "int32"}
 
 
 def percentiles(values, scale: float = 1.0) -> dict:
@@ -34,7 +40,8 @@ class Recorder:
         self.compute_s = 0.0       # GPU compute-stream busy time
         self.stall_s = 0.0
         self.output_tokens = self.processed_tokens = 0
-        self.rows: list[tuple] = []
+        self.rows: list[tuple] = []        # recent step × layer rows ...
+        self._chunks: list[pd.DataFrame] = []  # ... compacted every _CHUNK rows (memory ~flat)
         self._req_start: dict[int, float] = {}
         self._req_first: dict[int, float] = {}
         self.requests: list[tuple] = []
@@ -59,6 +66,13 @@ class Recorder:
         self._last_prefetch = self.prefetch_issued
         self.rows.append((plan.index, plan.batch, plan.phase, layer, plan.tokens, t0, t_gate, t_end, attn,
                           busy, stall, hits, late, misses, n_keys, pf))
+        if len(self.rows) >= _CHUNK:
+            self._compact()
+
+    def _compact(self) -> None:
+        df = pd.DataFrame.from_records(self.rows, columns=list(STEP_COLUMNS))
+        self._chunks.append(df.astype(_STEP_TYPES))
+        self.rows = []
 
     def step_end(self, plan, t_start: float, t_end: float) -> None:
         self.steps += 1
@@ -84,10 +98,11 @@ class Recorder:
     # ---- tables and summary --------------------------------------------------------------------
 
     def steps_frame(self) -> pd.DataFrame:
-        df = pd.DataFrame.from_records(self.rows, columns=list(STEP_COLUMNS))
-        return df.astype({"step": "int32", "batch": "int32", "layer": "int16", "tokens": "int32",
-                          "hits": "int32", "late_hits": "int32", "misses": "int32",
-                          "unique_experts": "int32", "prefetches": "int32"})
+        if self.rows or not self._chunks:
+            self._compact()
+        if len(self._chunks) > 1:
+            self._chunks = [pd.concat(self._chunks, ignore_index=True)]
+        return self._chunks[0]
 
     def requests_frame(self) -> pd.DataFrame:
         df = pd.DataFrame.from_records(self.requests, columns=["request_id", "batch", "start_s",

@@ -86,7 +86,8 @@ class _View:
                 ahead += 1
                 if plan is None:
                     break
-            out.append((plan.index, layer, np.unique(plan.keys[layer]) - layer * E))
+            keys = plan.keys[layer]  # unique already, unless dedup is off
+            out.append((plan.index, layer, (keys if self._sim.cfg.dedup else np.unique(keys)) - layer * E))
         return out
 
 

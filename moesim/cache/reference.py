@@ -1,0 +1,50 @@
+"""libCacheSim as the reference cache simulator (an optional, test-time dependency).
+
+Count-based: every request has size 1 and the cache size is its capacity in objects. The trace is
+written as an ORACLE_GENERAL_TRACE (uint32 time, uint64 id, uint32 size, int64 next access), since
+libCacheSim's Belady needs next-access times (see shared/REFERENCES.md).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from .replay import next_use_positions
+
+LCS_NAME = {"lru": "LRU", "fifo": "FIFO", "lfu": "LFU", "belady": "Belady"}
+ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
+
+
+def write_oracle_trace(path, stream) -> None:
+    s = np.asarray(stream, dtype=np.int64)
+    rec = np.zeros(len(s), dtype=ORACLE)
+    rec["t"] = np.arange(len(s))
+    rec["id"] = s
+    rec["size"] = 1
+    rec["next"] = next_use_positions(s)
+    rec.tofile(path)
+
+
+def libcachesim_misses(stream, capacity: int, policies=("lru", "fifo", "lfu", "belady"), path=None) -> dict[str, int]:
+    """Miss counts of libCacheSim's C loop (`process_trace`) per policy. ImportError without it."""
+    import libcachesim as lcs
+
+    own = path is None
+    if own:
+        fd, path = tempfile.mkstemp(suffix=".oracle")
+        os.close(fd)
+    try:
+        write_oracle_trace(path, stream)
+        out = {}
+        for pol in policies:
+            reader = lcs.TraceReader(str(path), lcs.TraceType.ORACLE_GENERAL_TRACE,
+                                     lcs.ReaderInitParam(ignore_obj_size=True))
+            cache = getattr(lcs, LCS_NAME[pol])(capacity, hashpower=12)
+            miss_ratio, _ = cache.process_trace(reader)
+            out[pol] = round(miss_ratio * len(stream))
+        return out
+    finally:
+        if own:
+            os.unlink(path)
