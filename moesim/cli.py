@@ -208,9 +208,25 @@ def trace_info(path, as_json):
         click.echo(json.dumps(d, indent=2, default=float))
         return
     from rich.console import Console
-    from rich.pretty import Pretty
+    from rich.table import Table
 
-    Console().print(Pretty(d))
+    t = Table(title=f"{path}: {d['model']}", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    t.add_row("source", str(d["source"]))
+    t.add_row("shape", f"{d['num_layers']} MoE layers × {d['num_experts']} experts, top-{d['top_k']}")
+    t.add_row("size", f"{d['rows']} rows, {d['requests']} requests, {d['tokens']} tokens "
+                      f"({d['prefill_tokens']} prefill, {d['decode_tokens']} decode)")
+    for section, fields in d.items():
+        if not isinstance(fields, dict):
+            continue
+        for k, v in fields.items():
+            if isinstance(v, list):
+                v = " ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in v)
+            elif isinstance(v, float):
+                v = f"{v:.4g}"
+            t.add_row(f"{section}.{k}", str(v))
+    Console(width=160).print(t)
 
 
 @main.command()

@@ -1,0 +1,68 @@
+"""Headless Chromium opens a run report and a sweep report: every figure renders (plotly adds its
+SVG to each figure div) and the console shows nothing (no errors, no warnings).
+Skipped when Chromium is not installed (`.ci/run` installs Debian's chromium)."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from moesim.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
+
+
+def open_in_browser(html: Path, profile: Path) -> tuple[str, list[str]]:
+    """The DOM after scripts ran, and the console messages."""
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+                        "--virtual-time-budget=15000", "--dump-dom", html.resolve().as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    console = [ln for ln in r.stderr.splitlines() if ":CONSOLE" in ln]
+    return r.stdout, console
+
+
+def check_rendered(dom: str, console: list[str]) -> int:
+    assert not console, console
+    divs = re.findall(r'<div id="(fig-\d+)"[^>]*class="([^"]*)"', dom)
+    assert divs, "no figure divs"
+    for fig_id, cls in divs:
+        assert "js-plotly-plot" in cls, f"{fig_id} was not rendered by plotly"
+    assert dom.count('class="main-svg"') >= len(divs)
+    return len(divs)
+
+
+def test_console_capture_works(tmp_path):
+    """The check can fail: a page that throws is seen."""
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><script>throw new Error('boom')</script></body></html>")
+    _, console = open_in_browser(bad, tmp_path / "profile")
+    assert any("boom" in c for c in console)
+
+
+def test_run_and_sweep_reports_render(tmp_path):
+    run_dir = tmp_path / "run"
+    r = CliRunner().invoke(main, ["run", str(ROOT / "scenarios/oracle-ssd.yaml"), "-o", str(run_dir), "--quiet",
+                                  "--events"])
+    assert r.exit_code == 0, r.output
+    n = check_rendered(*open_in_browser(run_dir / "report.html", tmp_path / "p1"))
+    assert n >= 6
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""name: tiny-sweep
+base: {ROOT / 'scenarios/quickstart.yaml'}
+grid:
+  cache.gpu.capacity_gb: [2, 8]
+  batch.size: [1, 4]
+  predictor.name: [on_demand, oracle]
+""")
+    r = CliRunner().invoke(main, ["sweep", str(sweep), "-o", str(tmp_path / "sw"), "--workers", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    n = check_rendered(*open_in_browser(tmp_path / "sw" / "report.html", tmp_path / "p2"))
+    assert n >= 3
