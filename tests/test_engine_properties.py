@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -63,3 +64,53 @@ def test_accounting_and_oracle_not_slower(case):
     # on-demand would not make, and then it can lose: a real effect, see README.)
     if orc.summary["transfers_pcie"] <= od.summary["transfers_pcie"]:
         assert orc.summary["makespan_s"] <= od.summary["makespan_s"] * (1 + 1e-9)
+
+
+PREDICTORS = st.sampled_from([
+    {"name": "topk", "k": 4}, {"name": "multilook", "lookahead_layers": 3, "max_per_layer": 4},
+    {"name": "intelligent"}, {"name": "activation_matrix"},
+    {"name": "noisy_oracle", "recall": 0.6, "false_positive_rate": 0.5, "lookahead_layers": 2},
+])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), PREDICTORS, st.sampled_from([None, 1, 3]), st.booleans(), st.booleans())
+def test_cache_invariants_under_random_prefetch(case, predictor, max_inflight, protect, dedup):
+    """Wrong, late and dropped prefetches: capacity holds at every reservation, pins always
+    balance, and at the end nothing is left pinned, in flight or queued."""
+    import moesim.engine.run as run_mod
+
+    seen = []
+
+    class Checked(run_mod.Simulation):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append(self)
+
+        def _claim_slot(self, load):  # every GPU reservation goes through here
+            ok = super()._claim_slot(load)
+            cap = self.gpu.capacity
+            assert cap is None or self.gpu.occupancy() <= cap
+            return ok
+
+    pred = {**predictor, "protect": protect, **({"max_inflight": max_inflight} if max_inflight else {})}
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_mod, "Simulation", Checked)
+        path = write_routing(Path(tmp) / "t.parquet", case["routing"], prompt_len=1, num_experts=case["E"])
+        model = {**TINY_MODEL, "num_experts": case["E"], "top_k": case["K"]}
+        res = simulate(scenario(path, model=model, hardware=fixed_profile(copy_engines=case["engines"]),
+                                gpu={"capacity_experts": case["cap"], "policy": case["policy"]},
+                                predictor=pred, batch={"size": case["batch"], "dedup": dedup}))
+    sim = seen[-1]
+    sim.gpu.check()
+    assert not sim.loads and sim.prefetch_inflight == 0 and not sim.protected
+    assert all(sim.gpu.pin_count(k) == 0 for k in sim.gpu.resident_keys())
+    assert not sim.gpu.in_flight_keys()
+    assert sum(sim.stale_pins.values()) == 0
+    s = res.summary
+    p = s["prefetch"]
+    assert s["hits"] + s["late_hits"] + s["misses"] == s["accesses"]
+    assert p["issued"] == p["used"] + p["late"] + p["wasted"] + p["dropped"] + p["unused_at_end"]
+    q = s["prediction"]
+    assert 0 <= q["correct"] <= min(q["predicted"], q["needed"])
+

@@ -37,6 +37,8 @@ class Recorder:
         self.prefetch_issued = self.prefetch_used = self.prefetch_late = 0
         self.prefetch_wasted = self.prefetch_dropped = 0
         self.predictor_s = 0.0
+        L = model.num_layers
+        self.pred_made, self.pred_correct, self.pred_needed = [0] * L, [0] * L, [0] * L
         self.compute_s = 0.0       # GPU compute-stream busy time
         self.stall_s = 0.0
         self.output_tokens = self.processed_tokens = 0
@@ -175,4 +177,16 @@ class Recorder:
             "dedup_ratio": 1.0 - accesses / self.pairs if self.pairs else 0.0,
             "evictions": {"gpu": self.gpu_evictions, "dram": self.dram_evictions},
             "predictor_s": self.predictor_s,
+            "prediction": self.prediction_quality(),
         }
+
+    def prediction_quality(self) -> dict:
+        """Precision = correct / predicted, recall = correct / needed, over every (step, layer)
+        target; a prediction counts whether or not it had to be loaded."""
+        def ratio(a, b):
+            return a / b if b else None
+        made, ok, need = sum(self.pred_made), sum(self.pred_correct), sum(self.pred_needed)
+        return {"predicted": made, "correct": ok, "needed": need,
+                "precision": ratio(ok, made), "recall": ratio(ok, need),
+                "precision_per_layer": [ratio(c, m) for c, m in zip(self.pred_correct, self.pred_made)],
+                "recall_per_layer": [ratio(c, n) for c, n in zip(self.pred_correct, self.pred_needed)]}

@@ -29,6 +29,7 @@ class StepPlan:
     first_token_requests: np.ndarray | None = None  # requests whose first output token this step makes
     finished_requests: np.ndarray | None = None     # requests whose last token this step makes
     output_tokens: int = 0
+    token_requests: np.ndarray | None = None        # request id of each routing row
 
 
 def _dedup(routing: np.ndarray, num_experts: int, dedup: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -54,7 +55,7 @@ def batch_steps(requests: list, batch_no: int, first_index: int, num_experts: in
     keys, counts = _dedup(routing, num_experts, dedup)
     done = ids[decodes == 0]
     yield StepPlan(first_index, "prefill", batch_no, ids, int(prompts.sum()), int(prompts.sum()), routing,
-                   keys, counts, routing.shape[0] * routing.shape[2], ids, done, len(ids))
+                   keys, counts, routing.shape[0] * routing.shape[2], ids, done, len(ids), np.repeat(ids, prompts))
     index = first_index + 1
     for j in range(1, int(decodes.max(initial=0)) + 1):
         active = np.flatnonzero(decodes >= j)
@@ -63,7 +64,7 @@ def batch_steps(requests: list, batch_no: int, first_index: int, num_experts: in
         ctx = int((prompts[active] + j).sum())
         finished = ids[active[decodes[active] == j]]
         yield StepPlan(index, "decode", batch_no, ids[active], len(active), ctx, routing, keys, counts,
-                       routing.shape[0] * routing.shape[2], None, finished, len(active))
+                       routing.shape[0] * routing.shape[2], None, finished, len(active), ids[active])
         index += 1
 
 

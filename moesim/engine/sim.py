@@ -41,7 +41,7 @@ class _Load:
     """An expert on its way to the GPU (demand or prefetch), possibly via the disk."""
 
     __slots__ = ("key", "prefetch", "target", "bypass", "transfer", "channel", "done_t", "waiters",
-                 "from_disk", "dram_reserved", "pinned_dram")
+                 "from_disk", "dram_reserved", "pinned_dram", "counted_inflight", "reserved", "pins")
 
     def __init__(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool):
         self.key, self.prefetch, self.target, self.bypass = key, prefetch, target, bypass
@@ -50,6 +50,9 @@ class _Load:
         self.done_t = -1.0
         self.waiters: list = []
         self.from_disk = self.dram_reserved = self.pinned_dram = False
+        self.counted_inflight = prefetch  # counts against max_inflight until it lands or drops
+        self.reserved = False  # holds a GPU slot (from the start of its PCIe copy)
+        self.pins = 0          # pins waiting for the slot
 
 
 class _View:
@@ -58,6 +61,7 @@ class _View:
     def __init__(self, sim: "Simulation", plan: StepPlan):
         self._sim, self._plan = sim, plan
         self.step, self.phase, self.request_ids = plan.index, plan.phase, plan.request_ids
+        self.token_request_ids = plan.token_requests
         self.gated = -1  # last layer whose gate has run
 
     def _check(self, layer: int) -> None:
@@ -115,22 +119,20 @@ class Simulation:
         self.gated = (-1, -1)      # (step, layer) whose gate ran last: prefetches at or before are stale
         self.view: _View | None = None
         self.protected: dict[tuple[int, int], list[int]] = {}  # target (step, layer) -> pinned keys
+        self.predicted: dict[tuple[int, int], set[int]] = {}   # target -> every key predicted for it
+        self.prefetch_bytes: dict[tuple[int, int], int] = {}   # target -> prefetched bytes (bounded)
+        self.prefetch_inflight = 0
+        self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
 
     # ---- loads -------------------------------------------------------------------------------
 
-    def _start_load(self, key: int, prefetch: bool, target: tuple[int, int],
-                    bypass: bool = False) -> _Load | None:
-        """Reserve a GPU slot (evicting if needed) and start the copy chain. None: no slot for a
-        prefetch. A demand load with no evictable slot goes through a transient buffer (bypass)."""
-        evicted = None if bypass else self.gpu.reserve(key, self.pos)
-        if evicted is None:
-            if prefetch:
-                return None
-            load = _Load(key, False, target, True)
+    def _start_load(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool = False) -> _Load:
+        """Queue the copy chain of `key` (SSD → DRAM → PCIe → GPU as needed). The GPU slot is
+        taken when the PCIe copy starts (see _claim_slot), so a queued prefetch evicts nothing."""
+        load = _Load(key, prefetch, target, bypass)
+        if bypass:
             self.rec.bypass += 1
         else:
-            self._evicted(evicted)
-            load = _Load(key, prefetch, target, False)
             self.loads[key] = load
         dram = self.dram
         if dram is None:
@@ -151,11 +153,35 @@ class Simulation:
             self._copy(load, self.disk)
         return load
 
+    def _claim_slot(self, load: _Load) -> bool:
+        """At the start of the PCIe copy: reserve the GPU slot, evicting the policy's victim.
+        No evictable slot: a prefetch is dropped (False); a demand copy goes through a transient
+        buffer and is not cached (bypass)."""
+        if load.bypass:
+            return True
+        key = load.key
+        evicted = self.gpu.reserve(key, self.pos)
+        if evicted is None:
+            if load.prefetch:
+                return False
+            load.bypass = True
+            self.rec.bypass += 1
+            del self.loads[key]
+            self._forget_pins(load)
+            return True
+        self._evicted(evicted)
+        load.reserved = True
+        for _ in range(load.pins):
+            self.gpu.pin(key)
+        load.pins = 0
+        return True
+
     def _copy(self, load: _Load, channel: Channel) -> None:
-        done = self._disk_done if channel is self.disk else self._pcie_done
+        pcie = channel is self.pcie
         t = Transfer(load.key, self.eb, PREFETCH if load.prefetch else DEMAND,
-                     lambda tr, ld=load: done(ld),
-                     (lambda ld=load: ld.prefetch and ld.target <= self.gated) if load.prefetch else None)
+                     lambda tr, ld=load: (self._pcie_done if pcie else self._disk_done)(ld),
+                     (lambda ld=load: ld.prefetch and ld.target <= self.gated) if load.prefetch else None,
+                     (lambda ld=load: self._claim_slot(ld)) if pcie else None)
         load.transfer, load.channel = t, channel
         channel.submit(t)
 
@@ -171,6 +197,8 @@ class Simulation:
         if load.pinned_dram:
             self.dram.unpin(key)
         load.done_t = self.env.now
+        if load.counted_inflight:
+            self.prefetch_inflight -= 1
         if not load.bypass:
             self.gpu.complete(key)
             del self.loads[key]
@@ -180,19 +208,43 @@ class Simulation:
             w()
 
     def _dropped(self, t: Transfer) -> None:
-        """A stale prefetch left a queue without being copied: give its slots back."""
+        """A prefetch left a queue without being copied (stale, or no slot): undo its bookkeeping."""
         load = self.loads.pop(t.key)
-        keys = self.protected.get(load.target, ())
-        while t.key in keys:
-            keys.remove(t.key)
-            self.gpu.unpin(t.key)
-        self.gpu.cancel(t.key)
+        if load.counted_inflight:
+            self.prefetch_inflight -= 1
+        self._forget_pins(load)
         if load.channel is self.disk:
             if load.dram_reserved:
                 self.dram.cancel(t.key)
         elif load.pinned_dram:
             self.dram.unpin(t.key)
         self.rec.prefetch_dropped += 1
+
+    # ---- pins: a key's pins wait on its load until the load holds a GPU slot --------------------
+
+    def _pin(self, key: int) -> None:
+        load = self.loads.get(key)
+        if load is not None and not load.reserved:
+            load.pins += 1
+        else:
+            self.gpu.pin(key)
+
+    def _unpin(self, key: int) -> None:
+        stale = self.stale_pins.get(key)
+        if stale:
+            self.stale_pins[key] = stale - 1
+            return
+        load = self.loads.get(key)
+        if load is not None and not load.reserved:
+            load.pins -= 1
+        else:
+            self.gpu.unpin(key)
+
+    def _forget_pins(self, load: _Load) -> None:
+        """A load that never got a slot took its waiting pins with it; their unpins become no-ops."""
+        if load.pins:
+            self.stale_pins[load.key] = self.stale_pins.get(load.key, 0) + load.pins
+            load.pins = 0
 
     def _evicted(self, keys: list[int]) -> None:
         for k in keys:
@@ -206,32 +258,56 @@ class Simulation:
     def _issue(self, reqs: list[Prefetch]) -> None:
         if not reqs:
             return
-        E, gpu, cur = self.E, self.gpu, self.gated
-        protect = self.predictor.params.protect
+        E, gpu, cur, eb = self.E, self.gpu, self.gated, self.eb
+        params = self.predictor.params
+        protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
+        predicted = self.predicted
         for r in sorted(reqs, key=lambda p: (p.step, p.layer, -p.score, p.expert)):
             target = (r.step, r.layer)
             if target <= cur:
                 continue
             key = r.layer * E + r.expert
-            if key in gpu:  # resident or already on its way: at most protect it
+            pset = predicted.get(target)
+            if pset is None:
+                pset = predicted[target] = set()
+            pset.add(key)
+            if key in gpu or key in self.loads:  # resident or on its way: at most protect it
                 if protect:
                     self._protect(key, target)
                 continue
-            if self._start_load(key, True, target) is not None:
-                self.rec.prefetch_issued += 1
-                if protect:
-                    self._protect(key, target)
+            if max_inflight is not None and self.prefetch_inflight >= max_inflight:
+                continue
+            if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
+                continue
+            self._start_load(key, True, target)
+            self.rec.prefetch_issued += 1
+            self.prefetch_inflight += 1
+            if max_bytes is not None:
+                self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
+            if protect and key in self.loads:  # (a copy with no slot to land in was dropped at once)
+                self._protect(key, target)
+
+    def _score_predictions(self, target: tuple[int, int], needed: np.ndarray) -> None:
+        """Precision/recall of everything predicted for `target` against what it needed."""
+        pset = self.predicted.pop(target, None)
+        layer = target[1]
+        self.rec.pred_needed[layer] += len(needed)
+        if pset:
+            hit = len(pset.intersection(needed.tolist()))
+            self.rec.pred_made[layer] += len(pset)
+            self.rec.pred_correct[layer] += hit
+        self.prefetch_bytes.pop(target, None)
 
     def _protect(self, key: int, target: tuple[int, int]) -> None:
         """Pin a predicted expert until its target layer has run (see _release)."""
-        self.gpu.pin(key)
+        self._pin(key)
         self.protected.setdefault(target, []).append(key)
 
     def _release(self, upto: tuple[int, int] | None) -> None:
         """Unpin protections whose target layer is at or before `upto` (None: all)."""
         for target in [t for t in self.protected if upto is None or t <= upto]:
             for key in self.protected.pop(target):
-                self.gpu.unpin(key)
+                self._unpin(key)
 
     def _hook(self, reqs: list[Prefetch]) -> float:
         """Act on a predictor's answer; returns GPU-stream time the predictor costs."""
@@ -280,6 +356,7 @@ class Simulation:
                 view.gated = layer
                 gate_reqs = pred.on_gate(view, layer)
                 keys, counts = plan.keys[layer], plan.counts[layer]
+                self._score_predictions(self.gated, keys if dedup else np.unique(keys))
                 busy = cost.shared_compute_s(plan.tokens)  # shared experts: always resident
                 hits = late = misses = 0
                 pending: list[tuple[_Load, float]] = []
@@ -308,7 +385,7 @@ class Simulation:
                         misses += 1
                         load = self._start_load(key, False, (plan.index, layer), bypass=load is not None)
                     if not load.bypass:
-                        gpu.pin(key)
+                        self._pin(key)
                         pinned.append(key)
                     pending.append((load, c))
                 # The layer's own experts are pinned and their loads queued before the predictor's
@@ -336,7 +413,7 @@ class Simulation:
                 if cursor > env.now:
                     yield env.timeout(cursor - env.now)
                 for key in pinned:
-                    gpu.unpin(key)
+                    self._unpin(key)
                 if self.protected:
                     self._release((plan.index, layer))
                 rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,

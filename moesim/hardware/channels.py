@@ -17,11 +17,14 @@ DEMAND, PREFETCH = 0, 1
 class Transfer:
     """One copy of one expert over one channel. `on_done(transfer)` runs at completion."""
 
-    __slots__ = ("key", "nbytes", "priority", "on_done", "stale", "queued_at", "start", "end", "dropped")
+    __slots__ = ("key", "nbytes", "priority", "on_done", "stale", "on_start", "queued_at", "start", "end",
+                 "dropped")
 
     def __init__(self, key: int, nbytes: int, priority: int, on_done: Callable[["Transfer"], None],
-                 stale: Callable[[], bool] | None = None):
-        self.key, self.nbytes, self.priority, self.on_done, self.stale = key, nbytes, priority, on_done, stale
+                 stale: Callable[[], bool] | None = None, on_start: Callable[[], bool] | None = None):
+        """`stale()` true: a queued prefetch is dropped; `on_start()` false: dropped at start."""
+        self.key, self.nbytes, self.priority, self.on_done = key, nbytes, priority, on_done
+        self.stale, self.on_start = stale, on_start
         self.queued_at = self.start = self.end = -1.0
         self.dropped = False
 
@@ -61,7 +64,8 @@ class Channel:
         for q in self.queues:
             while q:
                 t = q.popleft()
-                if t.priority == PREFETCH and t.stale is not None and t.stale():
+                if (t.priority == PREFETCH and t.stale is not None and t.stale()) or \
+                        (t.on_start is not None and not t.on_start()):
                     t.dropped = True
                     if self.on_drop is not None:
                         self.on_drop(t)

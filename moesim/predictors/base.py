@@ -5,8 +5,7 @@ known at the hook (and, if `needs_future`, the trace's future: only oracles may 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol
+from typing import ClassVar, Literal, NamedTuple, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,8 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..models import ModelSpec
 
 
-@dataclass(frozen=True, slots=True)
-class Prefetch:
+class Prefetch(NamedTuple):
     """Load `expert` of `layer` for absolute step `step`; higher `score` = more confident."""
 
     step: int
@@ -33,6 +31,10 @@ class PredictorParams(BaseModel):
         "cpu", description="gpu: latency delays the compute stream; cpu: it delays the prefetches")
     protect: bool = Field(
         True, description="keep a predicted expert (resident or prefetched) from eviction until its layer has run")
+    max_inflight: int | None = Field(
+        None, ge=1, description="most prefetches queued or copying at once (None: no limit)")
+    max_bytes_per_layer: float | None = Field(
+        None, gt=0, description="most prefetched bytes for any one (step, layer) (None: no limit)")
 
 
 class StepView(Protocol):
@@ -41,6 +43,8 @@ class StepView(Protocol):
     step: int                 # absolute step index
     phase: str                # "prefill" or "decode"
     request_ids: np.ndarray   # requests in this step's batch
+
+    token_request_ids: np.ndarray  # request id of each token row of token_experts
 
     def experts(self, layer: int) -> np.ndarray: ...          # unique experts needed (gated layers only)
     def token_experts(self, layer: int) -> np.ndarray: ...    # [tokens, top_k] routing (gated layers only)

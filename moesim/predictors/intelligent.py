@@ -1,0 +1,250 @@
+"""Intelligent Adaptive prefetching (seed 004 §6): four components — layer-to-layer transitions,
+decayed frequency, recency, and high-confidence transition patterns — fused with weights that are
+adapted online from each component's F1 against the routing that actually happened.
+
+Per-layer adaptation: the seed's "transition matrix" (expert of token t -> expert of token t+1)
+becomes one matrix per layer, expert at layer l -> expert at layer l+1 of the same token (the last
+layer's matrix maps to layer 0 of the request's next token). Frequency and recency are kept per
+layer. A component's prediction for the batch is the union of its per-token predictions.
+
+- transition: per token, the experts whose row-normalised transition probability from any of the
+  token's experts at the gated layer exceeds `transition_threshold`, at most `transition_k`
+  (farther layers: the rows are carried on through the next layers' matrices).
+- pattern: as the seed codes it, the same transitions at the stricter `pattern_threshold`, at
+  most `pattern_k`, for tokens with `pattern_min_history` layers of history.
+- frequency: the layer's `frequency_k` experts with the highest decayed use count.
+- recency: the layer's `recency_k` most recently used experts.
+
+Fusion: an expert's score is the summed weight of the components that predict it; the best
+`max_per_layer` are prefetched. When a layer's gate runs, each component's prediction for it
+(made one layer earlier) is scored by F1 against the experts actually routed, and the weights
+move (`weight_update`). Transitions and frequencies decay by `decay_rate` per token; the decay is
+applied lazily (one global scale), which leaves probabilities and rankings unchanged.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from .base import Prefetch
+from .registry import register
+from .topk import HistoryParams, HistoryPredictor, sample_rows
+
+COMPONENTS = ("transition", "frequency", "recency", "pattern")
+
+
+class IntelligentParams(HistoryParams):
+    """Defaults from seed §6 (`IntelligentStrategy.__init__`, the component `_predict_from_*`
+    methods and `StrategyConfig.intelligent_params`)."""
+
+    lookahead_layers: int = Field(1, ge=1, le=4096, description="predict this many layers ahead of the gate")
+    max_per_layer: int = Field(32, ge=1, description="fused prediction size per layer (seed: max_predictions)")
+    adaptation_rate: float = Field(0.1, gt=0, description="added to a transition count per observed pair")
+    decay_rate: float = Field(0.99, gt=0, le=1, description="transitions and frequencies decay by this per token")
+    transition_weight: float = Field(0.4, ge=0, description="initial fusion weight")
+    frequency_weight: float = Field(0.3, ge=0, description="initial fusion weight")
+    recency_weight: float = Field(0.2, ge=0, description="initial fusion weight")
+    pattern_weight: float = Field(0.1, ge=0, description="initial fusion weight")
+    weight_learning_rate: float = Field(0.01, ge=0, le=1, description="step of the online weight update")
+    weight_update: Literal["f1", "inverse_error"] = Field(
+        "f1", description="f1: w += lr*(F1-0.5), renormalised (seed _adapt_fusion_weights); "
+                          "inverse_error: EMA towards 1/(1-F1+0.1) (seed adaptive_weight_update)")
+    transition_threshold: float = Field(0.05, ge=0, le=1, description="transition probability to predict an expert")
+    transition_k: int = Field(12, ge=1, description="transition predictions per token")
+    frequency_k: int = Field(8, ge=1, description="most frequent experts predicted")
+    recency_k: int = Field(6, ge=1, description="most recently used experts predicted")
+    pattern_threshold: float = Field(0.1, ge=0, le=1, description="transition probability for the pattern component")
+    pattern_k: int = Field(8, ge=1, description="pattern predictions per token")
+    pattern_min_history: int = Field(3, ge=1, description="layers of history a token needs for the pattern component")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.transition_weight + self.frequency_weight + self.recency_weight + self.pattern_weight <= 0:
+            raise ValueError("the initial fusion weights must not all be zero")
+        return self
+
+
+@register
+class Intelligent(HistoryPredictor):
+    """Seed §6 on per-layer routing; see the module docstring."""
+
+    name = "intelligent"
+    Params = IntelligentParams
+
+    def __init__(self, params, model, rng):
+        super().__init__(params, model, rng)
+        L, E = self.L, self.E
+        self.trans = np.zeros((L, E, E), dtype=np.float64)  # raw; true value = raw / self._inv
+        self.freq = np.zeros((L, E), dtype=np.float64)      # same scale as trans
+        self.last_used = np.zeros((L, E), dtype=np.float64)  # token clock at last use (0 = never)
+        self.clock = 0
+        self._inv = 1.0  # 1 / (product of decays so far): lazy global decay
+        w = np.array([params.transition_weight, params.frequency_weight,
+                      params.recency_weight, params.pattern_weight], dtype=np.float64)
+        self._w0 = w / w.sum()
+        self.weights = self._w0.copy()
+        self._rowsum = np.full((L, E), 1e-300)                 # row sums of trans (never 0)
+        self.P = np.zeros((L, E, E), dtype=np.float32)          # trans, rows normalised
+        self._pending: dict[tuple[int, int], np.ndarray] = {}  # (step, layer) -> component masks [4, E]
+        self._refresh()
+
+    @property
+    def fusion_weights(self) -> dict[str, float]:
+        return dict(zip(COMPONENTS, self.weights.tolist()))
+
+    # -- prediction --
+
+    def _context(self, view, layer: int, te: np.ndarray | None = None):
+        """(experts [T', k] at the source layer, source layer, rows with enough history (None:
+        all)) or None."""
+        L, need = self.L, self.params.pattern_min_history
+        if layer >= 0:
+            te = np.asarray(view.token_experts(layer)) if te is None else te
+            if te.shape[0] > self.params.max_tokens:
+                te = te[sample_rows(te.shape[0], self.params.max_tokens)]
+            if layer + 1 >= need:
+                return te, layer, None
+            if view.phase != "prefill" and self._pvalid.shape[0] == te.shape[0]:
+                return te, layer, np.flatnonzero(self._pvalid & (layer + 1 + L >= need))
+            return te, layer, np.zeros(0, dtype=np.int64)
+        if view.phase == "prefill" or not self._pvalid.any():
+            return None
+        return self._prev[self._pvalid, L - 1, :], L - 1, (None if L >= need else np.zeros(0, dtype=np.int64))
+
+    def _predict(self, view, layer: int, te: np.ndarray | None = None) -> list[Prefetch]:
+        p, L, E = self.params, self.L, self.E
+        ctx = self._context(view, layer, te)
+        rows = None
+        if ctx is not None and ctx[0].shape[0]:
+            te, src, enough = ctx
+            rows = self.P[src][te]                                          # [T', k, E]
+        out: list[Prefetch] = []
+        # per token at most transition_k / pattern_k experts: the k-th largest q of each row
+        kth = [E - min(p.transition_k, E), E - min(p.pattern_k, E)]
+        w = self.weights
+        for d, off, lay in self._targets[layer]:
+            masks = np.zeros((4, E))
+            masks[1:3] = self._fr_top[lay]
+            if rows is not None:
+                if d > 1:
+                    rows = rows @ self.P[(src + d - 1) % L]                  # d hops on
+                q = rows.max(axis=1)                                        # [T', E]
+                part = np.partition(q, kth, axis=1)
+                masks[0] = ((q > p.transition_threshold) & (q >= part[:, kth[0], None])).any(axis=0)
+                if enough is None or enough.size:
+                    mp = (q > p.pattern_threshold) & (q >= part[:, kth[1], None])
+                    masks[3] = (mp if enough is None else mp[enough]).any(axis=0)
+                tie = self._tie[lay] + 1e-9 * np.minimum(q.sum(axis=0), 1.0)
+            else:
+                tie = self._tie[lay]
+            step = view.step + off
+            if d == 1:
+                self._pending[(step, lay)] = masks
+            fused = w @ masks
+            best = np.argsort(-(fused + tie), kind="stable")[:p.max_per_layer]
+            for e, f in zip(best.tolist(), fused[best].tolist()):
+                if f <= 0:
+                    break
+                out.append(Prefetch(step, lay, e, f))
+        return out
+
+    # -- online weight adaptation --
+
+    def _evaluate(self, view, layer: int, te: np.ndarray) -> None:
+        key = (view.step, layer)
+        masks = self._pending.pop(key, None)
+        if len(self._pending) > 8:  # targets never reached (trace ended, batch changed): forget
+            self._pending = {k: v for k, v in self._pending.items() if k > key}
+        if masks is None:
+            return
+        actual = np.zeros(self.E)
+        actual[te.ravel()] = 1.0
+        stats = ((masks @ actual).tolist(), masks.sum(axis=1).tolist())
+        n_act = float(actual.sum())
+        lr = self.params.weight_learning_rate
+        w = self.weights.tolist()
+        if self.params.weight_update == "f1":
+            for c, (tp, n_pred) in enumerate(zip(*stats)):
+                if n_pred > 0:
+                    w[c] = max(0.0, w[c] + lr * (2.0 * tp / (n_pred + n_act) - 0.5))  # F1 = 2TP/(|P|+|A|)
+            tot = sum(w)
+            self.weights = np.array(w) / tot if tot > 0 else self._w0.copy()
+        else:
+            target = [1.0 / ((1.0 - 2.0 * tp / (n_pred + n_act) if n_pred > 0 else 1.0) + 0.1)
+                      for tp, n_pred in zip(*stats)]
+            tt = sum(target)
+            self.weights = np.array([(1 - lr) * a + lr * b / tt for a, b in zip(w, target)])
+
+    def _refresh(self) -> None:
+        """After learning: per layer the frequency / recency top sets (fixed within a step)."""
+        p, E = self.params, self.E
+        f = self.freq
+        order = np.argsort(-f, axis=1, kind="stable")[:, :min(p.frequency_k, E)]
+        top = np.zeros(f.shape, dtype=bool)
+        np.put_along_axis(top, order, True, axis=1)
+        freq_top = top & (f > 0)
+        tot = f.sum(axis=1, keepdims=True)
+        share = f / np.where(tot > 0, tot, 1.0)
+        self._tie = 1e-12 * share                  # fused-score ties: the frequency share
+        r = self.last_used + 0.5 * share           # recency ties (same token clock): frequency
+        order = np.argsort(-r, axis=1, kind="stable")[:, :min(p.recency_k, E)]
+        top = np.zeros(r.shape, dtype=bool)
+        np.put_along_axis(top, order, True, axis=1)
+        self._fr_top = np.stack([freq_top, top & (self.last_used > 0)], axis=1).astype(np.float64)  # [L, 2, E]
+
+    # -- hooks --
+
+    def on_step_start(self, view) -> list[Prefetch]:
+        self._begin(view)
+        return self._predict(view, -1)
+
+    def on_gate(self, view, layer: int) -> list[Prefetch]:
+        self._begin(view)
+        te = np.asarray(view.token_experts(layer))
+        self._evaluate(view, layer, te)
+        return self._predict(view, layer, te)
+
+    def on_step_end(self, view) -> None:
+        self._begin(view)
+        p, L, E = self.params, self.L, self.E
+        routing = self._step_routing(view)
+        T = routing.shape[0]
+        if T == 0:
+            return
+        rows, prev, pvalid, owners = self._learn_rows(view, routing)
+        weight = T / rows.shape[0]
+        fade = p.decay_rate ** T
+        if fade < 1e-100:  # everything learnt so far has decayed away
+            self.trans[:] = 0.0
+            self.freq[:] = 0.0
+            self.P[:] = 0.0
+            self._rowsum[:] = 1e-300
+            self._inv = 1.0
+        else:
+            self._inv /= fade
+        if self._inv > 1e100:
+            self.trans /= self._inv
+            self.freq /= self._inv
+            self._rowsum = np.maximum(self._rowsum / self._inv, 1e-300)
+            self._inv = 1.0
+        # transitions: layer l -> l+1 within the token, last layer -> layer 0 of the next token
+        lay = np.arange(L - 1, dtype=np.int64)[None, :, None, None]
+        idx = ((lay * E + rows[:, :-1, :, None]) * E + rows[:, 1:, None, :]).ravel()
+        if pvalid.any():
+            wrap = ((L - 1) * E + prev[pvalid, L - 1][:, :, None]) * E + rows[pvalid, 0][:, None, :]
+            idx = np.concatenate([idx, wrap.ravel()])
+        inc = np.float64(p.adaptation_rate * weight * self._inv)
+        np.add.at(self.trans.reshape(-1), idx, inc)
+        np.add.at(self._rowsum.reshape(-1), idx // E, inc)
+        mark = np.zeros(L * E, dtype=bool)
+        mark[idx // E] = True
+        touched = np.flatnonzero(mark)
+        self.P.reshape(-1, E)[touched] = self.trans.reshape(-1, E)[touched] / self._rowsum.reshape(-1)[touched, None]
+        fidx = (np.arange(L, dtype=np.int64)[None, :, None] * E + rows).ravel()
+        np.add.at(self.freq.reshape(-1), fidx, np.float64(weight * self._inv))
+        self.clock += T
+        self.last_used.reshape(-1)[fidx] = self.clock
+        self._remember(view, routing, owners)
+        self._refresh()
