@@ -41,8 +41,10 @@ def guard(fn):
 @click.option("--list", "list_only", is_flag=True, help="print the points (id and overrides) and exit")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.option("--no-report", is_flag=True, help="do not write report.html")
+@click.option("--no-table", is_flag=True, help="do not print the results table")
 @guard
-def sweep(sweep_file, output, executor, address, workers, overrides, events, list_only, no_progress, no_report):
+def sweep(sweep_file, output, executor, address, workers, overrides, events, list_only, no_progress, no_report,
+          no_table):
     """Run every point of SWEEP.yaml (base scenario × grid × zip × repeats).
 
     Each point writes DIR/points/<id>/ (status.json + result files); a rerun skips the points
@@ -75,6 +77,12 @@ def sweep(sweep_file, output, executor, address, workers, overrides, events, lis
         click.echo(f"interrupted: {done} of {res.total} points done, kept in {out}/; "
                    "run the same command again to resume", err=True)
         sys.exit(130)
+    if done and not no_table:
+        from .table import print_table
+
+        # zipped axes vary together: the first one names the row
+        shown = list(spec.grid) + list(spec.zip)[:1] + (["seed"] if "seed" in spec.axes else [])
+        print_table(res.results, [a for a in shown if a in res.results], click.echo)
     if not no_report and done:
         try:
             from ..report import render_sweep

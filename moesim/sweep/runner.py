@@ -55,6 +55,8 @@ HEADLINE: list[tuple[str, tuple[str, ...]]] = [
     ("prefetch_wasted", ("prefetch", "wasted")),
     ("prefetch_late", ("prefetch", "late")),
     ("prefetch_dropped", ("prefetch", "dropped")),
+    ("prediction_precision", ("prediction", "precision")),
+    ("prediction_recall", ("prediction", "recall")),
     ("dedup_ratio", ("dedup_ratio",)),
     ("makespan_s", ("makespan_s",)),
     ("output_tokens", ("output_tokens",)),
