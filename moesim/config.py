@@ -18,7 +18,7 @@ from .models import ModelSpec, get_preset, preset_names
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class TierConfig(_Strict):

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class ModelSpec(BaseModel):
     """Architecture of an MoE transformer, as far as the timing model needs it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     num_layers: int = Field(gt=0, description="MoE layers (transformer blocks with routed experts)")

@@ -18,7 +18,7 @@ PROFILE_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
 class _Sourced(BaseModel):
     """A section whose every number names where it comes from."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     source: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -59,7 +59,7 @@ class HostDRAM(_Sourced):
 class Table(BaseModel):
     """A measured curve, linearly interpolated (and linearly extrapolated past the last point)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     tokens: list[float] = Field(min_length=1)
     ms: list[float] = Field(min_length=1)
 

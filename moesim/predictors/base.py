@@ -25,7 +25,7 @@ class Prefetch(NamedTuple):
 class PredictorParams(BaseModel):
     """Parameters every predictor has; subclasses add their own (unknown keys are errors)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     latency_us: float = Field(0.0, ge=0, description="inference time charged per hook call")
     runs_on: Literal["cpu", "gpu"] = Field(
         "cpu", description="gpu: latency delays the compute stream; cpu: it delays the prefetches")

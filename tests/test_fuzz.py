@@ -1,0 +1,133 @@
+"""Fuzzing the two doors bad input comes through: the scenario loader and the trace reader.
+Any input gives a result or an InputError (exit 2 with a message) — never another exception.
+The `slow` variants run many more examples: `pytest -m slow`."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moesim.config import load_scenario
+from moesim.errors import InputError
+from moesim.traces.io import TraceReader, check_against_model
+from moesim.models import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = yaml.safe_load((ROOT / "scenarios/oracle-ssd.yaml").read_text())
+BASE["trace"] = str(ROOT / "traces/switch-sample.parquet")
+BASE["model"] = "switch-base-128"
+PATHS = ["name", "seed", "model", "hardware", "trace", "cache", "cache.gpu", "cache.gpu.capacity_gb",
+         "cache.gpu.policy", "cache.gpu.partition", "cache.dram", "cache.dram.capacity_gb", "predictor",
+         "predictor.name", "predictor.lookahead_layers", "batch", "batch.size", "batch.dedup", "output",
+         "model.num_layers", "hardware.gpu.memory_gb", "unknown_key", "cache.gpu.extra"]
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
+                   st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                   st.lists(st.integers(-3, 3), max_size=3),
+                   st.dictionaries(st.sampled_from(["name", "preset", "capacity_experts", "x"]),
+                                   st.one_of(st.integers(-5, 500), st.text(max_size=6)), max_size=3),
+                   st.sampled_from(["lru", "belady", "oracle", "on_demand", "per_layer", "olmoe-1b-7b",
+                                    "rtx4090-pcie4", "nope", "-1", "1e400"]))
+
+
+def _mutate(data, path, value, delete):
+    node = data
+    parts = path.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(p), dict):
+            return
+        node = node[p]
+    if not isinstance(node, dict):
+        return
+    if delete:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = value
+
+
+def _check_scenario(tmp_path, edits):
+    data = copy.deepcopy(BASE)
+    for path, value, delete in edits:
+        _mutate(data, path, value, delete)
+    f = tmp_path / "fuzz.yaml"
+    try:
+        f.write_text(yaml.safe_dump(data, allow_unicode=True))
+    except yaml.YAMLError:
+        return
+    try:
+        load_scenario(f)
+    except InputError as e:
+        assert str(e).startswith(str(f)) or "hardware" in str(e) or "no hardware profile" in str(e)
+
+
+EDITS = st.lists(st.tuples(st.sampled_from(PATHS), VALUES, st.booleans()), min_size=1, max_size=4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(EDITS)
+def test_scenario_loader_gives_scenario_or_input_error(tmp_path, edits):
+    _check_scenario(tmp_path, edits)
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(EDITS)
+def test_scenario_loader_fuzz_long(tmp_path, edits):
+    _check_scenario(tmp_path, edits)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=300))
+def test_random_bytes_as_scenario(tmp_path, blob):
+    f = tmp_path / "blob.yaml"
+    f.write_bytes(blob)
+    try:
+        load_scenario(f)
+    except InputError:
+        pass
+
+
+SAMPLE = (ROOT / "traces/switch-sample.parquet").read_bytes()
+
+
+def _read_all(path):
+    r = TraceReader(path)
+    check_against_model(r.meta, get_preset("switch-base-128"), str(path))
+    for req in r.iter_requests():
+        assert req.experts.shape[1:] == (12, 1)
+        assert int(req.experts.max()) < 128 and int(req.experts.min()) >= 0
+
+
+def _check_trace(tmp_path, cut, flips):
+    data = bytearray(SAMPLE[:cut])
+    for pos, val in flips:
+        if data:
+            data[pos % len(data)] = val
+    f = tmp_path / "fuzz.parquet"
+    f.write_bytes(bytes(data))
+    try:
+        _read_all(f)
+    except InputError as e:
+        assert str(f) in str(e)
+
+
+TRACE_EDITS = (st.integers(0, len(SAMPLE)), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
+                                                     max_size=8))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(*TRACE_EDITS)
+def test_damaged_trace_gives_input_error_or_valid_data(tmp_path, cut, flips):
+    _check_trace(tmp_path, cut, flips)
+
+
+@pytest.mark.slow
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(*TRACE_EDITS)
+def test_damaged_trace_fuzz_long(tmp_path, cut, flips):
+    _check_trace(tmp_path, cut, flips)
