@@ -297,6 +297,11 @@ def test_ray_executor_runs_a_sweep(tiny, tmp_path):
     res = run_sweep(load_sweep(f), tmp_path / "out", get_executor("ray", workers=2), progress=False,
                     echo=lambda m: None)
     assert len(res.ran) == 2 and not res.failed
+    local = run_sweep(load_sweep(f), tmp_path / "local", get_executor("local", workers=1), progress=False,
+                      echo=lambda m: None)
+    assert len(local.ran) == 2
+    for p in (tmp_path / "out" / "points").iterdir():  # identical per-point summaries
+        assert (p / "summary.json").read_bytes() == (tmp_path / "local" / "points" / p.name / "summary.json").read_bytes()
 
 
 class _FakeRay:
