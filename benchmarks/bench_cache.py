@@ -26,10 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim.cache import next_use_positions, replay
-
-ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
-LCS_NAME = {"lru": "LRU", "fifo": "FIFO", "lfu": "LFU", "belady": "Belady"}
+from moesim.cache import replay
+from moesim.cache.reference import LCS_NAME, ORACLE, write_oracle_trace
 TARGET = {"lru": 0.5, "fifo": 0.5, "lfu": 0.25, "belady": 0.25}
 
 
@@ -43,12 +41,7 @@ def zipf_stream(n: int, universe: int, alpha: float, seed: int) -> np.ndarray:
 def write_traces(stream: np.ndarray, d: Path) -> tuple[Path, Path]:
     txt, bin_ = d / "trace.txt", d / "trace.oracleGeneral"
     np.savetxt(txt, stream, fmt="%d")
-    rec = np.zeros(len(stream), dtype=ORACLE)
-    rec["t"] = np.arange(len(stream))
-    rec["id"] = stream
-    rec["size"] = 1
-    rec["next"] = next_use_positions(stream)
-    rec.tofile(bin_)
+    write_oracle_trace(bin_, stream)
     return txt, bin_
 
 

@@ -1,31 +1,14 @@
 """The `moesim` command line. Bad input → one line on stderr naming file and field, exit 2."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
+from .cliutil import guard as _guard
 from .errors import InputError
-
-
-def _guard(fn):
-    """Turn InputError (and unreadable files) into `error: ...` + exit status 2, no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except InputError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group()

@@ -68,29 +68,19 @@ def tiny_scenario(trace: Path, model=None, hardware=None, gpu=None, dram=None, p
     return scenario_from_dict(data, file="<validate>")
 
 
-def _lru_reference(stream, cap):
+def _queue_reference(stream, cap, touch_on_hit):
+    """LRU (a hit moves the key to the back) or FIFO (it does not), in plain Python."""
     od, misses = OrderedDict(), 0
     for x in stream:
         if x in od:
-            od.move_to_end(x)
-        else:
-            misses += 1
-            if cap:
-                if len(od) >= cap:
-                    od.popitem(last=False)
-                od[x] = True
-    return misses
-
-
-def _fifo_reference(stream, cap):
-    od, misses = OrderedDict(), 0
-    for x in stream:
-        if x not in od:
-            misses += 1
-            if cap:
-                if len(od) >= cap:
-                    od.popitem(last=False)
-                od[x] = True
+            if touch_on_hit:
+                od.move_to_end(x)
+            continue
+        misses += 1
+        if cap:
+            if len(od) >= cap:
+                od.popitem(last=False)
+            od[x] = True
     return misses
 
 
@@ -147,7 +137,9 @@ def checks() -> list[tuple[str, str, str, bool]]:
         add("... and stall = one load per distinct expert", n_unique * tp, s["stall_s"])
     add("one transfer of 1 GB at 25 GB/s + 5 µs", 5e-6 + 1 / 25, transfer_s(1e9, 25.0, 5.0))
     stream = rng.zipf(1.3, 3000) % 50
-    for pol, ref in (("lru", _lru_reference), ("fifo", _fifo_reference), ("belady", _belady_reference)):
+    refs = {"lru": lambda s, c: _queue_reference(s, c, True), "fifo": lambda s, c: _queue_reference(s, c, False),
+            "belady": _belady_reference}
+    for pol, ref in refs.items():
         for cap in (5, 20):
             add(f"replay {pol} capacity {cap}: misses vs reference", ref(stream.tolist(), cap),
                 replay(stream, cap, pol).misses)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moesim.cache import next_use_positions, replay
+from moesim.cache import replay
 from moesim.cache.reference import libcachesim_misses
 
 lcs = pytest.importorskip("libcachesim")

@@ -6,7 +6,6 @@ The model tracks each key's state (ready / in flight), pin counts and the policy
 a reservation must evict -- or that it must fail, changing nothing."""
 from __future__ import annotations
 
-import math
 
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule

@@ -4,10 +4,8 @@ The `slow` variants run many more examples: `pytest -m slow`."""
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings

@@ -54,7 +54,7 @@ class ActivationMatrix(LayerAheadPredictor):
 
     def __init__(self, params, model, rng):
         super().__init__(params, model, rng)
-        p, L, E, C, R = params, self.L, self.E, params.capacity, params.max_requests
+        L, E, C, R = self.L, self.E, params.capacity, params.max_requests
         self.store_unit = np.zeros((L, E, C), dtype=np.float32)   # unit rows, [layer] -> [E, C]
         self.store_ratio = np.zeros((C, L, E), dtype=np.float32)  # rows / row sums
         self.filled = np.zeros(C, dtype=bool)

@@ -309,7 +309,7 @@ class MultiLook(HistoryPredictor):
 
     def on_step_end(self, view) -> None:
         self._begin(view)
-        p, L, E, h = self.params, self.L, self.E, self.h
+        p, L, E = self.params, self.L, self.E
         routing = self._step_routing(view)
         T = routing.shape[0]
         if T == 0:

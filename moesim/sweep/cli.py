@@ -1,31 +1,13 @@
 """`moesim sweep`: run every point of a sweep file, resumably (registered on the main group)."""
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
-from ..errors import InputError
+from ..cliutil import guard
 from .executors import executor_names
-
-
-def guard(fn):
-    """InputError → `error: ...` on stderr and exit status 2; Ctrl-C → exit 130. No traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except InputError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.command("sweep")
