@@ -61,10 +61,58 @@ class PredictorConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class SLOConfig(_Strict):
+    """Per-request latency targets; a request attains the SLO when it meets every target given."""
+
+    ttft_ms: float | None = Field(None, gt=0, description="time to first token, from arrival")
+    tpot_ms: float | None = Field(None, gt=0, description="time per output token after the first")
+
+
 class BatchConfig(_Strict):
-    size: int = Field(1, ge=1, description="requests per static batch")
-    scheduler: Literal["static"] = "static"
+    """The batch scheduler (engine/scheduler.py): arrivals, static or continuous batching, dedup."""
+
+    size: int = Field(1, ge=1, description="static: requests per batch; continuous: most running "
+                                           "sequences, unless max_batch_size is given")
+    scheduler: Literal["static", "continuous"] = Field(
+        "static", description="static: fill a batch, run it to completion; continuous: iteration-level "
+                              "(Orca/vLLM), admit waiting requests at every step")
     dedup: bool = Field(True, description="load each expert once per step and layer for the whole batch")
+    arrivals: Literal["closed", "poisson", "trace"] = Field(
+        "closed", description="closed: fixed concurrency, a request arrives when the scheduler can take it; "
+                              "poisson: open loop at rate_per_s; trace: the trace's arrival_s column")
+    rate_per_s: float | None = Field(None, gt=0, description="poisson: mean arrivals per second")
+    max_batch_size: int | None = Field(None, ge=1, description="continuous: most sequences in a step (default: size)")
+    max_tokens_per_step: int | None = Field(
+        None, ge=1, description="continuous: most tokens (prefill + decode) in a step (None: no limit)")
+    chunked_prefill: bool = Field(False, description="continuous: split a prompt across steps to fit "
+                                                     "max_tokens_per_step")
+    admission: Literal["fcfs", "expert_affinity"] = Field(
+        "fcfs", description="order waiting requests are taken in; expert_affinity prefers those whose "
+                            "experts overlap the running batch's (an experiment)")
+    affinity_window: int = Field(16, ge=1, description="expert_affinity: waiting requests considered "
+                                                       "(oldest first); one passed over this often goes next")
+    max_wait_ms: float = Field(0.0, ge=0, description="static with open arrivals: wait up to this long "
+                                                      "after the oldest waiting request for a full batch")
+    slo: SLOConfig | None = Field(None, description="latency targets for SLO attainment")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.arrivals == "poisson" and self.rate_per_s is None:
+            raise ValueError("arrivals: poisson needs rate_per_s")
+        if self.arrivals != "poisson" and self.rate_per_s is not None:
+            raise ValueError(f"rate_per_s is only used with arrivals: poisson (arrivals is {self.arrivals!r})")
+        if self.scheduler == "continuous":
+            if self.chunked_prefill and self.max_tokens_per_step is None:
+                raise ValueError("chunked_prefill needs max_tokens_per_step (the chunk budget)")
+            if self.max_tokens_per_step is not None and self.max_tokens_per_step < self.batch_limit:
+                raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) is below the batch size "
+                                 f"({self.batch_limit}): a step could not hold one decode token per sequence")
+        return self
+
+    @property
+    def batch_limit(self) -> int:
+        """Most sequences in a step: `size` (static), `max_batch_size` or `size` (continuous)."""
+        return self.max_batch_size if self.scheduler == "continuous" and self.max_batch_size else self.size
 
 
 class SyntheticTrace(_Strict):

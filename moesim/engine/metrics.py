@@ -2,19 +2,26 @@
 them. Plain Python lists on the hot path; pandas only at the end."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
 from ..models import ModelSpec
 
 _CHUNK = 16384
+# batch: static batch number (-1 under continuous batching); seqs: sequences in the step;
+# prefill_tokens: prompt tokens among `tokens` (a step with any is phase "prefill").
 STEP_COLUMNS = ("step", "batch", "phase", "layer", "tokens", "start_s", "gate_s", "end_s", "attention_s",
-                "compute_s", "stall_s", "hits", "late_hits", "misses", "unique_experts", "prefetches")
+                "compute_s", "stall_s", "hits", "late_hits", "misses", "unique_experts", "prefetches",
+                "seqs", "prefill_tokens")
 
 
 _STEP_TYPES = {"step": "int32", "batch": "int32", "phase": pd.CategoricalDtype(["prefill", "decode"]), "layer": "int16", "tokens": "int32",
                "hits": "int32", "late_hits": "int32", "misses": "int32", "unique_experts": "int32",
-               "prefetches": "int32"}
+               "prefetches": "int32", "seqs": "int32", "prefill_tokens": "int32"}
+
+REQUEST_COLUMNS = ("request_id", "batch", "arrival_s", "start_s", "first_token_s", "finish_s")
 
 
 def percentiles(values, scale: float = 1.0) -> dict:
@@ -44,8 +51,12 @@ class Recorder:
         self.output_tokens = self.processed_tokens = 0
         self.rows: list[tuple] = []        # recent step × layer rows ...
         self._chunks: list[pd.DataFrame] = []  # ... compacted every _CHUNK rows (memory ~flat)
-        self._req_start: dict[int, float] = {}
+        self._req_start: dict[int, float] = {}    # admission: start of the request's first step
+        self._req_arrival: dict[int, float] = {}
         self._req_first: dict[int, float] = {}
+        self.idle_s = 0.0          # time with nothing runnable (waiting for arrivals)
+        self.lengths: dict[int, tuple[int, int]] = {}  # request id -> (prompt, decode) tokens
+        self.saved_loads = 0       # expert copies dedup avoided (Σ tokens_e − 1 over copied experts)
         self.requests: list[tuple] = []
         self._req_info: dict[int, tuple] = {}
         self._last_prefetch = 0
@@ -53,9 +64,10 @@ class Recorder:
         self.final: dict = {}
 
     def step_start(self, plan, t: float) -> None:
-        if plan.phase == "prefill":
-            for rid in plan.request_ids.tolist():
+        if plan.admitted is not None:
+            for rid, a in zip(plan.admitted.tolist(), plan.admitted_arrivals.tolist()):
                 self._req_start[rid] = t
+                self._req_arrival[rid] = t if math.isnan(a) else a  # NaN (closed): arrives when admitted
         self._last_prefetch = self.prefetch_issued
 
     def layer_row(self, plan, layer, t0, t_gate, t_end, attn, busy, stall, hits, late, misses, n_keys) -> None:
@@ -67,7 +79,7 @@ class Recorder:
         pf = self.prefetch_issued - self._last_prefetch
         self._last_prefetch = self.prefetch_issued
         self.rows.append((plan.index, plan.batch, plan.phase, layer, plan.tokens, t0, t_gate, t_end, attn,
-                          busy, stall, hits, late, misses, n_keys, pf))
+                          busy, stall, hits, late, misses, n_keys, pf, len(plan.request_ids), plan.prefill_tokens))
         if len(self.rows) >= _CHUNK:
             self._compact()
 
@@ -86,7 +98,8 @@ class Recorder:
                 self._req_first[rid] = t_end
         if plan.finished_requests is not None and len(plan.finished_requests):
             for rid in plan.finished_requests.tolist():
-                self.requests.append((rid, plan.batch, self._req_start[rid], self._req_first[rid], t_end))
+                self.requests.append((rid, plan.batch, self._req_arrival[rid], self._req_start[rid],
+                                      self._req_first[rid], t_end))
 
     def finish(self, sim) -> None:
         self.final = {
@@ -107,11 +120,21 @@ class Recorder:
         return self._chunks[0]
 
     def requests_frame(self) -> pd.DataFrame:
-        df = pd.DataFrame.from_records(self.requests, columns=["request_id", "batch", "start_s",
-                                                                "first_token_s", "finish_s"])
+        """One row per finished request: arrival, admission (start of its first step), first token
+        and finish times; queueing delay, TTFT and end-to-end latency from arrival; TPOT =
+        (finish − first token) / decode tokens (NaN without decode tokens)."""
+        df = pd.DataFrame.from_records(self.requests, columns=list(REQUEST_COLUMNS))
         df = df.sort_values("request_id", kind="stable").reset_index(drop=True)
-        df["ttft_ms"] = (df["first_token_s"] - df["start_s"]) * 1e3
-        df["e2e_ms"] = (df["finish_s"] - df["start_s"]) * 1e3
+        lens = self.lengths
+        df["prompt_tokens"] = np.array([lens.get(r, (0, 0))[0] for r in df["request_id"]], dtype=np.int64)
+        dec = np.array([lens.get(r, (0, 0))[1] for r in df["request_id"]], dtype=np.int64)
+        df["output_tokens"] = dec + 1  # the prefill makes the first, each decode token one more
+        df["queue_ms"] = (df["start_s"] - df["arrival_s"]) * 1e3
+        df["ttft_ms"] = (df["first_token_s"] - df["arrival_s"]) * 1e3
+        with np.errstate(divide="ignore", invalid="ignore"):
+            df["tpot_ms"] = np.where(dec > 0, (df["finish_s"] - df["first_token_s"]).to_numpy() * 1e3
+                                     / np.maximum(dec, 1), np.nan)
+        df["e2e_ms"] = (df["finish_s"] - df["arrival_s"]) * 1e3
         return df
 
     def events_frame(self) -> pd.DataFrame | None:
@@ -125,14 +148,19 @@ class Recorder:
         df["kind"] = np.where(df["priority"] == 0, "demand", "prefetch")
         return df.drop(columns=["key", "priority"])
 
-    def summary(self, decode_tokens: dict[int, int]) -> dict:
-        """The headline numbers. `decode_tokens` maps request id → decode steps (for TPOT)."""
+    def summary(self, decode_tokens: dict[int, int] | None = None, slo=None) -> dict:
+        """The headline numbers. `decode_tokens` maps request id → decode steps (for TPOT; default:
+        `self.lengths`); `slo` (config.SLOConfig or None) sets the SLO attainment targets."""
         f = self.final
         makespan = f["makespan_s"]
+        if decode_tokens is not None:
+            for rid, n in decode_tokens.items():
+                if rid not in self.lengths:
+                    self.lengths[rid] = (0, n)
         req = self.requests_frame()
         tpot = []
         for rid, first, fin in zip(req["request_id"], req["first_token_s"], req["finish_s"]):
-            n = decode_tokens.get(int(rid), 0)
+            n = self.lengths.get(int(rid), (0, 0))[1]
             if n > 0:
                 tpot.append((fin - first) / n)
         accesses = self.hits + self.late_hits + self.misses
@@ -178,6 +206,50 @@ class Recorder:
             "evictions": {"gpu": self.gpu_evictions, "dram": self.dram_evictions},
             "predictor_s": self.predictor_s,
             "prediction": self.prediction_quality(),
+            "requests_per_s": len(req) / makespan if makespan > 0 else None,
+            "queue_ms": percentiles(req["queue_ms"]),
+            "idle_s": self.idle_s,
+            "slo": self.slo_attainment(req, slo, makespan),
+            "dedup": self.dedup_summary(accesses, steps),
+        }
+
+    def slo_attainment(self, req: pd.DataFrame, slo, makespan: float) -> dict | None:
+        """Share of requests meeting each target and all of them (a request without decode
+        tokens meets any TPOT target); goodput = requests meeting every target per second."""
+        if slo is None or (slo.ttft_ms is None and slo.tpot_ms is None):
+            return None
+        n = len(req)
+        ok = np.ones(n, dtype=bool)
+        out: dict = {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms}
+        if slo.ttft_ms is not None:
+            t = (req["ttft_ms"] <= slo.ttft_ms).to_numpy()
+            out["ttft_attainment"] = float(t.mean()) if n else None
+            ok &= t
+        if slo.tpot_ms is not None:
+            t = (req["tpot_ms"].isna() | (req["tpot_ms"] <= slo.tpot_ms)).to_numpy()
+            out["tpot_attainment"] = float(t.mean()) if n else None
+            ok &= t
+        out["attainment"] = float(ok.mean()) if n else None
+        out["goodput_requests_per_s"] = float(ok.sum()) / makespan if makespan > 0 else None
+        return out
+
+    def dedup_summary(self, accesses: int, steps: pd.DataFrame) -> dict:
+        """Expert loads requested without dedup (token×expert pairs) vs performed with it (one
+        per unique expert, step and layer); copies saved (a miss or late prefetch of an expert
+        with tokens_e tokens would be copied tokens_e times without dedup); unique experts per
+        layer, overall, in decode steps, and in decode steps by the number of sequences."""
+        dec = steps[steps["phase"] == "decode"]
+        by = dec.groupby("seqs", observed=True)["unique_experts"].mean() if len(dec) else pd.Series(dtype=float)
+        return {
+            "loads_requested": self.pairs,
+            "loads_performed": accesses,
+            "ratio": 1.0 - accesses / self.pairs if self.pairs else 0.0,
+            "copies_saved": self.saved_loads,
+            "bytes_saved": self.saved_loads * self.model.expert_bytes,
+            "unique_experts_per_layer": float(steps["unique_experts"].mean()) if len(steps) else None,
+            "unique_experts_per_layer_decode": float(dec["unique_experts"].mean()) if len(dec) else None,
+            "unique_experts_by_batch_size": {str(int(k)): float(v) for k, v in by.items()},
+            "mean_decode_batch": float(dec.groupby("step")["seqs"].first().mean()) if len(dec) else None,
         }
 
     def prediction_quality(self) -> dict:

@@ -1,15 +1,18 @@
-"""Step plans: what each forward step of a static batch computes, built from a trace.
+"""Step plans: what each forward step computes, and the static-batch plan of a request stream.
 
-A static batch of `size` requests runs one prefill step (all prompt tokens of the batch at once)
-and then decode steps (one token per still-running request) until every request is done.
-Per step and MoE layer the batch scheduler deduplicates: each unique expert is needed once, with
-`tokens_e` tokens routed to it (or, with dedup off, once per token).
+A `StepPlan` is one forward step: the sequences taking part, the trace tokens they process (their
+routing rows), and per MoE layer the deduplicated cache keys with `tokens_e` per key (or, with
+dedup off, one key per token×expert pair). The engine gets its steps from the scheduler
+(engine/scheduler.py), which forms them at simulated time. `static_plan` below is the static,
+closed-arrival schedule written out directly: a static batch of `size` requests runs one prefill
+step (all prompt tokens of the batch at once) and then decode steps (one token per still-running
+request) until every request is done. The scheduler reproduces it exactly (tests/test_batch_*).
 """
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -30,6 +33,13 @@ class StepPlan:
     finished_requests: np.ndarray | None = None     # requests whose last token this step makes
     output_tokens: int = 0
     token_requests: np.ndarray | None = None        # request id of each routing row
+    prefill_tokens: int = -1                        # prompt tokens among `tokens` (-1: all if prefill)
+    admitted: np.ndarray | None = None              # requests whose first step this is
+    admitted_arrivals: np.ndarray | None = None     # their arrival times (NaN: closed, = step start)
+
+    def __post_init__(self):
+        if self.prefill_tokens < 0:
+            self.prefill_tokens = self.tokens if self.phase == "prefill" else 0
 
 
 def _dedup(routing: np.ndarray, num_experts: int, dedup: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -55,7 +65,8 @@ def batch_steps(requests: list, batch_no: int, first_index: int, num_experts: in
     keys, counts = _dedup(routing, num_experts, dedup)
     done = ids[decodes == 0]
     yield StepPlan(first_index, "prefill", batch_no, ids, int(prompts.sum()), int(prompts.sum()), routing,
-                   keys, counts, routing.shape[0] * routing.shape[2], ids, done, len(ids), np.repeat(ids, prompts))
+                   keys, counts, routing.shape[0] * routing.shape[2], ids, done, len(ids), np.repeat(ids, prompts),
+                   admitted=ids, admitted_arrivals=np.full(len(ids), np.nan))
     index = first_index + 1
     for j in range(1, int(decodes.max(initial=0)) + 1):
         active = np.flatnonzero(decodes >= j)

@@ -1,4 +1,4 @@
-"""simulate(scenario) -> Result: open the trace, build the plan, run the engine, summarise."""
+"""simulate(scenario) -> Result: open the trace, build the scheduler, run the engine, summarise."""
 from __future__ import annotations
 
 import tempfile
@@ -14,7 +14,7 @@ from ..config import Scenario
 from ..errors import InputError
 from ..hardware.costs import CostModel
 from ..predictors import registry
-from .plan import static_plan
+from .scheduler import ArrivalSource, Scheduler, collect_keys
 from .sim import EngineConfig, Simulation
 
 
@@ -58,10 +58,78 @@ def open_trace(sc: Scenario, workdir: Path):
     return reader
 
 
+def arrival_rng(seed: int) -> np.random.Generator:
+    """The generator of Poisson arrival times: seeded from the scenario seed, a stream of its own
+    (independent of the predictor's and the synthetic trace's)."""
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+
+
+def read_arrivals(path: Path) -> dict[int, float]:
+    """request id -> arrival time (s) from the trace's optional `arrival_s` column (one value per
+    request, repeated on each of its rows), read a row group at a time."""
+    import pyarrow.parquet as pq
+
+    file = str(path)
+    pf = pq.ParquetFile(path)
+    if "arrival_s" not in pf.schema_arrow.names:
+        raise InputError("batch.arrivals is 'trace' but the trace has no arrival_s column", file=file,
+                         field="arrival_s")
+    out: dict[int, float] = {}
+    prev_rid, prev_a, base = None, None, 0
+    for g in range(pf.metadata.num_row_groups):
+        t = pf.read_row_group(g, columns=["request_id", "arrival_s"])
+        col = t.column("arrival_s")
+        if col.null_count:
+            bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise InputError(f"row {base + bad}: null value", file=file, field="arrival_s")
+        rid = t.column("request_id").to_numpy().astype(np.int64)
+        a = col.to_numpy().astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(a) | (a < 0))
+        if bad.size:
+            raise InputError(f"row {base + bad[0]}: expected a finite time >= 0 s, found {a[bad[0]]}",
+                             file=file, field="arrival_s")
+        if prev_rid is not None:
+            rid, a = np.concatenate([[prev_rid], rid]), np.concatenate([[prev_a], a])
+        same = rid[1:] == rid[:-1]
+        bad = np.flatnonzero(same & (a[1:] != a[:-1]))
+        if bad.size:
+            i = bad[0] + 1
+            raise InputError(f"row {base + i - (prev_rid is not None)}: request {rid[i]} has two arrival times "
+                             f"({a[i - 1]} and {a[i]}): expected one per request", file=file, field="arrival_s")
+        first = np.flatnonzero(np.concatenate([[True], ~same]))
+        for r, x in zip(rid[first].tolist(), a[first].tolist()):
+            out.setdefault(r, x)
+        prev_rid, prev_a = int(rid[-1]), float(a[-1])
+        base += t.num_rows
+    return out
+
+
+def make_scheduler(sc: Scenario, requests, trace_path: Path | None = None) -> Scheduler:
+    """The scenario's scheduler over a stream of RequestTraces."""
+    b = sc.batch
+    arrival_s = None
+    if b.arrivals == "trace":
+        if trace_path is None:
+            raise InputError("batch.arrivals is 'trace' but the trace is synthetic (no arrival_s column)",
+                             field="batch.arrivals")
+        arrival_s = read_arrivals(trace_path)
+    source = ArrivalSource(requests, b.arrivals, b.rate_per_s,
+                           arrival_rng(sc.seed) if b.arrivals == "poisson" else None, arrival_s,
+                           str(trace_path) if trace_path else None)
+    return Scheduler(source, kind=b.scheduler, size=b.batch_limit, max_tokens_per_step=b.max_tokens_per_step,
+                     chunked_prefill=b.chunked_prefill, admission=b.admission, affinity_window=b.affinity_window,
+                     max_wait_s=b.max_wait_ms * 1e-3, num_experts=sc.model.num_experts,
+                     num_layers=sc.model.num_layers, dedup=b.dedup)
+
+
 def _access_stream(reader, sc: Scenario) -> np.ndarray:
-    """Every cache key the engine will access, in order (a first pass, for Belady's next use)."""
-    parts = [k for st in static_plan(reader.iter_requests(), sc.batch.size, sc.model.num_experts, sc.batch.dedup)
-             for k in st.keys]
+    """Every cache key the engine will access, in order (a first pass, for Belady's next use).
+    Only closed arrivals have a step sequence that does not depend on simulated time."""
+    if sc.batch.arrivals != "closed":
+        tier = "gpu" if sc.cache.gpu.policy == "belady" else "dram"
+        raise InputError("the belady policy needs the future access stream, which with open-loop arrivals "
+                         "depends on simulated time: use batch.arrivals: closed", field=f"cache.{tier}.policy")
+    parts = list(collect_keys(make_scheduler(sc, reader.iter_requests(), reader.path)))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -76,17 +144,20 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
         rng = np.random.default_rng(sc.seed)
         predictor = registry.create(sc.predictor.name, sc.predictor.params, sc.model, rng)
         cost = CostModel(sc.model, sc.hardware)
-        decode_tokens: dict[int, int] = {}
+        lengths: dict[int, tuple[int, int]] = {}
 
         def requests():
             for r in reader.iter_requests():
-                decode_tokens[r.request_id] = r.decode_len
+                lengths[r.request_id] = (r.prompt_len, r.decode_len)
                 yield r
 
-        steps = static_plan(requests(), sc.batch.size, sc.model.num_experts, sc.batch.dedup)
-        sim = Simulation(sc.model, cost, cfg, predictor, steps, next_use)
+        sched = make_scheduler(sc, requests(), reader.path)
+        sim = Simulation(sc.model, cost, cfg, predictor, sched, next_use)
+        sim.rec.lengths = lengths
         rec = sim.run()
-        summary = {"moesim_version": __version__, "scenario": scenario_echo(sc), **rec.summary(decode_tokens),
+        summary = {"moesim_version": __version__, "scenario": scenario_echo(sc),
+                   **rec.summary(slo=sc.batch.slo),
+                   "scheduler": {"max_running": sched.max_running, "max_queue": sched.max_queue},
                    "timing_source": {k: ("measured" if v else "roofline") for k, v in cost.uses_measured.items()},
                    "expert_bytes": sc.model.expert_bytes,
                    "gpu_cache_experts": cfg.gpu_capacity}

@@ -1,13 +1,14 @@
 """The simulation: a SimPy model of the per-step, per-layer pipeline of DESIGN §3.
 
-One driver process walks the steps and layers on the GPU compute stream. Expert loads are
+One driver process walks the steps and layers on the GPU compute stream. It asks the scheduler
+(engine/scheduler.py) for each step at the simulated time the step starts, and idles (advances
+time; loads in flight carry on) when nothing is runnable before the next arrival. Expert loads are
 transfers on the PCIe and disk channels (one SimPy event each); a GPU-tier hit costs no event.
 Within a layer, expert compute starts as soon as the expert is resident and kernels run one after
 another, so the layer's end is computed from the load completion times once they are known.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,8 @@ from ..hardware.costs import CostModel
 from ..models import ModelSpec
 from ..predictors.base import Predictor, Prefetch
 from .metrics import Recorder
-from .plan import Lookahead, StepPlan
+from .plan import StepPlan
+from .scheduler import PlanSource
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class _Load:
 class _View:
     """The read-only StepView predictors see."""
 
-    def __init__(self, sim: "Simulation", plan: StepPlan):
+    def __init__(self, sim: Simulation, plan: StepPlan):
         self._sim, self._plan = sim, plan
         self.step, self.phase, self.request_ids = plan.index, plan.phase, plan.request_ids
         self.token_request_ids = plan.token_requests
@@ -78,7 +80,9 @@ class _View:
         return self._plan.routing[:, layer, :]
 
     def future(self, n_layers: int, after_layer: int) -> list[tuple[int, int, np.ndarray]]:
-        """Oracle only: the unique experts of the next `n_layers` layers after `after_layer`."""
+        """Oracle only: the unique experts of the next `n_layers` layers after `after_layer`.
+        The rest of this step is exact; later steps are as the scheduler would form them from the
+        requests arrived so far (exact with closed arrivals; see engine/scheduler.py)."""
         if not self._sim.predictor.needs_future:
             raise PermissionError("only predictors with needs_future may read the trace ahead")
         L, E = self._sim.L, self._sim.E
@@ -86,7 +90,7 @@ class _View:
         for _ in range(n_layers):
             layer += 1
             if layer >= L:
-                plan, layer = self._sim.steps.peek(ahead), 0
+                plan, layer = self._sim.sched.peek(ahead, self._sim.env.now), 0
                 ahead += 1
                 if plan is None:
                     break
@@ -96,7 +100,10 @@ class _View:
 
 
 class Simulation:
-    """Runs a step plan through the timing model and records metrics."""
+    """Runs the steps of a scheduler through the timing model and records metrics.
+
+    `steps`: a Scheduler (anything with `next_step(now)` and `peek(i, now)`), or an iterable of
+    StepPlans run back to back."""
 
     def __init__(self, model: ModelSpec, cost: CostModel, cfg: EngineConfig, predictor: Predictor,
                  steps, next_use=None):
@@ -104,7 +111,7 @@ class Simulation:
         self.E, self.L = model.num_experts, model.num_layers
         self.eb = model.expert_bytes
         self.env = simpy.Environment()
-        self.steps = Lookahead(iter(steps), predictor.lookahead_steps())
+        self.sched = steps if hasattr(steps, "next_step") else PlanSource(steps)
         self.gpu = Tier("gpu", cfg.gpu_capacity, cfg.gpu_policy, cfg.gpu_partition, self.E, self.L, next_use)
         self.dram = (Tier("dram", cfg.dram_capacity, cfg.dram_policy, cfg.dram_partition, self.E, self.L, next_use)
                      if cfg.has_dram else None)
@@ -332,10 +339,18 @@ class Simulation:
 
     def _driver(self):
         env, cost, m, rec = self.env, self.cost, self.model, self.rec
-        pred, gpu, E = self.predictor, self.gpu, self.E
+        pred, gpu = self.predictor, self.gpu
         ecs = cost.expert_compute_s
         dedup = self.cfg.dedup
-        for plan in self.steps:
+        sched = self.sched
+        while True:
+            plan = sched.next_step(env.now)
+            if plan is None:
+                break
+            if not isinstance(plan, StepPlan):  # nothing runnable: idle until the next arrival
+                rec.idle_s += plan - env.now
+                yield env.timeout(plan - env.now)
+                continue
             view = self.view = _View(self, plan)
             t_step = env.now
             rec.step_start(plan, t_step)
@@ -358,7 +373,7 @@ class Simulation:
                 keys, counts = plan.keys[layer], plan.counts[layer]
                 self._score_predictions(self.gated, keys if dedup else np.unique(keys))
                 busy = cost.shared_compute_s(plan.tokens)  # shared experts: always resident
-                hits = late = misses = 0
+                hits = late = misses = saved = 0
                 pending: list[tuple[_Load, float]] = []
                 pinned = []
                 unused = self.prefetched_unused
@@ -377,12 +392,14 @@ class Simulation:
                     load = self.loads.get(key)
                     if load is not None and (dedup or load.prefetch):  # on its way: wait for it
                         late += 1
+                        saved += cnt - 1  # without dedup each further token would copy it again
                         if load.prefetch:
                             rec.prefetch_late += 1
                             load.prefetch = False
                             load.channel.promote(load.transfer)
                     else:  # without dedup a second token's copy is a transfer of its own
                         misses += 1
+                        saved += cnt - 1
                         load = self._start_load(key, False, (plan.index, layer), bypass=load is not None)
                     if not load.bypass:
                         self._pin(key)
@@ -416,6 +433,7 @@ class Simulation:
                     self._unpin(key)
                 if self.protected:
                     self._release((plan.index, layer))
+                rec.saved_loads += saved
                 rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
                               env.now - t_gate - busy, hits, late, misses, len(keys))
             view.gated = self.L - 1
