@@ -453,3 +453,21 @@ def test_reading_is_fast(tmp_path):
     assert n == 40 * 200 * 16 * 8
     assert time.perf_counter() - t0 < 2.0
     os.remove(path)
+
+
+def test_arrival_s_column_is_kept(tmp_path):
+    """The optional per-request arrival time (batch.arrivals: trace) survives write_trace."""
+    import pyarrow.parquet as pq
+
+    from moesim.validate import write_routing
+    from moesim.traces.io import write_trace
+    from moesim.traces.schema import TraceMeta
+
+    src = write_routing(tmp_path / "a.parquet", np.zeros((2, 2, 3, 1), np.int16), 1, 4)
+    t = pq.read_table(src)
+    t = t.append_column("arrival_s", pa.array(np.where(t.column("request_id").to_numpy() == 0, 0.0, 1.5)))
+    out = write_trace(tmp_path / "b.parquet", t, TraceMeta(model="tiny", num_layers=3, num_experts=4, top_k=1,
+                                                            source="test"))
+    back = pq.read_table(out)
+    assert back.schema.field("arrival_s").type == pa.float64()
+    assert sorted(set(back.column("arrival_s").to_pylist())) == [0.0, 1.5]

@@ -65,12 +65,15 @@ class RequestMemory:
 def row_owners(view, tokens: int) -> np.ndarray:
     """Index into `view.request_ids` of the request each routing row belongs to.
 
-    Decode: row i is request i. Prefill: the rows are the batch's prompt tokens, request after
-    request; the view does not say where one prompt ends, so with several requests the rows are
-    split into equal contiguous chunks (exact when the prompts have equal length)."""
+    From `view.token_request_ids` when the view has it (the engine's does). Otherwise: decode row i
+    is request i; prefill rows are split into equal contiguous chunks, request after request."""
     n = len(view.request_ids)
     if n == 0:
         return np.zeros(tokens, dtype=np.int64)
+    owners = getattr(view, "token_request_ids", None)
+    if owners is not None and len(owners) == tokens:  # the engine says exactly whose row it is
+        order = np.argsort(view.request_ids, kind="stable")
+        return order[np.searchsorted(view.request_ids[order], owners)].astype(np.int64)
     if tokens == n:
         return np.arange(n, dtype=np.int64)
     if n == 1:

@@ -60,7 +60,7 @@ def _normalise(piece, file) -> pa.Table:
     for c in names:
         if c not in FIELDS:
             raise InputError(f"unknown column (expected {', '.join(FIELDS)})", file=file, field=c)
-    schema = trace_schema(scores="scores" in names, pre_attn="pre_attn" in names)
+    schema = trace_schema(scores="scores" in names, pre_attn="pre_attn" in names, arrival_s="arrival_s" in names)
     arrays = []
     for f in schema:
         col = piece.column(f.name)

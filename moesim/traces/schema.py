@@ -26,7 +26,7 @@ PHASES = ("prefill", "decode")
 PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
 
 REQUIRED_COLUMNS = ("request_id", "token", "phase", "layer", "experts")
-OPTIONAL_COLUMNS = ("scores", "pre_attn")
+OPTIONAL_COLUMNS = ("scores", "pre_attn", "arrival_s")
 
 FIELDS: dict[str, pa.Field] = {
     "request_id": pa.field("request_id", pa.int32(), nullable=False),
@@ -36,6 +36,7 @@ FIELDS: dict[str, pa.Field] = {
     "experts": pa.field("experts", pa.list_(pa.int16()), nullable=False),
     "scores": pa.field("scores", pa.list_(pa.float32())),
     "pre_attn": pa.field("pre_attn", pa.list_(pa.float16())),
+    "arrival_s": pa.field("arrival_s", pa.float64()),  # request arrival time (same on all its rows)
 }
 
 # File-level metadata keys (Parquet key/value metadata, stored with the Arrow schema).
@@ -44,9 +45,11 @@ META_KEYS = ("schema_version", "model", "num_layers", "num_experts", "top_k", "s
 REQUIRED_META = ("schema_version", "model", "num_layers", "num_experts", "top_k", "source")
 
 
-def trace_schema(scores: bool = False, pre_attn: bool = False, meta: "TraceMeta | None" = None) -> pa.Schema:
+def trace_schema(scores: bool = False, pre_attn: bool = False, meta: "TraceMeta | None" = None,
+                 arrival_s: bool = False) -> pa.Schema:
     """The Arrow schema of a trace with the optional columns asked for (and metadata if given)."""
-    names = list(REQUIRED_COLUMNS) + [c for c, on in (("scores", scores), ("pre_attn", pre_attn)) if on]
+    names = list(REQUIRED_COLUMNS) + [c for c, on in (("scores", scores), ("pre_attn", pre_attn),
+                                                      ("arrival_s", arrival_s)) if on]
     schema = pa.schema([FIELDS[n] for n in names])
     return schema.with_metadata(meta.to_metadata()) if meta is not None else schema
 
