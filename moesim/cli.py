@@ -236,9 +236,12 @@ def validate():
 def _register_subcommands() -> None:
     from .report.cli import report
     from .sweep.cli import sweep
+    from .traces.cli_extra import collect, import_, train_tiny
 
     main.add_command(sweep)
     main.add_command(report)
+    for cmd in (collect, train_tiny, import_):
+        trace.add_command(cmd)
 
 
 _register_subcommands()

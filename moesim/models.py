@@ -227,6 +227,15 @@ PRESETS: dict[str, dict] = {
         num_heads=28, num_kv_heads=4, head_dim=128, vocab_size=151936,
         source="huggingface.co/Qwen/Qwen2-57B-A14B config.json",
     ),
+    # --- tiny-olmoe-stdlib: the small MoE LM `moesim trace train-tiny` trains on the Python standard
+    # library (moesim/traces/tiny.py, transformers OlmoeConfig, seed 0); routing in
+    # traces/tiny-learned.parquet. Its experts are 98 KB, so transfers are latency-dominated.
+    "tiny-olmoe-stdlib": dict(
+        num_layers=4, num_experts=32, top_k=2, num_shared_experts=0,
+        hidden_size=128, expert_intermediate_size=128, gated=True,
+        num_heads=4, num_kv_heads=4, head_dim=32, vocab_size=256,
+        source="moesim trace train-tiny (traces/tiny-learned.parquet; OlmoeConfig, seed 0)",
+    ),
 }
 
 
