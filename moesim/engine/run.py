@@ -146,8 +146,10 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
         cost = CostModel(sc.model, sc.hardware)
         lengths: dict[int, tuple[int, int]] = {}
 
+        want_pre = bool(getattr(type(predictor), "needs_pre_attn", False))
+
         def requests():
-            for r in reader.iter_requests():
+            for r in reader.iter_requests(pre_attn=want_pre):
                 lengths[r.request_id] = (r.prompt_len, r.decode_len)
                 yield r
 

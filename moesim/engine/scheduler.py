@@ -321,14 +321,20 @@ class Scheduler:
     def _build(self, index: int, st: _State, chunks: list, admitted: list[Seq], batch_no: int):
         """The StepPlan of `chunks` [(Seq, done, new tokens)] and the state after it."""
         ids = np.fromiter((s.rid for s, _, _ in chunks), dtype=np.int64, count=len(chunks))
+        with_pre = chunks[0][0].req.pre_attn is not None
+        pre_attn = None
         if all(n == 1 for _, _, n in chunks) and all(d >= s.prompt for s, d, _ in chunks):
             phase, prefill_tokens = "decode", 0
             routing = np.stack([s.req.experts[d] for s, d, _ in chunks])
+            if with_pre:
+                pre_attn = np.stack([s.req.pre_attn[d] for s, d, _ in chunks])
             token_requests = ids
         else:
             prefill_tokens = sum(min(n, s.prompt - d) for s, d, n in chunks if d < s.prompt)
             phase = "prefill" if prefill_tokens else "decode"
             routing = np.concatenate([s.req.experts[d:d + n] for s, d, n in chunks], axis=0)
+            if with_pre:
+                pre_attn = np.concatenate([s.req.pre_attn[d:d + n] for s, d, n in chunks], axis=0)
             token_requests = np.repeat(ids, [n for _, _, n in chunks])
         tokens = routing.shape[0]
         ctx = sum(d + n for _, d, n in chunks)
@@ -363,6 +369,7 @@ class Scheduler:
                         np.array(finished, dtype=np.int64),
                         out_tokens, token_requests)
         plan.prefill_tokens = prefill_tokens
+        plan.pre_attn = pre_attn
         if admitted:
             plan.admitted = np.array([s.rid for s in admitted], dtype=np.int64)
             plan.admitted_arrivals = np.array([s.arrival for s in admitted], dtype=float)

@@ -65,6 +65,7 @@ class _View:
         self.step, self.phase, self.request_ids = plan.index, plan.phase, plan.request_ids
         self.token_request_ids = plan.token_requests
         self.gated = -1  # last layer whose gate has run
+        self.pre_attn_layer = -1  # last layer whose pre-attention hook has run
 
     def _check(self, layer: int) -> None:
         if layer > self.gated:
@@ -74,6 +75,14 @@ class _View:
         self._check(layer)
         E = self._sim.E
         return np.unique(self._plan.keys[layer]) - layer * E
+
+    def pre_attn(self, layer: int) -> np.ndarray:
+        """[tokens, d] pre-attention hidden states of `layer` (known from its pre-attention hook on)."""
+        if layer > self.pre_attn_layer:
+            raise LookupError(f"layer {layer}'s pre-attention state is not computed yet")
+        if self._plan.pre_attn is None:
+            raise LookupError("this run has no pre_attn states (the predictor class must set needs_pre_attn)")
+        return self._plan.pre_attn[:, layer, :]
 
     def token_experts(self, layer: int) -> np.ndarray:
         self._check(layer)
@@ -129,6 +138,8 @@ class Simulation:
         self.predicted: dict[tuple[int, int], set[int]] = {}   # target -> every key predicted for it
         self.prefetch_bytes: dict[tuple[int, int], int] = {}   # target -> prefetched bytes (bounded)
         self.prefetch_inflight = 0
+        self._implements = {h: getattr(type(predictor), h) is not getattr(Predictor, h)
+                            for h in ("on_step_start", "on_pre_attention", "on_gate")}
         self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
 
     # ---- loads -------------------------------------------------------------------------------
@@ -316,13 +327,17 @@ class Simulation:
             for key in self.protected.pop(target):
                 self._unpin(key)
 
-    def _hook(self, reqs: list[Prefetch]) -> float:
-        """Act on a predictor's answer; returns GPU-stream time the predictor costs."""
-        lat = self.predictor.params.latency_us * 1e-6
+    def _hook(self, reqs: list[Prefetch], hook: str, tokens: int) -> float:
+        """Act on a predictor's answer; returns GPU-stream time the predictor costs. Only hooks the
+        predictor implements cost time (the base class's hooks do nothing)."""
+        if not self._implements[hook]:
+            return 0.0
+        lat = self.predictor.latency_for(tokens) * 1e-6
         self.rec.predictor_s += lat
-        if self.predictor.params.runs_on == "gpu" or lat == 0:
+        on_gpu = self.predictor.params.runs_on == "gpu"
+        if on_gpu or lat == 0:
             self._issue(reqs)
-            return lat if self.predictor.params.runs_on == "gpu" else 0.0
+            return lat if on_gpu else 0.0
         if reqs:  # host CPU: the requests are issued once the predictor has finished
             ev = self.env.timeout(lat)
             ev.callbacks.append(lambda _e, r=reqs: self._issue(r))
@@ -354,7 +369,7 @@ class Simulation:
             view = self.view = _View(self, plan)
             t_step = env.now
             rec.step_start(plan, t_step)
-            gpu_extra = self._hook(pred.on_step_start(view))
+            gpu_extra = self._hook(pred.on_step_start(view), "on_step_start", plan.tokens)
             # dense blocks before the first MoE block: resident weights, compute only
             dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
                                             + cost.dense_ffn_s(plan.tokens))
@@ -364,7 +379,8 @@ class Simulation:
             attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
             for layer in range(self.L):
                 t0 = env.now
-                pre = self._hook(pred.on_pre_attention(view, layer))
+                view.pre_attn_layer = layer
+                pre = self._hook(pred.on_pre_attention(view, layer), "on_pre_attention", plan.tokens)
                 yield env.timeout(pre + attn)
                 t_gate = env.now
                 self.gated = (plan.index, layer)
@@ -407,7 +423,7 @@ class Simulation:
                     pending.append((load, c))
                 # The layer's own experts are pinned and their loads queued before the predictor's
                 # prefetches for later layers, so a prefetch never evicts what this layer needs.
-                post = self._hook(gate_reqs)
+                post = self._hook(gate_reqs, "on_gate", plan.tokens)
                 busy += post
                 cursor = t_gate + busy
                 if pending:

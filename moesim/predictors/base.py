@@ -61,6 +61,10 @@ class Predictor:
     def __init__(self, params: PredictorParams, model: ModelSpec, rng: np.random.Generator):
         self.params, self.model, self.rng = params, model, rng
 
+    def latency_for(self, tokens: int) -> float:
+        """µs one hook call costs for a step of `tokens` tokens (default: `latency_us`)."""
+        return self.params.latency_us
+
     def lookahead_steps(self) -> int:
         """How many steps past the current one the engine must plan ahead for `future`."""
         return 0
