@@ -158,3 +158,25 @@ def test_lru_and_belady_misses_never_rise_with_capacity(stream):
         m = [replay(stream, c, pol).misses for c in range(0, 14)]
         assert all(a >= b for a, b in zip(m, m[1:])), (pol, m)
         assert m[0] == len(stream) and m[-1] == len(set(stream))
+
+
+def _flatten_trace(path):
+    """Every expert access of a trace in row order, as layer * num_experts + expert."""
+    from moesim.traces.io import TraceReader
+
+    r = TraceReader(path)
+    E = r.meta.num_experts
+    parts = [(req.experts.astype(np.int64) + (np.arange(req.experts.shape[1]) * E)[None, :, None]).ravel()
+             for req in r.iter_requests(pre_attn=False, scores=False)]
+    return np.concatenate(parts), r.meta.num_layers * E
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (__import__("pathlib").Path(__file__).resolve().parents[1]
+                                                           / "traces").glob("*.parquet")))
+def test_replay_equals_libcachesim_on_shipped_traces(trace_dir, name):
+    from pathlib import Path
+
+    stream, universe = _flatten_trace(Path(__file__).resolve().parents[1] / "traces" / name)
+    for cap in sorted({max(1, universe // 16), max(1, universe // 4)}):
+        ref = lcs_misses(trace_dir, stream, cap)
+        assert {pol: replay(stream, cap, pol).misses for pol in POLICIES} == ref, (name, cap)
