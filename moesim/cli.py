@@ -147,41 +147,77 @@ def trace():
 
 
 @trace.command("generate")
-@click.option("--preset", required=True, help="model preset (the synthetic routing preset of the same name)")
+@click.option("--preset", default=None,
+              help="model preset (the synthetic routing preset of the same name); with --preset-file, the model "
+                   "whose shape the trace takes [default: the file's model]")
+@click.option("--preset-file", type=click.Path(dir_okay=False), default=None,
+              help="a fitted preset YAML (`moesim trace fit`): generate with its parameters; --requests, "
+                   "--prompt-len and --decode-len default to the fitted trace's")
 @click.option("--requests", "n_requests", type=int, default=8, show_default=True)
 @click.option("--prompt-len", type=int, default=32, show_default=True)
 @click.option("--decode-len", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--pre-attn", is_flag=True, help="write the pre-attention hidden state column")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.pass_context
 @_guard
-def trace_generate(preset, n_requests, prompt_len, decode_len, seed, pre_attn, output):
-    """Write a synthetic latent-gate trace for a model preset."""
+def trace_generate(ctx, preset, preset_file, n_requests, prompt_len, decode_len, seed, pre_attn, output):
+    """Write a synthetic latent-gate trace for a model preset (or a fitted preset file)."""
     import numpy as np
 
     from .models import get_preset, preset_names
     from .traces.synthetic import generate_to_file
 
-    try:
-        spec = get_preset(preset)
-    except KeyError:
-        raise InputError(f"unknown preset {preset!r} (known: {', '.join(preset_names())})", field="--preset")
+    params = label = None
+    if preset_file is not None:
+        from .traces.fit import spec_for_preset_file
+
+        spec, params, doc = spec_for_preset_file(preset_file, preset)
+        label = f"fitted:{Path(preset_file).name}"
+        typical = doc.get("generate") or {}
+        src = click.core.ParameterSource.DEFAULT
+        if ctx.get_parameter_source("n_requests") == src and isinstance(typical.get("requests"), int):
+            n_requests = typical["requests"]
+        if ctx.get_parameter_source("prompt_len") == src and isinstance(typical.get("prompt_len"), int):
+            prompt_len = typical["prompt_len"]
+        if ctx.get_parameter_source("decode_len") == src and isinstance(typical.get("decode_len"), int):
+            decode_len = typical["decode_len"]
+    elif preset is None:
+        raise InputError("give --preset (a model preset) or --preset-file (a fitted preset YAML)", field="--preset")
+    else:
+        try:
+            spec = get_preset(preset)
+        except KeyError:
+            raise InputError(f"unknown preset {preset!r} (known: {', '.join(preset_names())})", field="--preset")
+        label = preset
     for name, v in (("--requests", n_requests), ("--prompt-len", prompt_len)):
         if v <= 0:
             raise InputError(f"must be > 0 (got {v})", field=name)
     if decode_len < 0:
         raise InputError(f"must be >= 0 (got {decode_len})", field="--decode-len")
-    generate_to_file(output, spec, preset=preset, requests=n_requests, prompt_len=prompt_len,
+    generate_to_file(output, spec, params, preset=label, requests=n_requests, prompt_len=prompt_len,
                      decode_len=decode_len, rng=np.random.default_rng(seed), seed=seed, pre_attn=pre_attn)
     click.echo(f"wrote {output}")
 
 
 @trace.command("info")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="PATH [PATH_B]")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @_guard
-def trace_info(path, as_json):
-    """Statistics of a trace: size, popularity entropy, reuse distance, predictability."""
+def trace_info(paths, as_json):
+    """Statistics of a trace: size, popularity entropy, reuse distance, predictability.
+
+    With two traces, the two side by side: entropy per layer, expert overlap between consecutive tokens
+    and within an 8-token window, next-layer recall@k of a first-order Markov predictor, reuse-distance
+    percentiles, per-layer LRU and Belady miss rates at a few capacities."""
+    if len(paths) > 2:
+        raise InputError(f"expected one or two trace files, got {len(paths)}", field="PATH")
+    if len(paths) == 2:
+        from .traces.compare_stats import print_comparison
+
+        print_comparison(paths[0], paths[1], as_json)
+        return
+    path = paths[0]
     from .traces.stats import trace_info as info
 
     if not Path(path).is_file():
@@ -237,12 +273,12 @@ def _register_subcommands() -> None:
     from .predictors.neural.cli import predictor
     from .report.cli import report
     from .sweep.cli import sweep
-    from .traces.cli_extra import collect, import_, train_tiny
+    from .traces.cli_extra import collect, fit, import_, train_tiny
 
     main.add_command(sweep)
     main.add_command(report)
     main.add_command(predictor)
-    for cmd in (collect, train_tiny, import_):
+    for cmd in (collect, train_tiny, import_, fit):
         trace.add_command(cmd)
 
 

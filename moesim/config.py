@@ -117,6 +117,8 @@ class BatchConfig(_Strict):
 
 class SyntheticTrace(_Strict):
     preset: str | None = None
+    params_file: str | None = Field(None, description="a fitted preset YAML (`moesim trace fit`), relative to "
+                                                      "the scenario file")
     requests: int = Field(8, gt=0)
     prompt_len: int = Field(32, gt=0)
     decode_len: int = Field(64, ge=0)

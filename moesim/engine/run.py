@@ -46,7 +46,18 @@ def open_trace(sc: Scenario, workdir: Path):
     if sc.trace.synthetic is not None:
         syn = sc.trace.synthetic
         path = workdir / "synthetic-trace.parquet"
-        generate_to_file(path, sc.model, preset=syn.preset or sc.model.name, requests=syn.requests,
+        params, label = None, syn.preset or sc.model.name
+        if syn.params_file is not None:
+            from ..traces.synthetic import load_preset_file
+
+            pf = sc.resolve(syn.params_file)
+            params, doc = load_preset_file(pf)
+            for k in ("num_layers", "num_experts", "top_k"):
+                if doc.get(k) not in (None, getattr(sc.model, k)):
+                    raise InputError(f"fitted to {k}={doc[k]}, the model has {getattr(sc.model, k)}",
+                                     file=str(pf), field=k)
+            label = f"fitted:{pf.name}"
+        generate_to_file(path, sc.model, params, preset=label, requests=syn.requests,
                          prompt_len=syn.prompt_len, decode_len=syn.decode_len,
                          rng=np.random.default_rng(sc.seed), seed=sc.seed, pre_attn=syn.pre_attn)
     else:

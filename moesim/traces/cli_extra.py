@@ -1,7 +1,7 @@
-"""Click commands for `moesim trace`: `collect`, `train-tiny` and `import`.
+"""Click commands for `moesim trace`: `collect`, `train-tiny`, `import` and `fit`.
 
-Register them on the trace group with `trace.add_command(collect)`, `trace.add_command(train_tiny)`
-and `trace.add_command(import_)`. torch/transformers are imported only when a command runs.
+Register them on the trace group with `trace.add_command(collect)`, `trace.add_command(train_tiny)`,
+`trace.add_command(import_)` and `trace.add_command(fit)`. torch/transformers are imported only when a command runs.
 """
 from __future__ import annotations
 
@@ -126,6 +126,95 @@ def import_(path, fmt, preset, num_layers, num_experts, top_k, prompt_len, first
     click.echo(f"wrote {out} ({meta.num_layers} MoE layers x {meta.num_experts} experts, top-{meta.top_k})")
 
 
+# ---- fit ----------------------------------------------------------------------------------------------
+
+def fit_table(res, title: str):
+    """A rich Table: statistic / held-out real / fitted synthetic / relative error / ...."""
+    from rich.table import Table
+
+    from .compare_stats import label
+
+    def f(v):
+        if v is None:
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    t = Table(title=title)
+    for c in ("statistic", "held-out real", "fitted synthetic", "rel. error", "<= 10%", "real: train vs held-out",
+              "in-sample rel. error"):
+        t.add_column(c, justify="left" if c == "statistic" else "right")
+    for row in res.rows():
+        e = row["rel_err"]
+        ok = "-" if e is None else ("[green]yes[/]" if e <= 0.10 else "[red]no[/]")
+        t.add_row(label(row["statistic"]), f(row["heldout_real"]), f(row["synthetic"]),
+                  "-" if e is None else f"{100 * e:.1f}%", ok,
+                  "-" if row["real_split_diff"] is None else f"{100 * row['real_split_diff']:.1f}%",
+                  "-" if row["train_rel_err"] is None else f"{100 * row['train_rel_err']:.1f}%")
+    return t
+
+
+@click.command("fit")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="preset YAML to write")
+@click.option("--seed", type=int, default=0, show_default=True, help="seeds the request split and every draw")
+@click.option("--holdout", type=float, default=0.5, show_default=True, help="share of requests held out")
+@click.option("--split", type=click.Choice(["random", "stratified"]), default="stratified", show_default=True,
+              help="random: a seeded permutation; stratified: requests sorted by their locality, one of each block "
+                   "of 1/holdout held out (halves with alike mixes, less split noise)")
+@click.option("--replicates", type=int, default=None,
+              help="synthetic traces averaged per evaluation while fitting [default: 4-16, more for small traces]")
+@click.option("--eval-replicates", type=int, default=16, show_default=True,
+              help="synthetic traces averaged for the held-out check")
+@click.option("--max-evals", type=int, default=70, show_default=True, help="evaluations of the simulated statistics")
+@click.option("--hidden-dim", type=int, default=None,
+              help="fix hidden_dim [default: fitted to pre_attn's effective dimension, else 32]")
+@click.option("--gate-affinity", type=float, default=None,
+              help="fix gate_affinity [default: fitted when the trace has pre_attn, else 0.8]")
+@click.option("--attention-noise", type=float, default=None,
+              help="fix attention_noise [default: fitted when the trace has pre_attn, else 0.5]")
+@click.option("--tau-spread", type=float, default=None,
+              help="fix tau_spread (per-request locality spread) [default: fitted]")
+@click.option("--no-profile", is_flag=True, help="Zipf skew only: no per-rank popularity correction (rank_bias)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="also write the held-out comparison and the fit's history as JSON")
+@click.option("--quiet", is_flag=True, help="no progress, no table")
+@_guard
+def fit(path, output, seed, holdout, split, replicates, eval_replicates, max_evals, hidden_dim, gate_affinity,
+        attention_noise, tau_spread, no_profile, json_out, quiet):
+    """Fit the synthetic latent-gate generator to a trace; write the preset YAML and check it on held-out requests."""
+    from rich.console import Console
+
+    from .fit import fit_trace, write_preset
+
+    if hidden_dim is not None and not 2 <= hidden_dim <= 1024:
+        raise InputError(f"must be between 2 and 1024 (got {hidden_dim})", field="--hidden-dim")
+    if gate_affinity is not None and not 0 <= gate_affinity <= 1:
+        raise InputError(f"must be between 0 and 1 (got {gate_affinity})", field="--gate-affinity")
+    if attention_noise is not None and attention_noise < 0:
+        raise InputError(f"must be >= 0 (got {attention_noise})", field="--attention-noise")
+    if tau_spread is not None and not 0 <= tau_spread <= 10:
+        raise InputError(f"must be between 0 and 10 (got {tau_spread})", field="--tau-spread")
+    if max_evals < 5:
+        raise InputError(f"must be >= 5 (got {max_evals})", field="--max-evals")
+    res = fit_trace(path, seed=seed, holdout=holdout, split=split, replicates=replicates, eval_replicates=eval_replicates,
+                    max_evals=max_evals, hidden_dim=hidden_dim, gate_affinity=gate_affinity,
+                    attention_noise=attention_noise, tau_spread=tau_spread, profile=not no_profile,
+                    log=None if quiet else (lambda s: click.echo(s, err=True)))
+    out = write_preset(res, output)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"preset": res.to_document(), "rows": res.rows(), "history": res.history,
+                       "seconds": round(res.seconds, 2)}, f, indent=2, default=float)
+    if not quiet:
+        n_ok = sum(1 for r in res.rows() if r["rel_err"] is not None and r["rel_err"] <= 0.10)
+        n = sum(1 for r in res.rows() if r["rel_err"] is not None)
+        Console(width=160).print(fit_table(
+            res, f"{path}: {len(res.heldout_ids)} held-out requests vs {res.eval_replicates} synthetic traces of "
+                 f"the same lengths ({n_ok}/{n} within 10%)"))
+        click.echo(f"params: {res.params.describe()}")
+    click.echo(f"wrote {out} ({res.evaluations} evaluations, {res.seconds:.1f} s)")
+
+
 @click.group()
 def _standalone():
     """The commands of this module on their own (for tests and `python -m`)."""
@@ -134,3 +223,4 @@ def _standalone():
 _standalone.add_command(collect)
 _standalone.add_command(train_tiny)
 _standalone.add_command(import_)
+_standalone.add_command(fit)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -52,17 +52,35 @@ class SyntheticParams(BaseModel):
     rho: float = Field(0.8, ge=0.0, le=1.0, description="layer-to-layer correlation of the hidden state")
     tau: float = Field(0.5, ge=0.0, le=1.0, description="token-to-token correlation of the hidden state")
     attention_noise: float = Field(0.5, ge=0.0, description="std of what attention adds after pre_attn")
-    popularity_skew: float = Field(0.3, ge=0.0, description="Zipf-like exponent of the per-layer gate bias")
+    popularity_skew: Annotated[float, Field(ge=0.0)] | tuple[Annotated[float, Field(ge=0.0)], ...] = Field(
+        0.3, description="Zipf-like exponent of the per-layer gate bias: one for every layer, or one per layer")
     hidden_dim: int = Field(32, ge=2, le=1024, description="dimension of the latent vector h")
     topic_weight: float = Field(0.2, ge=0.0, le=1.0, description="share of h's variance from a per-request topic")
     gate_affinity: float = Field(0.8, ge=0.0, le=1.0,
                                  description="correlation of layer l+1's gate rows with a permutation of layer l's")
+    tau_spread: float = Field(0.0, ge=0.0, le=10.0,
+                              description="requests differ in locality: request r uses tau_r = sigmoid(logit(tau) + "
+                                          "tau_spread·z_r), z_r ~ N(0, 1) (0: every request uses tau)")
+    # fitted presets (`moesim trace fit`): the popularity shape a Zipf exponent cannot give (dead experts,
+    # flat heads). `describe()` leaves tau_spread out at 0 and shows rank_bias as its shape, so the
+    # existing presets' source strings (and the sample traces' bytes) are unchanged.
+    rank_bias: tuple[tuple[float, ...], ...] | None = Field(
+        None, description="per layer, a gate-bias correction for each popularity rank (most popular first), "
+                          "added to the Zipf term")
 
     def describe(self) -> str:
-        return ",".join(f"{k}={_fmt(v)}" for k, v in self.model_dump().items())
+        d = self.model_dump()
+        if not d["tau_spread"]:
+            del d["tau_spread"]
+        rb = d.pop("rank_bias")
+        if rb is not None:
+            d["rank_bias"] = f"{len(rb)}x{len(rb[0]) if rb else 0}"
+        return ",".join(f"{k}={_fmt(v)}" for k, v in d.items())
 
 
 def _fmt(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return "/".join(_fmt(x) for x in v)
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
@@ -172,6 +190,11 @@ def resolve_params(spec_name: str, params=None, preset: str | None = None) -> tu
 
 
 def _lengths(value, n: int, rng: np.random.Generator, name: str, lo_ok: int) -> np.ndarray:
+    if isinstance(value, np.ndarray):   # one length per request (draws nothing)
+        if value.shape != (n,) or value.dtype.kind not in "iu" or (n and int(value.min()) < lo_ok):
+            raise InputError(f"expected {n} integers >= {lo_ok}, one per request (got shape {value.shape}, "
+                             f"dtype {value.dtype})", field=name)
+        return value.astype(np.int64)
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         if value < lo_ok:
             raise InputError(f"must be >= {lo_ok} (got {value})", field=name)
@@ -208,7 +231,19 @@ def iter_generate(spec, params=None, requests: int = 8, prompt_len=32, decode_le
             perm = rng.permutation(E)
             W[l, perm] = k * W[l - 1] + kc * W[l, perm]
     ranks = np.stack([rng.permutation(E) for _ in range(L)]) + 1
-    bias = -p.popularity_skew * np.log(ranks)
+    if isinstance(p.popularity_skew, tuple):
+        if len(p.popularity_skew) != L:
+            raise InputError(f"expected one value per MoE layer ({L}), found {len(p.popularity_skew)}",
+                             field="popularity_skew")
+        bias = -np.asarray(p.popularity_skew, dtype=np.float64)[:, None] * np.log(ranks)
+    else:
+        bias = -p.popularity_skew * np.log(ranks)
+    if p.rank_bias is not None:
+        rb = np.asarray(p.rank_bias, dtype=np.float64)
+        if rb.shape != (L, E):
+            raise InputError(f"expected {L} layers x {E} experts (one value per popularity rank), found shape "
+                             f"{rb.shape}", field="rank_bias")
+        bias = bias + np.take_along_axis(rb, ranks - 1, axis=1)
     bias -= bias.mean(axis=1, keepdims=True)
     prompts = _lengths(prompt_len, requests, rng, "prompt_len", 1)
     decodes = _lengths(decode_len, requests, rng, "decode_len", 0)
@@ -237,14 +272,21 @@ def _chunk(reqs, totals, prompts, seeds, W, bias, p: SyntheticParams, K: int, wa
     xi = np.zeros((C, Tm, L, d))
     eta = np.zeros((C, Tm, L, d))
     topic = np.zeros((C, d))
+    z = np.zeros(C)
     for i, r in enumerate(reqs):
         g = np.random.default_rng(int(seeds[r]))
         T = int(Ts[i])
         topic[i] = g.standard_normal(d)
         xi[i, :T] = g.standard_normal((T, L, d))
         eta[i, :T] = g.standard_normal((T, L, d))
+        if p.tau_spread > 0:
+            z[i] = g.standard_normal()
     # AR(1) across tokens (in place: xi becomes ε)
     tau, a_t = p.tau, math.sqrt(max(0.0, 1.0 - p.tau**2))
+    if p.tau_spread > 0:   # one tau per request
+        t0 = min(max(p.tau, 1e-6), 1 - 1e-6)
+        tau = (1.0 / (1.0 + np.exp(-(math.log(t0 / (1 - t0)) + p.tau_spread * z))))[:, None, None]
+        a_t = np.sqrt(1.0 - tau**2)
     for t in range(1, Tm):
         xi[:, t] *= a_t
         xi[:, t] += tau * xi[:, t - 1]
@@ -308,9 +350,10 @@ def generate(spec, params=None, requests: int = 8, prompt_len=32, decode_len=64,
     """A synthetic trace as one Arrow table (rows sorted by request, token, layer).
 
     `params`: SyntheticParams, a dict of overrides of the preset, or None (the preset named `preset`,
-    by default the model's name). `prompt_len`/`decode_len`: an int or a (min, max) range drawn per
-    request. `pre_attn=True` writes h_l as float16; `scores=True` writes the softmax gate probabilities
-    of the chosen experts (softmax over all experts, not renormalised).
+    by default the model's name). `prompt_len`/`decode_len`: an int, a (min, max) range drawn per
+    request, or a numpy integer array with one length per request. `pre_attn=True` writes h_l as
+    float16; `scores=True` writes the softmax gate probabilities of the chosen experts (softmax over
+    all experts, not renormalised).
     """
     parts = list(iter_generate(spec, params, requests, prompt_len, decode_len, rng, pre_attn, scores, preset))
     return pa.concat_tables(parts)
@@ -332,3 +375,47 @@ def generate_to_file(path, spec, params=None, *, preset: str | None = None, requ
                      source=source_string(spec.name, params, preset), seed=seed)
     return write_trace(path, iter_generate(spec, params, requests, prompt_len, decode_len, rng, pre_attn, scores,
                                            preset), meta, row_group_rows=row_group_rows)
+
+
+# ---- fitted presets (YAML, written by `moesim trace fit`) -----------------------------------------
+
+PRESET_FILE_FORMAT = "moesim-synthetic-preset/1"
+
+
+def load_preset_file(path) -> tuple[SyntheticParams, dict]:
+    """Read a preset YAML written by `moesim trace fit`: (its `params` as SyntheticParams, the whole
+    document). The document also names the routing shape (`num_layers`, `num_experts`, `top_k`), the
+    `model` and typical request lengths (`generate`). Errors are InputError naming the file."""
+    import yaml
+
+    file = str(path)
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise InputError("preset file not found", file=file) from None
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"cannot read as YAML: {str(e).splitlines()[0]}", file=file) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("params"), dict):
+        raise InputError("expected a mapping with a 'params' mapping (a preset written by `moesim trace fit`)",
+                         file=file, field="params")
+    fmt = doc.get("format", PRESET_FILE_FORMAT)
+    if fmt != PRESET_FILE_FORMAT:
+        raise InputError(f"unsupported format {fmt!r} (expected {PRESET_FILE_FORMAT!r})", file=file, field="format")
+    for k in ("num_layers", "num_experts", "top_k"):
+        v = doc.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise InputError(f"expected a positive integer, found {v!r}", file=file, field=k)
+    try:
+        params = SyntheticParams(**doc["params"])
+    except ValidationError as e:
+        raise pydantic_message(e, file=file, prefix="params") from None
+    L, E = doc.get("num_layers"), doc.get("num_experts")
+    if isinstance(params.popularity_skew, tuple) and L is not None and len(params.popularity_skew) != L:
+        raise InputError(f"expected {L} values (num_layers), found {len(params.popularity_skew)}", file=file,
+                         field="params.popularity_skew")
+    if params.rank_bias is not None and L is not None and E is not None and (
+            len(params.rank_bias) != L or any(len(row) != E for row in params.rank_bias)):
+        raise InputError(f"expected {L} rows of {E} values (num_layers x num_experts)", file=file,
+                         field="params.rank_bias")
+    return params, doc
