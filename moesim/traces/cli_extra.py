@@ -6,7 +6,6 @@ Register them on the trace group with `trace.add_command(collect)`, `trace.add_c
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
