@@ -10,28 +10,12 @@ Torch is imported inside the commands only. Bad input: one line naming file and 
 """
 from __future__ import annotations
 
-import functools
 import json
-import sys
 
 import click
 
+from ...cliutil import guard as _guard
 from ...errors import InputError
-
-
-def _guard(fn):
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except InputError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 def _overrides(items) -> tuple[dict, dict]:
