@@ -1,0 +1,238 @@
+"""Click commands `profile`, `replay` and `compare` (registered on the main `moesim` group).
+
+    moesim profile -o PROFILE.yaml [--model olmoe-1b-7b] [--scale F] [--quick] [--device auto]
+    moesim replay --real SCENARIO [--scale F] [--layers N] [--requests N] [-o DIR]
+    moesim replay SCENARIO --hardware PROFILE.yaml [--scale F] ... [-o DIR]      (the simulation)
+    moesim compare SIM_DIR REAL_DIR [-o DIR]
+
+torch is imported only when `profile` or `replay --real` runs.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import InputError
+
+DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
+
+
+def _guard(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except InputError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+# ---- profile -------------------------------------------------------------------------------------
+
+@click.command("profile")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="profile YAML to write (a NAME.measurements.json with every sample's spread goes beside it)")
+@click.option("--model", "model_name", default="olmoe-1b-7b", show_default=True,
+              help="model preset whose expert and attention shapes are measured")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="scale the model's FFN widths as `moesim replay --scale` does (the tables are for that model)")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="bfloat16", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+@click.option("--quick", is_flag=True, help="fewer points and repeats: under a minute (for CI)")
+@click.option("--disk-dir", type=click.Path(file_okay=False), default=None,
+              help="where to write the disk test file (default: the output's directory)")
+@click.option("--io", type=click.Choice(["auto", "odirect", "fadvise"]), default="auto", show_default=True,
+              help="how disk reads bypass the page cache")
+@click.option("--context", type=int, default=128, show_default=True,
+              help="cached positions per sequence for the decode-shaped attention points (up to 16 tokens)")
+@click.option("--name", default=None, help="profile name (default: the output file's stem)")
+@click.option("--quiet", is_flag=True)
+@_guard
+def profile(output, model_name, scale, device, dtype, threads, quick, disk_dir, io, context, name, quiet):
+    """Measure this machine into a hardware profile with `measured` tables.
+
+    Expert FFN time by tokens per expert and attention time by tokens for the model's shapes, disk
+    reads of expert-sized blocks with the page cache bypassed, and the link: host-to-device copies
+    (pinned and pageable, 1 and 2 streams) on CUDA, host memcpy on a CPU-only machine. Medians of
+    repeated, warmed-up runs; the spread is in the YAML comments and the .measurements.json.
+    """
+    from ..models import get_preset, preset_names
+    from .profiler import run_profile
+
+    try:
+        spec = get_preset(model_name)
+    except KeyError:
+        raise InputError(f"unknown model preset {model_name!r} (known: {', '.join(preset_names())})",
+                         field="--model") from None
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    out = Path(output)
+    if context < 1:
+        raise InputError(f"must be >= 1, got {context}", field="--context")
+    res = run_profile(spec, out, scale=scale, device=device, dtype=dtype, threads=threads, quick=quick,
+                      disk_dir=disk_dir, io=io, name=name, context=context, log=log)
+    if not quiet:
+        click.echo(res.summary_text())
+    click.echo(f"wrote {out} and {res.sidecar}")
+
+
+# ---- replay --------------------------------------------------------------------------------------
+
+def _print_run(s: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sc = s["scenario"]
+    mode = s.get("mode", "simulated")
+    t = Table(title=f"{sc['name']} ({mode}): {sc['model']['name']}, predictor {sc['predictor']['name']}, "
+                    f"batch {sc['batch']['size']}, cache {s['gpu_cache_experts']} experts")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+
+    def ms(d):
+        return "-" if d["mean"] is None else f"{d['mean']:.2f} (p50 {d['p50']:.2f}, p99 {d['p99']:.2f})"
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    rows = [("tokens/s", f"{s['tokens_per_s']:.2f}"), ("makespan", f"{s['makespan_s']:.3f} s"),
+            ("TTFT ms mean", ms(s["ttft_ms"])), ("TPOT ms mean", ms(s["tpot_ms"])),
+            ("cache hit rate", pct(s["gpu_hit_rate"])), ("DRAM hit rate", pct(s["dram_hit_rate"])),
+            ("hits / late / misses", f"{s['hits']} / {s['late_hits']} / {s['misses']}"),
+            ("stall", f"{s['stall_s']:.3f} s ({pct(s['stall_fraction'])})"),
+            ("bytes link / disk", f"{s['bytes_pcie'] / 1e9:.3f} GB / {s['bytes_disk'] / 1e9:.3f} GB"),
+            ("prefetch issued/used/late/wasted", "{issued}/{used}/{late}/{wasted}".format(**s["prefetch"]))]
+    real = s.get("real")
+    if real:
+        rows += [("device", real["device"]["name"]), ("dtype / threads", f"{real['dtype']} / {real['torch_threads']}"),
+                 ("disk reads", f"{real['io']['method']} (page cache after run: "
+                                f"{'?' if real['io']['page_cache_after_run'] is None else pct(real['io']['page_cache_after_run'])})")]
+        for k, v in real["roles"].items():
+            rows.append((f"{k}", v))
+    for k, v in rows:
+        t.add_row(k, v)
+    Console(width=150).print(t)
+    click.echo(f"results in {out}/")
+
+
+@click.command("replay")
+@click.argument("scenario", type=click.Path(dir_okay=False))
+@click.option("--real/--sim", "real", default=False, show_default=True,
+              help="--real: execute with real tensors and I/O; --sim: simulate the same (scaled) scenario")
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="output dir (default reports/<name>-real or -sim/)")
+@click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
+              help="override a field of the original scenario (before scaling)")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="multiply MoE layers, FFN widths and vocabulary by F (0 < F <= 1)")
+@click.option("--layers", type=int, default=None, help="MoE layers to keep (the trace's first N)")
+@click.option("--requests", "max_requests", type=int, default=None, help="replay only the first N requests")
+@click.option("--hardware", default=None,
+              help="hardware profile of the written scenario (the simulation uses it; e.g. a measured profile)")
+@click.option("--device", default="auto", show_default=True, help="--real: auto, cpu, cuda or cuda:N")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="bfloat16", show_default=True,
+              help="weights and activations dtype (sets model.bytes_per_param of the scaled scenario)")
+@click.option("--threads", type=int, default=None, help="--real: torch CPU threads")
+@click.option("--io", type=click.Choice(["auto", "odirect", "fadvise", "buffered"]), default="auto",
+              show_default=True, help="--real: how expert reads bypass the page cache")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="--real: where the expert file goes (default: a temporary dir; kept and reused with --keep-files)")
+@click.option("--keep-files", is_flag=True, help="--real: keep the expert file (in --workdir) for the next run")
+@click.option("--events", is_flag=True, help="also write events.parquet (every transfer)")
+@click.option("--quiet", is_flag=True)
+@_guard
+def replay(scenario, real, output, overrides, scale, layers, max_requests, hardware, device, dtype, threads, io,
+           workdir, keep_files, events, quiet):
+    """Run SCENARIO's trace, scaled down, for real (--real) or simulated (--sim), same output format.
+
+    The scaled scenario and trace are written to the output dir (scenario.yaml, trace.parquet), so
+    both modes — and `moesim run OUT/scenario.yaml` — run exactly the same thing. On a CPU-only
+    machine the scenario's gpu tier is a RAM expert cache the CPU computes from, its dram tier host
+    staging buffers, and loads are disk reads that bypass the page cache.
+    """
+    from ..config import read_yaml
+    from ..real.scale import prepare
+    from ..real.torchutil import DTYPES
+    from ..results import write_result
+
+    name = (read_yaml(scenario) or {}).get("name") if Path(scenario).is_file() else None
+    out = Path(output or Path("reports") / f"{name or Path(scenario).stem}-{'real' if real else 'sim'}")
+    sc, orig, notes = prepare(scenario, out, overrides, scale, layers, max_requests, hardware,
+                              bytes_per_param=float(DTYPES[dtype]))
+    if not quiet:
+        m = sc.model
+        click.echo(f"{'real' if real else 'simulated'} replay of {orig.model.name} as {m.name}: {m.num_layers} MoE "
+                   f"layers x {m.num_experts} experts, expert {m.expert_bytes / 1e6:.2f} MB; "
+                   f"cache {sc.cache.gpu.capacity_experts} experts"
+                   + (f", dram {sc.cache.dram.capacity_experts}" if sc.cache.dram else ", every expert in host memory"),
+                   err=True)
+        for n in notes:
+            click.echo(f"  note: {n}", err=True)
+    if real:
+        from ..real import replay_real
+
+        scaling = {"scale": scale, "layers": sc.model.num_layers, "requests": max_requests, "notes": notes,
+                   "original_model": orig.model.name}
+        result = replay_real(sc, device=device, dtype=dtype, workdir=workdir, io=io, record_events=events,
+                             threads=threads, keep_files=keep_files, trace_path=out / "trace.parquet",
+                             scaling=scaling)
+        if sc.cache.dram is None and not quiet:
+            click.echo("  note: no dram tier: every expert was read into host memory before the clock started; "
+                       "loads are link copies only (add cache.dram to read experts from the disk)", err=True)
+    else:
+        from ..engine.run import simulate
+
+        result = simulate(sc, record_events=events)
+        result.summary["mode"] = "simulated"
+    write_result(result, out)
+    if not quiet:
+        _print_run(result.summary, out)
+    else:
+        click.echo(f"results in {out}/")
+
+
+# ---- compare -------------------------------------------------------------------------------------
+
+@click.command("compare")
+@click.argument("sim_dir", type=click.Path(file_okay=False))
+@click.argument("real_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="where compare.json, compare.md and compare_steps.parquet go (default REAL_DIR/compare)")
+@click.option("--quiet", is_flag=True)
+@_guard
+def compare(sim_dir, real_dir, output, quiet):
+    """Error of a simulation (SIM_DIR) against a real run (REAL_DIR) of the same scenario:
+    total (makespan, tokens/s, TPOT, TTFT, hits, stall) and per step and per layer."""
+    from ..compare import compare_dirs, print_comparison, write_comparison
+
+    cmp = compare_dirs(sim_dir, real_dir)
+    out = Path(output or Path(real_dir) / "compare")
+    write_comparison(cmp, out)
+    if not quiet:
+        print_comparison(cmp)
+    click.echo(f"wrote {out}/compare.json, compare.md, compare_steps.parquet")
+
+
+COMMANDS = [profile, replay, compare]
+
+
+def _standalone_group():
+    """`python -m moesim.hardware.profile_cli profile|replay|compare ...` (same as `moesim ...`)."""
+    @click.group()
+    def group():
+        """moesim profile / replay / compare."""
+    for c in COMMANDS:
+        group.add_command(c)
+    return group
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _standalone_group()()

@@ -1,0 +1,72 @@
+"""`moesim profile --quick` on this machine's CPU: a profile YAML that validates, that `moesim
+hardware show` accepts and whose measured tables grow (roughly) with tokens."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from moesim.hardware.profile import load_profile
+from moesim.hardware.profile_cli import profile
+
+
+def _monotone_ish(xs, ms, slack=0.35):
+    """Each point at least (1 - slack) of the largest before it; the curve rises overall."""
+    best = 0.0
+    for m in ms:
+        assert m >= (1 - slack) * best - 0.02, (xs, ms)
+        best = max(best, m)
+    assert ms[-1] > ms[0], (xs, ms)
+
+
+def test_profile_quick_writes_a_valid_measured_profile(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "cpu-test.yaml"
+    t = time.perf_counter()
+    r = CliRunner().invoke(profile, ["--quick", "--model", "switch-base-128", "--scale", "0.25", "-o", str(out),
+                                     "--device", "cpu", "--quiet"], catch_exceptions=False)
+    took = time.perf_counter() - t
+    assert r.exit_code == 0, r.output
+    assert took < 60, f"--quick took {took:.0f} s"
+    p = load_profile(str(out))
+    assert p.name == "cpu-test"
+    m = p.measured
+    assert m is not None and m.model == "switch-base-128@0.25"
+    assert m.source.startswith("measured by moesim profile") and "bfloat16" in m.source
+    assert m.expert_compute_ms.tokens[0] == 1 and m.expert_compute_ms.tokens[-1] == 4096
+    _monotone_ish(m.expert_compute_ms.tokens, m.expert_compute_ms.ms)
+    # attention: decode-shaped up to 16 tokens, a causal prefill above; each part grows
+    from moesim.hardware.profiler import DECODE_SHAPE_MAX
+    pts = list(zip(m.attention_ms.tokens, m.attention_ms.ms))
+    for part in ([p for p in pts if p[0] <= DECODE_SHAPE_MAX], [p for p in pts if p[0] > DECODE_SHAPE_MAX]):
+        _monotone_ish([x for x, _ in part], [y for _, y in part])
+    for sec in (p.gpu, p.pcie_h2d, p.disk, p.host_dram):
+        for k, v in sec.source.items():
+            assert v.startswith("measured by moesim profile") or "moesim replay" in v, (k, v)
+    assert "CPU" in p.gpu.name and "CPU" in p.description
+    assert 0.01 < p.disk.read_bandwidth_gbps < 100 and 0.1 < p.pcie_h2d.bandwidth_gbps < 1000
+    # the raw measurements with their spread sit beside the profile
+    side = json.loads((tmp_path / "cpu-test.measurements.json").read_text())
+    assert side["disk"]["method"] in ("odirect", "fadvise")
+    assert {"median", "p10", "p90", "n"} <= set(side["expert_compute"][0])
+    frac = side["disk"]["verification"]["page_cache_fraction_after_bypassed_reads"]
+    assert frac is None or frac < 0.05
+    # `moesim hardware show` accepts it
+    from moesim.cli import main
+    r = CliRunner().invoke(main, ["hardware", "show", str(out)])
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load(r.output)["measured"]["model"] == "switch-base-128@0.25"
+    # a scenario of that model picks up the measured tables
+    from moesim.hardware.costs import CostModel
+    from moesim.real.scale import scaled_model
+    from moesim.models import get_preset
+    cm = CostModel(scaled_model(get_preset("switch-base-128"), 0.25, None, 2.0), p)
+    assert cm.uses_measured == {"expert_compute": True, "attention": True}
+
+
+def test_profile_bad_model_is_an_input_error(tmp_path):
+    r = CliRunner().invoke(profile, ["--model", "nope", "-o", str(tmp_path / "x.yaml")])
+    assert r.exit_code == 2 and "unknown model preset" in r.output
