@@ -9,30 +9,14 @@ torch is imported only when `profile` or `replay --real` runs.
 """
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 
 import click
 
+from ..cliutil import guard as _guard
 from ..errors import InputError
 
 DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
-
-
-def _guard(fn):
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except InputError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 # ---- profile -------------------------------------------------------------------------------------
