@@ -134,7 +134,7 @@ def compare_dirs(sim_dir, real_dir) -> dict:
         e = df["error"].abs().dropna()
         if not len(e):
             return {"steps": 0}
-        return {"steps": int(len(e)), "sim_ms": float(df["sim_ms"].sum()), "real_ms": float(df["real_ms"].sum()),
+        return {"steps": len(e), "sim_ms": float(df["sim_ms"].sum()), "real_ms": float(df["real_ms"].sum()),
                 "total_error": rel_err(df["sim_ms"].sum(), df["real_ms"].sum()),
                 "mean_abs_error": float(e.mean()), "median_abs_error": float(e.median()),
                 "p90_abs_error": float(np.percentile(e, 90)), "max_abs_error": float(e.max()),
@@ -180,10 +180,10 @@ def _pct(v) -> str:
 
 
 def markdown(cmp: dict) -> str:
-    L = [f"# compare: {cmp['scenario']} ({cmp['model']}, {cmp['predictor']}, batch {cmp['batch']}, "
-         f"cache {cmp['cache_experts']} experts)", "",
-         f"simulated: `{cmp['sim_dir']}` ({cmp['sim_mode']}); real: `{cmp['real_dir']}` ({cmp['real_mode']}). "
-         "Error = (sim - real) / real.", ""]
+    L = [(f"# compare: {cmp['scenario']} ({cmp['model']}, {cmp['predictor']}, batch {cmp['batch']}, "
+         f"cache {cmp['cache_experts']} experts)"), "",
+         (f"simulated: `{cmp['sim_dir']}` ({cmp['sim_mode']}); real: `{cmp['real_dir']}` ({cmp['real_mode']}). "
+         "Error = (sim - real) / real."), ""]
     for w in cmp["warnings"]:
         L.append(f"**warning:** {w}  ")
     L += ["", "| metric | simulated | real | error |", "|---|---:|---:|---:|"]

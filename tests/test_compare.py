@@ -14,7 +14,7 @@ from moesim.compare import compare_dirs, rel_err, step_times
 from moesim.engine.run import simulate
 from moesim.hardware.profile_cli import compare
 from moesim.results import write_result
-from moesim.validate import fixed_profile, tiny_scenario, write_routing
+from moesim.validate import tiny_scenario, write_routing
 
 
 @pytest.fixture

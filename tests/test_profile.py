@@ -61,8 +61,8 @@ def test_profile_quick_writes_a_valid_measured_profile(tmp_path):
     assert yaml.safe_load(r.output)["measured"]["model"] == "switch-base-128@0.25"
     # a scenario of that model picks up the measured tables
     from moesim.hardware.costs import CostModel
-    from moesim.real.scale import scaled_model
     from moesim.models import get_preset
+    from moesim.real.scale import scaled_model
     cm = CostModel(scaled_model(get_preset("switch-base-128"), 0.25, None, 2.0), p)
     assert cm.uses_measured == {"expert_compute": True, "attention": True}
 

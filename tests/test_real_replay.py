@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from moesim.hardware.profile_cli import compare, replay
 from moesim.validate import fixed_profile, write_routing
 
-TINY = dict(name="tiny-real", num_layers=3, num_experts=16, top_k=2, hidden_size=256,
-            expert_intermediate_size=512, gated=True, bytes_per_param=2.0,
-            num_heads=4, num_kv_heads=2, head_dim=64, vocab_size=1000)
+TINY = {"name": "tiny-real", "num_layers": 3, "num_experts": 16, "top_k": 2, "hidden_size": 256,
+            "expert_intermediate_size": 512, "gated": True, "bytes_per_param": 2.0,
+            "num_heads": 4, "num_kv_heads": 2, "head_dim": 64, "vocab_size": 1000}
 
 
 def _scenario(tmp: Path, *, predictor="on_demand", gpu=6, dram=8, batch=2, requests=4, prompt=4, decode=6,
@@ -134,5 +134,5 @@ def test_scale_flags_cut_layers_requests_and_capacity(tmp_path):
 def test_moesim_imports_without_torch():
     code = ("import sys, moesim, moesim.real, moesim.compare, moesim.hardware.profile_cli, moesim.hardware.profiler, "
             "moesim.real.scale; assert 'torch' not in sys.modules, 'torch imported eagerly'")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr

@@ -97,8 +97,8 @@ def _print_run(s: dict, out: Path) -> None:
     real = s.get("real")
     if real:
         rows += [("device", real["device"]["name"]), ("dtype / threads", f"{real['dtype']} / {real['torch_threads']}"),
-                 ("disk reads", f"{real['io']['method']} (page cache after run: "
-                                f"{'?' if real['io']['page_cache_after_run'] is None else pct(real['io']['page_cache_after_run'])})")]
+                 ("disk reads", (f"{real['io']['method']} (page cache after run: "
+                                f"{'?' if real['io']['page_cache_after_run'] is None else pct(real['io']['page_cache_after_run'])})"))]
         for k, v in real["roles"].items():
             rows.append((f"{k}", v))
     for k, v in rows:

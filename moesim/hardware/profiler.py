@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..errors import InputError
 from ..models import ModelSpec
 from .profile import profile_from_dict
 
@@ -124,7 +123,14 @@ class ProfileResult:
 
 class Profiler:
     def __init__(self, model: ModelSpec, device: str, dtype: str, threads: int | None, quick: bool, log):
-        from ..real.torchutil import default_threads, pick_device, require_torch, set_threads, synchronizer, torch_dtype
+        from ..real.torchutil import (
+            default_threads,
+            pick_device,
+            require_torch,
+            set_threads,
+            synchronizer,
+            torch_dtype,
+        )
 
         self.torch = require_torch()
         self.device = pick_device(device)
@@ -282,7 +288,12 @@ class Profiler:
     # ---- disk ----------------------------------------------------------------------------------
     def disk(self, directory: Path, expert_bytes: int, io: str) -> dict:
         from ..real.kernels import padded
-        from ..real.store import aligned_buffer, cached_fraction, open_reader, write_random_file
+        from ..real.store import (
+            aligned_buffer,
+            cached_fraction,
+            open_reader,
+            write_random_file,
+        )
 
         sizes = [64 * KiB, 256 * KiB, MiB, 4 * MiB, 16 * MiB] + ([] if self.quick else [64 * MiB])
         eb = padded(expert_bytes)
@@ -320,7 +331,7 @@ class Profiler:
             # verification: is the file in the page cache after all these reads, and how fast is
             # a read that is served from the page cache?
             frac = cached_fraction(path, 0, file_bytes)
-            probe = eb if eb <= sizes[-1] else sizes[-1]
+            probe = min(eb, sizes[-1])
             with open(path, "rb", buffering=0) as f:
                 f.readinto(memoryview(buf)[:probe])        # now cached
                 t = time.perf_counter()
@@ -371,7 +382,6 @@ class Profiler:
             np.copyto(dst[:sz], pool[off: off + sz])
         calls = {sz: (lambda sz=sz: call(sz)) for sz in sizes}
         res = self.bench_points(calls)
-        del pool
         med = [res[s].median for s in sizes]
         lat_us, bw = _fit_latency_bw(sizes, med)
         return {"kind": "host memcpy (np.copyto), source walking through a 256 MiB buffer",
@@ -405,8 +415,8 @@ class Profiler:
                     srcs = [torch.empty(sz, dtype=torch.uint8, pin_memory=pinned) for _ in range(n_streams)]
                     dsts = [torch.empty(sz, dtype=torch.uint8, device=self.device) for _ in range(n_streams)]
 
-                    def go():
-                        for st, a, b in zip(streams, srcs, dsts):
+                    def go(srcs=srcs, dsts=dsts, n_streams=n_streams):
+                        for st, a, b in zip(streams, srcs, dsts, strict=False):
                             with torch.cuda.stream(st):
                                 b.copy_(a, non_blocking=True)
                         for st in streams[:n_streams]:
@@ -564,6 +574,7 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
                        f"order; spread in the .measurements.json"),
         },
     }
+    _optional_fields(prof, desc, dtype, p.threads, context, when, disk, link, p.cuda)
     hp = profile_from_dict(prof, file=str(out))  # must validate
     sidecar = out.with_name(out.stem + ".measurements.json")
     meas = {
@@ -575,8 +586,8 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
         "attention_decode_grid": grid,
         "roofline": roof, "disk": disk, "link": link,
     }
-    header = [f"Hardware profile measured by `moesim profile{' --quick' if quick else ''} --model {spec.name}"
-              f"{f' --scale {scale:g}' if scale != 1 else ''} --dtype {dtype} --context {context}` on {when}.",
+    header = [(f"Hardware profile measured by `moesim profile{' --quick' if quick else ''} --model {spec.name}"
+              f"{f' --scale {scale:g}' if scale != 1 else ''} --dtype {dtype} --context {context}` on {when}."),
               f"Device: {dev_words}.", f"Versions: {versions}.",
               f"Every point with its spread (p10/p90/min/max, n): {sidecar.name}.",
               "Units: *_gbps = 1e9 bytes/s, *_gb = 1e9 bytes, *_tflops = 1e12 FLOP/s, *_us microseconds.",
@@ -595,16 +606,44 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
         f"device        {dev_words}; {dtype}, {p.threads} torch threads; model {model.name}",
         "expert FFN    " + "  ".join(f"{t}:{exp[t].median * 1e3:.3g}ms" for t in tok),
         "attention     " + "  ".join(f"{t}:{att[t].median * 1e3:.3g}ms" for t in atok),
-        f"GEMM          {gm['tflops']:.3g} TFLOP/s ({gm['size']}^3);  GEMV stream {gv['gbps']:.3g} GB/s;  "
-        f"per-op {go['us']:.3g} us",
-        f"disk          {disk['method']}: {fit_d['bandwidth_gbps']:.3g} GB/s + {fit_d['latency_us']:.3g} us; expert "
+        (f"GEMM          {gm['tflops']:.3g} TFLOP/s ({gm['size']}^3);  GEMV stream {gv['gbps']:.3g} GB/s;  "
+        f"per-op {go['us']:.3g} us"),
+        (f"disk          {disk['method']}: {fit_d['bandwidth_gbps']:.3g} GB/s + {fit_d['latency_us']:.3g} us; expert "
         f"read ({disk['expert_read']['bytes'] / MiB:.2f} MiB) {disk['expert_read']['median']:.3g} ms "
         f"(p10-p90 {disk['expert_read']['p10']:.3g}-{disk['expert_read']['p90']:.3g}); cached "
-        f"{ver['cached_read_ms']:.3g} ms; bypass verified: {ver['bypass_works']}",
+        f"{ver['cached_read_ms']:.3g} ms; bypass verified: {ver['bypass_works']}"),
         f"link          {link['kind']}: {fit_l['bandwidth_gbps']:.3g} GB/s + {fit_l['latency_us']:.3g} us",
         f"took          {meas['moesim_profile_seconds']:.1f} s",
     ]
     return ProfileResult(prof, meas, out, sidecar, lines)
+
+
+def _optional_fields(prof: dict, desc: dict, dtype: str, threads: int, context: int, when: str, disk: dict,
+                     link: dict, cuda: bool) -> None:
+    """Fields proposed for moesim.hardware.profile (a `device` section; `measured.dtype`,
+    `measured.threads`, `measured.attention_context`, and the size tables `measured.h2d_ms` and
+    `measured.disk_read_ms` as {bytes: [...], ms: [...]}): written only where the schema has them,
+    so the YAML always validates."""
+    from .profile import HardwareProfile, Measured
+
+    hf, mf = HardwareProfile.model_fields, Measured.model_fields
+    if "device" in hf:
+        versions = {k: str(desc[k]) for k in ("torch", "numpy", "python", "os", "cuda", "driver", "cudnn")
+                    if desc.get(k) is not None}
+        prof["device"] = {"kind": "cuda" if cuda else "cpu", "name": desc["name"], "threads": threads,
+                          "versions": versions, "measured_at": when}
+    m = prof["measured"]
+    for key, val in (("dtype", dtype), ("threads", threads), ("attention_context", context)):
+        if key in mf:
+            m[key] = val
+    if "h2d_ms" in mf:
+        rows = [c for c in link["copies"] if c.get("pinned", True) and c.get("streams", 1) == 1]
+        m["h2d_ms"] = {"bytes": [float(c["bytes"]) for c in rows], "ms": [_sig(c["median"]) for c in rows]}
+    if "disk_read_ms" in mf:
+        pts = {r["bytes"]: r["median"] for r in disk["reads"]}
+        pts[disk["expert_read"]["bytes"]] = disk["expert_read"]["median"]  # the replay-like measurement
+        xs = sorted(pts)
+        m["disk_read_ms"] = {"bytes": [float(x) for x in xs], "ms": [_sig(pts[x]) for x in xs]}
 
 
 def spread_d(d: dict) -> str:

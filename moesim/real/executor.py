@@ -39,10 +39,33 @@ from .. import __version__
 from ..cache.tiers import Tier
 from ..errors import InputError
 from ..hardware.channels import DEMAND, PREFETCH, Transfer
-from .kernels import (Attention, KVCache, Shapes, StepGeometry, attention_segment, expert_forward, expert_views,
-                      ffn, lm_head, random_weight)
-from .store import aligned_buffer, cached_fraction, drop_cache, open_reader, write_random_file
-from .torchutil import default_threads, device_description, pick_device, require_torch, set_threads, torch_dtype
+from .kernels import (
+    Attention,
+    KVCache,
+    Shapes,
+    StepGeometry,
+    attention_segment,
+    expert_forward,
+    expert_views,
+    ffn,
+    lm_head,
+    random_weight,
+)
+from .store import (
+    aligned_buffer,
+    cached_fraction,
+    drop_cache,
+    open_reader,
+    write_random_file,
+)
+from .torchutil import (
+    default_threads,
+    device_description,
+    pick_device,
+    require_torch,
+    set_threads,
+    torch_dtype,
+)
 
 TIER_ROLES = {
     "cpu": {"gpu": "bounded expert cache in RAM that the CPU computes from (the scenario's gpu tier)",
@@ -139,9 +162,27 @@ class RealTransfer(Transfer):
 class _Load:
     """An expert on its way to the compute device (demand or prefetch), possibly via the disk."""
 
-    __slots__ = ("key", "prefetch", "target", "bypass", "transfer", "channel", "done_t", "waiters",
-                 "from_disk", "dram_reserved", "pinned_dram", "counted_inflight", "reserved", "pins",
-                 "src", "staging", "dev", "dev_dst", "dev_transient")
+    __slots__ = (
+        "bypass",
+        "channel",
+        "counted_inflight",
+        "dev",
+        "dev_dst",
+        "dev_transient",
+        "done_t",
+        "dram_reserved",
+        "from_disk",
+        "key",
+        "pinned_dram",
+        "pins",
+        "prefetch",
+        "reserved",
+        "src",
+        "staging",
+        "target",
+        "transfer",
+        "waiters",
+    )
 
     def __init__(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool):
         self.key, self.prefetch, self.target, self.bypass = key, prefetch, target, bypass
@@ -162,7 +203,7 @@ class _Load:
 class RealChannel:
     """A link served by `slots` worker threads with the simulator's two-level priority queue."""
 
-    def __init__(self, ex: "RealExecutor", name: str, slots: int, work, on_drop):
+    def __init__(self, ex: RealExecutor, name: str, slots: int, work, on_drop):
         self.ex, self.name, self.slots, self.work, self.on_drop = ex, name, slots, work, on_drop
         self.cond = threading.Condition(ex.lock)
         self.queues: tuple[deque, deque] = (deque(), deque())
@@ -249,7 +290,7 @@ class RealChannel:
 class _View:
     """The read-only StepView predictors see (as engine.sim._View, over a real run)."""
 
-    def __init__(self, ex: "RealExecutor", plan):
+    def __init__(self, ex: RealExecutor, plan):
         self._ex, self._plan = ex, plan
         self.step, self.phase, self.request_ids = plan.index, plan.phase, plan.request_ids
         self.token_request_ids = plan.token_requests
@@ -292,7 +333,7 @@ class RealExecutor:
 
     def __init__(self, sc, *, device: str = "auto", dtype: str = "bfloat16", workdir=None, io: str = "auto",
                  record_events: bool = False, threads: int | None = None, seed: int | None = None, log=None):
-        self.torch = torch = require_torch()
+        self.torch = require_torch()
         self.sc = sc
         self.model = m = sc.model
         self.device = pick_device(device)
@@ -786,7 +827,7 @@ class RealExecutor:
                 self.cond.wait(timeout=1.0)
 
     def _drive(self, x_base, alpha: float) -> None:
-        torch, m, rec, pred, gpu = self.torch, self.model, self.rec, self.predictor, self.gpu
+        m, rec, pred, gpu = self.model, self.rec, self.predictor, self.gpu
         dedup = self.dedup
         n_dense = m.first_dense_layers
         for plan in self.steps:
@@ -809,7 +850,7 @@ class RealExecutor:
                 h = attention_segment(x, self.attn[n_dense + layer], self.caches[n_dense + layer], g)
                 self.sync()
                 t_gate = self.now()
-                keys, counts = plan.keys[layer], plan.counts[layer]
+                keys = plan.keys[layer]
                 groups = self._token_groups(plan, layer, keys)
                 hits = late = misses = 0
                 ready: list[tuple[object, object]] = []  # (views, token rows) of hits
@@ -850,7 +891,7 @@ class RealExecutor:
                     self._issue(gate_reqs)
                 busy = 0.0
                 for w in self.shared[layer]:
-                    busy += self._timed(lambda w=w: x.add_(ffn(h, *w)))
+                    busy += self._timed(lambda w=w, x=x, h=h: x.add_(ffn(h, *w)))
                 for views, rows in ready:
                     busy += self._timed(expert_forward, h, rows, views, x, alpha)
                 todo = list(pending)

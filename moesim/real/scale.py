@@ -29,7 +29,7 @@ from ..models import ModelSpec
 def _width(w: int | None, f: float) -> int | None:
     if w is None:
         return None
-    return max(16, int(round(w * f / 16)) * 16) if f != 1 else w
+    return max(16, round(w * f / 16) * 16) if f != 1 else w
 
 
 def scaled_model(spec: ModelSpec, scale: float = 1.0, layers: int | None = None,
@@ -43,12 +43,12 @@ def scaled_model(spec: ModelSpec, scale: float = 1.0, layers: int | None = None,
     d = spec.model_dump()
     if scale != 1:
         d["name"] = f"{spec.name}@{scale:g}"
-        d["num_layers"] = max(1, int(round(spec.num_layers * scale)))
-        d["first_dense_layers"] = int(round(spec.first_dense_layers * scale))
+        d["num_layers"] = max(1, round(spec.num_layers * scale))
+        d["first_dense_layers"] = round(spec.first_dense_layers * scale)
         d["expert_intermediate_size"] = _width(spec.expert_intermediate_size, scale)
         d["shared_expert_intermediate_size"] = _width(spec.shared_expert_intermediate_size, scale)
         d["dense_intermediate_size"] = _width(spec.dense_intermediate_size, scale)
-        d["vocab_size"] = int(round(spec.vocab_size * scale))
+        d["vocab_size"] = round(spec.vocab_size * scale)
         d["source"] = f"{spec.source}; scaled by {scale:g} (layers, FFN widths, vocabulary) by moesim"
     if layers is not None:
         if layers > spec.num_layers:
@@ -62,7 +62,7 @@ def scaled_model(spec: ModelSpec, scale: float = 1.0, layers: int | None = None,
 def _tier(tier, orig: ModelSpec, new: ModelSpec, notes: list[str], name: str) -> dict:
     n = tier.experts(orig.expert_bytes)
     if tier.partition == "global" and new.num_layers != orig.num_layers:
-        n2 = int(round(n * new.num_layers / orig.num_layers))
+        n2 = round(n * new.num_layers / orig.num_layers)
     else:
         n2 = n
     if n2 < new.top_k:

@@ -109,7 +109,7 @@ def device_description(device: str) -> dict:
         try:
             import subprocess
             out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10)
+                                 capture_output=True, text=True, timeout=10, check=False)
             d["driver"] = out.stdout.strip().splitlines()[idx] if out.returncode == 0 else None
         except (OSError, IndexError, subprocess.SubprocessError):
             d["driver"] = None
