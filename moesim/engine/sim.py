@@ -20,6 +20,7 @@ from ..hardware.costs import CostModel
 from ..models import ModelSpec
 from ..predictors.base import Predictor, Prefetch
 from .metrics import Recorder
+from .pins import PinLedger
 from .plan import StepPlan
 from .scheduler import PlanSource
 
@@ -108,7 +109,7 @@ class _View:
         return out
 
 
-class Simulation:
+class Simulation(PinLedger):
     """Runs the steps of a scheduler through the timing model and records metrics.
 
     `steps`: a Scheduler (anything with `next_step(now)` and `peek(i, now)`), or an iterable of
@@ -237,39 +238,6 @@ class Simulation:
         elif load.pinned_dram:
             self.dram.unpin(t.key)
         self.rec.prefetch_dropped += 1
-
-    # ---- pins: a key's pins wait on its load until the load holds a GPU slot --------------------
-
-    def _pin(self, key: int) -> None:
-        load = self.loads.get(key)
-        if load is not None and not load.reserved:
-            load.pins += 1
-        else:
-            self.gpu.pin(key)
-
-    def _unpin(self, key: int) -> None:
-        stale = self.stale_pins.get(key)
-        if stale:
-            self.stale_pins[key] = stale - 1
-            return
-        load = self.loads.get(key)
-        if load is not None and not load.reserved:
-            load.pins -= 1
-        else:
-            self.gpu.unpin(key)
-
-    def _forget_pins(self, load: _Load) -> None:
-        """A load that never got a slot took its waiting pins with it; their unpins become no-ops."""
-        if load.pins:
-            self.stale_pins[load.key] = self.stale_pins.get(load.key, 0) + load.pins
-            load.pins = 0
-
-    def _evicted(self, keys: list[int]) -> None:
-        for k in keys:
-            if k in self.prefetched_unused:
-                self.prefetched_unused.discard(k)
-                self.rec.prefetch_wasted += 1
-        self.rec.gpu_evictions += len(keys)
 
     # ---- prefetch ----------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import __version__
 from ..cache.tiers import Tier
+from ..engine.pins import PinLedger
 from ..errors import InputError
 from ..hardware.channels import DEMAND, PREFETCH, Transfer
 from .kernels import (
@@ -328,7 +329,7 @@ class _View:
 
 # ---- the executor -------------------------------------------------------------------------------
 
-class RealExecutor:
+class RealExecutor(PinLedger):
     """Runs a scenario's static-batch step plan for real. Use `replay_real()`."""
 
     def __init__(self, sc, *, device: str = "auto", dtype: str = "bfloat16", workdir=None, io: str = "auto",
@@ -629,37 +630,6 @@ class RealExecutor:
                 self.staging.put(load.staging)
                 load.staging = None
         self.rec.prefetch_dropped += 1
-
-    # ---- pins ----------------------------------------------------------------------------------
-    def _pin(self, key: int) -> None:
-        load = self.loads.get(key)
-        if load is not None and not load.reserved:
-            load.pins += 1
-        else:
-            self.gpu.pin(key)
-
-    def _unpin(self, key: int) -> None:
-        stale = self.stale_pins.get(key)
-        if stale:
-            self.stale_pins[key] = stale - 1
-            return
-        load = self.loads.get(key)
-        if load is not None and not load.reserved:
-            load.pins -= 1
-        else:
-            self.gpu.unpin(key)
-
-    def _forget_pins(self, load: _Load) -> None:
-        if load.pins:
-            self.stale_pins[load.key] = self.stale_pins.get(load.key, 0) + load.pins
-            load.pins = 0
-
-    def _evicted(self, keys: list[int]) -> None:
-        for k in keys:
-            if k in self.prefetched_unused:
-                self.prefetched_unused.discard(k)
-                self.rec.prefetch_wasted += 1
-        self.rec.gpu_evictions += len(keys)
 
     # ---- prefetch --------------------------------------------------------------------------------
     def _issue(self, reqs) -> None:

@@ -1,0 +1,41 @@
+"""Pin and eviction bookkeeping shared by the simulator and the real replay.
+
+A key's pins wait on its load until the load holds a GPU slot; a load that never gets one takes
+its waiting pins with it, and their later unpins become no-ops. Needs `self.loads`, `self.gpu`,
+`self.stale_pins`, `self.prefetched_unused` and `self.rec` on the class that mixes it in.
+"""
+from __future__ import annotations
+
+
+class PinLedger:
+    def _pin(self, key: int) -> None:
+        load = self.loads.get(key)
+        if load is not None and not load.reserved:
+            load.pins += 1
+        else:
+            self.gpu.pin(key)
+
+    def _unpin(self, key: int) -> None:
+        stale = self.stale_pins.get(key)
+        if stale:
+            self.stale_pins[key] = stale - 1
+            return
+        load = self.loads.get(key)
+        if load is not None and not load.reserved:
+            load.pins -= 1
+        else:
+            self.gpu.unpin(key)
+
+    def _forget_pins(self, load) -> None:
+        """A load that never got a slot took its waiting pins with it."""
+        if load.pins:
+            self.stale_pins[load.key] = self.stale_pins.get(load.key, 0) + load.pins
+            load.pins = 0
+
+    def _evicted(self, keys: list[int]) -> None:
+        """Count evictions; an evicted prefetch that was never used is wasted."""
+        for k in keys:
+            if k in self.prefetched_unused:
+                self.prefetched_unused.discard(k)
+                self.rec.prefetch_wasted += 1
+        self.rec.gpu_evictions += len(keys)
