@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .cliutil import fmt_ms, fmt_pct, print_metrics
 from .cliutil import guard as _guard
 from .errors import InputError
 
@@ -20,21 +21,8 @@ def main():
 # ---- run ---------------------------------------------------------------------------------------
 
 def _print_summary(s: dict, out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     sc = s["scenario"]
-    t = Table(title=f"{sc['name']}: {sc['model']['name']} on {sc['hardware']['name']}, "
-                    f"predictor {sc['predictor']['name']}, batch {sc['batch']['size']}")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-
-    def ms(d):
-        return "-" if d["mean"] is None else f"{d['mean']:.2f} (p50 {d['p50']:.2f}, p99 {d['p99']:.2f})"
-
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
+    ms, pct = fmt_ms, fmt_pct
     rows = [
         ("tokens/s", f"{s['tokens_per_s']:.1f}"),
         ("TTFT ms mean", ms(s["ttft_ms"])),
@@ -49,10 +37,8 @@ def _print_summary(s: dict, out: Path) -> None:
         ("prefetch issued/used/late/wasted", "{issued}/{used}/{late}/{wasted}".format(**s["prefetch"])),
         ("dedup ratio", pct(s["dedup_ratio"])),
     ]
-    for k, v in rows:
-        t.add_row(k, v)
-    Console().print(t)
-    click.echo(f"results in {out}/")
+    print_metrics(f"{sc['name']}: {sc['model']['name']} on {sc['hardware']['name']}, "
+                  f"predictor {sc['predictor']['name']}, batch {sc['batch']['size']}", rows, out)
 
 
 @main.command()

@@ -11,7 +11,6 @@ so +10% means the simulator predicts 10% more (time) than was measured.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .results import read_summary
 
 TOTALS = [
     ("makespan_s", "makespan (s)"),
@@ -67,13 +67,7 @@ def rel_err(sim, real) -> float | None:
 def _read(d: Path) -> tuple[dict, pd.DataFrame]:
     if not d.is_dir():
         raise InputError("not a directory", file=str(d))
-    p = d / "summary.json"
-    try:
-        s = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError("no summary.json: not a run's output dir", file=str(d)) from None
-    except ValueError as e:
-        raise InputError(f"unreadable JSON: {e}", file=str(p)) from None
+    s = read_summary(d)
     try:
         steps = pd.read_parquet(d / "steps.parquet")
     except FileNotFoundError:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import InputError
+
 
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -44,7 +46,15 @@ def write_result(result, outdir: str | Path) -> list[Path]:
 
 
 def read_summary(outdir: str | Path) -> dict:
-    return json.loads((Path(outdir) / "summary.json").read_text())
+    """summary.json of a run dir; InputError when it is missing or not JSON."""
+    d = Path(outdir)
+    p = d / "summary.json"
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError("no summary.json: not a run's output dir", file=str(d)) from None
+    except ValueError as e:
+        raise InputError(f"unreadable JSON: {e}", file=str(p)) from None
 
 
 def read_table(outdir: str | Path, name: str) -> pd.DataFrame:

@@ -86,13 +86,29 @@ class Policy:
         return f"{type(self).__name__}({len(self)} keys)"
 
 
-class _Ordered(Policy):
+class _Keyed(Policy):
+    """A policy whose resident keys are the keys of one dict, ``_res``."""
+
+    __slots__ = ("_res",)
+
+    def __len__(self) -> int:
+        return len(self._res)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._res
+
+    def keys(self) -> list[int]:
+        return list(self._res)
+
+
+class _Ordered(_Keyed):
     """Shared body of LRU and FIFO: an OrderedDict, eviction end first."""
 
     __slots__ = ("_od",)
 
     def __init__(self) -> None:
         self._od: OrderedDict[int, None] = OrderedDict()
+        self._res = self._od
 
     def insert(self, key: int, next_use: float | None = None) -> None:
         od = self._od
@@ -108,15 +124,6 @@ class _Ordered(Policy):
             if k not in excluded:
                 return k
         return None
-
-    def __len__(self) -> int:
-        return len(self._od)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._od
-
-    def keys(self) -> list[int]:
-        return list(self._od)
 
 
 class LRU(_Ordered):
@@ -140,7 +147,34 @@ class FIFO(_Ordered):
             raise KeyError(key)
 
 
-class LFU(Policy):
+class _Heaped(_Keyed):
+    """A policy that keeps its eviction order in a heap ``_heap`` with lazy deletion."""
+
+    __slots__ = ()
+
+    def _top(self) -> int | None:  # pragma: no cover
+        """The key of the top heap entry if that entry is current; else drop or re-push it, None."""
+        raise NotImplementedError
+
+    def victim(self, excluded: Container[Hashable] = ()) -> int | None:
+        heap, top = self._heap, self._top
+        held: list[tuple] = []
+        found = None
+        while heap:
+            k = top()
+            if k is None:
+                continue
+            if k in excluded:
+                held.append(heapq.heappop(heap))
+                continue
+            found = k
+            break
+        for e in held:
+            heapq.heappush(heap, e)
+        return found
+
+
+class LFU(_Heaped):
     """Least frequently used, libCacheSim semantics.
 
     The frequency of a key counts its insert plus its touches since that insert; removal forgets
@@ -160,6 +194,7 @@ class LFU(Policy):
 
     def __init__(self) -> None:
         self._freq: dict[int, int] = {}
+        self._res = self._freq
         self._last: dict[int, int] = {}
         self._ins: dict[int, int] = {}   # tick of the insert that began the current residency
         self._heap: list[tuple[int, int, int]] = []
@@ -192,44 +227,25 @@ class LFU(Policy):
         self._heap = [(f, last[k], k) for k, f in self._freq.items()]
         heapq.heapify(self._heap)
 
-    def victim(self, excluded: Container[Hashable] = ()) -> int | None:
-        heap, freq, last, ins = self._heap, self._freq, self._last, self._ins
-        held: list[tuple[int, int, int]] = []
-        found = None
-        while heap:
-            f, t, k = heap[0]
-            tf = freq.get(k)
-            if tf is None or t < ins[k]:      # removed, or an entry of an earlier residency
-                heapq.heappop(heap)
-                continue
-            tl = last[k]
-            if tf != f or tl != t:             # stale (k was touched since): move it down
-                heapq.heapreplace(heap, (tf, tl, k))
-                continue
-            if k in excluded:
-                held.append(heapq.heappop(heap))
-                continue
-            found = k
-            break
-        for e in held:
-            heapq.heappush(heap, e)
-        return found
-
-    def __len__(self) -> int:
-        return len(self._freq)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._freq
-
-    def keys(self) -> list[int]:
-        return list(self._freq)
+    def _top(self) -> int | None:
+        heap = self._heap
+        f, t, k = heap[0]
+        tf = self._freq.get(k)
+        if tf is None or t < self._ins[k]:  # removed, or an entry of an earlier residency
+            heapq.heappop(heap)
+            return None
+        tl = self._last[k]
+        if tf != f or tl != t:               # stale (k was touched since): move it down
+            heapq.heapreplace(heap, (tf, tl, k))
+            return None
+        return k
 
     def frequency(self, key: int) -> int:
         """Accesses of ``key`` since its last insert (KeyError if not resident)."""
         return self._freq[key]
 
 
-class Belady(Policy):
+class Belady(_Heaped):
     """Belady's MIN: evicts the key whose next use is farthest away.
 
     ``next_use`` (the stream position of the key's next request) must be passed to ``insert`` and
@@ -249,6 +265,7 @@ class Belady(Policy):
 
     def __init__(self) -> None:
         self._nu: dict[int, tuple[float, int]] = {}        # key -> (next use, tick of last access)
+        self._res = self._nu
         self._heap: list[tuple[float, int, int]] = []      # (-next use, tick, key): max next use first
         self._due: list[tuple[float, int, int]] = []       # (next use, tick, key): earliest first
         self._tick = 0
@@ -271,18 +288,9 @@ class Belady(Policy):
         self._set(key, next_use)
 
     def touch(self, key: int, next_use: float | None = None) -> None:
-        cur = self._nu
-        if key not in cur:
+        if key not in self._nu:
             raise KeyError(key)
-        nu = _INF if next_use is None else next_use
-        self._tick = t = self._tick + 1
-        cur[key] = (nu, t)
-        heap = self._heap
-        _push(heap, (-nu, t, key))
-        if nu != _INF:
-            _push(self._due, (nu, t, key))
-        if len(heap) > 4 * len(cur) + 256:
-            self._compact()
+        self._set(key, next_use)
 
     def remove(self, key: int) -> None:
         del self._nu[key]
@@ -312,32 +320,13 @@ class Belady(Policy):
         if len(self._due) > 4 * len(cur) + 256:
             self._compact()
 
-    def victim(self, excluded: Container[Hashable] = ()) -> int | None:
-        heap, cur = self._heap, self._nu
-        held: list[tuple[float, int, int]] = []
-        found = None
-        while heap:
-            negnu, t, k = heap[0]
-            if cur.get(k) != (-negnu, t):  # superseded or removed
-                heapq.heappop(heap)
-                continue
-            if k in excluded:
-                held.append(heapq.heappop(heap))
-                continue
-            found = k
-            break
-        for e in held:
-            heapq.heappush(heap, e)
-        return found
-
-    def __len__(self) -> int:
-        return len(self._nu)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._nu
-
-    def keys(self) -> list[int]:
-        return list(self._nu)
+    def _top(self) -> int | None:
+        heap = self._heap
+        negnu, t, k = heap[0]
+        if self._nu.get(k) != (-negnu, t):  # superseded or removed
+            heapq.heappop(heap)
+            return None
+        return k
 
     def next_use_of(self, key: int) -> float:
         """The stored next use of a resident key."""

@@ -2,7 +2,8 @@
 
 A key's pins wait on its load until the load holds a GPU slot; a load that never gets one takes
 its waiting pins with it, and their later unpins become no-ops. Needs `self.loads`, `self.gpu`,
-`self.stale_pins`, `self.prefetched_unused` and `self.rec` on the class that mixes it in.
+`self.stale_pins`, `self.prefetched_unused`, `self.protected` and `self.rec` on the class that
+mixes it in.
 """
 from __future__ import annotations
 
@@ -39,3 +40,14 @@ class PinLedger:
                 self.prefetched_unused.discard(k)
                 self.rec.prefetch_wasted += 1
         self.rec.gpu_evictions += len(keys)
+
+    def _protect(self, key: int, target: tuple[int, int]) -> None:
+        """Pin a predicted expert until its target layer has run (see _release)."""
+        self._pin(key)
+        self.protected.setdefault(target, []).append(key)
+
+    def _release(self, upto: tuple[int, int] | None) -> None:
+        """Unpin protections whose target layer is at or before `upto` (None: all)."""
+        for target in [t for t in self.protected if upto is None or t <= upto]:
+            for key in self.protected.pop(target):
+                self._unpin(key)

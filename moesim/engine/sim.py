@@ -15,12 +15,12 @@ import numpy as np
 import simpy
 
 from ..cache.tiers import Tier
-from ..hardware.channels import DEMAND, PREFETCH, Channel, Transfer
+from ..hardware.channels import Channel
 from ..hardware.costs import CostModel
 from ..models import ModelSpec
 from ..predictors.base import Predictor, Prefetch
+from .loads import Load, LoadChain
 from .metrics import Recorder
-from .pins import PinLedger
 from .plan import StepPlan
 from .scheduler import PlanSource
 
@@ -38,24 +38,6 @@ class EngineConfig:
     has_dram: bool = False
     dedup: bool = True
     record_events: bool = False
-
-
-class _Load:
-    """An expert on its way to the GPU (demand or prefetch), possibly via the disk."""
-
-    __slots__ = ("key", "prefetch", "target", "bypass", "transfer", "channel", "done_t", "waiters",
-                 "from_disk", "dram_reserved", "pinned_dram", "counted_inflight", "reserved", "pins")
-
-    def __init__(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool):
-        self.key, self.prefetch, self.target, self.bypass = key, prefetch, target, bypass
-        self.transfer: Transfer | None = None
-        self.channel: Channel | None = None
-        self.done_t = -1.0
-        self.waiters: list = []
-        self.from_disk = self.dram_reserved = self.pinned_dram = False
-        self.counted_inflight = prefetch  # counts against max_inflight until it lands or drops
-        self.reserved = False  # holds a GPU slot (from the start of its PCIe copy)
-        self.pins = 0          # pins waiting for the slot
 
 
 class _View:
@@ -109,7 +91,7 @@ class _View:
         return out
 
 
-class Simulation(PinLedger):
+class Simulation(LoadChain):
     """Runs the steps of a scheduler through the timing model and records metrics.
 
     `steps`: a Scheduler (anything with `next_step(now)` and `peek(i, now)`), or an iterable of
@@ -130,7 +112,7 @@ class Simulation(PinLedger):
                             self.events_log)
         self.disk = Channel(self.env, "disk", cost.hw.disk.queue_depth, cost.disk_s, self._dropped, self.events_log)
         self.rec = Recorder(model)
-        self.loads: dict[int, _Load] = {}
+        self.loads: dict[int, Load] = {}
         self.prefetched_unused: set[int] = set()
         self.pos = -1              # index of the latest access (the cache clock; Belady next-use index)
         self.gated = (-1, -1)      # (step, layer) whose gate ran last: prefetches at or before are stale
@@ -143,157 +125,14 @@ class Simulation(PinLedger):
                             for h in ("on_step_start", "on_pre_attention", "on_gate")}
         self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
 
-    # ---- loads -------------------------------------------------------------------------------
+    def now(self) -> float:
+        return self.env.now
 
-    def _start_load(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool = False) -> _Load:
-        """Queue the copy chain of `key` (SSD → DRAM → PCIe → GPU as needed). The GPU slot is
-        taken when the PCIe copy starts (see _claim_slot), so a queued prefetch evicts nothing."""
-        load = _Load(key, prefetch, target, bypass)
-        if bypass:
-            self.rec.bypass += 1
-        else:
-            self.loads[key] = load
-        dram = self.dram
-        if dram is None:
-            self._copy(load, self.pcie)
-        elif dram.hit(key, self.pos):
-            self.rec.dram_hits += 1
-            dram.pin(key)
-            load.pinned_dram = True
-            self._copy(load, self.pcie)
-        else:
-            self.rec.dram_misses += 1
-            load.from_disk = True
-            if not dram.in_flight(key):  # else a bypass copy is already reading it: read it again
-                ev = dram.reserve(key, self.pos)
-                if ev is not None:
-                    load.dram_reserved = True
-                    self.rec.dram_evictions += len(ev)
-            self._copy(load, self.disk)
-        return load
-
-    def _claim_slot(self, load: _Load) -> bool:
-        """At the start of the PCIe copy: reserve the GPU slot, evicting the policy's victim.
-        No evictable slot: a prefetch is dropped (False); a demand copy goes through a transient
-        buffer and is not cached (bypass)."""
-        if load.bypass:
-            return True
-        key = load.key
-        evicted = self.gpu.reserve(key, self.pos)
-        if evicted is None:
-            if load.prefetch:
-                return False
-            load.bypass = True
-            self.rec.bypass += 1
-            del self.loads[key]
-            self._forget_pins(load)
-            return True
-        self._evicted(evicted)
-        load.reserved = True
-        for _ in range(load.pins):
-            self.gpu.pin(key)
-        load.pins = 0
-        return True
-
-    def _copy(self, load: _Load, channel: Channel) -> None:
-        pcie = channel is self.pcie
-        t = Transfer(load.key, self.eb, PREFETCH if load.prefetch else DEMAND,
-                     lambda tr, ld=load: (self._pcie_done if pcie else self._disk_done)(ld),
-                     (lambda ld=load: ld.prefetch and ld.target <= self.gated) if load.prefetch else None,
-                     (lambda ld=load: self._claim_slot(ld)) if pcie else None)
-        load.transfer, load.channel = t, channel
-        channel.submit(t)
-
-    def _disk_done(self, load: _Load) -> None:
-        if load.dram_reserved:
-            self.dram.complete(load.key)
-            self.dram.pin(load.key)
-            load.pinned_dram = True
-        self._copy(load, self.pcie)
-
-    def _pcie_done(self, load: _Load) -> None:
-        key = load.key
-        if load.pinned_dram:
-            self.dram.unpin(key)
-        load.done_t = self.env.now
-        if load.counted_inflight:
-            self.prefetch_inflight -= 1
-        if not load.bypass:
-            self.gpu.complete(key)
-            del self.loads[key]
-            if load.prefetch and not load.waiters:
-                self.prefetched_unused.add(key)
+    def _landed(self, load: Load) -> None:
         for w in load.waiters:
             w()
 
-    def _dropped(self, t: Transfer) -> None:
-        """A prefetch left a queue without being copied (stale, or no slot): undo its bookkeeping."""
-        load = self.loads.pop(t.key)
-        if load.counted_inflight:
-            self.prefetch_inflight -= 1
-        self._forget_pins(load)
-        if load.channel is self.disk:
-            if load.dram_reserved:
-                self.dram.cancel(t.key)
-        elif load.pinned_dram:
-            self.dram.unpin(t.key)
-        self.rec.prefetch_dropped += 1
-
     # ---- prefetch ----------------------------------------------------------------------------
-
-    def _issue(self, reqs: list[Prefetch]) -> None:
-        if not reqs:
-            return
-        E, gpu, cur, eb = self.E, self.gpu, self.gated, self.eb
-        params = self.predictor.params
-        protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
-        predicted = self.predicted
-        for r in sorted(reqs, key=lambda p: (p.step, p.layer, -p.score, p.expert)):
-            target = (r.step, r.layer)
-            if target <= cur:
-                continue
-            key = r.layer * E + r.expert
-            pset = predicted.get(target)
-            if pset is None:
-                pset = predicted[target] = set()
-            pset.add(key)
-            if key in gpu or key in self.loads:  # resident or on its way: at most protect it
-                if protect:
-                    self._protect(key, target)
-                continue
-            if max_inflight is not None and self.prefetch_inflight >= max_inflight:
-                continue
-            if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
-                continue
-            self._start_load(key, True, target)
-            self.rec.prefetch_issued += 1
-            self.prefetch_inflight += 1
-            if max_bytes is not None:
-                self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
-            if protect and key in self.loads:  # (a copy with no slot to land in was dropped at once)
-                self._protect(key, target)
-
-    def _score_predictions(self, target: tuple[int, int], needed: np.ndarray) -> None:
-        """Precision/recall of everything predicted for `target` against what it needed."""
-        pset = self.predicted.pop(target, None)
-        layer = target[1]
-        self.rec.pred_needed[layer] += len(needed)
-        if pset:
-            hit = len(pset.intersection(needed.tolist()))
-            self.rec.pred_made[layer] += len(pset)
-            self.rec.pred_correct[layer] += hit
-        self.prefetch_bytes.pop(target, None)
-
-    def _protect(self, key: int, target: tuple[int, int]) -> None:
-        """Pin a predicted expert until its target layer has run (see _release)."""
-        self._pin(key)
-        self.protected.setdefault(target, []).append(key)
-
-    def _release(self, upto: tuple[int, int] | None) -> None:
-        """Unpin protections whose target layer is at or before `upto` (None: all)."""
-        for target in [t for t in self.protected if upto is None or t <= upto]:
-            for key in self.protected.pop(target):
-                self._unpin(key)
 
     def _hook(self, reqs: list[Prefetch], hook: str, tokens: int) -> float:
         """Act on a predictor's answer; returns GPU-stream time the predictor costs. Only hooks the
@@ -358,7 +197,7 @@ class Simulation(PinLedger):
                 self._score_predictions(self.gated, keys if dedup else np.unique(keys))
                 busy = cost.shared_compute_s(plan.tokens)  # shared experts: always resident
                 hits = late = misses = saved = 0
-                pending: list[tuple[_Load, float]] = []
+                pending: list[tuple[Load, float]] = []
                 pinned = []
                 unused = self.prefetched_unused
                 for key, cnt in zip(keys.tolist(), counts.tolist()):

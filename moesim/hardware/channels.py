@@ -7,7 +7,7 @@ promoted to demand priority, or dropped when it is stale. One SimPy event per tr
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import simpy
 
@@ -17,25 +17,38 @@ DEMAND, PREFETCH = 0, 1
 class Transfer:
     """One copy of one expert over one channel. `on_done(transfer)` runs at completion."""
 
-    __slots__ = ("key", "nbytes", "priority", "on_done", "stale", "on_start", "queued_at", "start", "end",
-                 "dropped")
+    __slots__ = (
+        "dropped",
+        "end",
+        "key",
+        "load",
+        "nbytes",
+        "on_done",
+        "on_start",
+        "priority",
+        "queued_at",
+        "stale",
+        "start",
+    )
 
-    def __init__(self, key: int, nbytes: int, priority: int, on_done: Callable[["Transfer"], None],
-                 stale: Callable[[], bool] | None = None, on_start: Callable[[], bool] | None = None):
-        """`stale()` true: a queued prefetch is dropped; `on_start()` false: dropped at start."""
+    def __init__(self, key: int, nbytes: int, priority: int, on_done: Callable[[Transfer], None],
+                 stale: Callable[[], bool] | None = None, on_start: Callable[[], bool] | None = None,
+                 load=None):
+        """`stale()` true: a queued prefetch is dropped; `on_start()` false: dropped at start.
+        `load`: the engine's load the copy belongs to (what the real replay's workers copy)."""
         self.key, self.nbytes, self.priority, self.on_done = key, nbytes, priority, on_done
-        self.stale, self.on_start = stale, on_start
+        self.stale, self.on_start, self.load = stale, on_start, load
         self.queued_at = self.start = self.end = -1.0
         self.dropped = False
 
 
-class Channel:
-    """A link with `slots` parallel transfers and a two-level priority queue."""
+class Queues:
+    """A channel's two-level queue and counters, shared with moesim.real's threaded channel.
 
-    def __init__(self, env: simpy.Environment, name: str, slots: int, duration_s: Callable[[int], float],
-                 on_drop: Callable[[Transfer], None] | None = None, log: list | None = None):
-        self.env, self.name, self.slots = env, name, slots
-        self.duration_s = duration_s
+    Subclasses give `_now()` (the clock) and `_wake()` (start queued transfers if a slot is free)."""
+
+    def __init__(self, name: str, slots: int, on_drop: Callable[[Transfer], None] | None, log: list | None):
+        self.name, self.slots = name, slots
         self.on_drop = on_drop
         self.log = log  # optional list of (resource, key, priority, start, end) for events.parquet
         self.queues = (deque(), deque())
@@ -45,9 +58,9 @@ class Channel:
         self.bytes = 0
 
     def submit(self, t: Transfer) -> None:
-        t.queued_at = self.env.now
+        t.queued_at = self._now()
         self.queues[t.priority].append(t)
-        self._dispatch()
+        self._wake()
 
     def promote(self, t: Transfer) -> None:
         """Move a queued prefetch to demand priority (a demand access now waits on it)."""
@@ -58,7 +71,7 @@ class Channel:
                 return
             t.priority = DEMAND
             self.queues[DEMAND].append(t)
-            self._dispatch()
+            self._wake()
 
     def _next(self) -> Transfer | None:
         for q in self.queues:
@@ -73,6 +86,32 @@ class Channel:
                 return t
         return None
 
+    def _finished(self, t: Transfer) -> None:
+        """Free the slot of a copy that has ended at `t.end`, count it and run its `on_done`."""
+        self.busy -= 1
+        self.busy_time += t.end - t.start
+        self.transfers += 1
+        self.bytes += t.nbytes
+        if self.log is not None:
+            self.log.append((self.name, t.key, t.priority, t.start, t.end))
+        t.on_done(t)
+
+    def queued(self) -> int:
+        return len(self.queues[0]) + len(self.queues[1])
+
+
+class Channel(Queues):
+    """A link with `slots` parallel transfers and a two-level priority queue."""
+
+    def __init__(self, env: simpy.Environment, name: str, slots: int, duration_s: Callable[[int], float],
+                 on_drop: Callable[[Transfer], None] | None = None, log: list | None = None):
+        super().__init__(name, slots, on_drop, log)
+        self.env = env
+        self.duration_s = duration_s
+
+    def _now(self) -> float:
+        return self.env.now
+
     def _dispatch(self) -> None:
         while self.busy < self.slots:
             t = self._next()
@@ -85,16 +124,8 @@ class Channel:
             ev = self.env.timeout(d, t)
             ev.callbacks.append(self._finish)
 
-    def _finish(self, ev) -> None:
-        t: Transfer = ev.value
-        self.busy -= 1
-        self.busy_time += t.end - t.start
-        self.transfers += 1
-        self.bytes += t.nbytes
-        if self.log is not None:
-            self.log.append((self.name, t.key, t.priority, t.start, t.end))
-        t.on_done(t)
-        self._dispatch()
+    _wake = _dispatch
 
-    def queued(self) -> int:
-        return len(self.queues[0]) + len(self.queues[1])
+    def _finish(self, ev) -> None:
+        self._finished(ev.value)
+        self._dispatch()

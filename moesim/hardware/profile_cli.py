@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ..cliutil import fmt_ms, fmt_pct, print_metrics
 from ..cliutil import guard as _guard
 from ..errors import InputError
 
@@ -71,22 +72,9 @@ def profile(output, model_name, scale, device, dtype, threads, quick, disk_dir, 
 # ---- replay --------------------------------------------------------------------------------------
 
 def _print_run(s: dict, out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     sc = s["scenario"]
     mode = s.get("mode", "simulated")
-    t = Table(title=f"{sc['name']} ({mode}): {sc['model']['name']}, predictor {sc['predictor']['name']}, "
-                    f"batch {sc['batch']['size']}, cache {s['gpu_cache_experts']} experts")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-
-    def ms(d):
-        return "-" if d["mean"] is None else f"{d['mean']:.2f} (p50 {d['p50']:.2f}, p99 {d['p99']:.2f})"
-
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
+    ms, pct = fmt_ms, fmt_pct
     rows = [("tokens/s", f"{s['tokens_per_s']:.2f}"), ("makespan", f"{s['makespan_s']:.3f} s"),
             ("TTFT ms mean", ms(s["ttft_ms"])), ("TPOT ms mean", ms(s["tpot_ms"])),
             ("cache hit rate", pct(s["gpu_hit_rate"])), ("DRAM hit rate", pct(s["dram_hit_rate"])),
@@ -101,10 +89,8 @@ def _print_run(s: dict, out: Path) -> None:
                                 f"{'?' if real['io']['page_cache_after_run'] is None else pct(real['io']['page_cache_after_run'])})"))]
         for k, v in real["roles"].items():
             rows.append((f"{k}", v))
-    for k, v in rows:
-        t.add_row(k, v)
-    Console(width=150).print(t)
-    click.echo(f"results in {out}/")
+    print_metrics(f"{sc['name']} ({mode}): {sc['model']['name']}, predictor {sc['predictor']['name']}, "
+                  f"batch {sc['batch']['size']}, cache {s['gpu_cache_experts']} experts", rows, out, width=150)
 
 
 @click.command("replay")

@@ -29,7 +29,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,9 +36,9 @@ import numpy as np
 
 from .. import __version__
 from ..cache.tiers import Tier
-from ..engine.pins import PinLedger
+from ..engine.loads import Load, LoadChain
 from ..errors import InputError
-from ..hardware.channels import DEMAND, PREFETCH, Transfer
+from ..hardware.channels import Queues, Transfer
 from .kernels import (
     Attention,
     KVCache,
@@ -156,44 +155,21 @@ class DevSlots:
 
 # ---- loads and channels -------------------------------------------------------------------------
 
-class RealTransfer(Transfer):
-    __slots__ = ("load",)
-
-
-class _Load:
-    """An expert on its way to the compute device (demand or prefetch), possibly via the disk."""
+class _Load(Load):
+    """A load of engine.loads with the buffers it reads from and lands in. `waiters`: the main
+    thread's accesses waiting on it (a count; they poll `done_t`)."""
 
     __slots__ = (
-        "bypass",
-        "channel",
-        "counted_inflight",
         "dev",
         "dev_dst",
         "dev_transient",
-        "done_t",
-        "dram_reserved",
-        "from_disk",
-        "key",
-        "pinned_dram",
-        "pins",
-        "prefetch",
-        "reserved",
         "src",
         "staging",
-        "target",
-        "transfer",
-        "waiters",
     )
 
     def __init__(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool):
-        self.key, self.prefetch, self.target, self.bypass = key, prefetch, target, bypass
-        self.transfer = self.channel = None
-        self.done_t = -1.0
+        super().__init__(key, prefetch, target, bypass)
         self.waiters = 0
-        self.from_disk = self.dram_reserved = self.pinned_dram = False
-        self.counted_inflight = prefetch
-        self.reserved = False
-        self.pins = 0
         self.src: HostBuf | None = None      # where the link copy reads from
         self.staging: HostBuf | None = None  # transient host buffer to give back after the link copy
         self.dev = None                      # views of the device buffer the expert lands in
@@ -201,17 +177,13 @@ class _Load:
         self.dev_transient = None            # a bypass copy's transient device slot
 
 
-class RealChannel:
+class RealChannel(Queues):
     """A link served by `slots` worker threads with the simulator's two-level priority queue."""
 
     def __init__(self, ex: RealExecutor, name: str, slots: int, work, on_drop):
-        self.ex, self.name, self.slots, self.work, self.on_drop = ex, name, slots, work, on_drop
+        super().__init__(name, slots, on_drop, ex.events_log)
+        self.ex, self.work = ex, work
         self.cond = threading.Condition(ex.lock)
-        self.queues: tuple[deque, deque] = (deque(), deque())
-        self.busy = 0
-        self.busy_time = 0.0
-        self.transfers = 0
-        self.bytes = 0
         self.closed = False
         self.threads = [threading.Thread(target=self._worker, name=f"moesim-{name}-{i}", daemon=True)
                         for i in range(slots)]
@@ -219,35 +191,11 @@ class RealChannel:
             t.start()
 
     # called with the lock held ----------------------------------------------------------------
-    def submit(self, t: Transfer) -> None:
-        t.queued_at = self.ex.now()
-        self.queues[t.priority].append(t)
+    def _now(self) -> float:
+        return self.ex.now()
+
+    def _wake(self) -> None:
         self.cond.notify()
-
-    def promote(self, t: Transfer) -> None:
-        if t.start < 0 and t.priority == PREFETCH:
-            try:
-                self.queues[PREFETCH].remove(t)
-            except ValueError:
-                return
-            t.priority = DEMAND
-            self.queues[DEMAND].append(t)
-            self.cond.notify()
-
-    def _next(self) -> Transfer | None:
-        for q in self.queues:
-            while q:
-                t = q.popleft()
-                if (t.priority == PREFETCH and t.stale is not None and t.stale()) or \
-                        (t.on_start is not None and not t.on_start()):
-                    t.dropped = True
-                    self.on_drop(t)
-                    continue
-                return t
-        return None
-
-    def queued(self) -> int:
-        return len(self.queues[0]) + len(self.queues[1])
 
     # the worker thread --------------------------------------------------------------------------
     def _worker(self) -> None:
@@ -272,13 +220,7 @@ class RealChannel:
                 return
             with ex.lock:
                 t.end = ex.now()
-                self.busy -= 1
-                self.busy_time += t.end - t.start
-                self.transfers += 1
-                self.bytes += t.nbytes
-                if ex.events_log is not None:
-                    ex.events_log.append((self.name, t.key, t.priority, t.start, t.end))
-                t.on_done(t)
+                self._finished(t)
 
     def close(self) -> None:
         with self.ex.lock:
@@ -329,8 +271,10 @@ class _View:
 
 # ---- the executor -------------------------------------------------------------------------------
 
-class RealExecutor(PinLedger):
+class RealExecutor(LoadChain):
     """Runs a scenario's static-batch step plan for real. Use `replay_real()`."""
+
+    Load = _Load
 
     def __init__(self, sc, *, device: str = "auto", dtype: str = "bfloat16", workdir=None, io: str = "auto",
                  record_events: bool = False, threads: int | None = None, seed: int | None = None, log=None):
@@ -346,6 +290,7 @@ class RealExecutor(PinLedger):
         self.log = log or (lambda msg: None)
         self.shapes = Shapes(m, dtype)
         self.E, self.L = m.num_experts, m.num_layers
+        self.eb = m.expert_bytes
         self.dedup = sc.batch.dedup
         self.record_events = record_events
         self.seed = sc.seed if seed is None else seed
@@ -492,51 +437,27 @@ class RealExecutor(PinLedger):
         else:
             np.copyto(arr, src.np)
 
-    def _disk_work(self, t: RealTransfer) -> None:
+    def _disk_work(self, t: Transfer) -> None:
         ld = t.load
         buf = self.host[self.host_slot[ld.key]] if ld.dram_reserved else ld.staging
         self.reader.read(buf.np, ld.key * self.shapes.slot_bytes, self.shapes.slot_bytes)
 
-    def _pcie_work(self, t: RealTransfer) -> None:
+    def _pcie_work(self, t: Transfer) -> None:
         ld = t.load
         self._link_copy(ld.src, ld.dev_dst)
 
-    # ---- loads (mirror engine.sim.Simulation) -------------------------------------------------
-    def _host_reserve(self, key: int) -> list[int] | None:
-        ev = self.dram.reserve(key, self.pos)
+    # ---- loads: engine.loads.LoadChain, plus the buffers ---------------------------------------
+    def _landed(self, load: _Load) -> None:
+        if load.waiters:
+            self.cond.notify_all()
+
+    def _dram_reserve(self, key: int) -> list[int] | None:
+        ev = super()._dram_reserve(key)
         if ev is not None:
             for k in ev:
                 self.host_free.append(self.host_slot.pop(k))
             self.host_slot[key] = self.host_free.pop()
         return ev
-
-    def _start_load(self, key: int, prefetch: bool, target, bypass: bool = False) -> _Load:
-        load = _Load(key, prefetch, target, bypass)
-        rec = self.rec
-        if bypass:
-            rec.bypass += 1
-        else:
-            self.loads[key] = load
-        dram = self.dram
-        if dram is None:
-            load.src = self.all_host[key]
-            self._copy(load, self.pcie)
-        elif dram.hit(key, self.pos):
-            rec.dram_hits += 1
-            dram.pin(key)
-            load.pinned_dram = True
-            load.src = self.host[self.host_slot[key]]
-            self._copy(load, self.pcie)
-        else:
-            rec.dram_misses += 1
-            load.from_disk = True
-            if not dram.in_flight(key):
-                ev = self._host_reserve(key)
-                if ev is not None:
-                    load.dram_reserved = True
-                    rec.dram_evictions += len(ev)
-            self._copy(load, self.disk)
-        return load
 
     def _disk_start(self, load: _Load) -> bool:
         if not load.dram_reserved:
@@ -544,142 +465,47 @@ class RealExecutor(PinLedger):
         return True
 
     def _claim_slot(self, load: _Load) -> bool:
+        """As the engine's, then the buffers of the link copy: a device slot (a transient one for
+        a bypass copy) and the host buffer it reads from."""
+        if not super()._claim_slot(load):
+            return False
         if load.bypass:
-            self._transient_dev(load)
-            return True
-        key = load.key
-        evicted = self.gpu.reserve(key, self.pos)
-        if evicted is None:
-            if load.prefetch:
-                return False
-            load.bypass = True
-            self.rec.bypass += 1
-            del self.loads[key]
-            self._forget_pins(load)
-            self._transient_dev(load)
-            return True
-        for k in evicted:
-            self.dev_free.append(self.dev_slot.pop(k))
-        self._evicted(evicted)
-        slot = self.dev_free.pop()
-        self.dev_slot[key] = slot
-        load.dev = self.dev.views[slot]
-        load.dev_dst = (self.dev.flat[slot], self.dev.np[slot])
-        load.reserved = True
-        for _ in range(load.pins):
-            self.gpu.pin(key)
-        load.pins = 0
-        return True
-
-    def _transient_dev(self, load: _Load) -> None:
-        f, a, views = self.dev_pool.get()
-        load.dev_transient = (f, a, views)
-        load.dev, load.dev_dst = views, (f, a)
-
-    def _copy(self, load: _Load, channel: RealChannel) -> None:
-        pcie = channel is self.pcie
-        t = RealTransfer(load.key, self.model.expert_bytes, PREFETCH if load.prefetch else DEMAND,
-                         lambda tr, ld=load: (self._pcie_done if pcie else self._disk_done)(ld),
-                         (lambda ld=load: ld.prefetch and ld.target <= self.gated) if load.prefetch else None,
-                         (lambda ld=load: self._claim_slot(ld)) if pcie else (lambda ld=load: self._disk_start(ld)))
-        t.load = load
-        load.transfer, load.channel = t, channel
-        channel.submit(t)
-
-    def _disk_done(self, load: _Load) -> None:
-        if load.dram_reserved:
-            self.dram.complete(load.key)
-            self.dram.pin(load.key)
-            load.pinned_dram = True
+            f, a, views = self.dev_pool.get()
+            load.dev_transient = (f, a, views)
+            load.dev, load.dev_dst = views, (f, a)
+        else:
+            slot = self.dev_free.pop()
+            self.dev_slot[load.key] = slot
+            load.dev = self.dev.views[slot]
+            load.dev_dst = (self.dev.flat[slot], self.dev.np[slot])
+        if self.dram is None:
+            load.src = self.all_host[load.key]
+        elif load.pinned_dram:
             load.src = self.host[self.host_slot[load.key]]
         else:
             load.src = load.staging
-        self._copy(load, self.pcie)
+        return True
+
+    def _evicted(self, keys: list[int]) -> None:
+        for k in keys:
+            self.dev_free.append(self.dev_slot.pop(k))
+        super()._evicted(keys)
 
     def _pcie_done(self, load: _Load) -> None:
-        key = load.key
-        if load.pinned_dram:
-            self.dram.unpin(key)
         if load.staging is not None:
             self.staging.put(load.staging)
             load.staging = None
-        load.done_t = self.now()
-        if load.counted_inflight:
-            self.prefetch_inflight -= 1
-        if not load.bypass:
-            self.gpu.complete(key)
-            del self.loads[key]
-            if load.prefetch and not load.waiters:
-                self.prefetched_unused.add(key)
-        if load.waiters:
-            self.cond.notify_all()
+        super()._pcie_done(load)
 
-    def _dropped(self, t: RealTransfer) -> None:
-        load = self.loads.pop(t.key)
-        if load.counted_inflight:
-            self.prefetch_inflight -= 1
-        self._forget_pins(load)
+    def _dropped(self, t: Transfer) -> None:
+        load = self.loads[t.key]
         if load.channel is self.disk:
             if load.dram_reserved:
-                self.dram.cancel(t.key)
                 self.host_free.append(self.host_slot.pop(t.key))
-        else:
-            if load.pinned_dram:
-                self.dram.unpin(t.key)
-            if load.staging is not None:
-                self.staging.put(load.staging)
-                load.staging = None
-        self.rec.prefetch_dropped += 1
-
-    # ---- prefetch --------------------------------------------------------------------------------
-    def _issue(self, reqs) -> None:
-        if not reqs:
-            return
-        E, gpu, cur, eb = self.E, self.gpu, self.gated, self.model.expert_bytes
-        params = self.predictor.params
-        protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
-        for r in sorted(reqs, key=lambda p: (p.step, p.layer, -p.score, p.expert)):
-            target = (r.step, r.layer)
-            if target <= cur:
-                continue
-            key = r.layer * E + r.expert
-            pset = self.predicted.get(target)
-            if pset is None:
-                pset = self.predicted[target] = set()
-            pset.add(key)
-            if key in gpu or key in self.loads:
-                if protect:
-                    self._protect(key, target)
-                continue
-            if max_inflight is not None and self.prefetch_inflight >= max_inflight:
-                continue
-            if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
-                continue
-            self._start_load(key, True, target)
-            self.rec.prefetch_issued += 1
-            self.prefetch_inflight += 1
-            if max_bytes is not None:
-                self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
-            if protect and key in self.loads:
-                self._protect(key, target)
-
-    def _score_predictions(self, target, needed: np.ndarray) -> None:
-        pset = self.predicted.pop(target, None)
-        layer = target[1]
-        self.rec.pred_needed[layer] += len(needed)
-        if pset:
-            self.rec.pred_made[layer] += len(pset)
-            self.rec.pred_correct[layer] += len(pset.intersection(needed.tolist()))
-        self.prefetch_bytes.pop(target, None)
-
-    def _protect(self, key: int, target) -> None:
-        self._pin(key)
-        self.protected.setdefault(target, []).append(key)
-
-    def _release(self, upto) -> None:
-        for target in [t for t in self.protected if upto is None or t <= upto]:
-            for key in self.protected.pop(target):
-                self._unpin(key)
+        elif load.staging is not None:
+            self.staging.put(load.staging)
+            load.staging = None
+        super()._dropped(t)
 
     def _hook(self, fn, *args):
         """Call a predictor hook under the lock, issue its prefetches; its wall time is charged

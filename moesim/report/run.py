@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..errors import InputError
+from ..results import read_summary
 from .html import Page, fmt, kv_table, pct
 
 COLORS = {"attention": "#7f7f7f", "experts": "#1f77b4", "compute": "#1f77b4", "stall": "#d62728",
@@ -25,14 +26,7 @@ MAX_TIMELINE_STEPS = 3
 def read_run(outdir: str | Path) -> tuple[dict, pd.DataFrame | None, pd.DataFrame | None]:
     """summary.json, steps.parquet, requests.parquet of a run dir (InputError if unreadable)."""
     d = Path(outdir)
-    p = d / "summary.json"
-    try:
-        summary = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError("no summary.json: not a run's output dir", file=str(d)) from None
-    except ValueError as e:
-        raise InputError(f"unreadable JSON: {e}", file=str(p)) from None
-    return summary, _table(d, "steps"), _table(d, "requests")
+    return read_summary(d), _table(d, "steps"), _table(d, "requests")
 
 
 def _table(d: Path, name: str, **kw) -> pd.DataFrame | None:

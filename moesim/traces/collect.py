@@ -23,7 +23,6 @@ returning logits are handled by recomputing the family's selection rule from the
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
+from .importers import json_lines
 from .schema import TraceMeta
 
 #: transformers version the hooks were written and tested against
@@ -499,13 +499,7 @@ def read_prompts(path) -> list[str | list[int]]:
         raise InputError(f"cannot read: {e}", file=file) from None
     out: list[str | list[int]] = []
     if p.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"line {n}: not JSON: {e.msg}", file=file) from None
+        for n, obj in json_lines(text.splitlines(), file):
             if isinstance(obj, str):
                 out.append(obj)
             elif isinstance(obj, dict) and "input_ids" in obj:

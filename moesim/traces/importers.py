@@ -56,9 +56,9 @@ import csv
 import json
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -424,17 +424,22 @@ def _read_csv(path: Path, file: str) -> list[tuple[str, dict]]:
         raise InputError(f"cannot read as CSV: {e}", file=file) from None
 
 
+def json_lines(lines: Iterable[str], file: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSON-lines text; InputError on bad JSON."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"line {n}: not JSON: {e.msg}", file=file) from None
+
+
 def _read_jsonl(path: Path, file: str) -> list[tuple[str, dict]]:
     out = []
     try:
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"line {n}: not JSON: {e.msg}", file=file) from None
+            for n, obj in json_lines(f, file):
                 if not isinstance(obj, dict):
                     raise InputError(f"line {n}: expected a JSON object", file=file)
                 out.append((f"line {n}", obj))

@@ -1,0 +1,205 @@
+"""The load chain and prefetch issuing shared by the simulator and the real replay.
+
+An expert load is a copy chain SSD → DRAM → PCIe → GPU over two channels (hardware/channels.py);
+its GPU slot is taken when the PCIe copy starts. The real replay (moesim/real/executor.py)
+extends the steps that touch buffers (`_dram_reserve`, `_claim_slot`, `_pcie_done`, `_dropped`)
+and gives `_disk_start`. The class that mixes this in provides `now()`, `_landed(load)`, `eb`,
+`E`, `gpu`, `dram`, `pcie`, `disk`, `loads`, `pos`, `gated`, `predictor`, `predicted`,
+`prefetch_bytes`, `prefetch_inflight` and what PinLedger needs.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+
+from ..hardware.channels import DEMAND, PREFETCH, Transfer
+from ..predictors.base import Prefetch
+from .pins import PinLedger
+
+
+class Load:
+    """An expert on its way to the GPU (demand or prefetch), possibly via the disk."""
+
+    __slots__ = (
+        "bypass",
+        "channel",
+        "counted_inflight",
+        "done_t",
+        "dram_reserved",
+        "from_disk",
+        "key",
+        "pinned_dram",
+        "pins",
+        "prefetch",
+        "reserved",
+        "target",
+        "transfer",
+        "waiters",
+    )
+
+    def __init__(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool):
+        self.key, self.prefetch, self.target, self.bypass = key, prefetch, target, bypass
+        self.transfer: Transfer | None = None
+        self.channel = None
+        self.done_t = -1.0
+        self.waiters: list = []
+        self.from_disk = self.dram_reserved = self.pinned_dram = False
+        self.counted_inflight = prefetch  # counts against max_inflight until it lands or drops
+        self.reserved = False  # holds a GPU slot (from the start of its PCIe copy)
+        self.pins = 0          # pins waiting for the slot
+
+
+class LoadChain(PinLedger):
+    """Loads, their channel callbacks and prefetch issuing (see the module docstring)."""
+
+    Load = Load
+    _disk_start = None  # optional `_disk_start(load) -> bool`: on_start of a disk read
+
+    # ---- loads -------------------------------------------------------------------------------
+
+    def _start_load(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool = False) -> Load:
+        """Queue the copy chain of `key` (SSD → DRAM → PCIe → GPU as needed). The GPU slot is
+        taken when the PCIe copy starts (see _claim_slot), so a queued prefetch evicts nothing."""
+        load = self.Load(key, prefetch, target, bypass)
+        if bypass:
+            self.rec.bypass += 1
+        else:
+            self.loads[key] = load
+        dram = self.dram
+        if dram is None:
+            self._copy(load, self.pcie)
+        elif dram.hit(key, self.pos):
+            self.rec.dram_hits += 1
+            dram.pin(key)
+            load.pinned_dram = True
+            self._copy(load, self.pcie)
+        else:
+            self.rec.dram_misses += 1
+            load.from_disk = True
+            if not dram.in_flight(key):  # else a bypass copy is already reading it: read it again
+                ev = self._dram_reserve(key)
+                if ev is not None:
+                    load.dram_reserved = True
+                    self.rec.dram_evictions += len(ev)
+            self._copy(load, self.disk)
+        return load
+
+    def _dram_reserve(self, key: int) -> list[int] | None:
+        """A DRAM slot for `key` (the evicted keys), or None when none is free."""
+        return self.dram.reserve(key, self.pos)
+
+    def _claim_slot(self, load: Load) -> bool:
+        """At the start of the PCIe copy: reserve the GPU slot, evicting the policy's victim.
+        No evictable slot: a prefetch is dropped (False); a demand copy goes through a transient
+        buffer and is not cached (bypass)."""
+        if load.bypass:
+            return True
+        key = load.key
+        evicted = self.gpu.reserve(key, self.pos)
+        if evicted is None:
+            if load.prefetch:
+                return False
+            load.bypass = True
+            self.rec.bypass += 1
+            del self.loads[key]
+            self._forget_pins(load)
+            return True
+        self._evicted(evicted)
+        load.reserved = True
+        for _ in range(load.pins):
+            self.gpu.pin(key)
+        load.pins = 0
+        return True
+
+    def _copy(self, load: Load, channel) -> None:
+        pcie = channel is self.pcie
+        if pcie:
+            start = partial(self._claim_slot, load)
+        else:
+            start = None if self._disk_start is None else partial(self._disk_start, load)
+        t = Transfer(load.key, self.eb, PREFETCH if load.prefetch else DEMAND,
+                     lambda tr, ld=load: (self._pcie_done if pcie else self._disk_done)(ld),
+                     (lambda ld=load: ld.prefetch and ld.target <= self.gated) if load.prefetch else None,
+                     start, load)
+        load.transfer, load.channel = t, channel
+        channel.submit(t)
+
+    def _disk_done(self, load: Load) -> None:
+        if load.dram_reserved:
+            self.dram.complete(load.key)
+            self.dram.pin(load.key)
+            load.pinned_dram = True
+        self._copy(load, self.pcie)
+
+    def _pcie_done(self, load: Load) -> None:
+        key = load.key
+        if load.pinned_dram:
+            self.dram.unpin(key)
+        load.done_t = self.now()
+        if load.counted_inflight:
+            self.prefetch_inflight -= 1
+        if not load.bypass:
+            self.gpu.complete(key)
+            del self.loads[key]
+            if load.prefetch and not load.waiters:
+                self.prefetched_unused.add(key)
+        self._landed(load)
+
+    def _dropped(self, t: Transfer) -> None:
+        """A prefetch left a queue without being copied (stale, or no slot): undo its bookkeeping."""
+        load = self.loads.pop(t.key)
+        if load.counted_inflight:
+            self.prefetch_inflight -= 1
+        self._forget_pins(load)
+        if load.channel is self.disk:
+            if load.dram_reserved:
+                self.dram.cancel(t.key)
+        elif load.pinned_dram:
+            self.dram.unpin(t.key)
+        self.rec.prefetch_dropped += 1
+
+    # ---- prefetch ----------------------------------------------------------------------------
+
+    def _issue(self, reqs: list[Prefetch]) -> None:
+        if not reqs:
+            return
+        E, gpu, cur, eb = self.E, self.gpu, self.gated, self.eb
+        params = self.predictor.params
+        protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
+        predicted = self.predicted
+        for r in sorted(reqs, key=lambda p: (p.step, p.layer, -p.score, p.expert)):
+            target = (r.step, r.layer)
+            if target <= cur:
+                continue
+            key = r.layer * E + r.expert
+            pset = predicted.get(target)
+            if pset is None:
+                pset = predicted[target] = set()
+            pset.add(key)
+            if key in gpu or key in self.loads:  # resident or on its way: at most protect it
+                if protect:
+                    self._protect(key, target)
+                continue
+            if max_inflight is not None and self.prefetch_inflight >= max_inflight:
+                continue
+            if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
+                continue
+            self._start_load(key, True, target)
+            self.rec.prefetch_issued += 1
+            self.prefetch_inflight += 1
+            if max_bytes is not None:
+                self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
+            if protect and key in self.loads:  # (a copy with no slot to land in was dropped at once)
+                self._protect(key, target)
+
+    def _score_predictions(self, target: tuple[int, int], needed: np.ndarray) -> None:
+        """Precision/recall of everything predicted for `target` against what it needed."""
+        pset = self.predicted.pop(target, None)
+        layer = target[1]
+        self.rec.pred_needed[layer] += len(needed)
+        if pset:
+            hit = len(pset.intersection(needed.tolist()))
+            self.rec.pred_made[layer] += len(pset)
+            self.rec.pred_correct[layer] += hit
+        self.prefetch_bytes.pop(target, None)
