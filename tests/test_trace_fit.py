@@ -241,3 +241,31 @@ def test_scenario_uses_a_fitted_preset_file(tmp_path):
     assert s["requests"] == 2 and s["accesses"] > 0
     with pytest.raises(InputError, match="num_experts"):
         simulate(sc({**TINY_MODEL, "num_experts": 32}))
+
+
+def test_fit_finds_hidden_dim_between_the_old_grid_points():
+    # the participation ratio of pre_attn picks hidden_dim from a grid about 10% apart: a truth of 20
+    # (between the old grid's 16 and 24, each ~20% off) comes back as 20, or a neighbour (18, 22)
+    truth = TRUTH.model_copy(update={"hidden_dim": 20})
+    real = synthetic_like(SHAPE, truth, _like(16), 5, pre_attn=True)
+    r = fit_routing(real, seed=0, gate_affinity=0.8, tau_spread=0.0, profile=False, max_evals=12, replicates=4,
+                    eval_replicates=2)
+    assert r.params.hidden_dim in (18, 20, 22), r.params.hidden_dim
+    assert r.rows() and abs(r.train_synthetic["pre_attn_dim"] / r.train_real["pre_attn_dim"] - 1) <= 0.08
+
+
+def test_tiny_held_out_prompts_extend_without_changing_the_first():
+    """`train-tiny --requests N` beyond the 16 held-out top-level modules adds one prompt per stdlib
+    sub-package file (never trained on); the first prompts do not depend on N."""
+    from moesim.traces.tiny import TinyRecipe, extra_heldout_files, held_out_prompts, stdlib_files
+
+    train, held = stdlib_files()
+    base, names = held_out_prompts(held, TinyRecipe())
+    more, more_names = held_out_prompts(held, TinyRecipe(requests=len(base) + 6))
+    assert more[:len(base)] == base and more_names[:len(base)] == names
+    assert len(more) == len(base) + 6 and all("/" in n for n in more_names[len(base):])
+    assert len(set(more_names)) == len(more_names)                 # one prompt per file
+    extra = extra_heldout_files()
+    assert extra and all(p.parent != train[0].parent for p in extra)   # sub-packages only: training reads top-level
+    root = train[0].parent
+    assert not any(d in ("site-packages", "test", "tests") for p in extra for d in p.relative_to(root).parts[:-1])

@@ -7,6 +7,10 @@ files (the top-level `*.py` modules of `sysconfig.get_paths()["stdlib"]`), then 
 collected (`moesim.traces.collect`) on files held out from training: greedy decoding from a
 prompt cut out of each held-out file, with the pre-attention hidden state.
 
+`--requests` beyond the 16 held-out top-level modules continues with one prompt per file of the
+standard library's sub-packages (``email/``, ``asyncio/``, ...; training reads top-level modules only,
+so these are held out too), the first 16 prompts unchanged.
+
 The split is by file name (crc32(name) % 10 == 0 is held out), so it does not depend on which other
 files a Python version ships; the corpus itself does (the trace metadata names the Python
 version). Training is bounded by steps, not time, so the same seed, Python and torch give the
@@ -19,6 +23,7 @@ Regenerate the shipped sample:  python -m moesim.traces.tiny -o traces/tiny-lear
 from __future__ import annotations
 
 import math
+import os
 import platform
 import sysconfig
 import time
@@ -119,12 +124,47 @@ def _lr(step: int, r: TinyRecipe) -> float:
     return r.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+#: stdlib sub-directories whose files are never prompts: not the standard library's own code
+#: (site-packages), tests, generated codec tables, platform build files, frozen-module samples
+EXTRA_SKIP = ("site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "__pycache__",
+              "__phello__")
+EXTRA_MIN_BYTES = 1024
+
+
+def extra_heldout_files() -> list[Path]:
+    """Standard-library files in sub-packages (``email/utils.py``, ...): never trained on (training reads
+    top-level modules only), so also held out. Skipped: `EXTRA_SKIP` directories, ``config-*``,
+    ``test*.py`` and files under `EXTRA_MIN_BYTES` (mostly ``__init__`` stubs). Ordered by crc32 of the
+    relative path (a fixed shuffle, so the first few come from many packages)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for top, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in EXTRA_SKIP and not d.startswith("config-")]   # prune
+        if Path(top) == root:
+            continue
+        for n in names:
+            p = Path(top) / n
+            if n.endswith(".py") and not n.startswith("test") and p.is_file() and p.stat().st_size >= EXTRA_MIN_BYTES:
+                rel = p.relative_to(root).as_posix()
+                out.append((zlib.crc32(rel.encode()), rel, p))
+    return [p for _, _, p in sorted(out)]
+
+
 def held_out_prompts(held: list[Path], r: TinyRecipe) -> tuple[list[list[int]], list[str]]:
     """One prompt per held-out file (the first `requests` files by name), starting at a seeded random
-    line start, `prompt_len` bytes long."""
+    line start, `prompt_len` bytes long. More `requests` than held-out top-level files: then one prompt
+    per file of `extra_heldout_files()` (named by their path under the stdlib), drawn from the same
+    generator after the top-level ones, so the first prompts do not depend on `requests`."""
     rng = np.random.default_rng(r.seed + 1)
     prompts, names = [], []
-    for p in held:
+    root = Path(sysconfig.get_paths()["stdlib"])
+
+    def files():
+        yield from held
+        if len(prompts) < r.requests:
+            yield from extra_heldout_files()
+
+    for p in files():
         data = _bytes(p)
         if len(data) < r.prompt_len + 2:
             continue
@@ -132,10 +172,16 @@ def held_out_prompts(held: list[Path], r: TinyRecipe) -> tuple[list[list[int]], 
         nl = data.rfind(b"\n", 0, off)
         off = nl + 1 if nl >= 0 else 0
         prompts.append(list(data[off: off + r.prompt_len]))
-        names.append(p.name)
+        names.append(p.name if p.parent == root else p.relative_to(root).as_posix())
         if len(prompts) == r.requests:
             break
     return prompts, names
+
+
+def _files(names: list[str]) -> str:
+    """'16 files', or '16 files + 24 sub-package files'."""
+    sub = sum("/" in n for n in names)
+    return f"{len(names) - sub} files" + (f" + {sub} sub-package files" if sub else "")
 
 
 def train_tiny(output, recipe: TinyRecipe | None = None, *, max_minutes: float | None = None,
@@ -228,7 +274,7 @@ def train_tiny(output, recipe: TinyRecipe | None = None, *, max_minutes: float |
     pyv = platform.python_version()
     meta = TraceMeta(model=MODEL_NAME, num_layers=r.layers, num_experts=r.experts, top_k=r.top_k,
                      source=(f"collected:{MODEL_NAME}(train-tiny seed={r.seed} steps={steps_done} python={pyv} "
-                             f"torch={torch.__version__})@stdlib-heldout({len(prompts)} files, prompt {r.prompt_len} "
+                             f"torch={torch.__version__})@stdlib-heldout({_files(names)}, prompt {r.prompt_len} "
                              f"+ decode {r.decode_len} bytes)"),
                      seed=r.seed)
     reqs = iter_collect(model, prompts, r.decode_len, pre_attn=True)
