@@ -143,11 +143,14 @@ def trace():
 @click.option("--prompt-len", type=int, default=32, show_default=True)
 @click.option("--decode-len", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--model-seed", type=click.IntRange(min=0), default=None,
+              help="draw the synthetic model (gates, popularity) from this seed and only the requests from --seed: "
+                   "traces with one --model-seed and different --seed share a model [default: --seed draws both]")
 @click.option("--pre-attn", is_flag=True, help="write the pre-attention hidden state column")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.pass_context
 @_guard
-def trace_generate(ctx, preset, preset_file, n_requests, prompt_len, decode_len, seed, pre_attn, output):
+def trace_generate(ctx, preset, preset_file, n_requests, prompt_len, decode_len, seed, model_seed, pre_attn, output):
     """Write a synthetic latent-gate trace for a model preset (or a fitted preset file)."""
     import numpy as np
 
@@ -182,7 +185,8 @@ def trace_generate(ctx, preset, preset_file, n_requests, prompt_len, decode_len,
     if decode_len < 0:
         raise InputError(f"must be >= 0 (got {decode_len})", field="--decode-len")
     generate_to_file(output, spec, params, preset=label, requests=n_requests, prompt_len=prompt_len,
-                     decode_len=decode_len, rng=np.random.default_rng(seed), seed=seed, pre_attn=pre_attn)
+                     decode_len=decode_len, rng=np.random.default_rng(seed), seed=seed, pre_attn=pre_attn,
+                     model_seed=model_seed)
     click.echo(f"wrote {output}")
 
 

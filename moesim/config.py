@@ -123,6 +123,8 @@ class SyntheticTrace(_Strict):
     prompt_len: int = Field(32, gt=0)
     decode_len: int = Field(64, ge=0)
     pre_attn: bool = False
+    model_seed: int | None = Field(None, ge=0, description="draw the synthetic model (gates, popularity) from this "
+                                   "seed and only the requests from the scenario's seed; default: both from seed")
 
 
 class TraceConfig(_Strict):

@@ -310,6 +310,35 @@ def test_same_seed_same_bytes_and_chunking_does_not_matter(tmp_path):
     assert whole.equals(generate(s, None, rng=np.random.default_rng(11), **kw))
 
 
+def test_model_seed_shares_the_model_not_the_requests():
+    """Same model_seed, different seed: one synthetic model (same popularity order), other requests."""
+    s = spec(L=4, E=16, K=2)
+    p = SyntheticParams(popularity_skew=2.0)
+
+    def top(model_seed, seed):
+        t = generate(s, p, requests=6, rng=np.random.default_rng(seed), model_rng=np.random.default_rng(model_seed))
+        df = t.select(["layer", "experts"]).to_pandas().explode("experts")
+        return df.groupby("layer")["experts"].agg(lambda x: x.value_counts().idxmax()).tolist(), t.column("experts")
+
+    a, ea = top(5, 1)
+    b, eb = top(5, 2)
+    c, _ = top(6, 1)
+    assert a == b and a != c and ea != eb
+
+
+def test_generate_cli_records_the_model_seed(tmp_path):
+    from click.testing import CliRunner
+
+    from moesim.cli import main
+
+    out = tmp_path / "m.parquet"
+    res = CliRunner().invoke(main, ["trace", "generate", "--preset", "switch-base-128", "--requests", "1",
+                                    "--decode-len", "2", "--seed", "3", "--model-seed", "7", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    meta = TraceReader(out).meta
+    assert meta.seed == 3 and meta.source.startswith("synthetic:latent-gate(preset=switch-base-128,model_seed=7,")
+
+
 def test_generated_rows_are_valid_and_shaped(tmp_path):
     s = spec(L=3, E=8, K=3)
     path = generate_to_file(tmp_path / "g.parquet", s, requests=6, prompt_len=(2, 5), decode_len=(1, 4),

@@ -59,7 +59,8 @@ def open_trace(sc: Scenario, workdir: Path):
             label = f"fitted:{pf.name}"
         generate_to_file(path, sc.model, params, preset=label, requests=syn.requests,
                          prompt_len=syn.prompt_len, decode_len=syn.decode_len,
-                         rng=np.random.default_rng(sc.seed), seed=sc.seed, pre_attn=syn.pre_attn)
+                         rng=np.random.default_rng(sc.seed), seed=sc.seed, pre_attn=syn.pre_attn,
+                         model_seed=syn.model_seed)
     else:
         path = sc.resolve(sc.trace.path)
         if not path.is_file():

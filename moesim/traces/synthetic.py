@@ -213,24 +213,28 @@ def _shape(spec) -> tuple[int, int, int]:
 
 def iter_generate(spec, params=None, requests: int = 8, prompt_len=32, decode_len=64,
                   rng: np.random.Generator | None = None, pre_attn: bool = False, scores: bool = False,
-                  preset: str | None = None, budget: int = 1 << 22) -> Iterator[pa.Table]:
+                  preset: str | None = None, budget: int = 1 << 22,
+                  model_rng: np.random.Generator | None = None) -> Iterator[pa.Table]:
     """The rows of `generate`, as a sequence of tables of whole requests (bounded memory)."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError("rng must be a numpy.random.Generator (e.g. numpy.random.default_rng(seed))")
+    if model_rng is not None and not isinstance(model_rng, np.random.Generator):
+        raise TypeError("model_rng must be a numpy.random.Generator or None")
+    mrng = rng if model_rng is None else model_rng
     _, p = resolve_params(spec.name, params, preset)
     if not isinstance(requests, (int, np.integer)) or requests <= 0:
         raise InputError(f"must be > 0 (got {requests!r})", field="requests")
     L, E, K = _shape(spec)
     d = p.hidden_dim
     # model-level draws first: they depend on the seed only, not on the request count
-    W = rng.standard_normal((L, E, d)) / math.sqrt(d)
+    W = mrng.standard_normal((L, E, d)) / math.sqrt(d)
     if p.gate_affinity > 0:
         # W_{l+1}[perm_l(e)] = κ·W_l[e] + sqrt(1-κ²)·fresh: expert e at layer l has a "successor"
         k, kc = p.gate_affinity, math.sqrt(max(0.0, 1.0 - p.gate_affinity**2))
         for l in range(1, L):
-            perm = rng.permutation(E)
+            perm = mrng.permutation(E)
             W[l, perm] = k * W[l - 1] + kc * W[l, perm]
-    ranks = np.stack([rng.permutation(E) for _ in range(L)]) + 1
+    ranks = np.stack([mrng.permutation(E) for _ in range(L)]) + 1
     if isinstance(p.popularity_skew, tuple):
         if len(p.popularity_skew) != L:
             raise InputError(f"expected one value per MoE layer ({L}), found {len(p.popularity_skew)}",
@@ -346,35 +350,40 @@ def _list(values: np.ndarray, width: int, typ) -> pa.ListArray:
 
 def generate(spec, params=None, requests: int = 8, prompt_len=32, decode_len=64,
              rng: np.random.Generator | None = None, pre_attn: bool = False, scores: bool = False,
-             preset: str | None = None) -> pa.Table:
+             preset: str | None = None, model_rng: np.random.Generator | None = None) -> pa.Table:
     """A synthetic trace as one Arrow table (rows sorted by request, token, layer).
 
     `params`: SyntheticParams, a dict of overrides of the preset, or None (the preset named `preset`,
     by default the model's name). `prompt_len`/`decode_len`: an int, a (min, max) range drawn per
     request, or a numpy integer array with one length per request. `pre_attn=True` writes h_l as
     float16; `scores=True` writes the softmax gate probabilities of the chosen experts (softmax over
-    all experts, not renormalised).
+    all experts, not renormalised). `model_rng`: draw the model (gate rows W, popularity ranks) from it
+    and only the requests from `rng` (default: both from `rng`).
     """
-    parts = list(iter_generate(spec, params, requests, prompt_len, decode_len, rng, pre_attn, scores, preset))
+    parts = list(iter_generate(spec, params, requests, prompt_len, decode_len, rng, pre_attn, scores, preset,
+                               model_rng=model_rng))
     return pa.concat_tables(parts)
 
 
-def source_string(spec_name: str, params=None, preset: str | None = None) -> str:
+def source_string(spec_name: str, params=None, preset: str | None = None, model_seed: int | None = None) -> str:
     name, p = resolve_params(spec_name, params, preset)
-    return f"synthetic:latent-gate(preset={name},{p.describe()})"
+    ms = "" if model_seed is None else f",model_seed={model_seed}"
+    return f"synthetic:latent-gate(preset={name}{ms},{p.describe()})"
 
 
 def generate_to_file(path, spec, params=None, *, preset: str | None = None, requests: int = 8, prompt_len=32,
                      decode_len=64, rng: np.random.Generator | None = None, seed: int | None = None,
                      pre_attn: bool = False, scores: bool = False,
-                     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> Path:
+                     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS, model_seed: int | None = None) -> Path:
     """Generate and write a trace (streamed, atomically). `seed` is recorded in the metadata only:
-    the draws come from `rng`."""
+    the draws come from `rng`. `model_seed`: draw the model from default_rng(model_seed), the requests
+    from `rng` (default: both from `rng`)."""
+    model_rng = None if model_seed is None else np.random.default_rng(model_seed)
     L, E, K = _shape(spec)
     meta = TraceMeta(model=spec.name, num_layers=L, num_experts=E, top_k=K,
-                     source=source_string(spec.name, params, preset), seed=seed)
+                     source=source_string(spec.name, params, preset, model_seed), seed=seed)
     return write_trace(path, iter_generate(spec, params, requests, prompt_len, decode_len, rng, pre_attn, scores,
-                                           preset), meta, row_group_rows=row_group_rows)
+                                           preset, model_rng=model_rng), meta, row_group_rows=row_group_rows)
 
 
 # ---- fitted presets (YAML, written by `moesim trace fit`) -----------------------------------------

@@ -18,7 +18,8 @@ score is its probability summed over those tokens (the expected number of tokens
 at most `max_per_layer` experts, best first.
 
 `checkpoint` is a path string; a relative path is resolved against the current working directory
-(not the scenario's directory). `latency_us` left out: the forward time measured when the
+(not the scenario's directory); `{model}` in it is replaced by the scenario's model name, so one
+sweep over several models can name one checkpoint per model. `latency_us` left out: the forward time measured when the
 checkpoint was trained (stored in it with the device it was measured on), interpolated at
 `latency_tokens` tokens per call; the engine charges it per hook call (`runs_on`: cpu delays the
 prefetches, gpu delays the compute stream).
@@ -41,11 +42,15 @@ FIELD = "predictor.checkpoint"
 
 class NeuralParams(PredictorParams):
     checkpoint: str = Field(description="path of a checkpoint from `moesim predictor train` (relative paths: "
-                                        "from the current working directory)")
+                                        "from the current working directory; `{model}` is replaced by the "
+                                        "scenario's model name)")
     latency_us: float | None = Field(None, ge=0, description="inference time charged per hook call "
                                      "(default: measured at training time, stored in the checkpoint)")
     latency_tokens: float = Field(4, gt=0, description="tokens per call at which the stored latency table is read")
     device: str = Field("cpu", description="torch device the model runs on in the simulation")
+    threads: int | None = Field(1, ge=1, description="torch CPU threads (process-wide; default 1: a call's tensors "
+                                "are tiny, and with more threads on a busy machine a forward waited 10x longer "
+                                "for its threads than it computed); null leaves torch's setting")
     per_token: int | None = Field(None, ge=1, description="experts predicted per token (default: top_k)")
     min_prob: float = Field(0.0, ge=0, le=1, description="ignore per-token predictions below this probability")
     max_per_layer: int | None = Field(None, ge=1, description="at most this many experts per predicted layer")
@@ -60,11 +65,12 @@ class SpeculationParams(NeuralParams):
 
 class PreAttentionParams(NeuralParams):
     trace: str | None = Field(None, description="trace file to read pre_attn from while the engine does not "
-                              "pass it in the step view (the scenario's trace; relative: from the working dir)")
+                              "pass it in the step view (the scenario's trace; relative: from the working dir; "
+                              "`{model}` as in checkpoint)")
 
 
-def _resolve(p: str) -> Path:
-    return Path(p).expanduser()
+def _resolve(p: str, model_name: str) -> Path:
+    return Path(p.replace("{model}", model_name)).expanduser()
 
 
 class _NeuralPredictor(Predictor):
@@ -79,7 +85,7 @@ class _NeuralPredictor(Predictor):
         from .training import latency_at, load_model
 
         self._torch = torch
-        path = _resolve(params.checkpoint)
+        path = _resolve(params.checkpoint, model.name)
         self.ckpt_path = str(path)
         ck = ckpt_io.load(path, kind=self.kind, field=FIELD)
         ckpt_io.check_model(ck, model, str(path))
@@ -88,6 +94,8 @@ class _NeuralPredictor(Predictor):
             self.device = torch.device(params.device)
         except RuntimeError as e:
             raise InputError(f"bad torch device {params.device!r}: {e}", field="predictor.device") from None
+        if params.threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(params.threads)
         self.net = load_model(ck, self.device)
         self.cfg = self.net.cfg
         self.L, self.E, self.K = model.num_layers, model.num_experts, model.top_k
@@ -334,7 +342,7 @@ class PreAttention(_NeuralPredictor):
 
     def __init__(self, params, model, rng):
         super().__init__(params, model, rng)
-        self.states = _TraceStates(str(_resolve(params.trace))) if params.trace else None
+        self.states = _TraceStates(str(_resolve(params.trace, model.name))) if params.trace else None
 
     def _x(self, view, layer: int) -> np.ndarray:
         if hasattr(view, "pre_attn"):
