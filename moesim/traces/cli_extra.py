@@ -68,7 +68,7 @@ def collect(model_id, prompts, max_new_tokens, pre_attn, scores, stack, device, 
 @click.option("--top-k", type=int, default=None, help="[default: 2]")
 @click.option("--hidden", type=int, default=None, help="[default: 128]")
 @click.option("--threads", type=int, default=None, help="torch CPU threads [default: 1]")
-@click.option("--requests", type=int, default=None, help="held-out prompts to collect [default: 16]")
+@click.option("--requests", type=int, default=None, help="held-out prompts to collect [default: 40]")
 @click.option("--prompt-len", type=int, default=None, help="[default: 64 bytes]")
 @click.option("--decode-len", type=int, default=None, help="[default: 64]")
 @click.option("--max-minutes", type=float, default=None, help="stop training early after this long (not reproducible)")

@@ -56,7 +56,7 @@ class TinyRecipe:
     aux_loss_coef: float = 0.01
     threads: int = 1
     # collection on held-out files
-    requests: int = 16
+    requests: int = 40
     prompt_len: int = 64
     decode_len: int = 64
     heldout_eval_windows: int = 64
