@@ -15,6 +15,15 @@ Method: simulated method of moments, checked on held-out requests.
    ``gate_affinity``, and ``hidden_dim`` from pre_attn's effective dimension (participation ratio,
    bisection over a few sizes). Without ``pre_attn`` nothing identifies ``attention_noise``,
    ``gate_affinity`` or ``hidden_dim``: they stay at 0.5, 0.8, 32 (or the values given).
+   Phase knobs, when every request has a prompt and a decode longer than 8 tokens: the prompt's own
+   consecutive-token overlap ↔ ``prompt_tau`` (an exploring prompt; ``tau``/``tau_spread`` then shape the decode
+   mostly); reuse distance p90 ↔ ``loop_share`` (greedy-decode loops: short reuse times); LRU miss at the largest
+   default capacity (E/2) ↔ ``tail_prob`` (a sampled, low-confidence last choice: one-off experts, first-use
+   misses), with Belady's miss there fitted too. On tiny-learned each alone (and every single-mechanism knob
+   tried) fixed the reuse distances only by shrinking the working set (LRU/Belady misses 15-45% low); together
+   they fit both. They are fitted after a warm start without them (the fit below with WARM_EVALS evaluations,
+   then every knob from its result; from the default start the seeds landed in different basins), and they
+   double the evaluation budget.
 3. Simulated moments: the same statistics averaged over `replicates` synthetic traces with exactly the
    training requests' prompt/decode lengths (the Markov and probe recalls depend on trace size), from
    the same seeds at every evaluation (common random numbers): a deterministic, nearly smooth objective.
@@ -46,6 +55,7 @@ from .compare_stats import (
     Routing,
     _participation,
     compare_stats,
+    default_capacities,
     load_routing,
     popularity_profile,
     rel_err,
@@ -64,7 +74,17 @@ KNOBS = {
     "rho": ("markov_recall", 0.0, 0.99, 0.04, 0.8),          # probe_next_recall when the trace has pre_attn
     "attention_noise": ("probe_recall", 0.0, 4.0, 0.1, 0.5),
     "gate_affinity": ("markov_recall", 0.0, 1.0, 0.05, 0.8),
+    # phase knobs (traces whose requests have a prompt and a decode); "@C": the largest default cache capacity
+    "prompt_tau": ("prompt_overlap_1", 0.0, 0.99, 0.04, 0.4),
+    "loop_share": ("reuse_p90", 0.0, 0.9, 0.05, 0.1),
+    "tail_prob": ("lru_miss@C", 0.0, 0.5, 0.01, 0.02),
 }
+#: fitted after a warm start without them (from the defaults' start they land in different basins per seed)
+PHASE_KNOBS = ("prompt_tau", "loop_share", "tail_prob")
+#: fitted too when the phase knobs are (tail_prob alone overshoots Belady's misses)
+PHASE_EXTRA = ("belady_miss@C",)
+#: evaluations of the warm start (counted in the budget, which the phase knobs double)
+WARM_EVALS = 40
 #: fitted too, though no knob is tied to them (least squares over more statistics than knobs)
 #: Tried on tiny-learned and left out: ("reuse_p90",) costs the other statistics more; on a 40-request
 #: collection, ("top1_repeat", "reuse_mean") pulls topic_weight up to 0.2-0.3 and leaves the LRU/Belady miss
@@ -205,6 +225,17 @@ def _mean_stats(stats: list[dict]) -> dict:
     return out
 
 
+def _phase_part(r: Routing, decode: bool) -> Routing:
+    ex = [e[int(p):] if decode else e[:int(p)] for e, p in zip(r.experts, r.prompt_lens)]
+    return Routing(r.num_layers, r.num_experts, r.top_k, ex, np.zeros(len(ex), dtype=np.int64))
+
+
+def phase_stats(r: Routing) -> dict:
+    """Statistics of the prompt tokens alone (each request's first prompt_len tokens): ``prompt_overlap_1``."""
+    s = compare_stats(_phase_part(r, False), cache=False, probe=False, reuse=False)
+    return {"prompt_overlap_1": s["overlap_1"]}
+
+
 def synthetic_like(shape: RoutingShape, params: SyntheticParams, like: Routing, seed: int,
                    pre_attn: bool) -> Routing:
     """A synthetic trace with exactly `like`'s request lengths, drawn from default_rng(seed)."""
@@ -255,12 +286,16 @@ def split_requests(real: Routing, holdout: float, split: str, rng: np.random.Gen
 
 def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicates: int | None = None,
                 eval_replicates: int = 16, hidden_dim: int | None = None, gate_affinity: float | None = None,
-                attention_noise: float | None = None, tau_spread: float | None = None, profile: bool = True,
+                attention_noise: float | None = None, tau_spread: float | None = None,
+                prompt_tau: float | None = None, loop_share: float | None = None, tail_prob: float | None = None,
+                profile: bool = True, _phases: bool = True, _check: bool = True,
                 split: str = "stratified", max_evals: int = 70,
                 tol: float = 0.02, log=None, trace_path: str | None = None) -> FitResult:
     """Fit SyntheticParams to `real` (see the module docstring). `hidden_dim`, `gate_affinity`,
     `attention_noise`: fix that knob instead of fitting it (without pre_attn the last two are fixed at
-    0.8 / 0.5 and hidden_dim at 32). `profile`: also fit a per-rank bias correction (`rank_bias`)."""
+    0.8 / 0.5 and hidden_dim at 32); so do `tau_spread`, `prompt_tau`, `loop_share`, `tail_prob` (the last three
+    are fitted only when every request has more than 8 prompt and 8 decode tokens). `profile`: also fit a per-rank
+    bias correction (`rank_bias`). `_phases`, `_check`: internal (the warm start's inner fit)."""
     t0 = time.perf_counter()
     file = trace_path or real.file
     n = real.n_requests
@@ -288,8 +323,18 @@ def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicate
     L, E, K = real.num_layers, real.num_experts, real.top_k
     shape = RoutingShape(real.model or "fitted", L, E, K)
     use_pre = real.pre_attn is not None
-    targets = compare_stats(tr, cache=False, reuse=bool(EXTRA_TARGETS), probe=use_pre)
-    target_of = {k: v[0] for k, v in KNOBS.items()}
+    # phase knobs: only when every request has a prompt and a decode longer than the 8-token window
+    given = {"prompt_tau": prompt_tau, "loop_share": loop_share, "tail_prob": tail_prob}
+    phases = (_phases and int(tr.decode_lens.min()) > 8 and int(tr.prompt_lens.min()) > 8
+              and any(given[k] is None for k in PHASE_KNOBS))
+    cap = f"@{default_capacities(E, K)[-1]}"
+    target_of = {k: v[0].replace("@C", cap) for k, v in KNOBS.items()}
+    extra = EXTRA_TARGETS + (tuple(k.replace("@C", cap) for k in PHASE_EXTRA) if phases else ())
+    need_cache = phases or any("_miss@" in k for k in extra)
+    need_reuse = phases or any(k.startswith("reuse_") for k in extra)
+    targets = compare_stats(tr, cache=need_cache, reuse=need_reuse, probe=use_pre)
+    if phases:
+        targets.update(phase_stats(tr))
     if use_pre:
         target_of["rho"] = "probe_next_recall"
 
@@ -299,6 +344,12 @@ def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicate
         knobs.insert(1, "tau_spread")
     else:
         fixed["tau_spread"] = float(tau_spread)
+    for k in PHASE_KNOBS:
+        v = given[k]
+        if v is None and phases and targets.get(target_of[k]) is not None:
+            knobs.append(k)
+        elif v is not None and (v or k not in ("loop_share", "tail_prob")):
+            fixed[k] = float(v)
     if use_pre and attention_noise is None:
         knobs.append("attention_noise")
     else:
@@ -315,6 +366,7 @@ def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicate
 
     # -- stage 0: hidden_dim from the effective dimension of pre_attn ----------------------------------
     fit_dim = hidden_dim is None and use_pre
+    dim_fitted = fit_dim
 
     def choose_dim(base: dict) -> int:
         """The hidden_dim whose synthetic pre_attn participation ratio is closest to the target's
@@ -340,13 +392,28 @@ def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicate
             d = below
         return d
 
+    start = None
+    if phases and any(k in knobs for k in PHASE_KNOBS):
+        max_evals *= 2
+        # warm start: the fit without the phase knobs (which converges reliably), then all knobs from there
+        base = fit_routing(real, seed=seed, holdout=holdout, replicates=replicates, eval_replicates=eval_replicates,
+                           hidden_dim=hidden_dim, gate_affinity=gate_affinity, attention_noise=attention_noise,
+                           tau_spread=tau_spread, profile=False, split=split, max_evals=WARM_EVALS, tol=tol,
+                           _phases=False, _check=False)
+        bp = base.params
+        start = {k: getattr(bp, k) for k in knobs if k not in PHASE_KNOBS}
+        start.update(prompt_tau=bp.tau, loop_share=0.0, tail_prob=0.0)
+        start_skew = list(bp.popularity_skew) if isinstance(bp.popularity_skew, tuple) else [bp.popularity_skew] * L
+        evals += base.evaluations
+        if fit_dim:
+            hidden_dim, fit_dim = bp.hidden_dim, False
     if fit_dim:
         hidden_dim = choose_dim({})
         say(f"  hidden_dim {hidden_dim} (pre_attn participation ratio {targets['pre_attn_dim']:.1f})")
     fixed["hidden_dim"] = int(hidden_dim if hidden_dim is not None else 32)
 
     G = len(knobs)
-    stat_names = [target_of[k] for k in knobs] + [k for k in EXTRA_TARGETS if targets.get(k) is not None]
+    stat_names = [target_of[k] for k in knobs] + [k for k in extra if targets.get(k) is not None]
     NG = len(stat_names)
     tg = np.array([targets[k] for k in stat_names])
     # relative residuals; a spread across requests is measured against a floor (a homogeneous trace's
@@ -372,7 +439,11 @@ def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicate
         sts, profs = [], []
         for sd in fit_seeds:
             syn = synthetic_like(shape, p, tr, int(sd), use_pre)
-            sts.append(compare_stats(syn, cache=False, reuse=bool(EXTRA_TARGETS), probe=use_pre))
+            st = compare_stats(syn, capacities=targets.get("capacities"), cache=need_cache, reuse=need_reuse,
+                               probe=use_pre)
+            if phases:
+                st.update(phase_stats(syn))
+            sts.append(st)
             profs.append(popularity_profile(syn))
         s = _mean_stats(sts)
         g = np.array([s[k] for k in stat_names])
@@ -417,7 +488,10 @@ def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicate
             + (f"  profile gap {np.abs(prof - prof_t).sum(axis=1).mean():.3f}" if profile else ""))
 
     # -- stage 1: global knobs and per-layer Zipf skew (then hidden_dim again at the fitted knobs) -------
-    x = np.array([KNOBS[k][4] for k in knobs] + [0.3] * L, dtype=np.float64)
+    if start is None:
+        x = np.array([KNOBS[k][4] for k in knobs] + [0.3] * L, dtype=np.float64)
+    else:
+        x = np.array([start[k] for k in knobs] + start_skew, dtype=np.float64)
     r, s, prof = residual(x)
     lam = 1e-2
     budget1 = max_evals if not profile else int(max_evals * 0.6)
@@ -474,14 +548,17 @@ def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicate
     train_real = compare_stats(tr)
     caps = train_real["capacities"]
     heldout_real = compare_stats(ho, capacities=caps)
-    heldout_syn = simulated_stats(shape, params, ho, eval_seeds, use_pre, full=True, capacities=caps)
-    train_syn = simulated_stats(shape, params, tr, fit_seeds, use_pre, full=True, capacities=caps)
+    if _check:
+        heldout_syn = simulated_stats(shape, params, ho, eval_seeds, use_pre, full=True, capacities=caps)
+        train_syn = simulated_stats(shape, params, tr, fit_seeds, use_pre, full=True, capacities=caps)
+    else:   # an inner (warm-start) fit: its caller checks
+        heldout_syn = train_syn = {}
     typical = {"requests": int(n), "prompt_len": int(np.median(real.prompt_lens)),
                "decode_len": int(np.median(real.decode_lens))}
     rid = real.request_ids if real.request_ids is not None else np.arange(n)
-    fitted = knobs + (["hidden_dim"] if fit_dim else []) + ["popularity_skew (per layer)"] \
+    fitted = knobs + (["hidden_dim"] if dim_fitted else []) + ["popularity_skew (per layer)"] \
         + (["rank_bias (per layer and rank)"] if rank_bias is not None else [])
-    if fit_dim:
+    if dim_fitted:
         fixed.pop("hidden_dim")
     return FitResult(
         params=params, model=shape.name, shape=shape, trace=str(file), trace_sha256=_sha256(file) if file else "",

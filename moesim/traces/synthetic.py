@@ -24,6 +24,12 @@ variance per dimension, corr(h_l(t), h_{l+1}(t)) ≈ ρ and corr(h_l(t), h_l(t-1
   barely moves the first-order "top-1 at l -> top-1 at l+1" predictability; with κ > 0 it does
   (ρ = 0 still means no inter-layer predictability, whatever κ).
 
+Phase structure (fitted presets; off by default): `prompt_tau` gives prompt tokens their own locality
+(logit(prompt_tau) + tau_spread·z_r), so tau_r shapes the decode; `loop_share` makes decode tokens repeat the
+latent state of the token loop_period_r back (greedy-decode loops, period drawn per request); `tail_prob` samples
+a token's k-th expert from softmax(logits / tail_temperature) over the experts not among its first k-1 (a
+low-confidence last choice: one-off experts). Their draws come after the others from each request's generator.
+
 W_l (rows N(0, I/d)) and b_l are fixed per layer and drawn first from the generator, then the
 per-request lengths, then one seed per request; each request's noise comes from its own seeded
 generator, so output does not depend on how requests are chunked. Same generator state → the
@@ -37,7 +43,7 @@ from typing import Annotated, Iterator
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InputError, pydantic_message
 from .io import DEFAULT_ROW_GROUP_ROWS, write_trace
@@ -61,6 +67,23 @@ class SyntheticParams(BaseModel):
     tau_spread: float = Field(0.0, ge=0.0, le=10.0,
                               description="requests differ in locality: request r uses tau_r = sigmoid(logit(tau) + "
                                           "tau_spread·z_r), z_r ~ N(0, 1) (0: every request uses tau)")
+    # phase structure (fitted presets): an exploring prompt, greedy-decode loops, and low-confidence last
+    # choices. At their defaults nothing is drawn or changed (the existing presets' bytes and source strings stay).
+    prompt_tau: float | None = Field(None, ge=0.0, le=1.0,
+                                     description="prompt tokens use sigmoid(logit(prompt_tau) + tau_spread·z_r) "
+                                                 "instead of tau_r (None: tau_r throughout)")
+    loop_share: float = Field(0.0, ge=0.0, lt=1.0,
+                              description="greedy-decode loops: each decode token, with this probability, takes the "
+                                          "latent state of the token loop_period_r back (a repeat) instead of an "
+                                          "AR(1) step; loop_period_r is drawn per request, uniform in loop_period "
+                                          "(0: no loops)")
+    loop_period: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = Field(
+        (4, 16), description="(min, max) loop period in tokens")
+    tail_prob: float = Field(0.0, ge=0.0, lt=1.0,
+                             description="low-confidence last choice: each token's k-th expert, with this "
+                                         "probability, is instead sampled from softmax(logits / tail_temperature) "
+                                         "over the experts not among its first k-1 (0: never)")
+    tail_temperature: float = Field(3.0, gt=0.0, le=100.0, description="temperature of a tail_prob draw")
     # fitted presets (`moesim trace fit`): the popularity shape a Zipf exponent cannot give (dead experts,
     # flat heads). `describe()` leaves tau_spread out at 0 and shows rank_bias as its shape, so the
     # existing presets' source strings (and the sample traces' bytes) are unchanged.
@@ -68,10 +91,22 @@ class SyntheticParams(BaseModel):
         None, description="per layer, a gate-bias correction for each popularity rank (most popular first), "
                           "added to the Zipf term")
 
+    @model_validator(mode="after")
+    def _period_order(self):
+        if self.loop_period[0] > self.loop_period[1]:
+            raise ValueError(f"loop_period: expected (min, max) with min <= max, got {self.loop_period}")
+        return self
+
     def describe(self) -> str:
         d = self.model_dump()
         if not d["tau_spread"]:
             del d["tau_spread"]
+        if not d["tail_prob"]:
+            del d["tail_prob"], d["tail_temperature"]
+        if d["prompt_tau"] is None:
+            del d["prompt_tau"]
+        if not d["loop_share"]:
+            del d["loop_share"], d["loop_period"]
         rb = d.pop("rank_bias")
         if rb is not None:
             d["rank_bias"] = f"{len(rb)}x{len(rb[0]) if rb else 0}"
@@ -277,6 +312,10 @@ def _chunk(reqs, totals, prompts, seeds, W, bias, p: SyntheticParams, K: int, wa
     eta = np.zeros((C, Tm, L, d))
     topic = np.zeros((C, d))
     z = np.zeros(C)
+    loop = np.zeros((C, Tm), dtype=bool) if p.loop_share > 0 else None
+    per = np.zeros(C, dtype=np.int64)
+    tail = np.zeros((C, Tm, L), dtype=bool) if p.tail_prob > 0 else None
+    tail_u = np.zeros((C, Tm, L)) if p.tail_prob > 0 else None
     for i, r in enumerate(reqs):
         g = np.random.default_rng(int(seeds[r]))
         T = int(Ts[i])
@@ -285,15 +324,35 @@ def _chunk(reqs, totals, prompts, seeds, W, bias, p: SyntheticParams, K: int, wa
         eta[i, :T] = g.standard_normal((T, L, d))
         if p.tau_spread > 0:
             z[i] = g.standard_normal()
+        # drawn last: without loops or tail choices the draws above are unchanged
+        if loop is not None:
+            per[i] = g.integers(p.loop_period[0], p.loop_period[1] + 1)
+            loop[i, :T] = g.random(T) < p.loop_share
+        if tail is not None:
+            tail[i, :T] = g.random((T, L)) < p.tail_prob
+            tail_u[i, :T] = g.random((T, L))
     # AR(1) across tokens (in place: xi becomes ε)
     tau, a_t = p.tau, math.sqrt(max(0.0, 1.0 - p.tau**2))
     if p.tau_spread > 0:   # one tau per request
         t0 = min(max(p.tau, 1e-6), 1 - 1e-6)
         tau = (1.0 / (1.0 + np.exp(-(math.log(t0 / (1 - t0)) + p.tau_spread * z))))[:, None, None]
         a_t = np.sqrt(1.0 - tau**2)
+    pr_c = prompts[reqs]
+    if p.prompt_tau is not None:   # prompt tokens: logit(prompt_tau), with the request's spread
+        tau_d = np.broadcast_to(np.asarray(tau, dtype=np.float64).reshape(-1), (C,)).copy()[:, None, None]
+        t0 = min(max(p.prompt_tau, 1e-6), 1 - 1e-6)
+        tau_p = (1.0 / (1.0 + np.exp(-(math.log(t0 / (1 - t0)) + p.tau_spread * z))))[:, None, None]
+    if loop is not None:
+        loop &= np.arange(Tm)[None, :] >= np.maximum(pr_c, per)[:, None]   # decode tokens with a source
     for t in range(1, Tm):
+        if p.prompt_tau is not None:
+            tau = np.where((t >= pr_c)[:, None, None], tau_d, tau_p)
+            a_t = np.sqrt(1.0 - tau**2)
         xi[:, t] *= a_t
         xi[:, t] += tau * xi[:, t - 1]
+        if loop is not None and loop[:, t].any():
+            rows = np.flatnonzero(loop[:, t])
+            xi[rows, t] = xi[rows, t - per[rows]]
     # AR(1) across layers (in place: xi becomes u)
     rho, a_l = p.rho, math.sqrt(max(0.0, 1.0 - p.rho**2))
     for l in range(1, L):
@@ -318,6 +377,15 @@ def _chunk(reqs, totals, prompts, seeds, W, bias, p: SyntheticParams, K: int, wa
         top = np.take_along_axis(logits, idx, axis=1)
         order = np.argsort(-top, axis=1, kind="stable")
         experts[:, l] = np.take_along_axis(idx, order, axis=1)
+        if tail is not None and K < E:   # the k-th choice: sampled from the gate's softmax at tail_temperature
+            m = tail[:, :, l][valid]
+            if m.any():
+                lg = logits[m] / p.tail_temperature
+                pm = np.exp(lg - lg.max(axis=1, keepdims=True))
+                np.put_along_axis(pm, experts[m, l, :K - 1].astype(np.int64), 0.0, axis=1)
+                cs = np.cumsum(pm, axis=1)
+                u = tail_u[:, :, l][valid][m] * cs[:, -1]
+                experts[m, l, K - 1] = np.minimum((cs < u[:, None]).sum(axis=1), E - 1)
         if want_scores:
             m = logits.max(axis=1, keepdims=True)
             z = np.exp(logits - m)
