@@ -2,7 +2,7 @@
 # Train the learned predictors that scenarios/compare-predictors.yaml uses, one per model, on a
 # synthetic trace of that model's preset: the same synthetic model as the comparison's
 # (--model-seed 0, its trace.synthetic.model_seed) but other requests (--seed 1; the comparison
-# replays seed 0's), so no predictor is scored on a request it saw. Needs torch; ~1-2 CPU minutes
+# replays seed 0's), so no predictor is scored on a request it saw. Needs torch; ~1 CPU minute
 # per model.
 #   sh checkpoints/make.sh            # from the repository root
 # Weights are the same on every run (seeded, one torch thread); the stored forward latency is

@@ -164,7 +164,9 @@ def fit_table(res, title: str):
               help="synthetic traces averaged per evaluation while fitting [default: 4-16, more for small traces]")
 @click.option("--eval-replicates", type=int, default=16, show_default=True,
               help="synthetic traces averaged for the held-out check")
-@click.option("--max-evals", type=int, default=70, show_default=True, help="evaluations of the simulated statistics")
+@click.option("--max-evals", type=int, default=70, show_default=True,
+              help="evaluations of the simulated statistics (doubled when the phase knobs are fitted: a trace with "
+                   "prompts and decodes)")
 @click.option("--hidden-dim", type=int, default=None,
               help="fix hidden_dim [default: fitted to pre_attn's effective dimension, else 32]")
 @click.option("--gate-affinity", type=float, default=None,

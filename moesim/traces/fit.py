@@ -41,7 +41,6 @@ Every random draw comes from numpy Generators seeded from `seed`.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from .compare_stats import (
     routing_from_table,
     scalar_keys,
 )
+from .io import file_sha256
 from .synthetic import PRESET_FILE_FORMAT, SyntheticParams, generate
 
 PRESET_FORMAT = PRESET_FILE_FORMAT
@@ -86,9 +86,8 @@ PHASE_EXTRA = ("belady_miss@C",)
 #: evaluations of the warm start (counted in the budget, which the phase knobs double)
 WARM_EVALS = 40
 #: fitted too, though no knob is tied to them (least squares over more statistics than knobs)
-#: Tried on tiny-learned and left out: ("reuse_p90",) costs the other statistics more; on a 40-request
-#: collection, ("top1_repeat", "reuse_mean") pulls topic_weight up to 0.2-0.3 and leaves the LRU/Belady miss
-#: rates 10-45% low (the generator cannot give the trace's short reuse distances and its cache misses at once)
+#: Tried on tiny-learned and left out (before the phase knobs, which now own reuse_p90): ("reuse_p90",) or
+#: ("top1_repeat", "reuse_mean") pulled topic_weight up to 0.2-0.3 and left the LRU/Belady miss rates 10-45% low
 EXTRA_TARGETS: tuple[str, ...] = ()
 RESIDUAL_FLOOR = {"overlap_1_sd": 0.05}
 SKEW_MAX = 6.0
@@ -200,14 +199,6 @@ def _plain(x):
     if isinstance(x, np.integer):
         return int(x)
     return x
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _mean_stats(stats: list[dict]) -> dict:
@@ -561,7 +552,7 @@ def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicate
     if dim_fitted:
         fixed.pop("hidden_dim")
     return FitResult(
-        params=params, model=shape.name, shape=shape, trace=str(file), trace_sha256=_sha256(file) if file else "",
+        params=params, model=shape.name, shape=shape, trace=str(file), trace_sha256=file_sha256(file) if file else "",
         source=real.meta.get("source"), seed=seed, holdout=holdout, split=split, train_ids=[int(rid[i]) for i in train],
         heldout_ids=[int(rid[i]) for i in held], fitted=fitted, fixed=fixed,
         targets=targets, achieved=achieved, heldout_real=heldout_real, heldout_synthetic=heldout_syn,

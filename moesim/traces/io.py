@@ -11,6 +11,7 @@ the column and the row.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -451,3 +452,13 @@ def check_against_model(meta: TraceMeta, spec, file: str | None = None) -> None:
             raise InputError(f"trace disagrees with model {spec.name!r}: expected {name}={expected}, "
                              f"found {name}={found} (trace model {meta.model!r})", file=file,
                              field=f"moesim.{name}")
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks): what a checkpoint or fitted preset
+    records of the trace it came from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

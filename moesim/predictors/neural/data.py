@@ -17,13 +17,13 @@ flat arrays:
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import InputError
+from ...traces.io import file_sha256
 
 
 @dataclass
@@ -54,14 +54,6 @@ class TraceData:
         return {r.request_id: r for r in self.requests}
 
 
-def file_fingerprint(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_trace(path, pre_attn: bool = False, scores: bool = False) -> TraceData:
     """Read every request of a trace (in memory). `pre_attn=True`: the column is required
     (InputError naming the file and the column otherwise)."""
@@ -78,7 +70,7 @@ def load_trace(path, pre_attn: bool = False, scores: bool = False) -> TraceData:
             for r in reader.iter_requests(pre_attn=pre_attn, scores=scores and reader.has_scores)]
     if not reqs:
         raise InputError("the trace has no requests", file=str(path))
-    return TraceData(str(path), asdict(reader.meta), file_fingerprint(path), reqs)
+    return TraceData(str(path), asdict(reader.meta), file_sha256(path), reqs)
 
 
 def split_requests(ids, test_fraction: float, val_fraction: float, seed: int) -> dict[str, list[int]]:

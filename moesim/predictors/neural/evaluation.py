@@ -42,11 +42,11 @@ def _training_trace(ck: dict) -> str | None:
     """The checkpoint's training trace if it is still where it was (same sha256), else None."""
     from pathlib import Path
 
-    from .data import file_fingerprint
+    from ...traces.io import file_sha256
 
     tr = ck["trace"]
     for p in (tr.get("path"), tr.get("abs_path")):
-        if p and Path(p).is_file() and file_fingerprint(p) == tr["fingerprint"]:
+        if p and Path(p).is_file() and file_sha256(p) == tr["fingerprint"]:
             return p
     return None
 
