@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cliutil import fmt_ms, fmt_pct, print_metrics
+from .cliutil import fmt_ms, fmt_pct, print_metrics, run_notes
 from .cliutil import guard as _guard
 from .errors import InputError
 
@@ -39,6 +39,8 @@ def _print_summary(s: dict, out: Path) -> None:
     ]
     print_metrics(f"{sc['name']}: {sc['model']['name']} on {sc['hardware']['name']}, "
                   f"predictor {sc['predictor']['name']}, batch {sc['batch']['size']}", rows, out)
+    for note in run_notes(s):
+        click.echo(f"note: {note}", err=True)
 
 
 @main.command()
@@ -54,10 +56,11 @@ def run(scenario, output, overrides, events, quiet, no_report):
     """Simulate one SCENARIO (YAML) and write summary.json, steps.parquet, requests.parquet."""
     from .config import load_scenario
     from .engine.run import simulate
+    from .outdir import claim_run_dir
     from .results import write_result
 
     sc = load_scenario(scenario, overrides)
-    out = Path(output or sc.output or Path("reports") / sc.name)
+    out = claim_run_dir(output or sc.output or Path("reports") / sc.name)
     result = simulate(sc, record_events=events)
     write_result(result, out)
     if not no_report:
@@ -104,6 +107,7 @@ def hardware():
 @hardware.command("list")
 @_guard
 def hardware_list():
+    """List the profiles in hardware_profiles/ with their GPU, PCIe, HBM and compute figures."""
     from .hardware.profile import list_profiles, load_profile
 
     for n in list_profiles():
@@ -184,6 +188,9 @@ def trace_generate(ctx, preset, preset_file, n_requests, prompt_len, decode_len,
             raise InputError(f"must be > 0 (got {v})", field=name)
     if decode_len < 0:
         raise InputError(f"must be >= 0 (got {decode_len})", field="--decode-len")
+    from .outdir import check_writable_file
+
+    check_writable_file(output)
     generate_to_file(output, spec, params, preset=label, requests=n_requests, prompt_len=prompt_len,
                      decode_len=decode_len, rng=np.random.default_rng(seed), seed=seed, pre_attn=pre_attn,
                      model_seed=model_seed)

@@ -47,3 +47,20 @@ def print_metrics(title: str, rows, out, width: int | None = None) -> None:
         t.add_row(k, v)
     Console(width=width).print(t)
     click.echo(f"results in {out}/")
+
+
+def run_notes(s: dict) -> list[str]:
+    """Explanations of a run's figures a reader could misread: a batch the trace could not fill,
+    prefetches that were mostly late because the link is saturated."""
+    notes = []
+    b, ran = s["scenario"]["batch"], (s.get("scheduler") or {}).get("max_running")
+    if ran is not None and ran < b["size"] and b.get("arrivals", "closed") == "closed":
+        notes.append(f"batch.size is {b['size']} but at most {ran} requests ran at once: the trace has "
+                     f"{s.get('requests', ran)} requests")
+    pf = s.get("prefetch") or {}
+    issued, late = pf.get("issued") or 0, pf.get("late") or 0
+    if issued and late > issued / 2:
+        notes.append(f"{late} of {issued} prefetches were late (still in flight when their layer needed "
+                     f"them): the PCIe link is busy {fmt_pct(s.get('pcie_utilization'))} of the run, so a "
+                     "prefetch queues behind other loads and can only start them earlier, not hide them")
+    return notes

@@ -68,11 +68,15 @@ class SLOConfig(_Strict):
     tpot_ms: float | None = Field(None, gt=0, description="time per output token after the first")
 
 
+MAX_BATCH = 65536   # sequences in one step; vLLM's default max_num_seqs is 256
+
+
 class BatchConfig(_Strict):
     """The batch scheduler (engine/scheduler.py): arrivals, static or continuous batching, dedup."""
 
-    size: int = Field(1, ge=1, description="static: requests per batch; continuous: most running "
-                                           "sequences, unless max_batch_size is given")
+    size: int = Field(1, ge=1, le=MAX_BATCH, description="static: requests per batch; continuous: most running "
+                                                          "sequences, unless max_batch_size is given (at most "
+                                                          "65,536: far beyond what a serving engine batches)")
     scheduler: Literal["static", "continuous"] = Field(
         "static", description="static: fill a batch, run it to completion; continuous: iteration-level "
                               "(Orca/vLLM), admit waiting requests at every step")
@@ -81,7 +85,7 @@ class BatchConfig(_Strict):
         "closed", description="closed: fixed concurrency, a request arrives when the scheduler can take it; "
                               "poisson: open loop at rate_per_s; trace: the trace's arrival_s column")
     rate_per_s: float | None = Field(None, gt=0, description="poisson: mean arrivals per second")
-    max_batch_size: int | None = Field(None, ge=1, description="continuous: most sequences in a step (default: size)")
+    max_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="continuous: most sequences in a step (default: size)")
     max_tokens_per_step: int | None = Field(
         None, ge=1, description="continuous: most tokens (prefill + decode) in a step (None: no limit)")
     chunked_prefill: bool = Field(False, description="continuous: split a prompt across steps to fit "

@@ -29,20 +29,26 @@ def dump_json(obj) -> str:
 
 
 def write_result(result, outdir: str | Path) -> list[Path]:
+    """Write a run's files as one set: first remove every run file of an earlier run (summary.json
+    first), then write the tables and summary.json last, so a directory never mixes two runs and
+    holds a summary.json only when the set is complete."""
+    from .outdir import RUN_FILES
+
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
     written = []
-    text = dump_json(result.summary)
-    p = out / "summary.json"
-    _atomic(p, lambda t: t.write_text(text))
-    written.append(p)
     for name, df in (("steps", result.steps), ("requests", result.requests), ("events", result.events)):
         if df is None:
             continue
         p = out / f"{name}.parquet"
         _atomic(p, lambda t, df=df: df.to_parquet(t, index=False))
         written.append(p)
-    return written
+    text = dump_json(result.summary)
+    p = out / "summary.json"
+    _atomic(p, lambda t: t.write_text(text))
+    return [p] + written
 
 
 def read_summary(outdir: str | Path) -> dict:

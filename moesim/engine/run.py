@@ -38,13 +38,36 @@ def engine_config(sc: Scenario, record_events: bool = False) -> EngineConfig:
         has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events)
 
 
-def open_trace(sc: Scenario, workdir: Path):
-    """A TraceReader for the scenario's trace, generating a synthetic one first if asked."""
+_SPLIT = ("simulate fewer requests (per-token rates settle long before a million), or split the trace "
+          "into several runs")
+
+
+def _check_run_memory(sc: Scenario, requests: int | None, tokens: int, decode_tokens: int, record_events: bool,
+                      field: str, file: str | None = None) -> None:
+    """Refuse, before anything is allocated, a run whose tables would not fit in memory."""
+    from .. import budget
+
+    m, b = sc.model, sc.batch
+    if requests is None:  # a trace file: the request count is not known until it is read
+        requests, steps = 0, decode_tokens / b.batch_limit
+    else:
+        steps = decode_tokens / min(b.batch_limit, requests) + requests
+    belady = "belady" in (sc.cache.gpu.policy, sc.cache.dram.policy if sc.cache.dram else "")
+    need = budget.run_bytes(m.num_layers, m.top_k, steps, requests, tokens, record_events, belady)
+    budget.check(need, f"a run over {tokens:,} tokens ({m.num_layers} MoE layers, about {steps:,.0f} steps)",
+                 "it keeps one row per step and layer: " + _SPLIT, field=field, file=file)
+
+
+def open_trace(sc: Scenario, workdir: Path, record_events: bool = False):
+    """A TraceReader for the scenario's trace, generating a synthetic one first if asked. A run that
+    would not fit in memory and an empty trace are refused before the simulation starts."""
     from ..traces import TraceReader, check_against_model
     from ..traces.synthetic import generate_to_file
 
     if sc.trace.synthetic is not None:
         syn = sc.trace.synthetic
+        _check_run_memory(sc, syn.requests, syn.requests * (syn.prompt_len + syn.decode_len),
+                          syn.requests * syn.decode_len, record_events, "trace.synthetic.requests")
         path = workdir / "synthetic-trace.parquet"
         params, label = None, syn.preset or sc.model.name
         if syn.params_file is not None:
@@ -60,13 +83,18 @@ def open_trace(sc: Scenario, workdir: Path):
         generate_to_file(path, sc.model, params, preset=label, requests=syn.requests,
                          prompt_len=syn.prompt_len, decode_len=syn.decode_len,
                          rng=np.random.default_rng(sc.seed), seed=sc.seed, pre_attn=syn.pre_attn,
-                         model_seed=syn.model_seed)
+                         model_seed=syn.model_seed, field_prefix="trace.synthetic.")
     else:
         path = sc.resolve(sc.trace.path)
         if not path.is_file():
             raise InputError("trace file not found", file=str(path), field="trace.path")
     reader = TraceReader(path)
     check_against_model(reader.meta, sc.model, str(path))
+    if reader.num_rows == 0:
+        raise InputError("the trace has no rows: nothing to simulate", file=str(path), field="trace")
+    if sc.trace.synthetic is None:
+        tokens = reader.num_rows // max(1, sc.model.num_layers)
+        _check_run_memory(sc, None, tokens, tokens, record_events, "trace", str(path))
     return reader
 
 
@@ -148,7 +176,7 @@ def _access_stream(reader, sc: Scenario) -> np.ndarray:
 def simulate(sc: Scenario, record_events: bool = False) -> Result:
     """Run one scenario. Deterministic: the same scenario and seed give the same Result."""
     with tempfile.TemporaryDirectory(prefix="moesim-") as tmp:
-        reader = open_trace(sc, Path(tmp))
+        reader = open_trace(sc, Path(tmp), record_events)
         cfg = engine_config(sc, record_events)
         next_use = None
         if "belady" in (cfg.gpu_policy, cfg.dram_policy if cfg.has_dram else ""):

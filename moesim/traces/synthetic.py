@@ -242,6 +242,34 @@ def _lengths(value, n: int, rng: np.random.Generator, name: str, lo_ok: int) -> 
     raise InputError(f"expected an int or a (min, max) pair (got {value!r})", field=name)
 
 
+def _longest(value) -> int:
+    """The most tokens a length argument (int, (min, max) or an array per request) can give."""
+    if isinstance(value, np.ndarray):
+        return int(value.max()) if value.size and value.dtype.kind in "iu" else 0
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (int, np.integer)) for v in value):
+        return int(value[1])
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else 0
+
+
+def check_memory(spec, p: "SyntheticParams", requests: int, prompt_len, decode_len, field_prefix: str = "") -> None:
+    """Refuse, before allocating, a trace whose generation would not fit in memory (budget.py)."""
+    from .. import budget
+
+    L, E, K = _shape(spec)
+    longest = _longest(prompt_len) + _longest(decode_len)
+    need = budget.synthetic_bytes(L, E, K, p.hidden_dim, requests, longest)
+    one = need - budget.synthetic_bytes(L, E, K, p.hidden_dim, requests, 0)
+    if one > budget.synthetic_bytes(L, E, K, p.hidden_dim, requests, 0):   # one long request dominates
+        budget.check(need, f"one synthetic request of {longest:,} tokens ({L} layers, hidden {p.hidden_dim})",
+                     "the generator holds a whole request at once, so it cannot be streamed: use shorter "
+                     "prompt_len / decode_len", field=f"{field_prefix}prompt_len")
+    else:
+        budget.check(need, f"a synthetic trace of {requests:,} requests",
+                     "it keeps a few numbers per request and streams the rows to disk a chunk of requests at a "
+                     "time: generate fewer requests per file (moesim trace generate --requests N --seed S, one "
+                     "seed per part)", field=f"{field_prefix}requests")
+
+
 def _shape(spec) -> tuple[int, int, int]:
     return int(spec.num_layers), int(spec.num_experts), int(spec.top_k)
 
@@ -249,8 +277,9 @@ def _shape(spec) -> tuple[int, int, int]:
 def iter_generate(spec, params=None, requests: int = 8, prompt_len=32, decode_len=64,
                   rng: np.random.Generator | None = None, pre_attn: bool = False, scores: bool = False,
                   preset: str | None = None, budget: int = 1 << 22,
-                  model_rng: np.random.Generator | None = None) -> Iterator[pa.Table]:
-    """The rows of `generate`, as a sequence of tables of whole requests (bounded memory)."""
+                  model_rng: np.random.Generator | None = None, field_prefix: str = "") -> Iterator[pa.Table]:
+    """The rows of `generate`, as a sequence of tables of whole requests (bounded memory; a trace
+    whose generation would not fit is refused first, naming `field_prefix` + the field)."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError("rng must be a numpy.random.Generator (e.g. numpy.random.default_rng(seed))")
     if model_rng is not None and not isinstance(model_rng, np.random.Generator):
@@ -258,7 +287,8 @@ def iter_generate(spec, params=None, requests: int = 8, prompt_len=32, decode_le
     mrng = rng if model_rng is None else model_rng
     _, p = resolve_params(spec.name, params, preset)
     if not isinstance(requests, (int, np.integer)) or requests <= 0:
-        raise InputError(f"must be > 0 (got {requests!r})", field="requests")
+        raise InputError(f"must be > 0 (got {requests!r})", field=f"{field_prefix}requests")
+    check_memory(spec, p, int(requests), prompt_len, decode_len, field_prefix)
     L, E, K = _shape(spec)
     d = p.hidden_dim
     # model-level draws first: they depend on the seed only, not on the request count
@@ -442,7 +472,8 @@ def source_string(spec_name: str, params=None, preset: str | None = None, model_
 def generate_to_file(path, spec, params=None, *, preset: str | None = None, requests: int = 8, prompt_len=32,
                      decode_len=64, rng: np.random.Generator | None = None, seed: int | None = None,
                      pre_attn: bool = False, scores: bool = False,
-                     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS, model_seed: int | None = None) -> Path:
+                     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS, model_seed: int | None = None,
+                     field_prefix: str = "") -> Path:
     """Generate and write a trace (streamed, atomically). `seed` is recorded in the metadata only:
     the draws come from `rng`. `model_seed`: draw the model from default_rng(model_seed), the requests
     from `rng` (default: both from `rng`)."""
@@ -451,7 +482,8 @@ def generate_to_file(path, spec, params=None, *, preset: str | None = None, requ
     meta = TraceMeta(model=spec.name, num_layers=L, num_experts=E, top_k=K,
                      source=source_string(spec.name, params, preset, model_seed), seed=seed)
     return write_trace(path, iter_generate(spec, params, requests, prompt_len, decode_len, rng, pre_attn, scores,
-                                           preset, model_rng=model_rng), meta, row_group_rows=row_group_rows)
+                                           preset, model_rng=model_rng, field_prefix=field_prefix), meta,
+                       row_group_rows=row_group_rows)
 
 
 # ---- fitted presets (YAML, written by `moesim trace fit`) -----------------------------------------
