@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputError, pydantic_message
+from .yamlsafe import safe_load as _safe_load
 from .hardware.profile import HardwareProfile, load_profile, profile_from_dict
 from .models import ModelSpec, get_preset, preset_names
 
@@ -189,7 +190,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], file: st
             raise InputError(f"--set expects path=value, got {item!r}", field="--set")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = _safe_load(raw)
         except yaml.YAMLError:
             value = raw
         _set_path(data, key.strip(), value, file)
@@ -319,9 +320,11 @@ def read_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise InputError("file not found", file=str(p))
     try:
-        return yaml.safe_load(p.read_text())
+        return _safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise InputError(f"malformed YAML: {' '.join(str(e).split())}", file=str(p)) from None
+    except RecursionError:
+        raise InputError("malformed YAML: nested too deeply", file=str(p)) from None
     except UnicodeDecodeError:
         raise InputError("not a text file", file=str(p)) from None
 

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InputError, pydantic_message
+from ..yamlsafe import safe_load
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
 
@@ -126,7 +127,9 @@ def profile_from_dict(data: dict, *, file: str | None = None, prefix: str = "") 
 def load_profile(name_or_path: str, base: Path | None = None) -> HardwareProfile:
     path = _resolve(name_or_path, base)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise InputError(f"malformed YAML: {e}".replace("\n", " "), file=str(path)) from None
+    except RecursionError:
+        raise InputError("malformed YAML: nested too deeply", file=str(path)) from None
     return profile_from_dict(data, file=str(path))

@@ -1,7 +1,8 @@
 """Executors run sweep points and report each as it finishes. Registered by name (`--executor`).
 
 - `local` (default): a process pool over the cores of this machine (`--workers N`, default all);
-  with one worker the points run in this process, one after another.
+  with one worker the points run in this process, one after another. Workers exit when the
+  sweep's main process dies, even by kill -9 (lifeline.py).
 - `ray`: Ray remote tasks (`ray.init(address=...)`: none starts a local Ray, `auto` joins the
   running cluster, `ray://host:port` a remote one). Ray is imported only when this executor is
   used. A task returns its result files to the driver, which writes them, so workers need no
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from ..errors import InputError
+from .lifeline import watch_driver
 from .worker import PointTask, commit_bundle, record_failure, run_point
 
 EXECUTORS: dict[str, type["Executor"]] = {}
@@ -92,7 +94,8 @@ class LocalExecutor(Executor):
             for t in tasks:
                 on_done(run_point(t, str(points_dir)))
             return
-        pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context(_start_method()))
+        pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context(_start_method()),
+                                   initializer=watch_driver, initargs=(os.getpid(),))
         futures: dict = {}
         try:
             futures = {pool.submit(run_point, t, str(points_dir)): t for t in tasks}

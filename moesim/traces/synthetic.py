@@ -497,14 +497,18 @@ def load_preset_file(path) -> tuple[SyntheticParams, dict]:
     `model` and typical request lengths (`generate`). Errors are InputError naming the file."""
     import yaml
 
+    from ..yamlsafe import safe_load
+
     file = str(path)
     try:
         with open(path) as f:
-            doc = yaml.safe_load(f)
+            doc = safe_load(f)
     except FileNotFoundError:
         raise InputError("preset file not found", file=file) from None
     except (OSError, yaml.YAMLError) as e:
         raise InputError(f"cannot read as YAML: {str(e).splitlines()[0]}", file=file) from None
+    except (RecursionError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read as YAML: {type(e).__name__}", file=file) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("params"), dict):
         raise InputError("expected a mapping with a 'params' mapping (a preset written by `moesim trace fit`)",
                          file=file, field="params")

@@ -16,6 +16,7 @@ import click
 
 from ...cliutil import guard as _guard
 from ...errors import InputError
+from ...yamlsafe import safe_load
 
 
 def _overrides(items) -> tuple[dict, dict]:
@@ -30,7 +31,7 @@ def _overrides(items) -> tuple[dict, dict]:
         if section not in ("model", "train") or not name:
             raise InputError(f"expected model.KEY=VALUE or train.KEY=VALUE, got {item!r}", field="--set")
         try:
-            value = yaml.safe_load(raw)
+            value = safe_load(raw)
         except yaml.YAMLError:
             value = raw
         (model if section == "model" else train)[name] = value
