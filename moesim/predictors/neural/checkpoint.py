@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
+import zipfile
 from pathlib import Path
 
 from ...errors import InputError
@@ -49,14 +51,16 @@ def load(path, kind: str | None = None, field: str | None = None) -> dict:
     p = Path(path)
     if not p.is_file():
         raise InputError("checkpoint file not found", file=str(p), field=field)
+    if not zipfile.is_zipfile(p):  # torch.save writes a zip archive
+        raise InputError("not a readable checkpoint: not a torch.save archive (truncated, or another kind of file)",
+                         file=str(p), field=field)
     try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "error" in ln.lower() and "load failed" not in ln.lower()),
-                   lines[0] if lines else "")
-        raise InputError(f"not a readable checkpoint ({type(e).__name__}: {why[:200]})",
-                         file=str(p), field=field) from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
+            warnings.simplefilter("ignore")
+            ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own text asks users to file issues with torch: not ours to show
+        raise InputError(f"not a readable checkpoint: a damaged archive or objects other than tensors and plain "
+                         f"types ({type(e).__name__})", file=str(p), field=field) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise InputError("not a moesim predictor checkpoint", file=str(p), field=field)
     if ck.get("version") != VERSION:
