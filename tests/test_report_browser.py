@@ -1,5 +1,6 @@
 """Headless Chromium opens a run report and a sweep report: every figure renders (plotly adds its
-SVG to each figure div) and the console shows nothing (no errors, no warnings).
+SVG to each figure div), the console shows nothing (no errors, no warnings) and no two pieces of a
+figure's text (titles, axis titles, legend entries, subplot titles) are drawn over each other.
 Skipped when Chromium is not installed (`.ci/run` installs Debian's chromium)."""
 from __future__ import annotations
 
@@ -39,6 +40,45 @@ def check_rendered(dom: str, console: list[str]) -> int:
     return len(divs)
 
 
+# logs every pair of a figure's text boxes (titles, legend entries, subplot titles) that intersect
+OVERLAP_JS = """<script>
+window.addEventListener('load', () => setTimeout(() => {
+  document.querySelectorAll('.js-plotly-plot').forEach(fig => {
+    const boxes = [...fig.querySelectorAll('.legendtext, .xtitle, .ytitle, .gtitle, .annotation-text')]
+      .filter(e => e.textContent.trim()).map(e => [e.textContent.trim(), e.getBoundingClientRect()])
+      .filter(([t, r]) => r.width > 0 && r.height > 0);
+    for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+      const [ta, a] = boxes[i], [tb, b] = boxes[j];
+      if (a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1)
+        console.log('OVERLAP ' + fig.id + ': "' + ta + '" over "' + tb + '"');
+    }
+  });
+}, 1000));
+</script>"""
+
+
+def open_with_overlap_check(html: Path, profile: Path) -> tuple[str, list[str], list[str]]:
+    """DOM, console messages and the pairs of text drawn over each other in the page's figures
+    (a copy of the page that runs OVERLAP_JS)."""
+    probe = html.with_name(f"overlap-{html.name}")
+    probe.write_text(html.read_text().replace("</body>", OVERLAP_JS + "</body>"))
+    dom, console = open_in_browser(probe, profile)
+    return dom, [c for c in console if "OVERLAP" not in c], [c for c in console if "OVERLAP" in c]
+
+
+def test_overlap_check_can_fail(tmp_path):
+    """A legend placed over the x-axis title (the timelines' old layout) is seen."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Bar(x=[1, 2], y=["a", "b"], orientation="h", name="stall (summed, drawn at layer end)"))
+    fig.add_trace(go.Bar(x=[1], y=["a"], orientation="h", name="pcie demand"))
+    fig.update_xaxes(title_text="ms since step start (t = 0.123456 s)")
+    fig.update_layout(height=180 + 34 * 2, legend=dict(orientation="h", y=-0.25))
+    page = tmp_path / "bad.html"
+    page.write_text(f"<html><body>{fig.to_html(full_html=False, include_plotlyjs=True)}</body></html>")
+    assert any("ms since step start" in c for c in open_with_overlap_check(page, tmp_path / "profile")[2])
+
+
 def test_console_capture_works(tmp_path):
     """The check can fail: a page that throws is seen."""
     bad = tmp_path / "bad.html"
@@ -52,8 +92,9 @@ def test_run_and_sweep_reports_render(tmp_path):
     r = CliRunner().invoke(main, ["run", str(ROOT / "scenarios/oracle-ssd.yaml"), "-o", str(run_dir), "--quiet",
                                   "--events"])
     assert r.exit_code == 0, r.output
-    n = check_rendered(*open_in_browser(run_dir / "report.html", tmp_path / "p1"))
-    assert n >= 6
+    dom, console, overlaps = open_with_overlap_check(run_dir / "report.html", tmp_path / "p1")
+    assert check_rendered(dom, console) >= 6
+    assert not overlaps
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"""name: tiny-sweep
 base: {ROOT / 'scenarios/quickstart.yaml'}
@@ -64,5 +105,6 @@ grid:
 """)
     r = CliRunner().invoke(main, ["sweep", str(sweep), "-o", str(tmp_path / "sw"), "--workers", "1", "--no-progress"])
     assert r.exit_code == 0, r.output
-    n = check_rendered(*open_in_browser(tmp_path / "sw" / "report.html", tmp_path / "p2"))
-    assert n >= 3
+    dom, console, overlaps = open_with_overlap_check(tmp_path / "sw" / "report.html", tmp_path / "p2")
+    assert check_rendered(dom, console) >= 3
+    assert not overlaps

@@ -233,7 +233,8 @@ def fig_timeline(steps: pd.DataFrame, outdir: Path, step: int, why: str) -> tupl
     phase = s["phase"].iloc[0]
     fig.update_layout(barmode="overlay", height=180 + 34 * len(rows_order), bargap=0.25,
                       title=f"Timeline of step {step} ({why}, {phase}, {int(s['tokens'].iloc[0])} tokens, "
-                            f"{(t1 - t0) * ms:.3f} ms)", legend=dict(orientation="h", y=-0.25))
+                            f"{(t1 - t0) * ms:.3f} ms)",
+                      legend=dict(yanchor="top", y=1, xanchor="left", x=1.01))  # right of the plot: clear of the x title
     return fig, had
 
 
