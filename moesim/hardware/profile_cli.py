@@ -38,7 +38,8 @@ DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
 @click.option("--io", type=click.Choice(["auto", "odirect", "fadvise"]), default="auto", show_default=True,
               help="how disk reads bypass the page cache")
 @click.option("--context", type=int, default=128, show_default=True,
-              help="cached positions per sequence for the decode-shaped attention points (up to 16 tokens)")
+              help="cached positions (KV length) per sequence at the decode-shaped attention points: the "
+                   "points of at most 16 new tokens, one per sequence (larger points are prefills)")
 @click.option("--name", default=None, help="profile name (default: the output file's stem)")
 @click.option("--quiet", is_flag=True)
 @_guard

@@ -66,8 +66,10 @@ def evaluate(checkpoint, trace=None, split: str | None = None, device: str = "cp
     if trace is None:
         if train_trace is None:
             from ...errors import InputError
-            raise InputError("the checkpoint's training trace is not at its recorded path; give --trace",
-                             file=str(checkpoint), field="--trace")
+            tr, mcd = ck["trace"], ck["model_config"]
+            raise InputError(f"the trace it was trained on ({tr.get('path')}) is not there (or has changed): give "
+                             f"--trace, a trace of a {mcd['num_layers']}-layer, {mcd['num_experts']}-expert, "
+                             f"top-{mcd['top_k']} model", file=str(checkpoint), field="--trace")
         trace = train_trace
     data = load_trace(trace, pre_attn=(kind == "pre_attention"), scores=False)
     L, E, K = data.shape
