@@ -86,7 +86,8 @@ class BatchConfig(_Strict):
         "closed", description="closed: fixed concurrency, a request arrives when the scheduler can take it; "
                               "poisson: open loop at rate_per_s; trace: the trace's arrival_s column")
     rate_per_s: float | None = Field(None, gt=0, description="poisson: mean arrivals per second")
-    max_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="continuous: most sequences in a step (default: size)")
+    max_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH,
+                                       description="continuous: most sequences in a step (default: size)")
     max_tokens_per_step: int | None = Field(
         None, ge=1, description="continuous: most tokens (prefill + decode) in a step (None: no limit)")
     chunked_prefill: bool = Field(False, description="continuous: split a prompt across steps to fit "

@@ -17,46 +17,60 @@ RUN_FILES = ("summary.json", "steps.parquet", "requests.parquet", "events.parque
 _LEFTOVER = re.compile(r"^\..+\.tmp-\d+$")   # an interrupted run's temporary file (results._atomic)
 
 
-def _why(e: OSError) -> str:
-    return e.strerror or type(e).__name__
+def _show(p: Path) -> str:
+    """The path for a one-line message (repr when it holds a newline, NUL or other control)."""
+    return str(p) if str(p).isprintable() else repr(str(p))
+
+
+def _why(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
 def check_writable_dir(path, field: str = "-o/--output") -> Path:
     """Create `path` (and its parents) if needed and prove a file can be written in it."""
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise InputError("exists and is not a directory", file=str(p), field=field)
+    try:
+        if p.exists() and not p.is_dir():
+            raise InputError("exists and is not a directory", file=_show(p), field=field)
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long
+        raise InputError(f"not a usable path ({_why(e)})", file=_show(p), field=field) from None
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".moesim-probe-", dir=p)
         os.close(fd)
         os.unlink(probe)
-    except OSError as e:
-        raise InputError(f"cannot write an output directory here ({_why(e)})", file=str(p), field=field) from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot write an output directory here ({_why(e)})", file=_show(p), field=field) from None
     return p
 
 
 def check_writable_file(path, field: str = "-o/--output") -> Path:
     """An output file's directory must be writable and the name must not be a directory."""
     p = Path(path)
-    if p.is_dir():
-        raise InputError("is a directory; expected a file name", file=str(p), field=field)
-    parent = p.parent if str(p.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"{parent} is not a directory", file=str(p), field=field)
+    try:
+        if p.is_dir():
+            raise InputError("is a directory; expected a file name", file=_show(p), field=field)
+    except (OSError, ValueError) as e:
+        raise InputError(f"not a usable path ({_why(e)})", file=_show(p), field=field) from None
+    parent = p.parent
     try:
         check_writable_dir(parent, field)
     except InputError as e:
-        raise InputError(f"cannot write this file ({e.detail})", file=str(p), field=field) from None
+        raise InputError(f"cannot write this file ({e.detail})", file=_show(p), field=field) from None
     return p
 
 
 def claim_run_dir(path, field: str = "-o/--output") -> Path:
     """A writable directory that is new, empty or an earlier run's: refuse one with other files in it."""
     p = check_writable_dir(path, field)
-    foreign = sorted(f.name for f in p.iterdir() if f.name not in RUN_FILES and not _LEFTOVER.match(f.name))
+    try:
+        names = [f.name for f in p.iterdir()]
+    except OSError as e:
+        raise InputError(f"cannot list the directory ({_why(e)})", file=_show(p), field=field) from None
+    foreign = sorted(n for n in names if n not in RUN_FILES and not _LEFTOVER.match(n))
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        raise InputError(f"holds files a run did not write ({', '.join(foreign[:3])}{more}); a run owns its "
-                         "directory: give a new or empty one", file=str(p), field=field)
+        shown = ", ".join(map(repr, foreign[:3]))
+        raise InputError(f"holds files a run did not write ({shown}{more}); a run owns its directory: give a new "
+                         "or empty one", file=_show(p), field=field)
     return p
