@@ -146,7 +146,7 @@ def trace():
 @click.option("--requests", "n_requests", type=int, default=8, show_default=True)
 @click.option("--prompt-len", type=int, default=32, show_default=True)
 @click.option("--decode-len", type=int, default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--model-seed", type=click.IntRange(min=0), default=None,
               help="draw the synthetic model (gates, popularity) from this seed and only the requests from --seed: "
                    "traces with one --model-seed and different --seed share a model [default: --seed draws both]")

@@ -146,7 +146,7 @@ class TraceConfig(_Strict):
 
 class Scenario(_Strict):
     name: str = "scenario"
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seeds every random draw of the run (numpy Generators)")
     model: ModelSpec
     hardware: HardwareProfile
     trace: TraceConfig

@@ -23,7 +23,8 @@ def pydantic_message(err, *, file: str | None = None, prefix: str = "") -> Input
         msg = "unknown key"
     got = e.get("input")
     if got is not None and e.get("type") != "extra_forbidden" and not isinstance(got, dict):
-        msg += f" (got {got!r})"
+        shown = repr(got)
+        msg += f" (got {shown if len(shown) <= 80 else shown[:76] + ' ...'})"   # a long value stays one short line
     more = len(err.errors()) - 1
     if more:
         msg += f" (and {more} more error{'s' if more > 1 else ''})"

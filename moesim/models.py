@@ -14,9 +14,10 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
-    num_layers: int = Field(gt=0, description="MoE layers (transformer blocks with routed experts)")
+    num_layers: int = Field(gt=0, le=32767, description="MoE layers (transformer blocks with routed experts; "
+                                                    "the trace format stores layer ids as int16)")
     first_dense_layers: int = Field(0, ge=0, description="dense (non-MoE) blocks before the MoE ones")
-    num_experts: int = Field(gt=0, description="routed experts per MoE layer")
+    num_experts: int = Field(gt=0, le=32767, description="routed experts per MoE layer (int16 ids in traces)")
     top_k: int = Field(gt=0, description="routed experts chosen per token")
     num_shared_experts: int = Field(0, ge=0, description="always-active experts per MoE layer")
     hidden_size: int = Field(gt=0)

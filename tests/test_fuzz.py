@@ -129,3 +129,107 @@ def test_damaged_trace_gives_input_error_or_valid_data(tmp_path, cut, flips):
 @given(*TRACE_EDITS)
 def test_damaged_trace_fuzz_long(tmp_path, cut, flips):
     _check_trace(tmp_path, cut, flips)
+
+
+# ---- the classes issue 14 added: output paths, empty and cut traces, oversized fields, alias bombs ----
+
+SEGMENTS = st.sampled_from(["new", "file", "dir", "foreign", ".", "/proc", "x" * 300, "a\x00b", "a\nb",
+                            "ü", "reports", "summary.json"])
+
+
+def _check_output_path(tmp_path, segments):
+    from moesim.outdir import claim_run_dir
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir(exist_ok=True)
+    (tmp_path / "foreign").mkdir(exist_ok=True)
+    (tmp_path / "foreign" / "mine.txt").write_text("x")
+    path = "/".join(segments)
+    full = path if path.startswith("/") else f"{tmp_path}/{path}"
+    try:
+        d = claim_run_dir(full)
+    except InputError as e:
+        assert "\n" not in str(e) and "-o/--output" in str(e)
+    else:
+        assert d.is_dir() and not [f for f in d.iterdir() if f.name == "mine.txt"]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(SEGMENTS, min_size=1, max_size=4))
+def test_output_paths_give_a_directory_or_input_error(tmp_path, segments):
+    _check_output_path(tmp_path, segments)
+
+
+def _check_cut_trace(tmp_path, rows):
+    import pyarrow.parquet as pq
+
+    from moesim.engine.run import open_trace
+
+    t = pq.read_table(ROOT / "traces/switch-sample.parquet")
+    f = tmp_path / "cut.parquet"
+    pq.write_table(t.slice(0, rows), f)
+    data = {**BASE, "trace": str(f), "predictor": {"name": "on_demand"}}
+    s = tmp_path / "cut.yaml"
+    s.write_text(yaml.safe_dump(data))
+    try:
+        reader = open_trace(load_scenario(s), tmp_path)
+        assert reader.num_rows == rows > 0
+    except InputError as e:
+        assert str(f) in str(e)
+        if rows == 0:
+            assert "no rows" in str(e)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.just(0), st.integers(1, 12 * 130)))
+def test_empty_and_cut_traces_open_or_give_input_error(tmp_path, rows):
+    _check_cut_trace(tmp_path, rows)
+
+
+BIG = st.one_of(st.integers(10**5, 10**19), st.integers(-10**19, -1))
+SIZE_FIELDS = ["trace.synthetic.requests", "trace.synthetic.prompt_len", "trace.synthetic.decode_len",
+               "batch.size", "batch.max_batch_size", "cache.gpu.capacity_experts", "seed",
+               "predictor.lookahead_layers", "model.num_layers", "model.num_experts", "model.hidden_size"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(SIZE_FIELDS), BIG), min_size=1, max_size=3))
+def test_oversized_fields_are_refused_before_allocating(tmp_path, monkeypatch, edits):
+    """Huge numbers anywhere: a loaded scenario whose trace opens within a small memory limit, or an
+    InputError — never a MemoryError, an overflow or a numpy traceback."""
+    from moesim.engine.run import open_trace
+
+    monkeypatch.setenv("MOESIM_MEMORY_LIMIT_GB", "0.05")   # what passes is small enough to generate
+    data = {**copy.deepcopy(BASE), "trace": {"synthetic": {"requests": 2, "prompt_len": 4, "decode_len": 4}}}
+    f = tmp_path / "big.yaml"
+    f.write_text(yaml.safe_dump(data))
+    try:
+        open_trace(load_scenario(f, [f"{k}={v}" for k, v in edits]), tmp_path)
+    except InputError:
+        pass
+
+
+def _alias_doc(levels, fan, where):
+    parts = [f"&a0 [{', '.join(['x'] * fan)}]"]
+    parts += [f"&a{i} [{', '.join([f'*a{i - 1}'] * fan)}]" for i in range(1, levels + 1)]
+    bomb = f"[{', '.join(parts)}]"
+    return yaml.safe_dump({**BASE, where: "PLACEHOLDER"}).replace("'PLACEHOLDER'", bomb).replace(
+        "PLACEHOLDER", bomb)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 9), st.integers(1, 12), st.sampled_from(["name", "seed", "output", "model", "trace"]))
+def test_alias_bombs_are_refused_when_they_expand_too_far(tmp_path, levels, fan, where):
+    from moesim.yamlsafe import MAX_ALIAS_NODES
+
+    f = tmp_path / "alias.yaml"
+    f.write_text(_alias_doc(levels, fan, where))
+    sizes = [1 + fan]                                    # a0 and its strings; level i holds fan copies of i-1
+    for _ in range(levels):
+        sizes.append(1 + fan * sizes[-1])
+    extra = sum(sizes) - (1 + fan) - levels              # expanded nodes minus the nodes written
+    try:
+        load_scenario(f)
+    except InputError as e:
+        assert len(str(e)) < 500
+        assert ("alias bomb" in str(e)) == (extra > MAX_ALIAS_NODES)
