@@ -225,3 +225,12 @@ def test_eval_without_trace_says_which_trace_and_what_to_give():
     pytest.importorskip("torch")
     line = one_line_exit_2(cli("predictor", "eval", ROOT / "checkpoints/switch-base-128-speculation.pt"))
     assert "give --trace" in line and "12-layer, 128-expert, top-1" in line
+
+
+def test_sweep_output_under_a_file_is_one_line(tmp_path):
+    f = tmp_path / "f"
+    f.write_text("x")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "base": SWITCH, "grid": {"batch.size": [1, 2]}}))
+    line = one_line_exit_2(cli("sweep", sweep, "-o", f / "sub", "--no-progress"))
+    assert "f/sub" in line

@@ -48,7 +48,9 @@ def sweep(sweep_file, output, executor, address, workers, overrides, events, lis
         click.echo(f"{len(points)} point{'s' if len(points) != 1 else ''}", err=True)
         return
     ex = get_executor(executor, workers=workers, address=address)
-    out = Path(output or spec.output or Path("reports") / spec.name)
+    from ..outdir import check_writable_dir
+
+    out = check_writable_dir(output or spec.output or Path("reports") / spec.name)
     res = run_sweep(spec, out, ex, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
     done = int((res.results["status"] == "done").sum()) if res.results is not None and len(res.results) else 0
     if res.failed:
