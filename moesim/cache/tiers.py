@@ -27,7 +27,7 @@ from __future__ import annotations
 import operator
 from typing import Callable
 
-from .policies import POLICIES, Policy, get_policy
+from .policies import Policy, get_policy, policy_class
 
 __all__ = ["Tier", "PARTITIONS"]
 
@@ -81,8 +81,7 @@ class Tier:
     def __init__(self, name: str, capacity: int | None, policy: str = "lru", partition: str = "global",
                  num_experts: int = 1, num_layers: int = 1,
                  next_use: Callable[[int, int], float] | None = None) -> None:
-        if policy not in POLICIES:
-            get_policy(policy)  # KeyError naming the known policies
+        cls = policy_class(policy)  # KeyError naming the known policies
         if partition not in PARTITIONS:
             raise ValueError(f"tier {name!r}: partition must be one of {PARTITIONS}, got {partition!r}")
         if capacity is not None:
@@ -96,17 +95,17 @@ class Tier:
                 raise ValueError(f"tier {name!r}: capacity must be None or an int >= 0, got {capacity!r}")
         if num_experts < 1 or num_layers < 1:
             raise ValueError(f"tier {name!r}: num_experts and num_layers must be >= 1")
-        if POLICIES[policy].needs_next_use and next_use is None and capacity is not None:
+        if cls.needs_next_use and next_use is None and capacity is not None:
             raise ValueError(f"tier {name!r}: policy {policy!r} needs a next_use(key, pos) function")
         self.name, self.capacity, self.policy, self.partition = name, capacity, policy, partition
         self.num_experts, self.num_layers = num_experts, num_layers
         self._per_layer = partition == "per_layer"
         bounded = capacity is not None
-        self._belady = bounded and POLICIES[policy].needs_next_use
+        self._belady = bounded and cls.needs_next_use
         # next_use is only consulted by policies that read it: the hit path of the others skips it
         self._next_use = next_use if self._belady else None
         n_parts = num_layers if self._per_layer else 1
-        self._policies: list[Policy] = [get_policy(policy) if bounded else _NO_POLICY for _ in range(n_parts)]
+        self._policies: list[Policy] = [get_policy(policy, capacity) if bounded else _NO_POLICY for _ in range(n_parts)]
         self._ready: dict[int, Policy] = {}   # READY key -> the policy instance of its partition
         self._flight: dict[int, Policy] = {}  # IN_FLIGHT key -> the same
         self._pins: dict[int, int] = {}       # key -> pin count (> 0)
@@ -205,6 +204,7 @@ class Tier:
         cap = self.capacity
         evicted: list[int] = []
         if cap is not None:
+            p.miss(key)
             used = self._occ[layer] if self._per_layer else self._total
             if used >= cap:
                 if cap == 0:
@@ -214,7 +214,7 @@ class Tier:
                 v = p.victim(self._blocked)
                 if v is None:
                     return None
-                p.remove(v)
+                p.evict(v)
                 del self._ready[v]
                 self._occ[v // self.num_experts] -= 1
                 self._total -= 1
