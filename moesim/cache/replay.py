@@ -23,7 +23,7 @@ import numpy as np
 
 from .policies import get_policy, policy_class
 
-__all__ = ["ReplayResult", "replay", "replay_incremental", "next_use_positions", "NextUse"]
+__all__ = ["ReplayResult", "replay", "replay_incremental", "miss_flags", "next_use_positions", "NextUse"]
 
 
 @dataclass(frozen=True)
@@ -318,25 +318,33 @@ _FAST = {"lru": _replay_lru, "fifo": _replay_fifo, "lfu": _replay_lfu}
 def replay_incremental(requests, capacity: int, policy: str) -> ReplayResult:
     """The same replay driven through the incremental policy classes (slow; the reference the
     fast paths are tested against)."""
+    flags = miss_flags(requests, capacity, policy)
+    misses = int(flags.sum())
+    return ReplayResult(flags.size - misses, misses)
+
+
+def miss_flags(requests, capacity: int, policy: str) -> np.ndarray:
+    """Per request, True if it misses: the replay of :func:`replay_incremental`, request by
+    request (for attributing misses of a shared cache to layers)."""
     cap = _check(capacity, policy)
     reqs = _as_list(requests)
     n = len(reqs)
+    out = np.ones(n, dtype=bool)
     if cap == 0:
-        return ReplayResult(0, n)
+        return out
     pol = get_policy(policy, cap)
     if pol.needs_next_use:
         nxt = [math.inf if v < 0 else v for v in next_use_positions(np.asarray(reqs, dtype=np.int64)).tolist()]
     else:
         nxt = [None] * n
-    hits = 0
     touch, insert, miss, victim, evict = pol.touch, pol.insert, pol.miss, pol.victim, pol.evict
-    for x, nu in zip(reqs, nxt):
+    for i, (x, nu) in enumerate(zip(reqs, nxt)):
         if x in pol:
-            hits += 1
+            out[i] = False
             touch(x, nu)
             continue
         miss(x)
         if len(pol) >= cap:
             evict(victim())
         insert(x, nu)
-    return ReplayResult(hits, n - hits)
+    return out
