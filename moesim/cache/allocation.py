@@ -95,7 +95,7 @@ def optimal(curves, budget: int, lo: int, hi: int) -> list[int]:
     choice = np.zeros((n, budget + 1), dtype=np.int64)
     for i, m in enumerate(curves):
         new = np.full(budget + 1, np.inf)
-        for c in range(lo, hi + 1):
+        for c in range(lo, min(hi, budget) + 1):
             cand = np.full(budget + 1, np.inf)
             cand[c:] = best[: budget + 1 - c] + m[c]
             better = cand < new
