@@ -225,7 +225,7 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
                    "scheduler": {"max_running": sched.max_running, "max_queue": sched.max_queue},
                    "timing_source": {k: ("measured" if v else "roofline") for k, v in cost.uses_measured.items()},
                    "expert_bytes": sc.model.expert_bytes,
-                   "gpu_cache_experts": cfg.gpu_capacity}
+                   "gpu_cache_experts": sc.cache.gpu.experts(sc.model.expert_bytes)}
         return Result(summary, rec.steps_frame(), rec.requests_frame(), rec.events_frame())
 
 
