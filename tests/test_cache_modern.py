@@ -127,7 +127,7 @@ def ref_pinned_hot(s, cap, frac=0.5):
         else:
             misses += 1
             if len(lru) == cap:
-                hot = sorted(lru, key=lambda k: count[k], reverse=True)[:int(cap * frac)]
+                hot = sorted(lru, key=lambda k: (count[k], lru.index(k)), reverse=True)[:int(cap * frac)]
                 lru.remove(next(k for k in lru if k not in hot))
         lru.append(x)
     return misses

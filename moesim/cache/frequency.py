@@ -12,12 +12,14 @@ every count stays at 1 and it degenerates to LRU order. These keep or age freque
   sizes, so lfuda is checked against a plain reference, not against libCacheSim.
 * **pinned_hot** -- a hot set from measured frequency: the ``hot_fraction`` (default half) of
   the partition's slots held by the resident keys with the most accesses so far (counted at
-  every insert and hit, kept across evictions) is kept; the rest is LRU. A hot key is evicted
+  every insert and hit, kept across evictions; ties to the more recently accessed) is kept; the
+  rest is LRU. A hot key is evicted
   only when every other resident key is excluded (pinned or in flight).
 """
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left, insort
 from typing import Container, Hashable
 
 from .policies import LFU, _Heaped, _Ordered
@@ -112,31 +114,53 @@ class LFUDA(_Heaped):
 
 
 class PinnedHot(_Ordered):
-    """LRU that never evicts the most accessed resident keys (see the module docstring)."""
+    """LRU that never evicts the most accessed resident keys (see the module docstring).
 
-    __slots__ = ("_count", "_hot_n")
+    ``_rank`` is the sorted list of ``(count, tick of last access, key)`` of the resident keys;
+    its last ``hot_n`` entries are the hot set, so the victim is the least recent key ranked
+    below them (ties in count go to the more recently accessed key being hot)."""
+
+    __slots__ = ("_count", "_hot_n", "_rank", "_cur", "_tick")
     name = "pinned_hot"
 
     def __init__(self, capacity: int | None = None, hot_fraction: float = 0.5) -> None:
         super().__init__(capacity)
         self._count: dict[int, int] = {}
         self._hot_n = int((capacity or 0) * hot_fraction)
+        self._rank: list[tuple[int, int, int]] = []
+        self._cur: dict[int, tuple[int, int, int]] = {}
+        self._tick = 0
+
+    def _access(self, key: int) -> None:
+        self._tick += 1
+        c = self._count[key] = self._count.get(key, 0) + 1
+        old = self._cur.get(key)
+        if old is not None:
+            del self._rank[bisect_left(self._rank, old)]
+        self._cur[key] = e = (c, self._tick, key)
+        insort(self._rank, e)
 
     def insert(self, key: int, next_use: float | None = None) -> None:
         super().insert(key)
-        self._count[key] = self._count.get(key, 0) + 1
+        self._access(key)
 
     def touch(self, key: int, next_use: float | None = None) -> None:
         self._od.move_to_end(key)
-        self._count[key] += 1
+        self._access(key)
+
+    def remove(self, key: int) -> None:
+        super().remove(key)
+        del self._rank[bisect_left(self._rank, self._cur.pop(key))]
 
     def hot(self) -> set[int]:
-        """The resident keys held as hot now: the most accessed, ties to the least recent."""
-        return set(heapq.nlargest(self._hot_n, self._od, key=self._count.__getitem__)) if self._hot_n else set()
+        """The resident keys held as hot now."""
+        return {k for _, _, k in self._rank[len(self._rank) - self._hot_n:]} if self._hot_n else set()
 
     def victim(self, excluded: Container[Hashable] = ()) -> int | None:
-        hot = self.hot()
-        for k in self._od:
-            if k not in excluded and k not in hot:
-                return k
+        n = len(self._rank)
+        if self._hot_n < n:
+            bar, cur = self._rank[n - self._hot_n] if self._hot_n else None, self._cur
+            for k in self._od:
+                if k not in excluded and (bar is None or cur[k] < bar):
+                    return k
         return super().victim(excluded)
