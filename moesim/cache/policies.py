@@ -383,10 +383,11 @@ def get_policy(name: str, capacity: int | None = None) -> Policy:
 
 
 def _register() -> None:
+    from .adaptive import LIRS, LeCaR, WTinyLFU
     from .frequency import LFUDA, LFUHistory, PinnedHot
     from .modern import ARC, S3FIFO, SLRU, Clock, Sieve, TwoQ
 
-    for cls in (Clock, Sieve, S3FIFO, TwoQ, SLRU, ARC, LFUDA, LFUHistory, PinnedHot):
+    for cls in (Clock, Sieve, S3FIFO, TwoQ, SLRU, ARC, LIRS, WTinyLFU, LeCaR, LFUDA, LFUHistory, PinnedHot):
         POLICIES[cls.name] = cls
 
 
