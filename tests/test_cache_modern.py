@@ -3,7 +3,6 @@ loop where libCacheSim has the policy, plain references written here where it ha
 moesim differs by design), and the policy protocol under exclusions for every registered policy."""
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections import OrderedDict
 
