@@ -27,7 +27,7 @@ from typing import Container, Hashable
 import numpy as np
 
 from .modern import SLRU, _first_free, _Union
-from .policies import _Keyed
+from .policies import LFU, _Keyed
 
 __all__ = ["LIRS", "WTinyLFU", "LeCaR"]
 
@@ -219,14 +219,15 @@ class WTinyLFU(_Keyed):
 class LeCaR(_Keyed):
     """LeCaR: regret-weighted choice between an LRU and an LFU victim (see the module docstring)."""
 
-    __slots__ = ("_lru", "_freq", "_h", "_w", "_rng", "_t", "_lr", "_disc", "_hcap", "_plan")
+    __slots__ = ("_lru", "_lfu", "_h", "_w", "_rng", "_t", "_lr", "_disc", "_hcap", "_plan", "_resume")
     name = "lecar"
 
     def __init__(self, capacity: int | None = None, rng: np.random.Generator | None = None,
                  learning_rate: float = 0.45) -> None:
         cap = capacity if capacity is not None else 64
         self._lru: OrderedDict[int, None] = OrderedDict()   # recency, oldest first
-        self._freq: dict[int, int] = {}
+        self._lfu = LFU()                                   # the LFU expert: its victim, in O(log n)
+        self._resume: dict[int, int] = {}                   # count a ghost hit hands back to LFU
         self._res = self._lru
         self._h = (OrderedDict(), OrderedDict())            # ghosts of LRU's and LFU's victims: key -> (t, freq)
         self._w = [0.5, 0.5]
@@ -246,28 +247,32 @@ class LeCaR(_Keyed):
                 self._w[1 - i] *= math.exp(self._lr * r)
                 s = sum(self._w)
                 self._w = [w / s for w in self._w]
-                self._freq[key] = e[1]                      # LFU resumes its count
+                self._resume[key] = e[1]                    # LFU resumes its count
                 return
 
     def insert(self, key, next_use=None):
         if key in self._lru:
             raise ValueError(f"key {key} is already resident")
         self._lru[key] = None
-        self._freq[key] = self._freq.get(key, 0) + 1
+        self._lfu.insert(key)
+        f = self._resume.pop(key, 0)
+        if f:   # a higher true count than the heap entry's 1 keeps LFU's lazy heap valid
+            self._lfu._freq[key] = f + 1
 
     def touch(self, key, next_use=None):
         self._t += 1
         self._lru.move_to_end(key)
-        self._freq[key] += 1
+        self._lfu.touch(key)
 
     def remove(self, key):
-        del self._lru[key], self._freq[key]
+        del self._lru[key]
+        self._lfu.remove(key)
 
     def victim(self, excluded: Container[Hashable] = ()):
         lru = _first_free(self._lru, excluded)
         if lru is None:
             return None
-        lfu = min((k for k in self._lru if k not in excluded), key=self._freq.__getitem__)  # ties: least recent
+        lfu = self._lfu.victim(excluded)   # fewest accesses, ties to the least recent
         use_lru = self._rng.random() < self._w[0]
         self._plan = (lru if use_lru else lfu, 0 if use_lru else 1)
         return self._plan[0]
@@ -276,7 +281,7 @@ class LeCaR(_Keyed):
         plan, self._plan = self._plan, None
         if plan is not None and plan[0] == key:
             h = self._h[plan[1]]
-            h[key] = (self._t, self._freq[key])
+            h[key] = (self._t, self._lfu.frequency(key))
             if len(h) > self._hcap:
                 h.popitem(last=False)
         self.remove(key)
