@@ -37,6 +37,14 @@ def _print_summary(s: dict, out: Path) -> None:
         ("prefetch issued/used/late/wasted", "{issued}/{used}/{late}/{wasted}".format(**s["prefetch"])),
         ("dedup ratio", pct(s["dedup_ratio"])),
     ]
+    g = s.get("policy_gap")
+    if g:
+        cap = "n/a (LRU is optimal here)" if g["captured"] is None else pct(g["captured"])
+        rows.append((f"LRU→Belady gap closed by {g['policy']} (replay)",
+                     f"{cap}: misses lru {g['lru_misses']} / {g['policy']} {g['policy_misses']} / "
+                     f"belady {g['belady_misses']}"))
+    for tier, a in (s.get("cache_allocation") or {}).items():
+        rows.append((f"{tier} per-layer allocation ({a['allocation']})", " ".join(map(str, a["per_layer"]))))
     print_metrics(f"{sc['name']}: {sc['model']['name']} on {sc['hardware']['name']}, "
                   f"predictor {sc['predictor']['name']}, batch {sc['batch']['size']}", rows, out)
     for note in run_notes(s):
@@ -62,6 +70,8 @@ def run(scenario, output, overrides, events, quiet, no_report):
     sc = load_scenario(scenario, overrides)
     out = claim_run_dir(output or sc.output or Path("reports") / sc.name)
     result = simulate(sc, record_events=events)
+    for w in result.summary.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
     write_result(result, out)
     if not no_report:
         from .report import render_run

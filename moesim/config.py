@@ -25,13 +25,25 @@ class _Strict(BaseModel):
 class TierConfig(_Strict):
     """One cache tier: capacity in experts or in GB (not both), eviction policy, partitioning."""
 
-    capacity_experts: int | None = Field(None, ge=0)
+    capacity_experts: int | None = Field(None, ge=0, description="experts held; per layer with per_layer")
     capacity_gb: float | None = Field(None, ge=0)
-    policy: str = "lru"
+    policy: str = Field("lru", description="eviction policy (moesim validate lists them)")
     partition: Literal["global", "per_layer"] = "global"
+    allocation: Literal["uniform", "proportional", "optimal"] = Field(
+        "uniform", description="per_layer only: split the total (capacity x layers) evenly, by routing "
+                               "entropy, or to minimise replay misses from each layer's miss curve")
+    admission: Literal["none", "second_touch"] = Field(
+        "none", description="second_touch: a first-time expert is kept on probation, first to go")
+
+    @property
+    def policy_name(self) -> str:
+        """The policy as the cache names it (admission filter as a suffix)."""
+        return self.policy + ("+second_touch" if self.admission == "second_touch" else "")
 
     @model_validator(mode="after")
     def _one_capacity(self):
+        if self.allocation != "uniform" and self.partition != "per_layer":
+            raise ValueError(f"allocation {self.allocation!r} needs partition: per_layer")
         if self.capacity_experts is not None and self.capacity_gb is not None:
             raise ValueError("give capacity_experts or capacity_gb, not both")
         if self.capacity_experts is None and self.capacity_gb is None:
@@ -280,8 +292,17 @@ def check_scenario(sc: Scenario, file: str | None) -> None:
         if tier.policy not in POLICIES:
             raise InputError(f"unknown eviction policy {tier.policy!r} (known: {', '.join(sorted(POLICIES))})",
                              file=file, field=f"{field}.policy")
+        if tier.admission != "none" and POLICIES[tier.policy].needs_next_use:
+            raise InputError(f"{tier.policy} is the offline optimum: an admission filter does not apply",
+                             file=file, field=f"{field}.admission")
         n = tier.experts(m.expert_bytes)
         per = tier.partition == "per_layer"
+        if per and n > m.num_experts:
+            raise InputError(
+                f"with partition: per_layer the capacity is per layer: {n} experts per layer, but a layer "
+                f"has only {m.num_experts} (for {n} experts in all, use {max(m.top_k, n // m.num_layers)} "
+                f"per layer, or partition: global)", file=file,
+                field=f"{field}.{'capacity_experts' if tier.capacity_experts is not None else 'capacity_gb'}")
         if n < m.top_k:
             raise InputError(
                 f"capacity of {n} expert(s){' per layer' if per else ''} is smaller than top_k={m.top_k}: "

@@ -143,14 +143,24 @@ def checks() -> list[tuple[str, str, str, bool]]:
         for cap in (5, 20):
             add(f"replay {pol} capacity {cap}: misses vs reference", ref(stream.tolist(), cap),
                 replay(stream, cap, pol).misses)
-    from .cache.reference import libcachesim_misses
+    from .cache.policies import POLICIES
+    from .cache.reference import LCS_NAME, LCS_NEAR, lcs_comparable, libcachesim_misses
 
     try:
-        ref = libcachesim_misses(stream, 20)
+        ref = libcachesim_misses(stream, 20, [p for p in LCS_NAME if lcs_comparable(p, 20)])
     except ImportError:
         ref = {}
         rows.append(("replay vs libcachesim", "libcachesim installed", "not installed (pip install moesim[test])",
                      True))
     for pol, want in ref.items():
         add(f"replay {pol} capacity 20: misses vs libcachesim", want, replay(stream, 20, pol).misses)
+    own = sorted(set(POLICIES) - set(LCS_NAME))
+    opt = replay(stream, 20, "belady").misses
+    for pol in own:
+        got = replay(stream, 20, pol).misses
+        why = ("not exactly libcachesim's, see moesim.cache.adaptive" if pol in LCS_NEAR else
+               "libcachesim's LFUDA differs, see moesim.cache.frequency" if pol == "lfuda" else
+               "no libcachesim counterpart")
+        rows.append((f"replay {pol} capacity 20 ({why}): belady <= misses <= requests",
+                     f"{opt}..{len(stream)}", str(got), opt <= got <= len(stream)))
     return rows

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesim import simulate
+from moesim.cache import POLICIES
 from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
 
 L = TINY_MODEL["num_layers"]
@@ -25,9 +26,15 @@ def cases(draw):
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     routing = np.stack([rng.permutation(E)[:K] for _ in range(R * T * L)]).reshape(R, T, L, K)
-    cap = draw(st.integers(K, E * L))
-    return dict(E=E, K=K, R=R, routing=routing.astype(np.int16), cap=cap,
-                policy=draw(st.sampled_from(["lru", "lfu", "fifo", "belady"])),
+    per_layer = draw(st.booleans())
+    cap = draw(st.integers(K, E if per_layer else E * L))
+    policy = draw(st.sampled_from(sorted(POLICIES)))
+    gpu = {"capacity_experts": cap, "policy": policy}
+    if per_layer:
+        gpu.update(partition="per_layer", allocation=draw(st.sampled_from(["uniform", "proportional", "optimal"])))
+    if policy != "belady" and draw(st.booleans()):
+        gpu["admission"] = "second_touch"
+    return dict(E=E, K=K, R=R, routing=routing.astype(np.int16), cap=cap, gpu=gpu, policy=policy,
                 batch=draw(st.integers(1, R)), lookahead=draw(st.integers(1, 5)),
                 engines=draw(st.integers(1, 2)), dram=draw(st.sampled_from([None, K, 4 * K])))
 
@@ -37,8 +44,7 @@ def _run(case, predictor, tmp):
     model = {**TINY_MODEL, "num_experts": case["E"], "top_k": case["K"]}
     dram = {"capacity_experts": case["dram"], "policy": "lru"} if case["dram"] else None
     return simulate(scenario(path, model=model, hardware=fixed_profile(copy_engines=case["engines"]),
-                             gpu={"capacity_experts": case["cap"], "policy": case["policy"]}, dram=dram,
-                             predictor=predictor, batch={"size": case["batch"]}))
+                             gpu=case["gpu"], dram=dram, predictor=predictor, batch={"size": case["batch"]}))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -89,8 +95,12 @@ def test_cache_invariants_under_random_prefetch(case, predictor, max_inflight, p
 
         def _claim_slot(self, load):  # every GPU reservation goes through here
             ok = super()._claim_slot(load)
-            cap = self.gpu.capacity
-            assert cap is None or self.gpu.occupancy() <= cap
+            t = self.gpu
+            if t.capacity is not None:
+                if t.partition == "per_layer":
+                    assert all(t.occupancy(i) <= t.capacity_for(i) for i in range(t.num_layers))
+                else:
+                    assert t.occupancy() <= t.capacity
             return ok
 
     pred = {**predictor, "protect": protect, **({"max_inflight": max_inflight} if max_inflight else {})}
@@ -99,8 +109,7 @@ def test_cache_invariants_under_random_prefetch(case, predictor, max_inflight, p
         path = write_routing(Path(tmp) / "t.parquet", case["routing"], prompt_len=1, num_experts=case["E"])
         model = {**TINY_MODEL, "num_experts": case["E"], "top_k": case["K"]}
         res = simulate(scenario(path, model=model, hardware=fixed_profile(copy_engines=case["engines"]),
-                                gpu={"capacity_experts": case["cap"], "policy": case["policy"]},
-                                predictor=pred, batch={"size": case["batch"], "dedup": dedup}))
+                                gpu=case["gpu"], predictor=pred, batch={"size": case["batch"], "dedup": dedup}))
     sim = seen[-1]
     sim.gpu.check()
     assert not sim.loads and sim.prefetch_inflight == 0 and not sim.protected

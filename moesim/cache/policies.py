@@ -16,7 +16,20 @@ Incremental API (every policy):
     ``key`` leaves (``KeyError`` if not resident). With LFU its frequency is forgotten.
 ``victim(excluded=()) -> key | None``
     The key the policy would evict now, skipping keys in the container ``excluded`` (pinned or
-    in-flight keys); ``None`` if every resident key is excluded. Does not remove anything.
+    in-flight keys); ``None`` if every resident key is excluded. Does not remove anything (it may
+    reorder internal queues, e.g. clear CLOCK bits, as libCacheSim's eviction does).
+``miss(key)``
+    ``key`` was requested and is not resident; called before any eviction made for it (ghost
+    look-ups of ARC, 2Q, S3-FIFO). A no-op for the policies here.
+``evict(key)``
+    The victim leaves to make room (policies with ghosts remember it); ``remove`` is a key
+    leaving for any other reason. Here the same as ``remove``.
+
+A policy class takes the capacity of its partition (``cls(capacity)``): queue-based policies
+size their queues from it; the ones here ignore it. More policies live in
+:mod:`moesim.cache.modern` (libCacheSim's) and :mod:`moesim.cache.frequency` (moesim's own);
+``<name>+second_touch`` wraps any policy in the admission filter of
+:mod:`moesim.cache.admission`.
 
 ``next_use`` is the stream position of the key's next request (``None`` or ``math.inf`` when
 there is none); only Belady reads it, the others accept and ignore it.
@@ -47,7 +60,7 @@ import math
 from collections import OrderedDict
 from typing import Container, Hashable
 
-__all__ = ["Policy", "LRU", "FIFO", "LFU", "Belady", "POLICIES", "get_policy"]
+__all__ = ["Policy", "LRU", "FIFO", "LFU", "Belady", "POLICIES", "ADMISSION", "get_policy", "policy_class"]
 
 _INF = math.inf
 _push = heapq.heappush
@@ -71,6 +84,13 @@ class Policy:
 
     def victim(self, excluded: Container[Hashable] = ()) -> int | None:  # pragma: no cover
         raise NotImplementedError
+
+    def miss(self, key: int) -> None:
+        """``key`` was requested and is not resident (before any eviction for it)."""
+
+    def evict(self, key: int) -> None:
+        """``key`` (the victim) leaves to make room."""
+        self.remove(key)
 
     def __len__(self) -> int:  # pragma: no cover
         raise NotImplementedError
@@ -106,7 +126,7 @@ class _Ordered(_Keyed):
 
     __slots__ = ("_od",)
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
         self._od: OrderedDict[int, None] = OrderedDict()
         self._res = self._od
 
@@ -192,7 +212,7 @@ class LFU(_Heaped):
     __slots__ = ("_freq", "_last", "_ins", "_heap", "_tick")
     name = "lfu"
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
         self._freq: dict[int, int] = {}
         self._res = self._freq
         self._last: dict[int, int] = {}
@@ -263,7 +283,7 @@ class Belady(_Heaped):
     name = "belady"
     needs_next_use = True
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
         self._nu: dict[int, tuple[float, int]] = {}        # key -> (next use, tick of last access)
         self._res = self._nu
         self._heap: list[tuple[float, int, int]] = []      # (-next use, tick, key): max next use first
@@ -334,12 +354,41 @@ class Belady(_Heaped):
 
 
 POLICIES: dict[str, type[Policy]] = {"lru": LRU, "lfu": LFU, "fifo": FIFO, "belady": Belady}
+ADMISSION = "+second_touch"   # suffix: wrap the named policy in the second-touch admission filter
 
 
-def get_policy(name: str) -> Policy:
-    """A new, empty instance of the policy registered as ``name`` (KeyError naming the known ones)."""
+def policy_class(name: str) -> type[Policy]:
+    """The class registered as ``name`` (an admission suffix is ignored); KeyError naming the
+    known ones."""
+    base = name[: -len(ADMISSION)] if isinstance(name, str) and name.endswith(ADMISSION) else name
     try:
-        cls = POLICIES[name]
+        return POLICIES[base]
     except (KeyError, TypeError):
-        raise KeyError(f"unknown eviction policy {name!r} (known: {', '.join(sorted(POLICIES))})") from None
-    return cls()
+        raise KeyError(f"unknown eviction policy {name!r} (known: {', '.join(sorted(POLICIES))}; "
+                       f"any of them{ADMISSION} adds the second-touch admission filter)") from None
+
+
+def get_policy(name: str, capacity: int | None = None) -> Policy:
+    """A new, empty instance of the policy registered as ``name``, sized for ``capacity`` keys
+    (KeyError naming the known ones)."""
+    cls = policy_class(name)
+    if name.endswith(ADMISSION):
+        if cls.needs_next_use:
+            raise KeyError(f"eviction policy {name!r}: {cls.name} is the offline optimum; an admission "
+                           "filter does not apply to it")
+        from .admission import SecondTouch
+
+        return SecondTouch(cls(capacity), capacity)
+    return cls(capacity)
+
+
+def _register() -> None:
+    from .adaptive import LIRS, LeCaR, WTinyLFU
+    from .frequency import LFUDA, LFUHistory, PinnedHot
+    from .modern import ARC, S3FIFO, SLRU, Clock, Sieve, TwoQ
+
+    for cls in (Clock, Sieve, S3FIFO, TwoQ, SLRU, ARC, LIRS, WTinyLFU, LeCaR, LFUDA, LFUHistory, PinnedHot):
+        POLICIES[cls.name] = cls
+
+
+_register()

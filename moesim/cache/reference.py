@@ -13,7 +13,18 @@ import numpy as np
 
 from .replay import next_use_positions
 
-LCS_NAME = {"lru": "LRU", "fifo": "FIFO", "lfu": "LFU", "belady": "Belady"}
+LCS_NAME = {"lru": "LRU", "fifo": "FIFO", "lfu": "LFU", "belady": "Belady", "clock": "Clock", "sieve": "Sieve",
+            "s3fifo": "S3FIFO", "twoq": "TwoQ", "slru": "SLRU", "arc": "ARC"}
+# Smallest capacity at which libCacheSim's integer queue sizes leave the policy its design
+# (below it S3FIFO's small queue, TwoQ's A1in round to nothing and they cache nothing) and the
+# capacities at which moesim sizes queues as it does (SLRU: 4 equal segments).
+LCS_MIN_CAPACITY = {"s3fifo": 20, "twoq": 4}
+LCS_CAPACITY_MULTIPLE = {"slru": 4}
+
+
+def lcs_comparable(policy: str, capacity: int) -> bool:
+    """True if moesim's policy is meant to equal libCacheSim's exactly at this capacity."""
+    return capacity >= LCS_MIN_CAPACITY.get(policy, 1) and capacity % LCS_CAPACITY_MULTIPLE.get(policy, 1) == 0
 ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
 
 
@@ -41,10 +52,15 @@ def libcachesim_misses(stream, capacity: int, policies=("lru", "fifo", "lfu", "b
         for pol in policies:
             reader = lcs.TraceReader(str(path), lcs.TraceType.ORACLE_GENERAL_TRACE,
                                      lcs.ReaderInitParam(ignore_obj_size=True))
-            cache = getattr(lcs, LCS_NAME[pol])(capacity, hashpower=12)
+            cache = getattr(lcs, LCS_NAME.get(pol) or LCS_NEAR[pol])(capacity, hashpower=12)
             miss_ratio, _ = cache.process_trace(reader)
             out[pol] = round(miss_ratio * len(stream))
         return out
     finally:
         if own:
             os.unlink(path)
+
+
+# libCacheSim has these too, but exact agreement is impossible (see moesim.cache.adaptive): they
+# are compared for near-agreement only.
+LCS_NEAR = {"lirs": "LIRS", "wtinylfu": "WTinyLFU", "lecar": "LeCaR"}

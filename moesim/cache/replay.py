@@ -21,9 +21,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .policies import POLICIES, get_policy
+from .policies import get_policy, policy_class
 
-__all__ = ["ReplayResult", "replay", "replay_incremental", "next_use_positions", "NextUse"]
+__all__ = ["ReplayResult", "replay", "replay_incremental", "miss_flags", "next_use_positions", "NextUse"]
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,7 @@ def _as_list(requests) -> list[int]:
 
 
 def _check(capacity, policy: str) -> int:
-    if policy not in POLICIES:
-        get_policy(policy)  # raises the KeyError listing the known names
+    policy_class(policy)  # raises the KeyError listing the known names
     if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
         raise TypeError(f"capacity must be an int, got {capacity!r}")
     if capacity < 0:
@@ -164,8 +163,10 @@ def _check(capacity, policy: str) -> int:
 
 def replay(requests: Sequence[int] | np.ndarray | Iterable[int], capacity: int, policy: str) -> ReplayResult:
     """Replay ``requests`` (integer ids) through an empty cache of ``capacity`` entries managed by
-    ``policy`` (``lru``, ``lfu``, ``fifo``, ``belady``). Hits touch, misses insert (evicting the
-    policy's victim first when full). Belady's next uses are computed from ``requests``."""
+    ``policy`` (any registered name, see :data:`moesim.cache.policies.POLICIES`). Hits touch,
+    misses insert (evicting the policy's victim first when full). Belady's next uses are computed
+    from ``requests``. lru, fifo, lfu and belady have specialised loops; the others are driven
+    through their policy classes."""
     cap = _check(capacity, policy)
     if policy == "belady":
         arr = _as_int_array(requests if isinstance(requests, (list, np.ndarray)) else list(requests))
@@ -174,6 +175,8 @@ def replay(requests: Sequence[int] | np.ndarray | Iterable[int], capacity: int, 
             return ReplayResult(0, n)
         misses = _replay_belady(arr, cap)
         return ReplayResult(n - misses, misses)
+    if policy not in _FAST:
+        return replay_incremental(requests, cap, policy)
     reqs = _as_list(requests)
     n = len(reqs)
     if cap == 0 or n == 0:
@@ -315,23 +318,33 @@ _FAST = {"lru": _replay_lru, "fifo": _replay_fifo, "lfu": _replay_lfu}
 def replay_incremental(requests, capacity: int, policy: str) -> ReplayResult:
     """The same replay driven through the incremental policy classes (slow; the reference the
     fast paths are tested against)."""
+    flags = miss_flags(requests, capacity, policy)
+    misses = int(flags.sum())
+    return ReplayResult(flags.size - misses, misses)
+
+
+def miss_flags(requests, capacity: int, policy: str) -> np.ndarray:
+    """Per request, True if it misses: the replay of :func:`replay_incremental`, request by
+    request (for attributing misses of a shared cache to layers)."""
     cap = _check(capacity, policy)
     reqs = _as_list(requests)
     n = len(reqs)
+    out = np.ones(n, dtype=bool)
     if cap == 0:
-        return ReplayResult(0, n)
-    pol = get_policy(policy)
+        return out
+    pol = get_policy(policy, cap)
     if pol.needs_next_use:
         nxt = [math.inf if v < 0 else v for v in next_use_positions(np.asarray(reqs, dtype=np.int64)).tolist()]
     else:
         nxt = [None] * n
-    hits = 0
-    for x, nu in zip(reqs, nxt):
+    touch, insert, miss, victim, evict = pol.touch, pol.insert, pol.miss, pol.victim, pol.evict
+    for i, (x, nu) in enumerate(zip(reqs, nxt)):
         if x in pol:
-            hits += 1
-            pol.touch(x, nu)
+            out[i] = False
+            touch(x, nu)
             continue
+        miss(x)
         if len(pol) >= cap:
-            pol.remove(pol.victim())
-        pol.insert(x, nu)
-    return ReplayResult(hits, n - hits)
+            evict(victim())
+        insert(x, nu)
+    return out

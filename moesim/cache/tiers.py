@@ -17,7 +17,8 @@ Lifecycle::
 asks ``next_use(key, pos)`` for the first request of ``key`` after ``pos``). Other policies do
 not look at it.
 
-With ``partition="per_layer"`` the capacity is per layer and every layer has its own policy
+With ``partition="per_layer"`` the capacity is per layer (one int for every layer, or a sequence
+of one int per layer: see :mod:`moesim.cache.allocation`) and every layer has its own policy
 instance, so a reservation for layer ``l`` can only evict layer-``l`` keys. With ``"global"`` all
 keys share one capacity and one policy. ``capacity=None`` means unbounded (never evicts; no
 policy is kept at all).
@@ -27,7 +28,7 @@ from __future__ import annotations
 import operator
 from typing import Callable
 
-from .policies import POLICIES, Policy, get_policy
+from .policies import Policy, get_policy, policy_class
 
 __all__ = ["Tier", "PARTITIONS"]
 
@@ -65,6 +66,18 @@ class _NoPolicy(Policy):
 _NO_POLICY = _NoPolicy()
 
 
+def _capacity(name: str, capacity) -> int:
+    try:
+        if isinstance(capacity, bool):
+            raise TypeError
+        capacity = operator.index(capacity)
+    except TypeError:
+        raise ValueError(f"tier {name!r}: capacity must be None or an int >= 0, got {capacity!r}") from None
+    if capacity < 0:
+        raise ValueError(f"tier {name!r}: capacity must be None or an int >= 0, got {capacity!r}")
+    return capacity
+
+
 class Tier:
     """One cache level: slots, READY/IN_FLIGHT entries, pins, and an eviction policy per partition.
 
@@ -74,39 +87,37 @@ class Tier:
     cancellations``.
     """
 
-    __slots__ = ("name", "capacity", "policy", "partition", "num_experts", "num_layers", "_next_use",
+    __slots__ = ("name", "capacity", "_caps", "policy", "partition", "num_experts", "num_layers", "_next_use",
                  "_ready", "_flight", "_pins", "_blocked", "_occ", "_total", "_policies", "_per_layer",
                  "_belady", "reservations", "evictions", "completions", "cancellations")
 
     def __init__(self, name: str, capacity: int | None, policy: str = "lru", partition: str = "global",
                  num_experts: int = 1, num_layers: int = 1,
                  next_use: Callable[[int, int], float] | None = None) -> None:
-        if policy not in POLICIES:
-            get_policy(policy)  # KeyError naming the known policies
+        cls = policy_class(policy)  # KeyError naming the known policies
         if partition not in PARTITIONS:
             raise ValueError(f"tier {name!r}: partition must be one of {PARTITIONS}, got {partition!r}")
-        if capacity is not None:
-            try:
-                if isinstance(capacity, bool):
-                    raise TypeError
-                capacity = operator.index(capacity)
-            except TypeError:
-                raise ValueError(f"tier {name!r}: capacity must be None or an int >= 0, got {capacity!r}") from None
-            if capacity < 0:
-                raise ValueError(f"tier {name!r}: capacity must be None or an int >= 0, got {capacity!r}")
         if num_experts < 1 or num_layers < 1:
             raise ValueError(f"tier {name!r}: num_experts and num_layers must be >= 1")
-        if POLICIES[policy].needs_next_use and next_use is None and capacity is not None:
+        if capacity is not None and partition == "per_layer" and not isinstance(capacity, (int, bool)) \
+                and hasattr(capacity, "__len__"):
+            if len(capacity) != num_layers:
+                raise ValueError(f"tier {name!r}: {len(capacity)} per-layer capacities for {num_layers} layers")
+            capacity = tuple(_capacity(name, c) for c in capacity)
+        elif capacity is not None:
+            capacity = _capacity(name, capacity)
+        if cls.needs_next_use and next_use is None and capacity is not None:
             raise ValueError(f"tier {name!r}: policy {policy!r} needs a next_use(key, pos) function")
         self.name, self.capacity, self.policy, self.partition = name, capacity, policy, partition
         self.num_experts, self.num_layers = num_experts, num_layers
         self._per_layer = partition == "per_layer"
         bounded = capacity is not None
-        self._belady = bounded and POLICIES[policy].needs_next_use
+        self._belady = bounded and cls.needs_next_use
         # next_use is only consulted by policies that read it: the hit path of the others skips it
         self._next_use = next_use if self._belady else None
         n_parts = num_layers if self._per_layer else 1
-        self._policies: list[Policy] = [get_policy(policy) if bounded else _NO_POLICY for _ in range(n_parts)]
+        self._caps: list[int | None] = list(capacity) if isinstance(capacity, tuple) else [capacity] * n_parts
+        self._policies: list[Policy] = [get_policy(policy, c) if bounded else _NO_POLICY for c in self._caps]
         self._ready: dict[int, Policy] = {}   # READY key -> the policy instance of its partition
         self._flight: dict[int, Policy] = {}  # IN_FLIGHT key -> the same
         self._pins: dict[int, int] = {}       # key -> pin count (> 0)
@@ -141,14 +152,15 @@ class Tier:
         whole (shared) capacity with ``global``; None if unbounded."""
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"tier {self.name!r}: layer {layer} out of range 0..{self.num_layers - 1}")
-        return self.capacity
+        return self._caps[layer if self._per_layer else 0]
 
     def free_for(self, layer: int) -> int | None:
         """Free slots for ``layer``'s keys without evicting (None if unbounded)."""
         if self.capacity is None:
             return None
-        used = self._occ[layer] if self._per_layer else self._total
-        return self.capacity - used
+        if self._per_layer:
+            return self._caps[layer] - self._occ[layer]
+        return self.capacity - self._total
 
     def resident_keys(self) -> list[int]:
         """READY keys, ascending."""
@@ -202,9 +214,10 @@ class Tier:
         layer = self._layer(key)
         part = layer if self._per_layer else 0
         p = self._policies[part]
-        cap = self.capacity
+        cap = self._caps[part]
         evicted: list[int] = []
         if cap is not None:
+            p.miss(key)
             used = self._occ[layer] if self._per_layer else self._total
             if used >= cap:
                 if cap == 0:
@@ -214,7 +227,7 @@ class Tier:
                 v = p.victim(self._blocked)
                 if v is None:
                     return None
-                p.remove(v)
+                p.evict(v)
                 del self._ready[v]
                 self._occ[v // self.num_experts] -= 1
                 self._total -= 1
@@ -290,7 +303,7 @@ class Tier:
         assert occ == self._occ, (occ, self._occ)
         if self.capacity is not None:
             if self._per_layer:
-                assert max(occ) <= self.capacity
+                assert all(o <= c for o, c in zip(occ, self._caps)), (occ, self._caps)
             else:
                 assert self._total <= self.capacity
         assert set(self._pins) <= keys and all(c > 0 for c in self._pins.values())

@@ -28,13 +28,16 @@ class Result:
     events: pd.DataFrame | None = None
 
 
-def engine_config(sc: Scenario, record_events: bool = False) -> EngineConfig:
+def engine_config(sc: Scenario, record_events: bool = False, capacities: dict | None = None) -> EngineConfig:
+    """The engine's settings; ``capacities`` (tier -> one capacity per layer) overrides the
+    uniform per-layer capacity of tiers with a non-uniform allocation."""
     m = sc.model
     g, d = sc.cache.gpu, sc.cache.dram
+    caps = capacities or {}
     return EngineConfig(
-        gpu_capacity=g.experts(m.expert_bytes), gpu_policy=g.policy, gpu_partition=g.partition,
-        dram_capacity=d.experts(m.expert_bytes) if d else None,
-        dram_policy=d.policy if d else "lru", dram_partition=d.partition if d else "global",
+        gpu_capacity=caps.get("gpu", g.experts(m.expert_bytes)), gpu_policy=g.policy_name, gpu_partition=g.partition,
+        dram_capacity=caps.get("dram", d.experts(m.expert_bytes)) if d else None,
+        dram_policy=d.policy_name if d else "lru", dram_partition=d.partition if d else "global",
         has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events)
 
 
@@ -162,6 +165,50 @@ def make_scheduler(sc: Scenario, requests, trace_path: Path | None = None) -> Sc
                      num_layers=sc.model.num_layers, dedup=b.dedup)
 
 
+def _trace_stream(reader, sc: Scenario) -> np.ndarray:
+    """The engine's access stream where it does not depend on time (closed arrivals), else every
+    access of the trace in row order: the stream per-layer allocations are planned on."""
+    if sc.batch.arrivals == "closed":
+        return _access_stream(reader, sc)
+    E = sc.model.num_experts
+    parts = [(r.experts.astype(np.int64) + (np.arange(r.experts.shape[1]) * E)[None, :, None]).ravel()
+             for r in reader.iter_requests(pre_attn=False, scores=False)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def plan_capacities(reader, sc: Scenario) -> tuple[dict, dict]:
+    """Per-layer capacities of tiers with ``allocation`` proportional or optimal, and the
+    allocation report: per tier, the capacities and the replay misses of uniform and of the
+    chosen split on the planning stream."""
+    from ..cache.allocation import allocate
+
+    m = sc.model
+    E, L, caps, report, stream = m.num_experts, m.num_layers, {}, {}, None
+    for name in ("gpu", "dram"):
+        t = getattr(sc.cache, name)
+        if t is None or t.partition != "per_layer":
+            continue
+        n = t.experts(m.expert_bytes)
+        rep = {"allocation": t.allocation, "per_layer": [n] * L, "budget": n * L}
+        if t.allocation != "uniform":
+            if stream is None:
+                stream = _trace_stream(reader, sc)
+            subs = [stream[stream // E == i] for i in range(L)]
+            chosen = allocate(t.allocation, subs, n * L, m.top_k, E, t.policy_name, E)
+            caps[name] = tuple(chosen)
+            rep.update(per_layer=chosen, planning_accesses=int(stream.size),
+                       replay_misses={"uniform": _misses(subs, [n] * L, t.policy_name),
+                                      t.allocation: _misses(subs, chosen, t.policy_name)})
+        report[name] = rep
+    return caps, report
+
+
+def _misses(streams, caps, policy: str) -> int:
+    from ..cache.replay import replay
+
+    return sum(replay(s, int(c), policy).misses for s, c in zip(streams, caps))
+
+
 def _access_stream(reader, sc: Scenario) -> np.ndarray:
     """Every cache key the engine will access, in order (a first pass, for Belady's next use).
     Only closed arrivals have a step sequence that does not depend on simulated time."""
@@ -177,7 +224,8 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
     """Run one scenario. Deterministic: the same scenario and seed give the same Result."""
     with tempfile.TemporaryDirectory(prefix="moesim-") as tmp:
         reader = open_trace(sc, Path(tmp), record_events)
-        cfg = engine_config(sc, record_events)
+        capacities, allocation = plan_capacities(reader, sc)
+        cfg = engine_config(sc, record_events, capacities)
         next_use = None
         if "belady" in (cfg.gpu_policy, cfg.dram_policy if cfg.has_dram else ""):
             next_use = NextUse(_access_stream(reader, sc)).next_after
@@ -199,11 +247,36 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
         rec = sim.run()
         summary = {"moesim_version": __version__, "scenario": scenario_echo(sc),
                    **rec.summary(slo=sc.batch.slo),
+                   "warnings": cache_warnings(sc, cfg),
+                   "cache_allocation": allocation,
+                   "policy_gap": policy_gap(sim.accessed, sc, cfg),
                    "scheduler": {"max_running": sched.max_running, "max_queue": sched.max_queue},
                    "timing_source": {k: ("measured" if v else "roofline") for k, v in cost.uses_measured.items()},
                    "expert_bytes": sc.model.expert_bytes,
-                   "gpu_cache_experts": cfg.gpu_capacity}
+                   "gpu_cache_experts": sc.cache.gpu.experts(sc.model.expert_bytes)}
         return Result(summary, rec.steps_frame(), rec.requests_frame(), rec.events_frame())
+
+
+def cache_warnings(sc: Scenario, cfg: EngineConfig) -> list[str]:
+    from ..cache.guards import thrash_warnings
+
+    m, out = sc.model, []
+    for name, cap, part in (("gpu", cfg.gpu_capacity, cfg.gpu_partition),
+                            ("dram", cfg.dram_capacity if cfg.has_dram else None, cfg.dram_partition)):
+        out += thrash_warnings(name, cap, part, m.top_k, m.num_layers)
+    return out
+
+
+def policy_gap(accessed: list, sc: Scenario, cfg: EngineConfig) -> dict | None:
+    """The GPU tier's LRU -> Belady gap report from a replay of this run's own access stream
+    (None for an unbounded GPU cache)."""
+    from ..cache.gap import gap_report
+
+    if cfg.gpu_capacity is None:
+        return None
+    stream = np.concatenate(accessed) if accessed else np.zeros(0, dtype=np.int64)
+    return gap_report(stream, cfg.gpu_policy, cfg.gpu_partition, cfg.gpu_capacity,
+                      sc.model.num_experts, sc.model.num_layers)
 
 
 def scenario_echo(sc: Scenario) -> dict:

@@ -29,7 +29,7 @@ from .scheduler import PlanSource
 class EngineConfig:
     """Plain (non-pydantic) settings the engine needs, taken from the scenario."""
 
-    gpu_capacity: int | None          # experts (per layer if per_layer); None = unbounded
+    gpu_capacity: int | tuple[int, ...] | None  # experts (per layer if per_layer, or one per layer); None = unbounded
     gpu_policy: str = "lru"
     gpu_partition: str = "global"
     dram_capacity: int | None = None  # None with has_dram=False: host memory holds every expert
@@ -115,6 +115,7 @@ class Simulation(LoadChain):
         self.loads: dict[int, Load] = {}
         self.prefetched_unused: set[int] = set()
         self.pos = -1              # index of the latest access (the cache clock; Belady next-use index)
+        self.accessed: list[np.ndarray] = []   # every layer's keys as accessed, in order (the gap report)
         self.gated = (-1, -1)      # (step, layer) whose gate ran last: prefetches at or before are stale
         self.view: _View | None = None
         self.protected: dict[tuple[int, int], list[int]] = {}  # target (step, layer) -> pinned keys
@@ -194,6 +195,7 @@ class Simulation(LoadChain):
                 view.gated = layer
                 gate_reqs = pred.on_gate(view, layer)
                 keys, counts = plan.keys[layer], plan.counts[layer]
+                self.accessed.append(keys)
                 self._score_predictions(self.gated, keys if dedup else np.unique(keys))
                 busy = cost.shared_compute_s(plan.tokens)  # shared experts: always resident
                 hits = late = misses = saved = 0

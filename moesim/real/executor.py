@@ -341,6 +341,10 @@ class RealExecutor(LoadChain):
         E, L = self.E, self.L
         total = E * L
         g, d = sc.cache.gpu, sc.cache.dram
+        for name, t in (("gpu", g), ("dram", d)):
+            if t is not None and t.allocation != "uniform":
+                raise InputError(f"replay --real runs the uniform per-layer split only, not {t.allocation!r}",
+                                 field=f"cache.{name}.allocation")
         self.gpu_capacity = g.experts(m.expert_bytes)
         gparts = L if g.partition == "per_layer" else 1
         n_dev = total if self.gpu_capacity is None else min(total, self.gpu_capacity * gparts)
@@ -352,7 +356,7 @@ class RealExecutor(LoadChain):
 
             keys = [k for st in static_plan(self._requests(), sc.batch.size, E, self.dedup) for k in st.keys]
             next_use = NextUse(np.concatenate(keys) if keys else np.zeros(0, np.int64)).next_after
-        self.gpu = Tier("gpu", self.gpu_capacity, g.policy, g.partition, E, L, next_use)
+        self.gpu = Tier("gpu", self.gpu_capacity, g.policy_name, g.partition, E, L, next_use)
         self.dev = DevSlots(n_dev, s, self.dtype, self.device)
         self.dev_free = list(range(n_dev - 1, -1, -1))
         self.dev_slot: dict[int, int] = {}
@@ -362,7 +366,7 @@ class RealExecutor(LoadChain):
             self.dram_capacity = d.experts(m.expert_bytes)
             dparts = L if d.partition == "per_layer" else 1
             n_host = min(total, self.dram_capacity * dparts)
-            self.dram = Tier("dram", self.dram_capacity, d.policy, d.partition, E, L, next_use)
+            self.dram = Tier("dram", self.dram_capacity, d.policy_name, d.partition, E, L, next_use)
             self.host = _host_block(n_host, s.slot_bytes, pinned)
             self.host_free = list(range(n_host - 1, -1, -1))
             self.host_slot: dict[int, int] = {}

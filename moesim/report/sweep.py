@@ -23,6 +23,7 @@ MEASURES: list[tuple[str, str]] = [
     ("stall_s", "stall (s)"),
     ("pcie_utilization", "PCIe utilisation"),
     ("bytes_pcie", "bytes over PCIe"),
+    ("gap_captured", "LRU→Belady gap closed"),
 ]
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
@@ -296,6 +297,9 @@ def build_sweep_page(sweepdir: str | Path) -> Page:
             page.fig(fig_heatmap(df, others[0], others[1], others, measures))
         else:
             page.note("a heatmap needs two varied axes besides the predictor")
+        if {"cache.gpu.policy", "gap_captured"} <= set(df.columns) and df["gap_captured"].notna().any():
+            page.h2("Eviction policies: the LRU→Belady gap each closes")
+            page.fig(fig_gap_by_policy(df, [a for a in others if a != "cache.gpu.policy"]))
         page.h2("Memory vs throughput")
         if df["gpu_cache_bytes"].notna().any():
             page.fig(fig_pareto(df, all_axes))
@@ -324,6 +328,20 @@ def fig_by_series(df: pd.DataFrame, measures) -> go.Figure:
                                               visible=bool(g.size().max() > 1))))
     fig.update_layout(height=400, title=f"{measures[0][1]} per predictor", yaxis_title=measures[0][1],
                       updatemenus=_dropdown(per_measure, measures, "{m} per predictor"), margin=dict(t=110))
+    return fig
+
+
+def fig_gap_by_policy(df: pd.DataFrame, others: list[str]) -> go.Figure:
+    """Fraction of the LRU→Belady replay-miss gap each policy closes (1 = Belady, 0 = LRU), one
+    group of bars per combination of the other axes."""
+    fig = go.Figure()
+    keys = df[others].astype(str).agg(", ".join, axis=1) if others else pd.Series("all", index=df.index)
+    for i, (k, g) in enumerate(df.assign(_k=keys).groupby("_k", sort=False)):
+        m = g.groupby("cache.gpu.policy", sort=False)["gap_captured"].mean()
+        fig.add_trace(go.Bar(name=_label_str(k), x=list(m.index), y=[_num(v) for v in m],
+                             marker_color=PALETTE[i % len(PALETTE)]))
+    fig.update_layout(height=420, barmode="group", yaxis_title="gap closed (replay of each run's accesses)",
+                      title="LRU→Belady miss gap closed, by policy")
     return fig
 
 

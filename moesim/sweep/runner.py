@@ -68,6 +68,11 @@ HEADLINE: list[tuple[str, tuple[str, ...]]] = [
     ("output_tokens", ("output_tokens",)),
     ("gpu_cache_experts", ("gpu_cache_experts",)),
     ("expert_bytes", ("expert_bytes",)),
+    ("misses", ("misses",)),
+    ("gap_captured", ("policy_gap", "captured")),
+    ("replay_misses", ("policy_gap", "policy_misses")),
+    ("replay_lru_misses", ("policy_gap", "lru_misses")),
+    ("replay_belady_misses", ("policy_gap", "belady_misses")),
 ]
 
 

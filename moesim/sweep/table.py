@@ -9,7 +9,11 @@ import pandas as pd
 SHOWN = [("tokens_per_s", "tokens/s", "{:.1f}"), ("speedup", "vs on_demand", "{:.2f}×"),
          ("gpu_hit_rate", "GPU hit", "{:.1%}"), ("bytes_pcie", "PCIe GB", "{:.2f}"),
          ("prediction_precision", "precision", "{:.2f}"), ("prediction_recall", "recall", "{:.2f}"),
-         ("stall_fraction", "stall", "{:.0%}")]
+         ("stall_fraction", "stall", "{:.0%}"),
+         # the gap report, when the points vary the eviction policy
+         ("misses", "misses", "{:,.0f}"), ("replay_misses", "replay misses", "{:,.0f}"),
+         ("replay_belady_misses", "belady", "{:,.0f}"), ("gap_captured", "gap closed", "{:.0%}")]
+WHEN_POLICY_VARIES = {"misses", "replay_misses", "replay_belady_misses", "gap_captured"}
 
 
 def with_speedup(results: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
@@ -52,11 +56,12 @@ def print_table(results: pd.DataFrame, axes: list[str], echo) -> None:
     t = Table()
     for a in shown_axes:
         t.add_column(a)
-    for _, title, _ in SHOWN:
+    shown = [c for c in SHOWN if c[0] not in WHEN_POLICY_VARIES or "cache.gpu.policy" in shown_axes]
+    for _, title, _ in shown:
         t.add_column(title, justify="right")
     for _, row in df.iterrows():
         cells = [_cell(row[a]) for a in shown_axes]
-        for col, _, fmt in SHOWN:
+        for col, _, fmt in shown:
             v = row.get(col)
             cells.append("-" if v is None or pd.isna(v) else fmt.format(v / 1e9 if col == "bytes_pcie" else v))
         t.add_row(*cells)
