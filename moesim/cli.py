@@ -260,6 +260,7 @@ def validate():
 
 
 def _register_subcommands() -> None:
+    from .advise.cli import advise
     from .hardware.profile_cli import compare, profile, replay
     from .predictors.neural.cli import predictor
     from .report.cli import report
@@ -267,6 +268,7 @@ def _register_subcommands() -> None:
     from .traces.cli_extra import collect, fit, import_, train_tiny
 
     main.add_command(sweep)
+    main.add_command(advise)
     main.add_command(report)
     main.add_command(predictor)
     for cmd in (profile, replay, compare):
