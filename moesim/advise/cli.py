@@ -10,6 +10,10 @@ from ..cliutil import guard
 from ..sweep.executors import executor_names
 
 
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else fmt.format(v)
+
+
 def _fmt_config(cfg: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items())
 
@@ -25,8 +29,8 @@ def _print(doc: dict, out: Path, echo) -> None:
     for c in ("configuration", "tokens/s", "tokens/$", "TPOT ms", "TTFT ms", "$/h"):
         t.add_column(c, justify="left" if c == "configuration" else "right")
     for r in doc["pareto"]:
-        t.add_row(_fmt_config(r["config"]), f"{r['tokens_per_s']:.2f}", f"{r['tokens_per_dollar']:.0f}",
-                  f"{r['tpot_ms']:.1f}", f"{r['ttft_ms']:.1f}", f"{r['price_per_hour']:.3f}")
+        t.add_row(_fmt_config(r["config"]), f"{r['tokens_per_s']:.2f}", _num(r["tokens_per_dollar"], "{:.0f}"),
+                  _num(r["tpot_ms"], "{:.1f}"), _num(r["ttft_ms"], "{:.1f}"), _num(r["price_per_hour"], "{:.3f}"))
     Console(width=200).print(t)
     echo(f"{doc['trials']} trials: {doc['simulations']} simulated, {doc['pruned']} pruned, {doc['failed']} failed, "
          f"{doc['feasible']} distinct configurations met the SLO (space: {doc['space_size']} configurations)")
@@ -80,7 +84,7 @@ def advise(advise_file, output, executor, address, workers, trials, no_report):
     outcome = run_search(spec, out, ex, file=advise_file, echo=lambda m: click.echo(m, err=True))
     doc = write_outputs(outcome, spec, out)
     if not no_report:
-        from ..report.advise import render_advise
+        from ..report import render_advise
 
         render_advise(out)
     _print(doc, out, click.echo)

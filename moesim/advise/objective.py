@@ -12,15 +12,16 @@ OBJECTIVE_METRIC = {"tokens_per_s": "tokens_per_s", "tokens_per_dollar": "tokens
                     "cost_at_throughput": "cost_per_hour"}
 
 
-def metrics(summary: dict, spec: AdviseSpec, price_per_hour: float) -> dict:
-    """The scored numbers of one run's summary.json (latencies at the SLO's percentile)."""
+def metrics(summary: dict, spec: AdviseSpec, price_per_hour: float | None) -> dict:
+    """The scored numbers of one run's summary.json (latencies at the SLO's percentile; the dollar
+    figures are None without a price)."""
     pct = spec.slo.percentile
     tps = summary.get("tokens_per_s") or 0.0
     out = {"tokens_per_s": tps, "price_per_hour": price_per_hour,
-           "tokens_per_dollar": tps * 3600 / price_per_hour,
+           "tokens_per_dollar": tps * 3600 / price_per_hour if price_per_hour else None,
            "tpot_ms": (summary.get("tpot_ms") or {}).get(pct), "ttft_ms": (summary.get("ttft_ms") or {}).get(pct),
            "gpu_hit_rate": summary.get("gpu_hit_rate"), "stall_fraction": summary.get("stall_fraction")}
-    if spec.target_tokens_per_s is not None:
+    if spec.target_tokens_per_s is not None and price_per_hour:
         replicas = math.ceil(spec.target_tokens_per_s / tps) if tps > 0 else None
         out["replicas"] = replicas
         out["cost_per_hour"] = replicas * price_per_hour if replicas else math.inf

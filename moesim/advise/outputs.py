@@ -15,6 +15,7 @@ import pandas as pd
 import yaml
 
 from ..config import apply_overrides
+from ..errors import InputError
 from ..results import dump_json
 from ..sweep.spec import override_strings
 from .objective import OBJECTIVE_METRIC, better, objective_value, pareto_front
@@ -111,8 +112,12 @@ def write_outputs(outcome: SearchOutcome, spec: AdviseSpec, outdir: str | Path) 
             seen.add(key)
             front.append(feasible[i])
     front.sort(key=lambda r: r[spec.search.pareto[0]])
-    prices = {c.profile: dict(zip(("price_per_hour", "source"), price_for(c.profile, c.price_per_hour)))
-              for c in spec.hardware}
+    prices = {}
+    for c in spec.hardware:
+        try:
+            prices[c.profile] = dict(zip(("price_per_hour", "source"), price_for(c.profile, c.price_per_hour)))
+        except InputError:
+            prices[c.profile] = None
     doc = {"name": spec.name, "objective": spec.objective, "objective_metric": OBJECTIVE_METRIC[spec.objective],
            "target_tokens_per_s": spec.target_tokens_per_s, "slo": spec.slo.model_dump(),
            "sampler": spec.search.sampler, "space": {k.path: list(k.values) for k in outcome.space.knobs},

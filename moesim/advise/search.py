@@ -30,6 +30,7 @@ from .space import Infeasible, Space
 from .spec import AdviseSpec
 
 JOURNAL = "optuna.journal"
+PRICED = ("tokens_per_dollar", "cost_per_hour", "price_per_hour")
 POINTS = "points"
 
 
@@ -102,6 +103,8 @@ class Search:
         self.simulated: set[str] = set()
         self.best: float | None = None
         self.batch_size = max(1, executor.workers or os.cpu_count() or 1)
+        self.file = file
+        self.prices = self._prices()
 
     # ---- one configuration ----
 
@@ -109,9 +112,22 @@ class Search:
         data = apply_overrides(self.base, override_strings(overrides))
         return scenario_from_dict(data, base_dir=Path(self.spec.base_dir))
 
-    def price(self, hw: str) -> float:
-        own = next((c.price_per_hour for c in self.spec.hardware if c.profile == hw), None)
-        return price_for(hw, own)[0]
+    def price(self, hw: str) -> float | None:
+        return self.prices[hw]
+
+    def _prices(self) -> dict[str, float | None]:
+        """Each candidate's price; a missing one is an error only when the objective needs prices."""
+        s = self.spec
+        needs = s.objective != "tokens_per_s" or any(k in PRICED for k in s.search.pareto)
+        out = {}
+        for i, c in enumerate(s.hardware):
+            try:
+                out[c.profile] = price_for(c.profile, c.price_per_hour)[0]
+            except InputError as e:
+                if needs:
+                    raise InputError(e.detail, file=self.file, field=f"hardware[{i}].price_per_hour") from None
+                out[c.profile] = None
+        return out
 
     def prepare(self, config: dict) -> tuple[Evaluated, dict | None]:
         """(outcome so far, overrides to simulate or None when pruned)."""
