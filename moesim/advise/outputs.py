@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -53,8 +54,10 @@ def _importances(study, spec: AdviseSpec) -> dict[str, float]:
     if len(done) < 2:
         return {}
     try:
-        imp = optuna.importance.get_param_importances(
-            study, target=target, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "importances ... for low target": the sign above
+            imp = optuna.importance.get_param_importances(
+                study, target=target, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
     except (RuntimeError, ValueError):
         return {}
     return {k: float(v) for k, v in imp.items()}

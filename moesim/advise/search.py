@@ -63,7 +63,15 @@ def make_sampler(spec: AdviseSpec, space: Space):
         return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=min(16, max(4, s.trials // 3)))
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
-    return optuna.samplers.GridSampler(space.grid(), seed=s.seed)
+
+    class Grid(optuna.samplers.GridSampler):
+        """GridSampler without its Study.stop() on exhaustion, which works only inside
+        study.optimize; the ask-and-tell loop checks is_exhausted itself."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return Grid(space.grid(), seed=s.seed)
 
 
 def open_study(spec: AdviseSpec, space: Space, outdir: Path):
@@ -104,6 +112,11 @@ class Search:
         self.best: float | None = None
         self.batch_size = max(1, executor.workers or os.cpu_count() or 1)
         self.file = file
+        for i, c in enumerate(spec.hardware):
+            try:
+                self.space.profile(c.profile)
+            except InputError as e:
+                raise InputError(e.detail, file=file, field=f"hardware[{i}]") from None
         self.prices = self._prices()
 
     # ---- one configuration ----
@@ -137,7 +150,9 @@ class Search:
         except Infeasible as e:
             return Evaluated("pruned", config, reason=str(e)), None
         except InputError as e:
-            return Evaluated("pruned", config, reason=f"does not fit: {e.detail}"), None
+            if (e.field or "").startswith("cache."):  # the cache or the experts do not fit this GPU's host
+                return Evaluated("pruned", config, reason=f"does not fit: {e.detail}"), None
+            raise InputError(f"configuration {config}: {e}", file=self.file, field="space") from None
         why = self.hopeless(sc, ov["hardware"])
         if why:
             return Evaluated("pruned", config, point_id(ov), reason=why), None
