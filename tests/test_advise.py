@@ -37,12 +37,12 @@ def search(data: dict, out):
 
 
 def test_tpe_finds_the_grid_best_in_fewer_simulations(tmp_path):
-    """Exhaustive grid over the 48 points vs TPE with 20 trials (17 distinct simulations, seed 0)."""
+    """Exhaustive grid over the 48 points vs TPE allowed 17 simulations (seed 0): TPE finds the
+    grid's best point itself (14 simulations get within 4.4 %, 10 within 16 %)."""
     grid = search(small("grid", 100), tmp_path / "grid")
     assert grid["simulations"] == 48 and grid["space_size"] == 48
-    tpe = search(small("tpe", 20), tmp_path / "tpe")
-    assert tpe["trials"] == 20
-    assert tpe["simulations"] < grid["simulations"]
+    tpe = search(small("tpe", 17), tmp_path / "tpe")
+    assert tpe["simulations"] == 17 < grid["simulations"]
     assert tpe["best"]["objective"] >= 0.98 * grid["best"]["objective"]
     # the grid's best really is the best of the 48 simulated points
     assert grid["best"]["objective"] == pytest.approx(max(r["objective"] for r in grid["pareto"]))
@@ -76,18 +76,18 @@ def test_recommended_scenario_runs_as_is_and_beats_the_default(tmp_path):
 def test_search_resumes(tmp_path):
     out = tmp_path / "adv"
     first = search(small("tpe", 5), out)
-    assert first["trials"] == 5
+    assert first["simulations"] == 5
     spec = advise_from_dict(small("tpe", 8))
     outcome = run_search(spec, out, get_executor("local", workers=1))
     doc = write_outputs(outcome, spec, out)
-    assert doc["trials"] == 8
-    assert len(outcome.simulated) <= 3  # the first five were not simulated again
+    assert doc["simulations"] == 8 and doc["trials"] >= first["trials"]
+    assert len(outcome.simulated) == 3  # the first five were not simulated again
     # a trial asked but never told (an interrupted run) is evaluated on the next run
     study = outcome.study
-    study.ask(outcome.space.distributions())
-    spec = advise_from_dict(small("tpe", 9))
-    again = run_search(spec, out, get_executor("local", workers=1))
-    assert all(t.state.is_finished() for t in again.study.trials) and len(again.study.trials) == 9
+    left = study.ask(outcome.space.distributions())
+    again = run_search(spec, out, get_executor("local", workers=1))  # the same budget: nothing new is asked
+    assert all(t.state.is_finished() for t in again.study.trials)
+    assert len(again.study.trials) == left.number + 1
 
 
 def test_pruned_by_the_slo_bound_without_simulating(tmp_path):
@@ -96,7 +96,7 @@ def test_pruned_by_the_slo_bound_without_simulating(tmp_path):
         Space(spec).overrides(spec.default_config))))
     lb = tpot_ms_lower_bound(sc)
     doc = search({**small("tpe", 4), "slo": {"tpot_ms": 0.5 * lb}}, tmp_path / "adv")
-    assert doc["pruned"] == 4 and doc["simulations"] == 0 and doc["best"] is None
+    assert doc["pruned"] == doc["trials"] == 20 and doc["simulations"] == 0 and doc["best"] is None
     assert not list((tmp_path / "adv" / "points").iterdir())
 
 

@@ -14,8 +14,14 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else fmt.format(v)
 
 
+SHORT = {"cache_fraction": "cache", "cache.gpu.policy": "policy", "cache.gpu.partition": "partition",
+         "batch.size": "batch", "batch.scheduler": "scheduler"}
+
+
 def _fmt_config(cfg: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in cfg.items())
+    """A configuration on one line: `hardware` first, short knob names."""
+    items = sorted(cfg.items(), key=lambda kv: kv[0] != "hardware")
+    return " ".join(f"{SHORT.get(k, k)}={v}" for k, v in items)
 
 
 def _print(doc: dict, out: Path, echo) -> None:
@@ -58,7 +64,7 @@ def _print(doc: dict, out: Path, echo) -> None:
               help="where configurations are simulated: local processes, or a Ray cluster")
 @click.option("--address", metavar="auto|ray://HOST:PORT", help="Ray cluster to join (--executor ray)")
 @click.option("--workers", type=int, help="configurations simulated at once (default: all cores)")
-@click.option("--trials", type=int, help="override search.trials")
+@click.option("--trials", type=int, help="override search.trials (configurations to simulate)")
 @click.option("--no-report", is_flag=True, help="do not write report.html")
 @guard
 def advise(advise_file, output, executor, address, workers, trials, no_report):

@@ -30,6 +30,7 @@ from .space import Infeasible, Space
 from .spec import AdviseSpec
 
 JOURNAL = "optuna.journal"
+ASK_LIMIT = 5  # stop after this many asks per simulation of the budget (pruned and repeated ones are free)
 PRICED = ("tokens_per_dollar", "cost_per_hour", "price_per_hour")
 POINTS = "points"
 
@@ -76,7 +77,11 @@ def make_sampler(spec: AdviseSpec, space: Space):
 
 def open_study(spec: AdviseSpec, space: Space, outdir: Path):
     """The study in `outdir/optuna.journal` (created, or loaded to resume)."""
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise InputError("moesim advise needs optuna, which is not installed: pip install 'moesim[advise]'",
+                         field="advise") from None
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -238,10 +243,11 @@ class Search:
             trials = [optuna.trial.Trial(study, t._trial_id) for t in left]
             self._batch(study, trials)
         dists = self.space.distributions()
+        budget = self.spec.search.trials
         while True:
-            done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-            n = min(self.batch_size, self.spec.search.trials - done)
-            if n <= 0:
+            trials = study.get_trials(deepcopy=False)
+            n = min(self.batch_size, budget - simulations(trials))
+            if n <= 0 or len(trials) >= ASK_LIMIT * budget:
                 break
             self._batch(study, [study.ask(dists) for _ in range(n)])
             if self.spec.search.sampler == "grid" and study.sampler.is_exhausted(study):
@@ -261,6 +267,13 @@ class Search:
                 v = objective_value(m, self.spec)
                 if self.best is None or better(v, self.best, self.spec):
                     self.best = v
+
+
+def simulations(trials) -> int:
+    """Distinct configurations simulated (done or failed) among finished trials."""
+    from optuna.trial import TrialState
+
+    return len({t.user_attrs.get("point_id") for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)})
 
 
 def run_search(spec: AdviseSpec, outdir: str | Path, executor: Executor, file: str | None = None,

@@ -79,7 +79,8 @@ class SLO(_Strict):
 
 
 class Search(_Strict):
-    trials: int = Field(24, ge=1, description="configurations to ask the sampler for (repeats are not re-simulated)")
+    trials: int = Field(24, ge=1, description="configurations to simulate; pruned ones and repeats are free "
+                        "(at most 5 asks of the sampler per configuration)")
     sampler: Literal["tpe", "nsga2", "random", "grid"] = Field(
         "tpe", description="tpe: the objective; nsga2: the Pareto metrics as several objectives; grid: every point")
     seed: int = Field(0, description="seed of the sampler")
