@@ -40,6 +40,12 @@ def _print(doc: dict, out: Path, echo) -> None:
     Console(width=200).print(t)
     echo(f"{doc['trials']} trials: {doc['simulations']} simulated, {doc['pruned']} pruned, {doc['failed']} failed, "
          f"{doc['feasible']} distinct configurations met the SLO (space: {doc['space_size']} configurations)")
+    if len(doc["per_hardware"]) > 1 or not doc.get("best"):
+        for hw, h in doc["per_hardware"].items():
+            b = h["best"]
+            echo(f"  {hw}: " + (f"best {metric} {b['objective']:.4g} ({_fmt_config(b['config'])})" if b else
+                               f"nothing met the SLO in {h['simulated']} configurations (lowest TPOT "
+                               f"{_num(h['lowest_tpot_ms'], '{:.0f}')} ms)"))
     best, default = doc.get("best"), doc.get("default")
     if best is None:
         echo("no configuration met the SLO")

@@ -115,6 +115,13 @@ def write_outputs(outcome: SearchOutcome, spec: AdviseSpec, outdir: str | Path) 
             seen.add(key)
             front.append(feasible[i])
     front.sort(key=lambda r: r[spec.search.pareto[0]])
+    per_hw = {}
+    for c in spec.hardware:
+        mine = [r for r in unique if r["config"].get("hardware", spec.hardware[0].profile) == c.profile]
+        ok = _pick([r for r in mine if r.get("slo_ok")], spec)
+        fastest = min((r for r in mine if r.get("tpot_ms") is not None), key=lambda r: r["tpot_ms"], default=None)
+        per_hw[c.profile] = {"simulated": len(mine), "best": _summary_of(ok, spec),
+                             "lowest_tpot_ms": fastest and fastest["tpot_ms"]}
     prices = {}
     for c in spec.hardware:
         try:
@@ -133,7 +140,7 @@ def write_outputs(outcome: SearchOutcome, spec: AdviseSpec, outdir: str | Path) 
            "default_state": default and {"state": default["state"], "reason": default["reason"],
                                          "config": default["config"]},
            "pareto_metrics": spec.search.pareto, "pareto": [_summary_of(r, spec) for r in front],
-           "importances": _importances(outcome.study, spec), "prices": prices}
+           "per_hardware": per_hw, "importances": _importances(outcome.study, spec), "prices": prices}
     if best is not None:
         doc["recommended"] = str(write_recommended(outcome, best["config"], out, spec).name)
     (out / ADVISE_JSON).write_text(dump_json(doc))

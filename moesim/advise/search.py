@@ -31,6 +31,7 @@ from .spec import AdviseSpec
 
 JOURNAL = "optuna.journal"
 ASK_LIMIT = 5  # stop after this many asks per simulation of the budget (pruned and repeated ones are free)
+CANNOT_BUILD = 1e6  # the constraint value of a configuration that cannot be built
 PRICED = ("tokens_per_dollar", "cost_per_hour", "price_per_hour")
 POINTS = "points"
 
@@ -44,6 +45,7 @@ class Evaluated:
     point_id: str | None = None
     metrics: dict | None = None
     reason: str | None = None
+    violation: float | None = None  # pruned as infeasible: how far past the SLO (ranks it for the sampler)
 
 
 @dataclass
@@ -153,30 +155,30 @@ class Search:
             ov = self.space.overrides(config)
             sc = self.scenario(ov)
         except Infeasible as e:
-            return Evaluated("pruned", config, reason=str(e)), None
+            return Evaluated("pruned", config, reason=str(e), violation=CANNOT_BUILD), None
         except InputError as e:
             if (e.field or "").startswith("cache."):  # the cache or the experts do not fit this GPU's host
-                return Evaluated("pruned", config, reason=f"does not fit: {e.detail}"), None
+                return Evaluated("pruned", config, reason=f"does not fit: {e.detail}", violation=CANNOT_BUILD), None
             raise InputError(f"configuration {config}: {e}", file=self.file, field="space") from None
-        why = self.hopeless(sc, ov["hardware"])
+        why, violation = self.hopeless(sc, ov["hardware"])
         if why:
-            return Evaluated("pruned", config, point_id(ov), reason=why), None
+            return Evaluated("pruned", config, point_id(ov), reason=why, violation=violation), None
         return Evaluated("complete", config, point_id(ov)), ov
 
-    def hopeless(self, sc, hw: str) -> str | None:
-        """Why a bound rules the configuration out (None: it may be worth simulating)."""
+    def hopeless(self, sc, hw: str) -> tuple[str | None, float | None]:
+        """(why a bound rules the configuration out, or None; its SLO violation when it is that)."""
         slo = self.spec.slo
         lb = bounds.tpot_ms_lower_bound(sc)
         if slo.tpot_ms is not None and lb is not None and lb > slo.tpot_ms:
-            return f"TPOT >= {lb:.1f} ms by the compute bound, over the {slo.tpot_ms:g} ms SLO"
+            return f"TPOT >= {lb:.1f} ms by the compute bound, over the {slo.tpot_ms:g} ms SLO", lb / slo.tpot_ms - 1
         ub = bounds.tokens_per_s_upper_bound(sc)
         if ub is None or self.best is None:
-            return None
+            return None, None
         fake = metrics({"tokens_per_s": ub}, self.spec, self.price(hw))
         v = objective_value(fake, self.spec)
         if not better(v, self.best, self.spec):
-            return f"at most {v:.4g} {self.spec.objective} by the compute bound, not better than {self.best:.4g}"
-        return None
+            return f"at most {v:.4g} {self.spec.objective} by the compute bound, not better than {self.best:.4g}", None
+        return None, None
 
     def finish(self, ev: Evaluated) -> Evaluated:
         """Read a simulated point's summary into metrics (or mark it failed)."""
@@ -219,6 +221,10 @@ class Search:
             trial.set_user_attr("point_id", ev.point_id)
         if ev.reason:
             trial.set_user_attr("reason", ev.reason)
+        n_slo = len(metrics({}, self.spec, None)["slo_excess"])
+        if ev.violation is not None:  # infeasible: ranked behind every simulated trial, by how far
+            for i in range(n_slo):
+                trial.set_constraint(f"slo{i}", ev.violation)
         if ev.state != "complete":
             study.tell(trial, state=TrialState.PRUNED if ev.state == "pruned" else TrialState.FAIL)
             return
