@@ -135,3 +135,48 @@ def test_bad_advise_file_is_one_line_and_exit_2(tmp_path, change, field):
     r = CliRunner().invoke(main, ["advise", str(f), "-o", str(tmp_path / "o"), "--workers", "1"])
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output and field in r.output and r.output.startswith("error:")
+
+
+def test_on_the_ray_executor_the_answer_is_the_same(tmp_path, monkeypatch):
+    """Points go through the Ray executor's driver (Ray's API faked in-process, as in test_sweep)."""
+    import sys
+
+    from tests.test_sweep import _FakeRay
+
+    local = search(small("tpe", 6), tmp_path / "local")
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    spec = advise_from_dict(small("tpe", 6))
+    doc = write_outputs(run_search(spec, tmp_path / "ray", get_executor("ray", workers=2, address="auto")),
+                        spec, tmp_path / "ray")
+    assert fake.address == "auto" and fake.max_in_flight == 2
+    assert doc["simulations"] == 6 and doc["best"]["objective"] > 0
+    pid = local["default"]["point_id"]  # the default configuration, simulated by both
+    assert doc["default"]["point_id"] == pid
+    assert (tmp_path / "ray" / "points" / pid / "summary.json").read_bytes() == \
+        (tmp_path / "local" / "points" / pid / "summary.json").read_bytes()
+
+
+def test_nsga2_and_cost_at_throughput(tmp_path):
+    data = {**small("nsga2", 6), "objective": "cost_at_throughput", "target_tokens_per_s": 100,
+            "hardware": ["rtx4090-pcie4", {"profile": "a100-80gb-pcie4", "price_per_hour": 0.5}]}
+    data["search"]["pareto"] = ["cost_per_hour", "tpot_ms"]
+    doc = search(data, tmp_path / "adv")
+    assert doc["simulations"] == 6 and doc["prices"]["a100-80gb-pcie4"]["source"] == "your price"
+    best = doc["best"]
+    assert best["cost_per_hour"] == best["replicas"] * best["price_per_hour"]
+    assert best["replicas"] * best["tokens_per_s"] >= 100 > (best["replicas"] - 1) * best["tokens_per_s"]
+    costs = [r["cost_per_hour"] for r in doc["pareto"]]
+    assert min(costs) == best["cost_per_hour"]
+
+
+def test_defaults_need_only_a_model_a_gpu_and_an_slo():
+    spec = advise_from_dict({"model": "olmoe-1b-7b", "hardware": "rtx4090-pcie4", "slo": {"tpot_ms": 200}})
+    sp = Space(spec)
+    assert sp.base()["trace"].endswith("traces/olmoe-sample.parquet")
+    assert spec.search.sampler == "tpe" and spec.search.trials == 24 and sp.size == 720
+    sc = scenario_from_dict(apply_overrides(sp.base(), override_strings(sp.overrides(spec.default_config))))
+    assert sc.cache.gpu.capacity_experts == sp.cache_experts(sp.profile("rtx4090-pcie4"), 1.0, False)
+    # a model without a shipped sample gets a small synthetic trace of its own preset
+    mixtral = Space(advise_from_dict({"model": "mixtral-8x7b", "hardware": "a100-80gb-pcie4", "slo": {"tpot_ms": 1}}))
+    assert mixtral.base()["trace"] == {"synthetic": {"requests": 8, "prompt_len": 32, "decode_len": 32}}
