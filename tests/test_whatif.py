@@ -16,7 +16,6 @@ from moesim.config import scenario_from_dict
 from moesim.engine.run import simulate
 from moesim.sweep import get_executor
 
-ROOT = Path(__file__).resolve().parents[1]
 # Mixtral's 352 MB experts over PCIe 4.0 with a cache of top_k experts: every access misses and the
 # GPU waits on the link for almost all of the run.
 LINK_BOUND = {"name": "linkbound", "model": "mixtral-8x7b", "hardware": "a100-80gb-pcie4",

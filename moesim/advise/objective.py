@@ -46,9 +46,13 @@ def objective_value(m: dict, spec: AdviseSpec) -> float:
     return m[OBJECTIVE_METRIC[spec.objective]]
 
 
+def objective_direction(spec: AdviseSpec) -> str:
+    return DIRECTIONS[OBJECTIVE_METRIC[spec.objective]]
+
+
 def better(a: float, b: float, spec: AdviseSpec) -> bool:
     """Is objective value `a` better than `b`?"""
-    return a > b if DIRECTIONS[OBJECTIVE_METRIC[spec.objective]] == "maximize" else a < b
+    return a > b if objective_direction(spec) == "maximize" else a < b
 
 
 def pareto_front(rows: list[dict], keys: list[str]) -> list[int]:

@@ -19,9 +19,9 @@ from ..config import apply_overrides
 from ..errors import InputError
 from ..results import dump_json
 from ..sweep.spec import override_strings
-from .objective import OBJECTIVE_METRIC, better, objective_value, pareto_front
+from .objective import OBJECTIVE_METRIC, better, objective_direction, objective_value, pareto_front
 from .prices import price_for
-from .search import SearchOutcome, _objective_direction
+from .search import SearchOutcome
 from .spec import AdviseSpec
 
 ADVISE_JSON = "advise.json"
@@ -45,7 +45,7 @@ def _importances(study, spec: AdviseSpec) -> dict[str, float]:
     """optuna's PED-ANOVA importances of the knobs for the objective ({} when too few trials)."""
     import optuna
 
-    sign = 1.0 if _objective_direction(spec) == "minimize" else -1.0  # PED-ANOVA looks for low targets
+    sign = 1.0 if objective_direction(spec) == "minimize" else -1.0  # PED-ANOVA looks for low targets
 
     def target(t):
         return sign * objective_value(json.loads(t.user_attrs["metrics"]), spec)
@@ -96,6 +96,39 @@ def write_recommended(outcome: SearchOutcome, config: dict, outdir: Path, spec: 
     return p
 
 
+def _front(feasible: list[dict], spec: AdviseSpec) -> list[dict]:
+    """The Pareto set, one row per distinct point, by the first Pareto metric."""
+    front, seen = [], set()
+    for i in pareto_front(feasible, spec.search.pareto):
+        key = tuple(feasible[i][k] for k in spec.search.pareto)
+        if key not in seen:
+            seen.add(key)
+            front.append(feasible[i])
+    return sorted(front, key=lambda r: r[spec.search.pareto[0]])
+
+
+def _per_hardware(unique: list[dict], spec: AdviseSpec) -> dict:
+    """Per candidate GPU: configurations simulated, the best that met the SLO, the lowest TPOT."""
+    out = {}
+    for c in spec.hardware:
+        mine = [r for r in unique if r["config"].get("hardware", spec.hardware[0].profile) == c.profile]
+        ok = _pick([r for r in mine if r.get("slo_ok")], spec)
+        fastest = min((r for r in mine if r.get("tpot_ms") is not None), key=lambda r: r["tpot_ms"], default=None)
+        out[c.profile] = {"simulated": len(mine), "best": _summary_of(ok, spec),
+                          "lowest_tpot_ms": fastest and fastest["tpot_ms"]}
+    return out
+
+
+def _prices(spec: AdviseSpec) -> dict:
+    out = {}
+    for c in spec.hardware:
+        try:
+            out[c.profile] = dict(zip(("price_per_hour", "source"), price_for(c.profile, c.price_per_hour)))
+        except InputError:
+            out[c.profile] = None
+    return out
+
+
 def write_outputs(outcome: SearchOutcome, spec: AdviseSpec, outdir: str | Path) -> dict:
     out = Path(outdir)
     rows = trial_rows(outcome.study)
@@ -104,30 +137,16 @@ def write_outputs(outcome: SearchOutcome, spec: AdviseSpec, outdir: str | Path) 
                               for k, v in r["config"].items()}} for r in rows])
     frame.to_parquet(out / TRIALS, index=False)
     complete = [r for r in rows if r["state"] == "complete"]
-    unique = list({r["point_id"]: r for r in complete}.values())
+    firsts: dict[str, dict] = {}
+    for r in complete:  # a configuration asked again is the same point: keep its first trial
+        firsts.setdefault(r["point_id"], r)
+    unique = list(firsts.values())
     feasible = [r for r in unique if r.get("slo_ok")]
     best = _pick(feasible, spec)
     default = next((r for r in rows if r["default"]), None)
-    front, seen = [], set()
-    for i in pareto_front(feasible, spec.search.pareto):  # one row per distinct point of the front
-        key = tuple(feasible[i][k] for k in spec.search.pareto)
-        if key not in seen:
-            seen.add(key)
-            front.append(feasible[i])
-    front.sort(key=lambda r: r[spec.search.pareto[0]])
-    per_hw = {}
-    for c in spec.hardware:
-        mine = [r for r in unique if r["config"].get("hardware", spec.hardware[0].profile) == c.profile]
-        ok = _pick([r for r in mine if r.get("slo_ok")], spec)
-        fastest = min((r for r in mine if r.get("tpot_ms") is not None), key=lambda r: r["tpot_ms"], default=None)
-        per_hw[c.profile] = {"simulated": len(mine), "best": _summary_of(ok, spec),
-                             "lowest_tpot_ms": fastest and fastest["tpot_ms"]}
-    prices = {}
-    for c in spec.hardware:
-        try:
-            prices[c.profile] = dict(zip(("price_per_hour", "source"), price_for(c.profile, c.price_per_hour)))
-        except InputError:
-            prices[c.profile] = None
+    front = _front(feasible, spec)
+    per_hw = _per_hardware(unique, spec)
+    prices = _prices(spec)
     doc = {"name": spec.name, "objective": spec.objective, "objective_metric": OBJECTIVE_METRIC[spec.objective],
            "target_tokens_per_s": spec.target_tokens_per_s, "slo": spec.slo.model_dump(),
            "sampler": spec.search.sampler, "space": {k.path: list(k.values) for k in outcome.space.knobs},

@@ -24,7 +24,7 @@ from ..sweep.runner import make_tasks
 from ..sweep.spec import Point, SweepSpec, override_strings, point_id
 from ..sweep.worker import clean_stale_tmp, is_done, read_status
 from . import bounds
-from .objective import DIRECTIONS, better, metrics, objective_value
+from .objective import DIRECTIONS, better, metrics, objective_direction, objective_value
 from .prices import price_for
 from .space import Infeasible, Space
 from .spec import AdviseSpec
@@ -90,18 +90,12 @@ def open_study(spec: AdviseSpec, space: Space, outdir: Path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = JournalStorage(JournalFileBackend(str(outdir / JOURNAL)))
     keys = spec.search.pareto if spec.search.sampler == "nsga2" else [None]
-    directions = [DIRECTIONS[k] if k else _objective_direction(spec) for k in keys]
+    directions = [DIRECTIONS[k] if k else objective_direction(spec) for k in keys]
     study = optuna.create_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, space),
                                 directions=directions, load_if_exists=True)
     if not study.trials:
         study.enqueue_trial(space.params(spec.default_config), user_attrs={"default": True})
     return study
-
-
-def _objective_direction(spec: AdviseSpec) -> str:
-    from .objective import OBJECTIVE_METRIC
-
-    return DIRECTIONS[OBJECTIVE_METRIC[spec.objective]]
 
 
 class Search:
