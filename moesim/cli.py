@@ -64,7 +64,7 @@ def run(scenario, output, overrides, events, quiet, no_report, why):
     out = Path(output or sc.output or Path("reports") / sc.name)
     result = simulate(sc, record_events=events)
     write_result(result, out)
-    verdict = _why(scenario, overrides, sc, result.summary, out, why, quiet)
+    verdict = _why(scenario, overrides, sc, result.summary, out, why)
     if not no_report:
         from .report import render_run
 
@@ -75,7 +75,7 @@ def run(scenario, output, overrides, events, quiet, no_report, why):
             click.echo(f"why: {verdict}")
 
 
-def _why(path, overrides, sc, summary: dict, out: Path, why: bool | None, quiet: bool) -> str | None:
+def _why(path, overrides, sc, summary: dict, out: Path, why: bool | None) -> str | None:
     """Run the bottleneck what-ifs when asked, or by default when they can all run at once; the
     verdict sentence (None when not run)."""
     import os
@@ -86,11 +86,8 @@ def _why(path, overrides, sc, summary: dict, out: Path, why: bool | None, quiet:
 
     todo, _ = applicable(sc)
     cores = os.cpu_count() or 1
-    if why is None:
+    if why is None:  # side by side they add about one run's time; in rounds, more than that
         why = len(todo) <= cores
-        if not why and not quiet:
-            click.echo(f"no bottleneck analysis: {len(todo)} what-ifs on {cores} core(s) would more than double "
-                       "the run time; --why runs them", err=True)
     if not why or not todo:
         (out / WHATIF_JSON).unlink(missing_ok=True)  # an older run's analysis no longer applies
         return None

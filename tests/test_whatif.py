@@ -104,10 +104,11 @@ def test_run_why_writes_whatif_json_and_the_report_section(tmp_path):
 def test_why_default_depends_on_whether_it_would_double_the_run_time(tmp_path, monkeypatch, cores, runs):
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, ["run", str(_scenario(tmp_path)), "-o", str(out), "--no-report"])
+    r = CliRunner().invoke(main, ["run", str(_scenario(tmp_path)), "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert (out / "whatif.json").exists() == runs
-    assert ("--why runs them" in r.output) == (not runs)
+    assert (out / "whatif.json").exists() == runs and ("why: link-bound" in r.output) == runs
+    assert ("Why: bottleneck analysis" in (out / "report.html").read_text()) == runs
+    assert ("moesim run --why` adds one" in (out / "report.html").read_text()) == (not runs)
 
 
 def test_registry_is_the_module_level_dict():

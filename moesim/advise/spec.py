@@ -96,20 +96,22 @@ class Memory(_Strict):
 
 
 class AdviseSpec(_Strict):
-    name: str = "advise"
+    name: str = Field("advise", description="names the output dir and the recommended scenario")
     seed: int = Field(0, description="scenario seed (synthetic trace, arrivals, predictors)")
-    model: str | dict
-    hardware: list[Candidate] = Field(min_length=1)
-    trace: str | dict | None = None
-    workload: Workload = Workload()
-    slo: SLO
-    objective: Literal[OBJECTIVES] = "tokens_per_s"
+    model: str | dict = Field(description="a model preset, or a mapping as in a scenario")
+    hardware: list[Candidate] = Field(min_length=1, description="candidate GPUs (profile names or mappings)")
+    trace: str | dict | None = Field(None, description="a Parquet path or {synthetic: ...}; default: the model's "
+                                     "shipped sample, else a synthetic trace of the workload's shape")
+    workload: Workload = Field(Workload(), description="arrivals and the synthetic trace's shape")
+    slo: SLO = Field(description="latency targets every recommended configuration meets")
+    objective: Literal[OBJECTIVES] = Field("tokens_per_s", description="what the search maximises (or, for "
+                                           "cost_at_throughput, minimises)")
     target_tokens_per_s: float | None = Field(None, gt=0, description="cost_at_throughput: the throughput to buy")
-    search: Search = Search()
+    search: Search = Field(Search(), description="sampler, budget, seed, Pareto metrics")
     space: dict[str, list] = Field(default_factory=dict, description="dotted path -> choices, replacing defaults")
-    memory: Memory = Memory()
-    output: str | None = None
-    base_dir: str = "."
+    memory: Memory = Field(Memory(), description="how much GPU and host memory the caches may use")
+    output: str | None = Field(None, description="default output dir (-o wins)")
+    base_dir: str = Field(".", description="directory relative paths are resolved against")
 
     @model_validator(mode="after")
     def _check(self):

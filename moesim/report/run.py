@@ -380,6 +380,9 @@ def build_run_page(outdir: str | Path) -> Page:
     why = read_whatif(d, s)
     if why is not None:
         why_section(page, why)
+    else:
+        page.note("no bottleneck analysis for this run: `moesim run --why` adds one (what-ifs: 2× PCIe, +25% "
+                  "cache, an oracle predictor, all experts resident)")
     if steps is None or not len(steps):
         page.note("no steps.parquet: the per-layer, timeline and expert figures need it")
     else:
