@@ -58,6 +58,9 @@ def test_recommended_scenario_runs_as_is_and_beats_the_default(tmp_path):
     for name in ("advise.json", "trials.parquet", "recommended.yaml", "report.html", "optuna.journal"):
         assert (out / name).is_file(), name
     doc = json.loads((out / "advise.json").read_text())
+    (out / "report.html").unlink()
+    r = CliRunner().invoke(main, ["report", str(out)])  # the report is rebuilt from the files
+    assert r.exit_code == 0 and (out / "report.html").is_file(), r.output
     r = CliRunner().invoke(main, ["run", str(out / "recommended.yaml"), "-o", str(tmp_path / "rec"), "--quiet",
                                   "--no-report", "--no-why"])
     assert r.exit_code == 0, r.output

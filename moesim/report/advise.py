@@ -88,8 +88,11 @@ def fig_knob(doc: dict, df: pd.DataFrame, knob: str) -> go.Figure:
         if len(e):
             fig.add_trace(go.Box(x=e[col], y=e[metric], name=name, boxpoints="all", jitter=0.3,
                                  marker_color=STATE_COLORS[name]))
+    order = [json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in (doc.get("space") or {}).get(knob, [])]
     fig.update_layout(height=320, title=f"{metric} by {knob}", boxmode="group", xaxis_title=knob,
                       yaxis_title=metric, xaxis_type="category")
+    if order:  # the knob's own order (batch 1, 2, 4, ...), not the order trials came in
+        fig.update_xaxes(categoryorder="array", categoryarray=order)
     return fig
 
 
