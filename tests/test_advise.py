@@ -183,3 +183,19 @@ def test_defaults_need_only_a_model_a_gpu_and_an_slo():
     # a model without a shipped sample gets a small synthetic trace of its own preset
     mixtral = Space(advise_from_dict({"model": "mixtral-8x7b", "hardware": "a100-80gb-pcie4", "slo": {"tpot_ms": 1}}))
     assert mixtral.base()["trace"] == {"synthetic": {"requests": 8, "prompt_len": 32, "decode_len": 32}}
+
+
+def test_precision_knob_sizes_the_cache_in_its_own_experts():
+    """`model.bytes_per_param` in the space: a 4-bit Mixtral fits four times the experts of bf16."""
+    spec = advise_from_dict({"model": "mixtral-8x7b", "hardware": "rtx4090-pcie4", "slo": {"tpot_ms": 1000},
+                             "space": {"model.bytes_per_param": [2, 0.5]}})
+    sp = Space(spec)
+    cfg = dict(spec.default_config)
+    n = {}
+    for bpp in (2, 0.5):
+        ov = sp.overrides({**cfg, "model.bytes_per_param": bpp})
+        sc = scenario_from_dict(apply_overrides(sp.base(), override_strings(ov)))
+        n[bpp] = sc.cache.gpu.capacity_experts
+        assert sc.model.bytes_per_param == bpp
+        assert n[bpp] * sc.model.expert_bytes + sc.model.resident_bytes <= sc.hardware.gpu.memory_gb * 1e9
+    assert n[0.5] >= 4 * n[2]

@@ -120,9 +120,18 @@ class Space:
                 "trace": self.trace(), "cache": {"gpu": {"capacity_experts": self.model.top_k}},
                 "predictor": "on_demand", "batch": batch}
 
-    def cache_experts(self, hw, fraction: float, per_layer: bool) -> int:
+    def model_for(self, config: dict):
+        """The model with the configuration's `model.*` knobs (precision, say) applied."""
+        changes = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith("model.")}
+        if not changes:
+            return self.model
+        raw = self.spec.model
+        raw = {"preset": raw} if isinstance(raw, str) else dict(raw)
+        return _resolve_model({**raw, **changes}, self.file)
+
+    def cache_experts(self, hw, fraction: float, per_layer: bool, model=None) -> int:
         """Experts the GPU tier holds (per layer with per_layer): `fraction` of the free memory."""
-        m, mem = self.model, self.spec.memory
+        m, mem = model or self.model, self.spec.memory
         free = hw.gpu.memory_gb * 1e9 * (1 - mem.gpu_reserve_fraction) - m.resident_bytes
         n = int(max(free, 0) * fraction // m.expert_bytes)
         n = min(n, m.total_experts)
@@ -130,12 +139,12 @@ class Space:
 
     def overrides(self, config: dict) -> dict:
         """Dotted-path overrides of `base()` for one configuration (Infeasible if it cannot be built)."""
-        m = self.model
+        m = self.model_for(config)
         hw_name = config.get("hardware", self.spec.hardware[0].profile)
         hw = self.profile(hw_name)
         gpu = {k.split(".", 2)[2]: v for k, v in config.items() if k.startswith("cache.gpu.")}
         per_layer = gpu.get("partition") == "per_layer"
-        n = self.cache_experts(hw, float(config.get("cache_fraction", 1.0)), per_layer)
+        n = self.cache_experts(hw, float(config.get("cache_fraction", 1.0)), per_layer, m)
         if n < m.top_k:
             raise Infeasible(f"{hw_name}: a cache of {n} expert(s){' per layer' if per_layer else ''} is below "
                              f"top_k={m.top_k}")
