@@ -91,6 +91,12 @@ def test_search_resumes(tmp_path):
     again = run_search(spec, out, get_executor("local", workers=1))  # the same budget: nothing new is asked
     assert all(t.state.is_finished() for t in again.study.trials)
     assert len(again.study.trials) == left.number + 1
+    # resuming with another SLO would mix two searches' verdicts
+    from moesim.errors import InputError
+
+    with pytest.raises(InputError, match="different advise file"):
+        run_search(advise_from_dict({**small("tpe", 9), "slo": {"tpot_ms": 500}}), out,
+                   get_executor("local", workers=1))
 
 
 def test_pruned_by_the_slo_bound_without_simulating(tmp_path):

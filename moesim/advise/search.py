@@ -93,9 +93,22 @@ def open_study(spec: AdviseSpec, space: Space, outdir: Path):
     directions = [DIRECTIONS[k] if k else objective_direction(spec) for k in keys]
     study = optuna.create_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, space),
                                 directions=directions, load_if_exists=True)
+    h = spec_hash(spec)
     if not study.trials:
+        study.set_user_attr("spec_hash", h)
         study.enqueue_trial(space.params(spec.default_config), user_attrs={"default": True})
+    elif study.user_attrs.get("spec_hash") != h:
+        raise InputError("holds a search of a different advise file (only search.trials may change to resume): "
+                         "use another -o or delete it", file=str(outdir), field=JOURNAL)
     return study
+
+
+def spec_hash(spec: AdviseSpec) -> str:
+    """What a resumed search must share with the first run: everything but the budget and the dir."""
+    import hashlib
+
+    d = spec.model_dump(mode="json", exclude={"output": True, "search": {"trials"}})
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Search:
