@@ -59,8 +59,12 @@ def _print_summary(s: dict, out: Path) -> None:
 @click.option("--events", is_flag=True, help="also write events.parquet (every transfer)")
 @click.option("--quiet", is_flag=True, help="no table on the terminal")
 @click.option("--no-report", is_flag=True, help="skip report.html")
+@click.option("--why/--no-why", default=None,
+              help="bottleneck analysis: simulate one-at-a-time what-ifs (2× PCIe, +25% cache, oracle, all "
+                   "resident) and name the binding constraint [default: on when the what-ifs can run side by "
+                   "side on this machine's cores, i.e. at most double the run time]")
 @_guard
-def run(scenario, output, overrides, events, quiet, no_report):
+def run(scenario, output, overrides, events, quiet, no_report, why):
     """Simulate one SCENARIO (YAML) and write summary.json, steps.parquet, requests.parquet."""
     from .config import load_scenario
     from .engine.run import simulate
@@ -73,12 +77,37 @@ def run(scenario, output, overrides, events, quiet, no_report):
     for w in result.summary.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     write_result(result, out)
+    verdict = _why(scenario, overrides, sc, result.summary, out, why)
     if not no_report:
         from .report import render_run
 
         render_run(out)
     if not quiet:
         _print_summary(result.summary, out)
+        if verdict:
+            click.echo(f"why: {verdict}")
+
+
+def _why(path, overrides, sc, summary: dict, out: Path, why: bool | None) -> str | None:
+    """Run the bottleneck what-ifs when asked, or by default when they can all run at once; the
+    verdict sentence (None when not run)."""
+    import os
+
+    from .advise.whatif import WHATIF_JSON, applicable, run_whatifs
+    from .config import apply_overrides, read_yaml
+    from .sweep.executors import get_executor
+
+    todo, _ = applicable(sc)
+    cores = os.cpu_count() or 1
+    if why is None:  # side by side they add about one run's time; in rounds, more than that
+        why = len(todo) <= cores
+    if not why or not todo:
+        (out / WHATIF_JSON).unlink(missing_ok=True)  # an older run's analysis no longer applies
+        return None
+    data = apply_overrides(read_yaml(path), overrides, str(path))
+    data.setdefault("name", Path(path).stem)
+    doc = run_whatifs(data, sc, summary, out, get_executor("local", workers=min(cores, len(todo))), file=str(path))
+    return doc["verdict"]
 
 
 @main.command()
@@ -277,6 +306,7 @@ def validate():
 
 
 def _register_subcommands() -> None:
+    from .advise.cli import advise
     from .hardware.profile_cli import compare, profile, replay
     from .predictors.neural.cli import predictor
     from .report.cli import report
@@ -284,6 +314,7 @@ def _register_subcommands() -> None:
     from .traces.cli_extra import collect, fit, import_, train_tiny
 
     main.add_command(sweep)
+    main.add_command(advise)
     main.add_command(report)
     main.add_command(predictor)
     for cmd in (profile, replay, compare):

@@ -88,7 +88,7 @@ def test_expert_id_out_of_range_keeps_earlier_results(tmp_path):
             "hardware: a100-80gb-pcie4\ncache: {gpu: {capacity_experts: 4}}\n")
     sc.write_text(body + f"trace: {good_trace}\n")
     out = tmp_path / "out"
-    code, text = run_cli("run", sc, "-o", out, "--quiet")
+    code, text = run_cli("run", sc, "-o", out, "--quiet", "--no-why")
     assert code == 0, text
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     sc.write_text(body + f"trace: {bad_trace}\n")

@@ -108,3 +108,32 @@ grid:
     dom, console, overlaps = open_with_overlap_check(tmp_path / "sw" / "report.html", tmp_path / "p2")
     assert check_rendered(dom, console) >= 3
     assert not overlaps
+
+
+def test_run_report_shows_the_bottleneck_analysis(tmp_path):
+    """`moesim run --why`: the Why section (verdict + gains figure) renders in the browser."""
+    run_dir = tmp_path / "run"
+    r = CliRunner().invoke(main, ["run", str(ROOT / "scenarios/quickstart.yaml"), "-o", str(run_dir), "--quiet",
+                                  "--why", "--set", "trace={synthetic: {requests: 4, prompt_len: 8, decode_len: 16}}"])
+    assert r.exit_code == 0, r.output
+    dom, console = open_in_browser(run_dir / "report.html", tmp_path / "p3")
+    check_rendered(dom, console)
+    assert "Why: bottleneck analysis" in dom
+    verdict = re.search(r'class="verdict"><b>([^<]+)</b>', dom).group(1)
+    assert verdict.startswith("link-bound: ") and "gives +" in verdict
+    assert "Gain in tokens/s from one change at a time" in dom  # the figure's title, drawn by plotly
+
+
+def test_advise_report_renders(tmp_path):
+    f = tmp_path / "advise.yaml"
+    f.write_text("""model: olmoe-1b-7b
+hardware: [rtx4090-pcie4, a100-80gb-pcie4]
+trace: {synthetic: {requests: 4, prompt_len: 8, decode_len: 8}}
+slo: {tpot_ms: 1000}
+objective: tokens_per_dollar
+search: {trials: 6}
+""")
+    r = CliRunner().invoke(main, ["advise", str(f), "-o", str(tmp_path / "adv"), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    n = check_rendered(*open_in_browser(tmp_path / "adv" / "report.html", tmp_path / "p4"))
+    assert n >= 4

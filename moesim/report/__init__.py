@@ -27,8 +27,15 @@ def render_sweep(sweepdir: str | Path) -> Path:
     return _render(sweepdir)
 
 
+def render_advise(outdir: str | Path) -> Path:
+    """Write `outdir/report.html` for a deployment search (advise.json, trials.parquet)."""
+    from .advise import render_advise as _render
+
+    return _render(outdir)
+
+
 def detect(path: str | Path) -> str:
-    """'run' or 'sweep', from the files present (InputError if neither)."""
+    """'run', 'sweep' or 'advise', from the files present (InputError if none)."""
     d = Path(path)
     if not d.is_dir():
         raise InputError("not a directory", file=str(d))
@@ -36,12 +43,14 @@ def detect(path: str | Path) -> str:
         return "run"
     if (d / "results.parquet").is_file() or (d / "sweep.json").is_file():
         return "sweep"
+    if (d / "advise.json").is_file():
+        return "advise"
     raise InputError("no results here: expected summary.json (a run) or results.parquet / sweep.json (a sweep)",
                      file=str(d))
 
 
 def render(path: str | Path) -> Path:
-    return render_run(path) if detect(path) == "run" else render_sweep(path)
+    return {"run": render_run, "sweep": render_sweep, "advise": render_advise}[detect(path)](path)
 
 
-__all__ = ["detect", "render", "render_run", "render_sweep"]
+__all__ = ["detect", "render", "render_advise", "render_run", "render_sweep"]

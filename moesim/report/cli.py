@@ -13,17 +13,19 @@ from ..cliutil import guard
 @click.option("--points", is_flag=True, help="sweep: also render each finished point's run report")
 @guard
 def report(directory, points):
-    """Render DIR/report.html from a run's or a sweep's saved result files.
+    """Render DIR/report.html from a run's, a sweep's or a search's saved result files.
 
     A run dir has summary.json (+ steps.parquet, events.parquet); a sweep dir has results.parquet /
-    sweep.json (missing tables are rebuilt from DIR/points/).
+    sweep.json (missing tables are rebuilt from DIR/points/); an advise dir has advise.json.
     """
-    from . import detect, render_run, render_sweep
+    from . import detect, render_advise, render_run, render_sweep
 
     d = Path(directory)
     kind = detect(d)
     if kind == "run":
         out = render_run(d)
+    elif kind == "advise":
+        out = render_advise(d)
     else:
         out = render_sweep(d)
         if points:

@@ -2,6 +2,7 @@
 present, requests.parquet and events.parquet."""
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,49 @@ def fig_step_times(steps: pd.DataFrame) -> go.Figure:
     return fig
 
 
+# ---- why: the bottleneck analysis (whatif.json, written by `moesim run --why`) ----------------------
+
+def read_whatif(d: Path, s: dict) -> dict | None:
+    """whatif.json of a run dir, when present and made for this run's summary."""
+    p = d / "whatif.json"
+    if not p.is_file():
+        return None
+    try:
+        doc = json.loads(p.read_text())
+    except ValueError as e:
+        raise InputError(f"unreadable JSON: {e}", file=str(p)) from None
+    if (doc.get("baseline") or {}).get("tokens_per_s") != s.get("tokens_per_s"):
+        return None  # left by another run of the same dir
+    return doc
+
+
+def fig_whatif(doc: dict) -> go.Figure:
+    """Gain in tokens/s of each what-if, largest first."""
+    rows = [r for r in doc.get("whatifs") or [] if r.get("gain") is not None]
+    fig = go.Figure(go.Bar(
+        y=[r["label"] for r in rows], x=[100 * r["gain"] for r in rows], orientation="h",
+        marker_color=[COLORS["hits"] if r["gain"] >= 0 else COLORS["misses"] for r in rows],
+        text=[f"{r['gain']:+.0%}" for r in rows], textposition="outside",
+        customdata=[r["tokens_per_s"] for r in rows],
+        hovertemplate="%{y}: %{x:+.1f}% (%{customdata:.2f} tokens/s)<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(height=140 + 40 * len(rows), title="Gain in tokens/s from one change at a time",
+                      xaxis_title="gain over this run (%)")
+    return fig
+
+
+def why_section(page: Page, doc: dict) -> None:
+    page.h2("Why: bottleneck analysis")
+    page.html(f'<p class="verdict"><b>{html.escape(doc.get("verdict", ""))}</b></p>')
+    page.fig(fig_whatif(doc))
+    rows = [(r["label"], "failed: " + str(r.get("error")) if r.get("gain") is None
+             else f"{r['tokens_per_s']:.4g} tokens/s ({r['gain']:+.1%})") for r in doc.get("whatifs") or []]
+    rows += [(r["label"], f"not run: {r['why']}") for r in doc.get("skipped") or []]
+    page.html(kv_table(rows))
+    page.note("each what-if is this run's scenario with one change, simulated (whatif/points/); "
+              "all experts resident and +25% cache raise the GPU's memory where the cache would not fit it")
+
+
 # ---- the page ------------------------------------------------------------------------------------
 
 def build_run_page(outdir: str | Path) -> Page:
@@ -334,6 +378,12 @@ def build_run_page(outdir: str | Path) -> Page:
                 f" — moesim {s.get('moesim_version', '?')}, from {d}")
     page.h2("Summary")
     page.html(f'<div class="cols">{kv_table(_summary_rows(s))}{kv_table(_scenario_rows(sc))}</div>')
+    why = read_whatif(d, s)
+    if why is not None:
+        why_section(page, why)
+    else:
+        page.note("no bottleneck analysis for this run: `moesim run --why` adds one (what-ifs: 2× PCIe, +25% "
+                  "cache, an oracle predictor, all experts resident)")
     if steps is None or not len(steps):
         page.note("no steps.parquet: the per-layer, timeline and expert figures need it")
     else:
