@@ -1,0 +1,113 @@
+"""Runtime (software-stack) costs: the host work between the hardware operations (issue 15).
+
+A runtime is a YAML under `runtimes/`, a path, an inline mapping, or `none` (the pure-hardware
+model). Every number that differs from its default names its `source` (a cited measurement, or
+the points `moesim calibrate` fitted it to), as hardware profiles do.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import InputError, pydantic_message
+
+RUNTIME_DIR = Path(__file__).resolve().parents[2] / "runtimes"
+
+
+class RuntimeCosts(BaseModel):
+    """Host-thread and kernel-efficiency costs of one software stack (see README, timing model)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    name: str = "inline"
+    description: str = ""
+    step_host_us: float = Field(0.0, ge=0, description="host set-up per step (host thread), before the first layer")
+    layer_host_us: float = Field(0.0, ge=0, description="host work per layer (Python dispatch, bookkeeping), "
+                                                        "before the layer's attention is issued")
+    blocking_readback: bool = Field(False, description="true: the host waits for the gate (a GPU sync) and reads "
+                                                       "the routing back before it issues loads and expert kernels")
+    readback_us: float = Field(0.0, ge=0, description="reading the router decision back to the host; with "
+                                                      "blocking_readback false a latency before loads are issued")
+    expert_dispatch_us: float = Field(0.0, ge=0, description="host time to dispatch one expert's kernels")
+    lm_head_ms: float | None = Field(None, ge=0, description="LM head per step (None: roofline)")
+    dequant_gbps: dict[str, float] = Field(default_factory=dict, description="GPU dequantisation throughput "
+                                           "per weight format, 1e9 packed bytes/s (model.precision.formats)")
+    expert_efficiency: float = Field(1.0, gt=0, le=1, description="achieved fraction of roofline, expert FFNs")
+    attention_efficiency: float = Field(1.0, gt=0, le=1, description="achieved fraction of roofline, attention")
+    lm_head_efficiency: float = Field(1.0, gt=0, le=1, description="achieved fraction of roofline, LM head")
+    source: dict[str, str] = Field(default_factory=dict, description="where each non-default number comes from")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        bad = [f for f, v in self.dequant_gbps.items() if not v > 0]
+        if bad:
+            raise ValueError(f"dequant_gbps.{bad[0]} must be > 0")
+        for name, info in type(self).model_fields.items():
+            if name in ("name", "description", "source"):
+                continue
+            if getattr(self, name) != info.get_default(call_default_factory=True) and name not in self.source:
+                raise ValueError(f"{name} has no entry in source:")
+        return self
+
+    @property
+    def costs_host(self) -> bool:
+        """Whether any host-thread cost is non-zero (else the host never delays the GPU)."""
+        return bool(self.step_host_us or self.layer_host_us or self.readback_us or self.expert_dispatch_us
+                    or self.blocking_readback)
+
+    def dequant_s(self, fmt: str | None, nbytes: float) -> float:
+        """GPU time to dequantise `nbytes` packed bytes of format `fmt` (0 if no speed is given)."""
+        if fmt is None or fmt not in self.dequant_gbps:
+            return 0.0
+        return nbytes / (self.dequant_gbps[fmt] * 1e9)
+
+
+def list_runtimes() -> list[str]:
+    return sorted(p.stem for p in RUNTIME_DIR.glob("*.yaml"))
+
+
+def runtime_from_dict(data: Any, *, file: str | None = None, prefix: str = "") -> RuntimeCosts:
+    if not isinstance(data, dict):
+        raise InputError(f"expected a mapping, got {type(data).__name__}", file=file, field=prefix or None)
+    try:
+        return RuntimeCosts(**data)
+    except ValidationError as e:
+        raise pydantic_message(e, file=file, prefix=prefix) from None
+
+
+def _resolve(name_or_path: str, base: Path | None) -> Path | None:
+    cands = [Path(name_or_path)]
+    if base is not None:
+        cands.append(base / name_or_path)
+    cands += [RUNTIME_DIR / name_or_path, RUNTIME_DIR / f"{name_or_path}.yaml"]
+    return next((c for c in cands if c.is_file()), None)
+
+
+def load_runtime(raw: Any, *, file: str | None = None, base: Path | None = None) -> RuntimeCosts | None:
+    """`none`/None -> None (pure hardware); a preset name or path -> its YAML; a mapping -> inline
+    (a `preset:` key in it starts from that preset). Errors name `file` and the field."""
+    if raw is None or raw == "none":
+        return None
+    if isinstance(raw, str):
+        path = _resolve(raw, base)
+        if path is None:
+            raise InputError(f"unknown runtime {raw!r}: not a file and not a preset "
+                             f"(known: none, {', '.join(list_runtimes())})", file=file, field="runtime")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise InputError(f"malformed YAML: {' '.join(str(e).split())}", file=str(path)) from None
+        return runtime_from_dict(data, file=str(path))
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        preset = raw.pop("preset", None)
+        if preset is not None:
+            start = load_runtime(preset, file=file, base=base)
+            merged = start.model_dump() if start is not None else {}
+            src = {**merged.get("source", {}), **raw.pop("source", {})}
+            raw = {**merged, **raw, "source": src}
+        return runtime_from_dict(raw, file=file, prefix="runtime")
+    raise InputError(f"expected none, a preset name, a path or a mapping, got {type(raw).__name__}",
+                     file=file, field="runtime")
