@@ -21,14 +21,17 @@ class HostThread:
         self.layer_s = rt.layer_host_us * 1e-6
         self.readback_s = rt.readback_us * 1e-6
         self.dispatch_s = rt.expert_dispatch_us * 1e-6
+        self.paces_kernels = self.dispatch_s > 0 or rt.blocking_loads  # the host gates each expert kernel
         self.free_at = 0.0
         self.busy_s = 0.0       # host work charged (set-up, layer work, readbacks, dispatches)
-        self.sync_wait_s = 0.0  # host blocked on the GPU (readbacks, end of step)
+        self.sync_wait_s = 0.0  # host blocked on the GPU or a load (readbacks, blocking loads, end of step)
         self.gpu_wait_s = 0.0   # GPU stream idle, waiting for the host to issue its next kernel
 
     def work(self, seconds: float, not_before: float = 0.0) -> float:
         """Do `seconds` of host work starting when the host is free (and not before `not_before`);
         returns when it ends."""
+        if not_before > self.free_at:
+            self.sync_wait_s += not_before - self.free_at
         self.free_at = max(self.free_at, not_before) + seconds
         self.busy_s += seconds
         return self.free_at

@@ -143,12 +143,14 @@ class Simulation(LoadChain):
 
     def _dispatched(self, cursor: float, costs, pending) -> tuple[float, float]:
         """The GPU cursor after the layer's expert kernels when each kernel also waits for the host
-        to dispatch it (hits first, then loads in landing order); returns (cursor, loaded busy)."""
+        to dispatch it (hits first, then loads in landing order; with blocking_loads the host
+        waits for each load first); returns (cursor, busy time of the loaded experts)."""
         host, busy = self.host, 0.0
+        block = host.rt.blocking_loads
         for c in costs:
             cursor = max(cursor, host.work(host.dispatch_s)) + c
         for ld, c in pending:
-            cursor = max(cursor, ld.done_t, host.work(host.dispatch_s)) + c
+            cursor = max(cursor, ld.done_t, host.work(host.dispatch_s, ld.done_t if block else 0.0)) + c
             busy += c
         return cursor, busy
 
@@ -262,7 +264,7 @@ class Simulation(LoadChain):
                 # prefetches for later layers, so a prefetch never evicts what this layer needs.
                 post = self._hook(gate_reqs, "on_gate", plan.tokens)
                 busy += post
-                dispatch = host is not None and host.dispatch_s > 0
+                dispatch = host is not None and host.paces_kernels
                 cursor = t_gate + busy - sum(hit_costs) if dispatch else t_gate + busy
                 if pending:
                     waiting = [ld for ld, _ in pending if ld.done_t < 0]

@@ -30,6 +30,8 @@ class RuntimeCosts(BaseModel):
                                                        "the routing back before it issues loads and expert kernels")
     readback_us: float = Field(0.0, ge=0, description="reading the router decision back to the host; with "
                                                       "blocking_readback false a latency before loads are issued")
+    blocking_loads: bool = Field(False, description="true: the host waits for each demand load to land before it "
+                                                    "dispatches that expert (synchronous copies, offload hooks)")
     expert_dispatch_us: float = Field(0.0, ge=0, description="host time to dispatch one expert's kernels")
     lm_head_ms: float | None = Field(None, ge=0, description="LM head per step (None: roofline)")
     dequant_gbps: dict[str, float] = Field(default_factory=dict, description="GPU dequantisation throughput "
@@ -55,7 +57,7 @@ class RuntimeCosts(BaseModel):
     def costs_host(self) -> bool:
         """Whether any host-thread cost is non-zero (else the host never delays the GPU)."""
         return bool(self.step_host_us or self.layer_host_us or self.readback_us or self.expert_dispatch_us
-                    or self.blocking_readback)
+                    or self.blocking_readback or self.blocking_loads)
 
     def dequant_s(self, fmt: str | None, nbytes: float) -> float:
         """GPU time to dequantise `nbytes` packed bytes of format `fmt` (0 if no speed is given)."""
