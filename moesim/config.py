@@ -195,6 +195,14 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], file: st
     return data
 
 
+def set_fields(data: dict, fields: dict[str, Any], file: str | None = None) -> dict:
+    """A copy of `data` with each dotted path of `fields` set to its (already parsed) value."""
+    data = copy.deepcopy(data)
+    for key, value in (fields or {}).items():
+        _set_path(data, str(key).strip(), value, file)
+    return data
+
+
 def _resolve_model(raw: Any, file: str | None) -> ModelSpec:
     try:
         if isinstance(raw, str):
