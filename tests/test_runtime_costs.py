@@ -109,6 +109,34 @@ def test_prefetch_hides_loads_behind_host_time(tmp_path):
     assert oracle.summary["prefetch"]["late"] == 0
 
 
+def test_synchronous_compute_serialises_host_and_kernels(tmp_path):
+    """A CPU device: the host runs the kernels, so a layer is H + A + T + C with nothing overlapped
+    (async launch would hide the host work behind the previous layer's load and compute)."""
+    H = 0.5e-3
+    trace, model = _fresh(tmp_path, 5)
+    rt = _src(layer_host_us=H * 1e6, synchronous_compute=True)
+    res = simulate(scenario(trace, model=model, runtime=rt))
+    assert res.summary["makespan_s"] == pytest.approx(5 * L * (H + A + T_PCIE + C), rel=1e-9)
+    asyn = simulate(scenario(trace, model=model, runtime=_src(layer_host_us=H * 1e6)))
+    assert asyn.summary["makespan_s"] < res.summary["makespan_s"]
+
+
+def test_copy_slowdown_stretches_kernels_that_overlap_a_copy(tmp_path, rng=np.random.default_rng(2)):
+    """Top-2, both miss, one copy engine: expert 1 computes while expert 2 copies, f times slower;
+    with f·C > T expert 2 waits for it, so a layer is A + T + f·C + C (A + 2T + C at f = 1)."""
+    f = 5.0
+    assert f * C > T_PCIE
+    model = {**TINY_MODEL, "top_k": 2, "num_experts": 256}
+    routing = np.empty((1, 4, L, 2), dtype=np.int16)
+    for t in range(4):
+        for layer in range(L):
+            routing[0, t, layer] = [(2 * (t * L + layer)) % 256, (2 * (t * L + layer) + 1) % 256]
+    trace = write_routing(tmp_path / "t.parquet", routing, prompt_len=1, num_experts=256)
+    res = simulate(scenario(trace, model=model, gpu={"capacity_experts": 2}, runtime=_src(copy_slowdown=f)))
+    assert res.summary["misses"] == 4 * L * 2
+    assert res.summary["makespan_s"] == pytest.approx(4 * L * (A + T_PCIE + f * C + C), rel=1e-9)
+
+
 def _write(tmp_path, runtime):
     trace, model = _fresh(tmp_path, 3)
     from moesim.validate import fixed_profile

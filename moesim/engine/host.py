@@ -21,7 +21,9 @@ class HostThread:
         self.layer_s = rt.layer_host_us * 1e-6
         self.readback_s = rt.readback_us * 1e-6
         self.dispatch_s = rt.expert_dispatch_us * 1e-6
-        self.paces_kernels = self.dispatch_s > 0 or rt.blocking_loads  # the host gates each expert kernel
+        # the host gates each expert kernel (or a copy slows them): the engine times them one by one
+        self.paces_kernels = self.dispatch_s > 0 or rt.blocking_loads or rt.synchronous_compute or \
+            rt.copy_slowdown != 1.0
         self.free_at = 0.0
         self.busy_s = 0.0       # host work charged (set-up, layer work, readbacks, dispatches)
         self.sync_wait_s = 0.0  # host blocked on the GPU or a load (readbacks, blocking loads, end of step)
@@ -47,7 +49,7 @@ class HostThread:
         """When the loads of a layer whose gate finished at `gate_t` on the GPU can be issued: after a
         blocking readback the host holds them back until it has synced and read the routing;
         otherwise they follow the gate after `readback_us` and the host does not wait."""
-        if self.rt.blocking_readback:
+        if self.rt.blocking_readback or self.rt.synchronous_compute:
             self.sync(gate_t)
             return self.work(self.readback_s)
         return gate_t + self.readback_s

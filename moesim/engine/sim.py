@@ -144,14 +144,27 @@ class Simulation(LoadChain):
     def _dispatched(self, cursor: float, costs, pending) -> tuple[float, float]:
         """The GPU cursor after the layer's expert kernels when each kernel also waits for the host
         to dispatch it (hits first, then loads in landing order; with blocking_loads the host
-        waits for each load first); returns (cursor, busy time of the loaded experts)."""
-        host, busy = self.host, 0.0
-        block = host.rt.blocking_loads
+        waits for each load first; with synchronous_compute for each kernel; a kernel that starts
+        while one of the layer's copies is in flight takes copy_slowdown times longer); returns
+        (cursor, busy time the caller has not counted yet)."""
+        host, busy, rt = self.host, 0.0, self.host.rt
+        block, sync, slow = rt.blocking_loads, rt.synchronous_compute, rt.copy_slowdown
+        copying_until = max((ld.done_t for ld, _ in pending), default=-1.0)
         for c in costs:
-            cursor = max(cursor, host.work(host.dispatch_s)) + c
+            start = max(cursor, host.work(host.dispatch_s))
+            if start < copying_until:
+                busy += c * (slow - 1.0)
+                c = c * slow
+            cursor = start + c
+            if sync:
+                host.sync(cursor)
         for ld, c in pending:
-            cursor = max(cursor, ld.done_t, host.work(host.dispatch_s, ld.done_t if block else 0.0)) + c
+            start = max(cursor, ld.done_t, host.work(host.dispatch_s, ld.done_t if block else 0.0))
+            c = c * slow if start < copying_until else c
+            cursor = start + c
             busy += c
+            if sync:
+                host.sync(cursor)
         return cursor, busy
 
     # ---- prefetch ----------------------------------------------------------------------------

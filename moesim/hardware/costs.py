@@ -102,6 +102,10 @@ class CostModel:
         if new_tokens <= 0:
             return 0.0
         m = self.model
+        grid = self._rt.attention_grid
+        if grid is not None:
+            seqs = max(sequences, 1)
+            return grid.ms_at(seqs, context_tokens / seqs) * 1e-3 * (new_tokens / seqs if new_tokens > seqs else 1.0)
         if self._attn_table is not None:
             t = _interp_ms(self._attn_table, new_tokens) * 1e-3
             return t if self.runtime is None else t + self._dequant_s("attention", m.attention_params)
@@ -118,6 +122,8 @@ class CostModel:
         """The LM head: the runtime's `lm_head_ms` when given, else a roofline (bf16 unless
         model.precision says otherwise) at the runtime's achieved efficiency."""
         m = self.model
+        if self._rt.lm_head_table is not None and tokens > 0:
+            return _interp_ms(self._rt.lm_head_table, tokens) * 1e-3
         if self._rt.lm_head_ms is not None and tokens > 0:
             return self._rt.lm_head_ms * 1e-3
         if not m.vocab_size or tokens <= 0:

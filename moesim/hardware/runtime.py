@@ -13,8 +13,35 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InputError, pydantic_message
+from .profile import Table
 
 RUNTIME_DIR = Path(__file__).resolve().parents[2] / "runtimes"
+
+
+class AttentionGrid(BaseModel):
+    """Measured attention time of one block by sequences in the step and cached positions per
+    sequence (bilinear interpolation, clamped at the edges)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    sequences: list[float] = Field(min_length=1)
+    context: list[float] = Field(min_length=1)
+    ms: list[list[float]] = Field(description="ms[i][j]: sequences[i] sequences, context[j] positions each")
+
+    @model_validator(mode="after")
+    def _shape(self):
+        for name in ("sequences", "context"):
+            xs = getattr(self, name)
+            if any(b <= a for a, b in zip(xs, xs[1:])):
+                raise ValueError(f"{name} must be strictly increasing")
+        if len(self.ms) != len(self.sequences) or any(len(r) != len(self.context) for r in self.ms):
+            raise ValueError(f"ms must be {len(self.sequences)} rows of {len(self.context)} values")
+        return self
+
+    def ms_at(self, sequences: float, context: float) -> float:
+        import numpy as np
+
+        rows = [float(np.interp(context, self.context, r)) for r in self.ms]
+        return float(np.interp(sequences, self.sequences, rows))
 
 
 class RuntimeCosts(BaseModel):
@@ -32,8 +59,16 @@ class RuntimeCosts(BaseModel):
                                                       "blocking_readback false a latency before loads are issued")
     blocking_loads: bool = Field(False, description="true: the host waits for each demand load to land before it "
                                                     "dispatches that expert (synchronous copies, offload hooks)")
+    synchronous_compute: bool = Field(False, description="true: the host runs each kernel itself or waits for it "
+                                                         "(a CPU device): host work and compute never overlap")
     expert_dispatch_us: float = Field(0.0, ge=0, description="host time to dispatch one expert's kernels")
+    copy_slowdown: float = Field(1.0, ge=1, description="expert kernels take this many times longer while a copy "
+                                                        "of their layer is in flight (shared memory bandwidth)")
     lm_head_ms: float | None = Field(None, ge=0, description="LM head per step (None: roofline)")
+    lm_head_table: Table | None = Field(None, description="measured LM head by tokens in the step (wins over "
+                                                          "lm_head_ms)")
+    attention_grid: AttentionGrid | None = Field(None, description="measured attention by sequences and context "
+                                                                   "(wins over the profile's table and the roofline)")
     dequant_gbps: dict[str, float] = Field(default_factory=dict, description="GPU dequantisation throughput "
                                            "per weight format, 1e9 packed bytes/s (model.precision.formats)")
     expert_efficiency: float = Field(1.0, gt=0, le=1, description="achieved fraction of roofline, expert FFNs")
@@ -57,7 +92,8 @@ class RuntimeCosts(BaseModel):
     def costs_host(self) -> bool:
         """Whether any host-thread cost is non-zero (else the host never delays the GPU)."""
         return bool(self.step_host_us or self.layer_host_us or self.readback_us or self.expert_dispatch_us
-                    or self.blocking_readback or self.blocking_loads)
+                    or self.blocking_readback or self.blocking_loads or self.synchronous_compute
+                    or self.copy_slowdown != 1.0)
 
     def dequant_s(self, fmt: str | None, nbytes: float) -> float:
         """GPU time to dequantise `nbytes` packed bytes of format `fmt` (0 if no speed is given)."""
