@@ -108,7 +108,10 @@ def load_point(spec: PointSpec, base: Path, file: str) -> Point:
     if spec.real is not None:
         rdir = base / spec.real
         summary, metric, value = _real_measurement(rdir, file)
-        if spec.scenario is None:
+        if spec.scenario is None and (rdir / "scenario.yaml").is_file():  # written by replay --real
+            sfile, sbase = str(rdir / "scenario.yaml"), rdir
+            data = read_yaml(sfile)
+        elif spec.scenario is None:
             data, sfile, sbase = dict(summary["scenario"]), str(rdir / "summary.json"), rdir
         else:
             sfile, sbase = str(base / spec.scenario), (base / spec.scenario).parent
