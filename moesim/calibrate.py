@@ -5,6 +5,7 @@ A POINTS file lists scenarios (with dotted overrides) and what was measured on t
 with scipy's bounded least squares on relative errors; each residual evaluation simulates every
 fitted point, and results are cached by parameter vector. Every point also gets a leave-one-group-
 out error (refit without its group); `holdout: true` points never enter a fit and are reported last.
+A point's own `runtime:` is replaced by the runtime being fitted.
 """
 from __future__ import annotations
 

@@ -113,6 +113,8 @@ def runtime_from_dict(data: Any, *, file: str | None = None, prefix: str = "") -
         return RuntimeCosts(**data)
     except ValidationError as e:
         raise pydantic_message(e, file=file, prefix=prefix) from None
+    except TypeError as e:  # e.g. a non-string key
+        raise InputError(str(e), file=file, field=prefix or None) from None
 
 
 def _resolve(name_or_path: str, base: Path | None) -> Path | None:
@@ -144,8 +146,10 @@ def load_runtime(raw: Any, *, file: str | None = None, base: Path | None = None)
         if preset is not None:
             start = load_runtime(preset, file=file, base=base)
             merged = start.model_dump() if start is not None else {}
-            src = {**merged.get("source", {}), **raw.pop("source", {})}
-            raw = {**merged, **raw, "source": src}
+            own = raw.pop("source", {})
+            if not isinstance(own, dict):
+                raise InputError(f"expected a mapping, got {type(own).__name__}", file=file, field="runtime.source")
+            raw = {**merged, **raw, "source": {**merged.get("source", {}), **own}}
         return runtime_from_dict(raw, file=file, prefix="runtime")
     raise InputError(f"expected none, a preset name, a path or a mapping, got {type(raw).__name__}",
                      file=file, field="runtime")
