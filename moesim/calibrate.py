@@ -213,14 +213,14 @@ def calibrate(pf: PointsFile, points: list[Point], base: RuntimeCosts | None, po
     """Fit on the non-held-out points, then leave each group out in turn and predict it."""
     fitter = _Fitter(base, pf.free, max_evals)
     fit_pts = [p for p in points if not p.spec.holdout]
-    u, x, cost = fitter.fit(fit_pts, fitter.start())
+    _, x, cost = fitter.fit(fit_pts, fitter.start())
     groups = sorted({p.group for p in fit_pts})
     loo: dict[str, float | None] = {}
     for g in groups:
         rest = [p for p in fit_pts if p.group != g]
         if not rest:
             break
-        _, xg, _ = fitter.fit(rest, u)
+        _, xg, _ = fitter.fit(rest, fitter.start())  # from the same start: the full fit saw the point
         for p in fit_pts:
             if p.group == g:
                 loo[p.spec.name] = fitter.predict(p, xg) / p.measured - 1.0
