@@ -177,3 +177,22 @@ def test_every_shipped_runtime_preset_loads_with_sources():
     for n in names:
         rt = load_runtime(n)
         assert rt.source and rt.description
+
+
+def test_a_host_side_predictor_runs_on_the_host_thread(tmp_path):
+    """With a runtime, a CPU predictor's latency P is host work: on a synchronous device the
+    layer's kernels wait for it, so a layer whose expert was prefetched in time costs H + A + P + C,
+    and the oracle's step-start call adds one P per step (without a runtime P would only delay the
+    prefetches)."""
+    H, P = 0.9e-3, 0.2e-3
+    assert T_PCIE <= C + H + A  # each one-layer-ahead prefetch lands before its layer's gate
+    trace, model = _fresh(tmp_path, 6)
+    pred = {"name": "oracle", "lookahead_layers": 1, "latency_us": P * 1e6, "runs_on": "cpu"}
+    rt = _src(layer_host_us=H * 1e6, synchronous_compute=True)
+    res = simulate(scenario(trace, model=model, gpu={"capacity_experts": 4}, runtime=rt, predictor=pred))
+    s = res.summary
+    assert s["host"]["busy_s"] == pytest.approx(6 * L * H + s["predictor_s"], rel=1e-9)
+    dur, _ = _step_times(res)
+    assert dur[2:] == pytest.approx(P + L * (H + A + P + C), rel=1e-9)
+    plain = simulate(scenario(trace, model=model, gpu={"capacity_experts": 4}, predictor=pred))
+    assert _step_times(plain)[0][2:] == pytest.approx(L * (A + C), rel=1e-9)

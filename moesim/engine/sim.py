@@ -180,6 +180,8 @@ class Simulation(LoadChain):
         if on_gpu or lat == 0:
             self._issue(reqs)
             return lat if on_gpu else 0.0
+        if self.host is not None:  # a runtime's host thread runs it after the host work it has queued
+            lat = self.host.work(lat, self.env.now) - self.env.now
         if reqs:  # host CPU: the requests are issued once the predictor has finished
             ev = self.env.timeout(lat)
             ev.callbacks.append(lambda _e, r=reqs: self._issue(r))
