@@ -1,10 +1,15 @@
 """Runtime (software-stack) costs against closed forms, on the fixed-time profile (issue 15)."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moesim import simulate
 from moesim.cli import main
@@ -196,3 +201,43 @@ def test_a_host_side_predictor_runs_on_the_host_thread(tmp_path):
     assert dur[2:] == pytest.approx(P + L * (H + A + P + C), rel=1e-9)
     plain = simulate(scenario(trace, model=model, gpu={"capacity_experts": 4}, predictor=pred))
     assert _step_times(plain)[0][2:] == pytest.approx(L * T_PCIE, rel=1e-9)  # link-bound: A + C < T
+
+
+@st.composite
+def _runtime_cases(draw):
+    E, K = draw(st.sampled_from([4, 8, 16])), draw(st.integers(1, 2))
+    R, T = draw(st.integers(1, 3)), draw(st.integers(2, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    routing = np.stack([rng.permutation(E)[:K] for _ in range(R * T * L)]).reshape(R, T, L, K).astype(np.int16)
+    us = st.sampled_from([0.0, 50.0, 300.0, 1500.0])
+    rt = {"step_host_us": draw(us), "layer_host_us": draw(us), "readback_us": draw(us),
+          "expert_dispatch_us": draw(us), "blocking_readback": draw(st.booleans()),
+          "blocking_loads": draw(st.booleans()), "synchronous_compute": draw(st.booleans()),
+          "copy_slowdown": draw(st.sampled_from([1.0, 1.5]))}
+    return dict(E=E, K=K, routing=routing, cap=draw(st.integers(K, E * L)), batch=draw(st.integers(1, R)),
+                rt=_src(**{k: v for k, v in rt.items() if v not in (0.0, False, 1.0)}),
+                predictor=draw(st.sampled_from([{"name": "on_demand"}, {"name": "oracle", "lookahead_layers": 2}])))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_runtime_cases())
+def test_host_accounting_and_identities_under_random_runtimes(case):
+    """Any runtime: every access served once, bytes = transfers x expert bytes, no layer shorter
+    than its attention + compute, and the host's work is exactly what the runtime charges
+    (set-up per step, layer work and readback per layer, one dispatch per expert kernel)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_routing(Path(tmp) / "t.parquet", case["routing"], prompt_len=1, num_experts=case["E"])
+        model = {**TINY_MODEL, "num_experts": case["E"], "top_k": case["K"]}
+        res = simulate(scenario(path, model=model, gpu={"capacity_experts": case["cap"]}, runtime=case["rt"],
+                                predictor=case["predictor"], batch={"size": case["batch"]}))
+    s, steps, rt = res.summary, res.steps, case["rt"]
+    assert s["hits"] + s["late_hits"] + s["misses"] == s["accesses"]
+    assert s["bytes_pcie"] == s["transfers_pcie"] * s["expert_bytes"]
+    assert (steps["end_s"] - steps["start_s"] >= steps["attention_s"] + steps["compute_s"] - 1e-12).all()
+    if s["host"] is None:
+        return
+    syncs = rt.get("blocking_readback", False) or rt.get("synchronous_compute", False)
+    want = (steps["step"].nunique() * rt.get("step_host_us", 0) + len(steps) * rt.get("layer_host_us", 0)
+            + (len(steps) * rt.get("readback_us", 0) if syncs else 0)
+            + s["accesses"] * rt.get("expert_dispatch_us", 0)) * 1e-6
+    assert s["host"]["busy_s"] == pytest.approx(want, rel=1e-9, abs=1e-12)
