@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -34,7 +34,10 @@ class PointSpec(_Strict):
     name: str
     scenario: str | None = Field(None, description="scenario YAML, relative to the POINTS file")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted overrides of the scenario")
-    tokens_per_s: float | None = Field(None, gt=0, description="measured decode throughput")
+    tokens_per_s: float | None = Field(None, gt=0, description="measured throughput (see `throughput`)")
+    throughput: Literal["decode", "end_to_end"] = Field(
+        "decode", description="what tokens_per_s means: decode = batch.size x 1000 / mean TPOT (the decode rate "
+                              "papers report); end_to_end = output tokens / makespan, prefill included")
     tpot_ms: float | None = Field(None, gt=0, description="measured time per output token")
     real: str | None = Field(None, description="a `moesim replay --real` output directory (its summary.json "
                                                "gives the measurement and, without `scenario`, the scenario)")
@@ -152,6 +155,15 @@ class Calibration:
     cost: float = 0.0
 
 
+def measure(summary: dict, point: Point) -> float:
+    """The simulated counterpart of a point's measurement."""
+    if point.metric == "tpot_ms":
+        return float(summary["tpot_ms"]["mean"])
+    if point.spec.throughput == "end_to_end":
+        return float(summary["tokens_per_s"])
+    return point.scenario.batch.size * 1000.0 / float(summary["tpot_ms"]["mean"])
+
+
 class _Fitter:
     """Simulates points under trial runtimes (cached) and runs the bounded least squares."""
 
@@ -179,8 +191,7 @@ class _Fitter:
         if key not in self.cache:
             self.evaluations += 1
             sc = point.scenario.model_copy(update={"runtime": self.runtime(x)})
-            s = simulate(sc).summary
-            self.cache[key] = float(s["tpot_ms"]["mean"] if point.metric == "tpot_ms" else s["tokens_per_s"])
+            self.cache[key] = measure(simulate(sc).summary, point)
         return self.cache[key]
 
     def _x(self, u):

@@ -90,3 +90,15 @@ def test_left_out_and_held_out_points_are_predicted(points):
     for name in ("small-cache", "big-cache"):
         assert rows[name]["loo_error"] is not None and abs(rows[name]["loo_error"]) < 0.02, rows[name]
     assert rows["two-layers"]["loo_error"] is not None
+
+
+def test_tokens_per_s_is_the_decode_rate_unless_end_to_end(points):
+    from moesim.calibrate import load_points, measure
+
+    d = yaml.safe_load(points.read_text())
+    d["points"][0] = {"name": "a", "scenario": "sc.yaml", "tokens_per_s": 10.0}
+    d["points"][1] = {"name": "b", "scenario": "sc.yaml", "tokens_per_s": 10.0, "throughput": "end_to_end"}
+    points.write_text(yaml.safe_dump(d))
+    _, pts = load_points(points)
+    summary = {"tpot_ms": {"mean": 40.0}, "tokens_per_s": 7.0}
+    assert measure(summary, pts[0]) == 25.0 and measure(summary, pts[1]) == 7.0
