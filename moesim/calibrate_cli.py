@@ -57,3 +57,33 @@ def calibrate(points, output, base, max_evals, quiet):
     if not quiet:
         print_calibration(cal)
         click.echo(f"runtime written to {out}")
+
+
+@click.group("runtime")
+def runtime():
+    """Runtime (software-stack) cost presets in runtimes/."""
+
+
+@runtime.command("list")
+def runtime_list():
+    """Name and description of each runtime preset."""
+    from .hardware.runtime import list_runtimes, load_runtime
+
+    for name in list_runtimes():
+        click.echo(f"{name}: {load_runtime(name).description}")
+
+
+@runtime.command("show")
+@click.argument("name")
+@_guard
+def runtime_show(name):
+    """Print a runtime preset or file, with its sources."""
+    import yaml
+
+    from .hardware.runtime import load_runtime
+
+    rt = load_runtime(name, file=name)
+    if rt is None:
+        click.echo("none: the pure-hardware model (no software-stack costs)")
+        return
+    click.echo(yaml.safe_dump(rt.model_dump(mode="json", exclude_none=True), sort_keys=False, width=100))

@@ -241,3 +241,12 @@ def test_host_accounting_and_identities_under_random_runtimes(case):
             + (len(steps) * rt.get("readback_us", 0) if syncs else 0)
             + s["accesses"] * rt.get("expert_dispatch_us", 0)) * 1e-6
     assert s["host"]["busy_s"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_runtime_list_and_show():
+    r = CliRunner().invoke(main, ["runtime", "list"])
+    assert r.exit_code == 0 and "pytorch-offload-loop:" in r.output
+    r = CliRunner().invoke(main, ["runtime", "show", "pytorch-offload-loop"])
+    assert r.exit_code == 0 and yaml.safe_load(r.output)["blocking_readback"] is True
+    r = CliRunner().invoke(main, ["runtime", "show", "nope"])
+    assert r.exit_code == 2 and "unknown runtime 'nope'" in r.output
