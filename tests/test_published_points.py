@@ -1,0 +1,109 @@
+"""benchmarks/published: every scenario and points file loads, every point is sourced, and the
+fit/hold-out design holds (one fitted point per GPU/stack, one whole source never fitted)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moesim.config import load_scenario
+
+PUB = Path(__file__).resolve().parents[1] / "benchmarks" / "published"
+POINTS = sorted(PUB.glob("*.points.yaml"))
+SCENARIOS = sorted((PUB / "scenarios").glob("*.yaml"))
+
+
+def _spec(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _all_points() -> list[tuple[Path, dict]]:
+    return [(pf, p) for pf in POINTS for p in _spec(pf)["points"]]
+
+
+def _overrides(point: dict) -> list[str]:
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in (point.get("set") or {}).items()]
+
+
+def test_something_is_published():
+    assert len(POINTS) >= 2 and len(SCENARIOS) >= 3
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def test_scenario_loads(path):
+    sc = load_scenario(path)
+    assert sc.batch.size == 1  # every published point here is a batch-1 decode
+
+
+@pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
+def test_points_file_shape(path):
+    spec = _spec(path)
+    assert set(spec) == {"name", "base_runtime", "free", "points"}
+    assert spec["name"] == path.name.removesuffix(".points.yaml")
+    names = [p["name"] for p in spec["points"]]
+    assert len(names) == len(set(names)), "point names repeat"
+    for bounds in (spec["free"] or {}).values():
+        lo, hi = bounds
+        assert 0 <= lo < hi
+
+
+@pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
+def test_each_point_names_a_source_a_group_and_one_measurement(path):
+    for p in _spec(path)["points"]:
+        assert set(p) == {"name", "scenario", "set", "source", "group", "holdout",
+                          "tpot_ms" if "tpot_ms" in p else "tokens_per_s"}, p["name"]
+        assert len(p["source"]) > 40 and any(w in p["source"] for w in ("Table", "table")), p["name"]
+        assert p["group"] and isinstance(p["holdout"], bool)
+        value = p.get("tpot_ms", p.get("tokens_per_s"))
+        assert isinstance(value, (int, float)) and value > 0
+        assert (path.parent / p["scenario"]).is_file(), p["scenario"]
+
+
+@pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
+def test_one_fitted_point_per_gpu_stack_or_none(path):
+    """A GPU/stack file fits exactly one point (and so at most one free parameter); a held-out
+    source's file fits none and frees nothing."""
+    spec = _spec(path)
+    fitted = [p for p in spec["points"] if not p["holdout"]]
+    assert len(fitted) in (0, 1)
+    assert len(spec["free"] or {}) <= len(fitted)
+    hardware = {load_scenario(path.parent / p["scenario"]).hardware.name for p in spec["points"]}
+    if fitted:
+        assert len(hardware) == 1, "a fitted file is one GPU/stack"
+
+
+def test_exactly_one_whole_source_is_held_out():
+    by_group = defaultdict(list)
+    for _, p in _all_points():
+        by_group[p["group"]].append(p["holdout"])
+    held_out = [g for g, flags in by_group.items() if all(flags)]
+    assert len(held_out) == 1, by_group.keys()
+    assert all(not all(flags) for g, flags in by_group.items() if g != held_out[0])
+
+
+def test_three_named_gpus_and_a_prefetch_ablation():
+    gpus = set()
+    ablation = False
+    for pf in POINTS:
+        pts = _spec(pf)["points"]
+        for p in pts:
+            gpus.add(load_scenario(pf.parent / p["scenario"]).hardware.gpu.name)
+        preds = {(p["set"] or {}).get("predictor.name", "on_demand") for p in pts}
+        ablation |= "on_demand" in preds and len(preds) > 1
+    assert len(gpus) >= 3
+    assert ablation, "no file has the same setting with and without prefetching"
+
+
+@pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
+def test_every_point_loads_with_its_overrides(path):
+    for p in _spec(path)["points"]:
+        sc = load_scenario(path.parent / p["scenario"], _overrides(p))
+        for key, value in (p["set"] or {}).items():
+            node = sc
+            for part in key.split("."):
+                node = node.params[part] if part not in type(node).model_fields and hasattr(node, "params") \
+                    else getattr(node, part)
+            assert node == value, f"{p['name']}: {key}"
