@@ -39,6 +39,16 @@ def published_tpot_ms(point: dict) -> float:
     return point["tpot_ms"] if "tpot_ms" in point else 1000.0 / point["tokens_per_s"]
 
 
+def _ratios(spec: dict, speeds: dict) -> list[str]:
+    """Rows of each point's speed relative to the file's fitted point (the ablation ratios)."""
+    fitted = [p["name"] for p in spec["points"] if not p.get("holdout")]
+    if not fitted:
+        return []
+    pub0, sim0 = speeds[fitted[0]]
+    return [f"| {name} | {fitted[0]} | {pub / pub0:.3f} | {sim / sim0:.3f} |"
+            for name, (pub, sim) in speeds.items() if name != fitted[0]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", type=Path, default=Path("/tmp/published-before"))
@@ -46,15 +56,22 @@ def main() -> None:
     print("| point | group | fitted | published tok/s | moesim tok/s (1000/TPOT) | moesim / published "
           "| GPU hit rate | PCIe busy |")
     print("|---|---|---|---|---|---|---|---|")
+    ratios = []
     for pf in sorted(HERE.glob("*.points.yaml")):
         spec = yaml.safe_load(pf.read_text())
+        speeds = {}
         for point in spec["points"]:
             s = run_point(pf, point, args.output / spec["name"] / point["name"])
             pred = 1000.0 / s["tpot_ms"]["mean"]
             pub = 1000.0 / published_tpot_ms(point)
+            speeds[point["name"]] = (pub, pred)
             fitted = "no" if point.get("holdout") else "yes"
             print(f"| {point['name']} | {point['group']} | {fitted} | {pub:.3f} | {pred:.3f} | {pred / pub:.2f} "
                   f"| {s['gpu_hit_rate']:.1%} | {s['pcie_utilization']:.0%} |", flush=True)
+        ratios += _ratios(spec, speeds)
+    print("\n| point | relative to | published ratio | moesim ratio |")
+    print("|---|---|---|---|")
+    print("\n".join(ratios))
 
 
 if __name__ == "__main__":
