@@ -118,3 +118,15 @@ def test_every_point_loads_with_its_overrides(path):
                 node = node.params[part] if part not in type(node).model_fields and hasattr(node, "params") \
                     else getattr(node, part)
             assert node == value, f"{p['name']}: {key}"
+
+
+def test_each_group_has_exactly_one_fitted_cell():
+    """A group is one source on one GPU/stack: exactly one cell of it is fitted (the held-out
+    source's group: none)."""
+    fitted, groups = defaultdict(set), set()
+    for _, p in _all_points():
+        groups.add(p["group"])
+        if not p["holdout"]:
+            fitted[p["group"]].add(p["name"])
+    assert sorted(len(fitted[g]) for g in groups).count(0) == 1
+    assert all(len(fitted[g]) <= 1 for g in groups)
