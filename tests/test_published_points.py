@@ -1,0 +1,132 @@
+"""benchmarks/published: every scenario and points file loads, every point is sourced, and the
+fit/hold-out design holds (one fitted point per GPU/stack, one whole source never fitted)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moesim.config import load_scenario
+
+PUB = Path(__file__).resolve().parents[1] / "benchmarks" / "published"
+POINTS = sorted(PUB.glob("*.points.yaml"))
+SCENARIOS = sorted((PUB / "scenarios").glob("*.yaml"))
+
+
+def _spec(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _all_points() -> list[tuple[Path, dict]]:
+    return [(pf, p) for pf in POINTS for p in _spec(pf)["points"]]
+
+
+def _overrides(point: dict) -> list[str]:
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in (point.get("set") or {}).items()]
+
+
+def test_something_is_published():
+    assert len(POINTS) >= 2 and len(SCENARIOS) >= 3
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def test_scenario_loads(path):
+    sc = load_scenario(path)
+    assert sc.batch.size == 1  # every published point here is a batch-1 decode
+
+
+@pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
+def test_points_file_shape(path):
+    spec = _spec(path)
+    assert set(spec) == {"name", "base_runtime", "free", "points"}
+    assert spec["name"] == path.name.removesuffix(".points.yaml")
+    names = [p["name"] for p in spec["points"]]
+    assert len(names) == len(set(names)), "point names repeat"
+    for bounds in (spec["free"] or {}).values():
+        lo, hi = bounds
+        assert 0 <= lo < hi
+
+
+@pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
+def test_each_point_names_a_source_a_group_and_one_measurement(path):
+    for p in _spec(path)["points"]:
+        assert set(p) == {"name", "scenario", "set", "source", "group", "holdout",
+                          "tpot_ms" if "tpot_ms" in p else "tokens_per_s"}, p["name"]
+        assert len(p["source"]) > 40 and any(w in p["source"] for w in ("Table", "table")), p["name"]
+        assert p["group"] and isinstance(p["holdout"], bool)
+        value = p.get("tpot_ms", p.get("tokens_per_s"))
+        assert isinstance(value, (int, float)) and value > 0
+        assert (path.parent / p["scenario"]).is_file(), p["scenario"]
+
+
+@pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
+def test_one_fitted_point_per_gpu_stack(path):
+    """Every file fits something, never more points than one per GPU/stack, and frees at most as
+    many runtime fields as it fits points; a file fitting on one point is one GPU."""
+    spec = _spec(path)
+    fitted = [p for p in spec["points"] if not p["holdout"]]
+    assert fitted and 1 <= len(spec["free"]) <= len(fitted)
+    hardware = [load_scenario(path.parent / p["scenario"]).hardware.name for p in fitted]
+    assert len(hardware) == len(set(hardware)), "two fitted points on one GPU"
+    if len(fitted) == 1:
+        assert len({load_scenario(path.parent / p["scenario"]).hardware.name for p in spec["points"]}) == 1
+
+
+def test_fitted_points_are_the_same_cells_everywhere():
+    """A point fitted in two files is the same published cell with the same scenario and overrides."""
+    seen = {}
+    for _, p in _all_points():
+        if not p["holdout"]:
+            key = {k: v for k, v in p.items() if k != "group"}
+            assert seen.setdefault(p["name"], key) == key, p["name"]
+
+
+def test_exactly_one_whole_source_is_held_out():
+    """One source's points are held out in every file they appear in; every other source has a
+    fitted point somewhere."""
+    by_source = defaultdict(list)
+    for _, p in _all_points():
+        by_source[p["source"].split(",")[0].split(" (")[0]].append(p["holdout"])
+    held_out = [s for s, flags in by_source.items() if all(flags)]
+    assert len(held_out) == 1, list(by_source)
+    assert len(by_source) >= 2
+
+
+def test_three_named_gpus_and_a_prefetch_ablation():
+    gpus = set()
+    ablation = False
+    for pf in POINTS:
+        pts = _spec(pf)["points"]
+        for p in pts:
+            gpus.add(load_scenario(pf.parent / p["scenario"]).hardware.gpu.name)
+        preds = {(p["set"] or {}).get("predictor.name", "on_demand") for p in pts}
+        ablation |= "on_demand" in preds and len(preds) > 1
+    assert len(gpus) >= 3
+    assert ablation, "no file has the same setting with and without prefetching"
+
+
+@pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
+def test_every_point_loads_with_its_overrides(path):
+    for p in _spec(path)["points"]:
+        sc = load_scenario(path.parent / p["scenario"], _overrides(p))
+        for key, value in (p["set"] or {}).items():
+            node = sc
+            for part in key.split("."):
+                node = node.params[part] if part not in type(node).model_fields and hasattr(node, "params") \
+                    else getattr(node, part)
+            assert node == value, f"{p['name']}: {key}"
+
+
+def test_each_group_has_exactly_one_fitted_cell():
+    """A group is one source on one GPU/stack: exactly one cell of it is fitted (the held-out
+    source's group: none)."""
+    fitted, groups = defaultdict(set), set()
+    for _, p in _all_points():
+        groups.add(p["group"])
+        if not p["holdout"]:
+            fitted[p["group"]].add(p["name"])
+    assert sorted(len(fitted[g]) for g in groups).count(0) == 1
+    assert all(len(fitted[g]) <= 1 for g in groups)
