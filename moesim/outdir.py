@@ -13,7 +13,9 @@ from pathlib import Path
 from .errors import InputError
 
 # every file `moesim run` writes into its directory (results.write_result, then report.render_run)
-RUN_FILES = ("summary.json", "steps.parquet", "requests.parquet", "events.parquet", "report.html")
+RUN_FILES = ("summary.json", "steps.parquet", "requests.parquet", "events.parquet", "report.html", "whatif.json")
+# folders a run keeps: `--why`'s what-if points (checked by scenario hash before reuse, advise/whatif.py)
+RUN_DIRS = ("whatif",)
 _LEFTOVER = re.compile(r"^\..+\.tmp-\d+$")   # an interrupted run's temporary file (results._atomic)
 
 
@@ -67,7 +69,7 @@ def claim_run_dir(path, field: str = "-o/--output") -> Path:
         names = [f.name for f in p.iterdir()]
     except OSError as e:
         raise InputError(f"cannot list the directory ({_why(e)})", file=_show(p), field=field) from None
-    foreign = sorted(n for n in names if n not in RUN_FILES and not _LEFTOVER.match(n))
+    foreign = sorted(n for n in names if n not in RUN_FILES + RUN_DIRS and not _LEFTOVER.match(n))
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         shown = ", ".join(map(repr, foreign[:3]))

@@ -49,7 +49,7 @@ def test_applicability():
     assert not run and {s["name"] for s in skipped} == set(WHATIFS)
     oracle = scenario_from_dict({**LINK_BOUND, "predictor": {"name": "oracle", "lookahead_layers": 2}})
     run, skipped = applicable(oracle)
-    assert [s["name"] for s in skipped] == ["oracle"]
+    assert [s["name"] for s in skipped] == ["oracle", "half_host"]  # no runtime: no host cost to halve
     assert {w.name for w in run} == {"pcie_2x", "cache_plus_25", "all_resident"}
 
 
@@ -112,4 +112,29 @@ def test_why_default_depends_on_whether_it_would_double_the_run_time(tmp_path, m
 
 
 def test_registry_is_the_module_level_dict():
-    assert whatif.WHATIFS is WHATIFS and list(WHATIFS) == ["pcie_2x", "cache_plus_25", "oracle", "all_resident"]
+    assert whatif.WHATIFS is WHATIFS and list(WHATIFS) == ["pcie_2x", "cache_plus_25", "oracle", "all_resident", "half_host"]
+
+
+# Every expert resident and a per-layer host cost far above the GPU's work per layer: the GPU waits
+# on the host at every layer, so each step lasts (layers x host cost) + its last layer's GPU work.
+HOST_BOUND = {"name": "hostbound", "model": "olmoe-1b-7b", "hardware": "a100-80gb-pcie4",
+              "trace": {"synthetic": {"requests": 1, "prompt_len": 4, "decode_len": 6}},
+              "cache": {"gpu": {"capacity_experts": 64, "partition": "per_layer"}}, "batch": {"size": 1},
+              "runtime": {"layer_host_us": 100_000, "source": {"layer_host_us": "a test value"}}}
+
+
+def test_half_host_overhead_gives_the_host_bound_gain(tmp_path):
+    """Host-bound: halving the per-layer host cost H removes steps x layers x H/2 from the makespan
+    and nothing else, so gain = T / (T - steps·L·H/2) - 1; the verdict names the host."""
+    sc = scenario_from_dict(HOST_BOUND)
+    res = simulate(sc)
+    s = res.summary
+    steps = res.steps["step"].nunique()
+    T, saved = s["makespan_s"], steps * sc.model.num_layers * 0.05
+    assert s["host"]["gpu_wait_on_host_s"] / T > 0.9
+    assert WHATIFS["half_host"].overrides(sc) == {"runtime.layer_host_us": 50_000}
+    doc = run_whatifs(HOST_BOUND, sc, s, tmp_path, get_executor("local", workers=1))
+    gains = {r["name"]: r["gain"] for r in doc["whatifs"]}
+    assert gains["half_host"] == pytest.approx(T / (T - saved) - 1, rel=1e-6)
+    assert doc["kind"] == "host-bound" and doc["verdict"].startswith("host-bound: the GPU waits ")
+    assert "half the host overhead gives +" in doc["verdict"]

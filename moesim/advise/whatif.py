@@ -1,9 +1,8 @@
 """Bottleneck analysis: one-at-a-time what-ifs around a run, each simulated, ranked by gain.
 
 A what-if is a named scenario -> scenario transform (dotted-path overrides of the run's scenario)
-with an applicability check; `WHATIFS` is the registry, so a new one (say, half the host
-overhead once scenarios carry runtime costs) is one `register(WhatIf(...))`. The what-ifs run as
-sweep points under `RUN/whatif/points/` on a sweep executor, and `RUN/whatif.json` records the
+with an applicability check; `WHATIFS` is the registry, so a new one is one
+`register(WhatIf(...))`. The what-ifs run as sweep points under `RUN/whatif/points/` on a sweep executor, and `RUN/whatif.json` records the
 gains and the sentence that names the binding constraint; the run report reads that file.
 """
 from __future__ import annotations
@@ -95,6 +94,22 @@ register(WhatIf("oracle", "an oracle predictor",
                 _oracle))
 register(WhatIf("all_resident", "all experts resident", _all_resident, _resident))
 
+HOST_FIELDS = ("step_host_us", "layer_host_us", "readback_us", "expert_dispatch_us")
+
+
+def _no_host_cost(sc: Scenario) -> str | None:
+    rt = sc.runtime
+    if rt is None or not any(getattr(rt, f) for f in HOST_FIELDS):
+        return "the scenario has no runtime host costs (runtime: none or all zero)"
+    return None
+
+
+def _half_host(sc: Scenario) -> dict:
+    return {f"runtime.{f}": getattr(sc.runtime, f) / 2 for f in HOST_FIELDS if getattr(sc.runtime, f)}
+
+
+register(WhatIf("half_host", "half the host overhead", _no_host_cost, _half_host))
+
 
 def applicable(sc: Scenario) -> tuple[list[WhatIf], list[dict]]:
     """(the what-ifs that apply to `sc`, [{name, label, why}] of those that do not)."""
@@ -112,7 +127,10 @@ def verdict(base: dict, results: list[dict]) -> tuple[str, str]:
     """(kind, sentence) naming the binding constraint from the run's summary and the gains."""
     stall, gpu = base.get("stall_fraction") or 0.0, base.get("gpu_utilization") or 0.0
     link = "disk" if (base.get("disk_utilization") or 0) > (base.get("pcie_utilization") or 0) else "PCIe"
-    if stall >= 0.5:
+    host_wait = ((base.get("host") or {}).get("gpu_wait_on_host_s") or 0.0) / (base.get("makespan_s") or math.inf)
+    if host_wait >= 0.5:
+        kind, head = "host-bound", f"host-bound: the GPU waits {host_wait:.0%} of the time for the host"
+    elif stall >= 0.5:
         kind = "disk-bound" if link == "disk" else "link-bound"
         head = f"{kind}: {stall:.0%} stalled on {link}"
     elif gpu >= 0.5:
