@@ -14,7 +14,7 @@ from .errors import InputError
 
 # every file `moesim run` writes into its directory (results.write_result, then report.render_run)
 RUN_FILES = ("summary.json", "steps.parquet", "requests.parquet", "events.parquet", "report.html")
-_LEFTOVER = re.compile(r"^\..+\.tmp-\d+$")   # an interrupted run's temporary file (results._atomic)
+_LEFTOVER = re.compile(r"^\.(.+\.tmp-\d+|moesim-probe-.+)$")   # an interrupted run's temporary files
 
 
 def _show(p: Path) -> str:
