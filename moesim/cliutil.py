@@ -60,7 +60,13 @@ def run_notes(s: dict) -> list[str]:
     pf = s.get("prefetch") or {}
     issued, late = pf.get("issued") or 0, pf.get("late") or 0
     if issued and late > issued / 2:
-        notes.append(f"{late} of {issued} prefetches were late (still in flight when their layer needed "
-                     f"them): the PCIe link is busy {fmt_pct(s.get('pcie_utilization'))} of the run, so a "
-                     "prefetch queues behind other loads and can only start them earlier, not hide them")
+        sc = s["scenario"]
+        layers = max(1, s["steps"] * sc["model"]["num_layers"])
+        copy_ms = 1e3 * s["expert_bytes"] / (sc["hardware"]["pcie_h2d"]["bandwidth_gbps"] * 1e9)
+        per_layer = s["transfers_pcie"] / layers
+        notes.append(f"{late} of {issued} prefetches were late (still in flight when their layer needed them): "
+                     f"a layer's copies take about {per_layer * copy_ms:.1f} ms over PCIe ({per_layer:.1f} experts "
+                     f"x {copy_ms:.2f} ms) against {1e3 * s['compute_s'] / layers:.2f} ms of compute, so copies "
+                     f"issued a layer or two ahead queue behind one another (link busy "
+                     f"{fmt_pct(s.get('pcie_utilization'))}): prefetching can only start them earlier")
     return notes

@@ -13,10 +13,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputError, pydantic_message
-from .yamlsafe import safe_load as _safe_load
 from .hardware.profile import HardwareProfile, load_profile, profile_from_dict
 from .hardware.runtime import RuntimeCosts, load_runtime
 from .models import ModelSpec, get_preset, preset_names
+from .yamlsafe import safe_load as _safe_load
 
 
 class _Strict(BaseModel):

@@ -16,7 +16,7 @@ from .errors import InputError
 RUN_FILES = ("summary.json", "steps.parquet", "requests.parquet", "events.parquet", "report.html", "whatif.json")
 # folders a run keeps: `--why`'s what-if points (checked by scenario hash before reuse, advise/whatif.py)
 RUN_DIRS = ("whatif",)
-_LEFTOVER = re.compile(r"^\..+\.tmp-\d+$")   # an interrupted run's temporary file (results._atomic)
+_LEFTOVER = re.compile(r"^\.(.+\.tmp-\d+|moesim-probe-.+)$")   # an interrupted run's temporary files
 
 
 def _show(p: Path) -> str:
@@ -28,20 +28,31 @@ def _why(e: Exception) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
+def _probe(d: Path) -> None:
+    """Write and remove a temporary file in directory `d` (OSError when that is not possible)."""
+    fd, probe = tempfile.mkstemp(prefix=".moesim-probe-", dir=d)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_writable_dir(path, field: str = "-o/--output") -> Path:
-    """Create `path` (and its parents) if needed and prove a file can be written in it."""
+    """Prove that `path` is, or can be created as, a directory a file can be written in; nothing
+    is created (a run that fails later leaves no directory behind)."""
     p = Path(path)
     try:
         if p.exists() and not p.is_dir():
             raise InputError("exists and is not a directory", file=_show(p), field=field)
-    except (OSError, ValueError) as e:  # a NUL byte, a name too long
-        raise InputError(f"not a usable path ({_why(e)})", file=_show(p), field=field) from None
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".moesim-probe-", dir=p)
-        os.close(fd)
-        os.unlink(probe)
-    except (OSError, ValueError) as e:
+        have = p.absolute()
+        while not have.exists():   # the nearest existing ancestor must be a writable directory
+            have = have.parent
+        if not have.is_dir():
+            raise InputError(f"{_show(have)} is a file, not a directory", file=_show(p), field=field)
+        name_max = os.pathconf(have, "PC_NAME_MAX")
+        long = [part for part in p.absolute().relative_to(have).parts if len(os.fsencode(part)) > name_max]
+        if long:
+            raise InputError(f"a name longer than {name_max} bytes", file=_show(p), field=field)
+        _probe(have)
+    except (OSError, ValueError) as e:  # not writable, /proc, a NUL byte
         raise InputError(f"cannot write an output directory here ({_why(e)})", file=_show(p), field=field) from None
     return p
 
@@ -65,6 +76,8 @@ def check_writable_file(path, field: str = "-o/--output") -> Path:
 def claim_run_dir(path, field: str = "-o/--output") -> Path:
     """A writable directory that is new, empty or an earlier run's: refuse one with other files in it."""
     p = check_writable_dir(path, field)
+    if not p.exists():
+        return p
     try:
         names = [f.name for f in p.iterdir()]
     except OSError as e:

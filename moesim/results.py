@@ -35,7 +35,10 @@ def write_result(result, outdir: str | Path) -> list[Path]:
     from .outdir import RUN_FILES
 
     out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the output directory ({e.strerror or e})", file=str(out)) from None
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     written = []

@@ -151,7 +151,7 @@ def _check_output_path(tmp_path, segments):
     except InputError as e:
         assert "\n" not in str(e) and "-o/--output" in str(e)
     else:
-        assert d.is_dir() and not [f for f in d.iterdir() if f.name == "mine.txt"]
+        assert not d.exists() or (d.is_dir() and not [f for f in d.iterdir() if f.name == "mine.txt"])
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,6 +1,6 @@
-"""The README is true: every command in its ```bash blocks runs (some with smaller sizes, said
-where), its ```python blocks run, its scenario loads, and the figures it quotes are what the
-commands print now, within the README's rounding.
+"""The README is true: every command it shows (the lines of its ```bash blocks, the `$ ` lines of
+others) runs, some with smaller sizes, said where; its ```python blocks run, its scenario loads,
+and the figures it quotes are what the commands print now, within the README's rounding.
 
 A README command this file does not know FAILS `test_every_readme_command_is_known` until it is
 added to COMMANDS below: run as written, run with an override (and why), or skipped (and why).
@@ -43,17 +43,30 @@ def _strip_comment(line: str) -> str:
     return line.rstrip()
 
 
+SHELL = ("bash", "sh", "shell")                             # blocks whose every line is a command
+OTHER = ("", "console", "python", "yaml", "text", "json", "toml")  # output, code, data: a `$ ` line is a command
+
+
+def fenced() -> list[tuple[str, str]]:
+    """(language, text) of every fenced code block, in order."""
+    return re.findall(r"^```([\w+-]*)\n(.*?)^```", README, flags=re.S | re.M)
+
+
 def blocks(lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", README, flags=re.S | re.M)
+    return [text for lg, text in fenced() if lg == lang]
 
 
 def bash_commands() -> list[str]:
-    """Every command line of the README's bash blocks, in order (continuations joined,
-    comments and blank lines dropped, runs of spaces collapsed)."""
+    """Every command the README shows, in order: the lines of its shell blocks and the `$ ` lines
+    of other blocks (continuations joined, comments and blank lines dropped, spaces collapsed)."""
     out = []
-    for block in blocks("bash"):
+    for lang, block in fenced():
         for line in re.sub(r"\\\n", " ", block).splitlines():
-            line = " ".join(_strip_comment(line).split())
+            if lang not in SHELL:
+                if not line.startswith("$ "):
+                    continue
+                line = line[2:]
+            line = " ".join(_strip_comment(line.removeprefix("$ ")).split())
             if line:
                 out.append(line)
     return out
@@ -81,6 +94,9 @@ COMMANDS: dict[str, Cmd] = {
            "under test is imported from the checkout)", check="check_quickstart"),
     "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -q":
         _q(skip=True, why="the test suite itself (this file is part of it); .ci/run runs it"),
+    "moesim run scenarios/quickstart.yaml":
+        _q(skip=True, why="the `$ ` line of the quoted Quickstart output: that command runs (and its table "
+           "is checked) in the first Quickstart line"),
     # -- Using it
     "moesim run SCENARIO.yaml [-o DIR] [--set path=value ...] [--events]":
         _q(skip=True, why="a synopsis with placeholders; `moesim run` runs in the Quickstart line"),
@@ -185,6 +201,11 @@ def execute(cmd: str, cwd: Path) -> str:
     return r.stdout + r.stderr
 
 
+def test_every_code_block_is_of_a_known_kind():
+    unknown = sorted({lang for lang, _ in fenced() if lang not in SHELL + OTHER})
+    assert not unknown, f"teach tests/test_readme.py what a ```{unknown[0]} block holds (SHELL or OTHER)"
+
+
 def test_every_readme_command_is_known():
     lines = bash_commands()
     unknown = [c for c in lines if c not in COMMANDS]
@@ -192,6 +213,19 @@ def test_every_readme_command_is_known():
                          "written, with an override, or skipped, with the reason):\n" + "\n".join(unknown))
     stale = [c for c in COMMANDS if c not in lines]
     assert not stale, "COMMANDS entries no longer in the README (remove them):\n" + "\n".join(stale)
+
+
+def test_a_new_command_fails_until_it_is_listed(monkeypatch):
+    """The check above can fail: a command added to the README (in any shell block, or as a `$ `
+    line) and not in COMMANDS is reported; so is an unknown kind of block."""
+    here = sys.modules[__name__]
+    for extra in ("```bash\nmoesim frobnicate --all\n```\n", "```\n$ moesim frobnicate\n```\n"):
+        monkeypatch.setattr(here, "README", README + "\n" + extra)
+        with pytest.raises(AssertionError, match="frobnicate"):
+            test_every_readme_command_is_known()
+    monkeypatch.setattr(here, "README", README + "\n```fish\nmoesim models\n```\n")
+    with pytest.raises(AssertionError, match="fish"):
+        test_every_code_block_is_of_a_known_kind()
 
 
 @pytest.mark.parametrize("line", bash_commands(), ids=lambda s: s[:60])

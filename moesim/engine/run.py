@@ -70,7 +70,8 @@ def open_trace(sc: Scenario, workdir: Path, record_events: bool = False):
     if sc.trace.synthetic is not None:
         syn = sc.trace.synthetic
         _check_run_memory(sc, syn.requests, syn.requests * (syn.prompt_len + syn.decode_len),
-                          syn.requests * syn.decode_len, record_events, "trace.synthetic.requests")
+                          syn.requests * syn.decode_len, record_events,
+                          "trace.synthetic." + ("decode_len" if syn.decode_len > syn.requests else "requests"))
         path = workdir / "synthetic-trace.parquet"
         params, label = None, syn.preset or sc.model.name
         if syn.params_file is not None:
