@@ -181,3 +181,16 @@ def test_thrash_warning_reaches_the_terminal_and_the_summary(tmp_path):
     import json
 
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["warnings"][0] in r.stderr
+
+
+def test_sweep_report_plots_the_gap_by_policy():
+    import pandas as pd
+
+    from moesim.report.sweep import fig_gap_by_policy
+
+    df = pd.DataFrame({"cache.gpu.policy": ["lru", "arc", "lru", "arc"], "model": ["a", "a", "b", "b"],
+                       "gap_captured": [0.0, 0.25, 0.0, 0.5]})
+    fig = fig_gap_by_policy(df, ["model"])
+    assert [t.name for t in fig.data] == ["a", "b"]
+    assert [list(t.x) for t in fig.data] == [["lru", "arc"]] * 2
+    assert [list(t.y) for t in fig.data] == [[0.0, 0.25], [0.0, 0.5]]
