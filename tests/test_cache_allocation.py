@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 
 from moesim.cache import replay
+from moesim.cache.replay import replay_steps
 from moesim.cache.allocation import allocate, effective_experts, miss_curve, optimal, proportional
 from moesim.cache.gap import captured, gap_report
 from moesim.cache.guards import thrash_warnings
@@ -194,3 +195,19 @@ def test_sweep_report_plots_the_gap_by_policy():
     assert [t.name for t in fig.data] == ["a", "b"]
     assert [list(t.x) for t in fig.data] == [["lru", "arc"]] * 2
     assert [list(t.y) for t in fig.data] == [[0.0, 0.25], [0.0, 0.5]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 9), max_size=120), st.integers(1, 8), st.sampled_from(["lru", "s3fifo", "arc", "lfu"]))
+def test_replay_steps_with_one_key_per_step_is_replay(stream, cap, policy):
+    assert replay_steps([[x] for x in stream], cap, policy) == replay(stream, cap, policy)
+
+
+def test_replay_steps_pins_the_step_and_bypasses_when_it_is_full():
+    # a step of 3 distinct keys into 2 slots: the third cannot evict the step's own keys
+    assert replay_steps([[0, 1, 2]], 2, "lru").misses == 3
+    assert replay_steps([[0, 1, 2], [2]], 2, "lru").misses == 4     # 2 was not cached (bypass)
+    assert replay([0, 1, 2, 2], 2, "lru").misses == 3                # unpinned, 2 evicts 0 and stays
+    # a step's hits are pinned too: with 1 and 0 hit, 2 cannot evict either, so 1 is still there
+    assert replay_steps([[0, 1], [1, 0, 2], [1]], 2, "lru").misses == 3
+    assert replay([0, 1, 1, 0, 2, 1], 2, "lru").misses == 4

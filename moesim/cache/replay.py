@@ -23,7 +23,8 @@ import numpy as np
 
 from .policies import get_policy, policy_class
 
-__all__ = ["ReplayResult", "replay", "replay_incremental", "miss_flags", "next_use_positions", "NextUse"]
+__all__ = ["ReplayResult", "replay", "replay_incremental", "replay_steps", "miss_flags", "next_use_positions",
+           "NextUse"]
 
 
 @dataclass(frozen=True)
@@ -348,3 +349,36 @@ def miss_flags(requests, capacity: int, policy: str) -> np.ndarray:
             evict(victim())
         insert(x, nu)
     return out
+
+
+def replay_steps(groups, capacity: int, policy: str) -> ReplayResult:
+    """Replay a stream cut into groups (the keys one layer of one engine step needs), each pinned
+    while its step runs, as the engine does: a key of the current group is never the victim,
+    and a miss that finds every resident key pinned is loaded without being cached (the
+    engine's bypass). Singleton groups give exactly :func:`replay`'s counts."""
+    cap = _check(capacity, policy)
+    hits = n = 0
+    pol = get_policy(policy, cap) if cap else None
+    if pol is not None and pol.needs_next_use:
+        raise ValueError("replay_steps does not take belady (it needs the whole stream's next uses)")
+    for g in groups:
+        keys = _as_list(g)
+        n += len(keys)
+        if pol is None:
+            continue
+        pinned: set[int] = set()
+        for x in keys:
+            if x in pol:
+                hits += 1
+                pol.touch(x)
+                pinned.add(x)
+                continue
+            pol.miss(x)
+            if len(pol) >= cap:
+                v = pol.victim(pinned)
+                if v is None:
+                    continue          # bypass: used once, not cached
+                pol.evict(v)
+            pol.insert(x)
+            pinned.add(x)
+    return ReplayResult(hits, n - hits)
