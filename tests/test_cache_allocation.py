@@ -211,3 +211,11 @@ def test_replay_steps_pins_the_step_and_bypasses_when_it_is_full():
     # a step's hits are pinned too: with 1 and 0 hit, 2 cannot evict either, so 1 is still there
     assert replay_steps([[0, 1], [1, 0, 2], [1]], 2, "lru").misses == 3
     assert replay([0, 1, 1, 0, 2, 1], 2, "lru").misses == 4
+
+
+def test_replay_steps_serves_a_steps_hits_before_its_misses():
+    # 1 is the least recent but hit in the second step; served first, it is pinned before 2
+    # needs a slot, so 2 evicts 0 (in request order 2 would evict 1, then 1 would miss)
+    assert replay_steps([[1, 0], [2, 1], [1]], 2, "lru").misses == 3
+    assert replay([1, 0, 2, 1, 1], 2, "lru").misses == 4
+    assert replay_steps([[0], [0, 1, 1]], 2, "lru") == replay([0, 0, 1, 1], 2, "lru")  # repeats hit

@@ -352,10 +352,11 @@ def miss_flags(requests, capacity: int, policy: str) -> np.ndarray:
 
 
 def replay_steps(groups, capacity: int, policy: str) -> ReplayResult:
-    """Replay a stream cut into groups (the keys one layer of one engine step needs), each pinned
-    while its step runs, as the engine does: a key of the current group is never the victim,
-    and a miss that finds every resident key pinned is loaded without being cached (the
-    engine's bypass). Singleton groups give exactly :func:`replay`'s counts."""
+    """Replay a stream cut into groups (the keys one layer of one engine step needs) as the
+    engine serves them: the group's hits first (each pinned), then its misses in order, each
+    pinned once loaded; a key of the current group is never the victim, and a miss that finds
+    every resident key pinned is loaded without being cached (the engine's bypass). Singleton
+    groups give exactly :func:`replay`'s counts. Not for belady (next uses of the whole stream)."""
     cap = _check(capacity, policy)
     hits = n = 0
     pol = get_policy(policy, cap) if cap else None
@@ -366,12 +367,18 @@ def replay_steps(groups, capacity: int, policy: str) -> ReplayResult:
         n += len(keys)
         if pol is None:
             continue
-        pinned: set[int] = set()
+        first = {x for x in keys if x in pol}
+        pinned = set(first)
         for x in keys:
-            if x in pol:
+            if x in first:
                 hits += 1
                 pol.touch(x)
-                pinned.add(x)
+        for x in keys:
+            if x in first:
+                continue
+            if x in pol:              # a repeat of a key this group loaded
+                hits += 1
+                pol.touch(x)
                 continue
             pol.miss(x)
             if len(pol) >= cap:
