@@ -23,14 +23,19 @@ TRACES = sorted((ROOT / "traces").glob("*.parquet"))
 GOOD = (ROOT / "scenarios/quickstart.yaml").read_text().replace("../traces/", str(ROOT / "traces") + "/")
 
 
-def layer_streams(path):
+def layer_streams(path, steps: bool = False):
+    """Each layer's keys in trace order; with ``steps`` also cut into one group per token."""
     from moesim.traces.io import TraceReader
 
     r = TraceReader(path)
     E, L, k = r.meta.num_experts, r.meta.num_layers, r.meta.top_k
-    s = np.concatenate([(q.experts.astype(np.int64) + (np.arange(q.experts.shape[1]) * E)[None, :, None]).ravel()
-                        for q in r.iter_requests(pre_attn=False, scores=False)])
-    return [s[s // E == i] for i in range(L)], E, L, k
+    reqs = [q.experts.astype(np.int64) + (np.arange(q.experts.shape[1]) * E)[None, :, None]
+            for q in r.iter_requests(pre_attn=False, scores=False)]
+    s = np.concatenate([q.ravel() for q in reqs])
+    streams = [s[s // E == i] for i in range(L)]
+    if steps:
+        return streams, [[tok[i] for q in reqs for tok in q] for i in range(L)], E, L, k
+    return streams, E, L, k
 
 
 def total_misses(streams, caps, policy):
@@ -90,6 +95,18 @@ def test_optimal_never_worse_than_uniform_on_shipped_traces(path):
             assert total_misses(streams, opt, policy) <= uni, (policy, c)
             prop = allocate("proportional", streams, c * L, k, E, policy, E)
             assert sum(prop) == c * L and k <= min(prop) and max(prop) <= E
+
+
+@pytest.mark.parametrize("path", TRACES, ids=lambda p: p.stem)
+def test_optimal_never_worse_than_uniform_in_the_pinned_step_replay(path):
+    """The same, for the replay the engine plans on (a step's experts pinned; here one step per
+    token, as for open-loop arrivals), lru."""
+    streams, groups, E, L, k = layer_streams(path, steps=True)
+    curves = [miss_curve(s, "lru", E, k, g) for s, g in zip(streams, groups)]
+    for c in sorted({k, (k + E) // 4, E - 1}):
+        opt = optimal(curves, c * L, k, E)
+        assert sum(replay_steps(g, x, "lru").misses for g, x in zip(groups, opt)) <= \
+            sum(replay_steps(g, c, "lru").misses for g in groups), c
 
 
 # ---- gap report ------------------------------------------------------------------------------
