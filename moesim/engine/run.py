@@ -38,7 +38,7 @@ def engine_config(sc: Scenario, record_events: bool = False, capacities: dict | 
         gpu_capacity=caps.get("gpu", g.experts(m.expert_bytes)), gpu_policy=g.policy_name, gpu_partition=g.partition,
         dram_capacity=caps.get("dram", d.experts(m.expert_bytes)) if d else None,
         dram_policy=d.policy_name if d else "lru", dram_partition=d.partition if d else "global",
-        has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events)
+        has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events, seed=sc.seed)
 
 
 def open_trace(sc: Scenario, workdir: Path):
