@@ -56,7 +56,7 @@ def time_libcachesim(lcs, policy: str, path: Path, kind: str, capacity: int, n: 
         params = lcs.ReaderInitParam(ignore_obj_size=True)
         ttype = lcs.TraceType.ORACLE_GENERAL_TRACE if kind == "oracle" else lcs.TraceType.PLAIN_TXT_TRACE
         reader = lcs.TraceReader(str(path), ttype, params)
-        cache = getattr(lcs, LCS_NAME[policy])(capacity)
+        cache = getattr(lcs, LCS_NAME.get(policy) or LCS_NEAR[policy])(capacity)
         t0 = time.perf_counter()
         miss_ratio, _ = cache.process_trace(reader)
         best = min(best, time.perf_counter() - t0)

@@ -96,3 +96,25 @@ def test_every_new_policy_beats_nothing_it_should_not():
     for pol in ("lirs", "wtinylfu", "lecar"):
         assert opt <= replay(s, 40, pol).misses <= len(s)
         assert get_policy(pol, 40).name == pol
+
+
+def test_a_tier_seeds_lecar_from_the_generator_it_is_given():
+    """One spawned child per partition: the same generator seed repeats every eviction, another
+    seed changes them, and per-layer partitions do not share draws."""
+    from moesim.cache import Tier
+
+    s = zipf_stream(3_000, 40, 0.8, seed=6).tolist()
+
+    def evictions(seed, partition="global"):
+        t = Tier("gpu", 6, "lecar", partition, num_experts=20, num_layers=2, rng=np.random.default_rng(seed))
+        out = []
+        for pos, k in enumerate(s):
+            if not t.hit(k, pos):
+                out += t.reserve(k, pos) or []
+                t.complete(k)
+        return out
+
+    assert evictions(1) == evictions(1)
+    assert evictions(1) != evictions(2)
+    parts = Tier("gpu", 6, "lecar", "per_layer", 20, 2, rng=np.random.default_rng(1))._policies
+    assert parts[0]._rng.random() != parts[1]._rng.random()

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 
 from moesim.cache import replay
+from moesim.cache.replay import replay_steps
 from moesim.cache.allocation import allocate, effective_experts, miss_curve, optimal, proportional
 from moesim.cache.gap import captured, gap_report
 from moesim.cache.guards import thrash_warnings
@@ -22,14 +23,19 @@ TRACES = sorted((ROOT / "traces").glob("*.parquet"))
 GOOD = (ROOT / "scenarios/quickstart.yaml").read_text().replace("../traces/", str(ROOT / "traces") + "/")
 
 
-def layer_streams(path):
+def layer_streams(path, steps: bool = False):
+    """Each layer's keys in trace order; with ``steps`` also cut into one group per token."""
     from moesim.traces.io import TraceReader
 
     r = TraceReader(path)
     E, L, k = r.meta.num_experts, r.meta.num_layers, r.meta.top_k
-    s = np.concatenate([(q.experts.astype(np.int64) + (np.arange(q.experts.shape[1]) * E)[None, :, None]).ravel()
-                        for q in r.iter_requests(pre_attn=False, scores=False)])
-    return [s[s // E == i] for i in range(L)], E, L, k
+    reqs = [q.experts.astype(np.int64) + (np.arange(q.experts.shape[1]) * E)[None, :, None]
+            for q in r.iter_requests(pre_attn=False, scores=False)]
+    s = np.concatenate([q.ravel() for q in reqs])
+    streams = [s[s // E == i] for i in range(L)]
+    if steps:
+        return streams, [[tok[i] for q in reqs for tok in q] for i in range(L)], E, L, k
+    return streams, E, L, k
 
 
 def total_misses(streams, caps, policy):
@@ -89,6 +95,18 @@ def test_optimal_never_worse_than_uniform_on_shipped_traces(path):
             assert total_misses(streams, opt, policy) <= uni, (policy, c)
             prop = allocate("proportional", streams, c * L, k, E, policy, E)
             assert sum(prop) == c * L and k <= min(prop) and max(prop) <= E
+
+
+@pytest.mark.parametrize("path", TRACES, ids=lambda p: p.stem)
+def test_optimal_never_worse_than_uniform_in_the_pinned_step_replay(path):
+    """The same, for the replay the engine plans on (a step's experts pinned; here one step per
+    token, as for open-loop arrivals), lru."""
+    streams, groups, E, L, k = layer_streams(path, steps=True)
+    curves = [miss_curve(s, "lru", E, k, g) for s, g in zip(streams, groups)]
+    for c in sorted({k, (k + E) // 4, E - 1}):
+        opt = optimal(curves, c * L, k, E)
+        assert sum(replay_steps(g, x, "lru").misses for g, x in zip(groups, opt)) <= \
+            sum(replay_steps(g, c, "lru").misses for g in groups), c
 
 
 # ---- gap report ------------------------------------------------------------------------------
@@ -181,3 +199,40 @@ def test_thrash_warning_reaches_the_terminal_and_the_summary(tmp_path):
     import json
 
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["warnings"][0] in r.stderr
+
+
+def test_sweep_report_plots_the_gap_by_policy():
+    import pandas as pd
+
+    from moesim.report.sweep import fig_gap_by_policy
+
+    df = pd.DataFrame({"cache.gpu.policy": ["lru", "arc", "lru", "arc"], "model": ["a", "a", "b", "b"],
+                       "gap_captured": [0.0, 0.25, 0.0, 0.5]})
+    fig = fig_gap_by_policy(df, ["model"])
+    assert [t.name for t in fig.data] == ["a", "b"]
+    assert [list(t.x) for t in fig.data] == [["lru", "arc"]] * 2
+    assert [list(t.y) for t in fig.data] == [[0.0, 0.25], [0.0, 0.5]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 9), max_size=120), st.integers(1, 8), st.sampled_from(["lru", "s3fifo", "arc", "lfu"]))
+def test_replay_steps_with_one_key_per_step_is_replay(stream, cap, policy):
+    assert replay_steps([[x] for x in stream], cap, policy) == replay(stream, cap, policy)
+
+
+def test_replay_steps_pins_the_step_and_bypasses_when_it_is_full():
+    # a step of 3 distinct keys into 2 slots: the third cannot evict the step's own keys
+    assert replay_steps([[0, 1, 2]], 2, "lru").misses == 3
+    assert replay_steps([[0, 1, 2], [2]], 2, "lru").misses == 4     # 2 was not cached (bypass)
+    assert replay([0, 1, 2, 2], 2, "lru").misses == 3                # unpinned, 2 evicts 0 and stays
+    # a step's hits are pinned too: with 1 and 0 hit, 2 cannot evict either, so 1 is still there
+    assert replay_steps([[0, 1], [1, 0, 2], [1]], 2, "lru").misses == 3
+    assert replay([0, 1, 1, 0, 2, 1], 2, "lru").misses == 4
+
+
+def test_replay_steps_serves_a_steps_hits_before_its_misses():
+    # 1 is the least recent but hit in the second step; served first, it is pinned before 2
+    # needs a slot, so 2 evicts 0 (in request order 2 would evict 1, then 1 would miss)
+    assert replay_steps([[1, 0], [2, 1], [1]], 2, "lru").misses == 3
+    assert replay([1, 0, 2, 1, 1], 2, "lru").misses == 4
+    assert replay_steps([[0], [0, 1, 1]], 2, "lru") == replay([0, 0, 1, 1], 2, "lru")  # repeats hit

@@ -15,8 +15,9 @@ checked against plain references and for near-agreement with libCacheSim
 * **lecar** (Vietri et al., HotStorage 2018): LRU and LFU experts with ghost histories of
   ``capacity`` entries each, learning rate 0.45, discount ``0.005 ** (1 / capacity)``, starting
   weights 0.5; the victim comes from LRU with probability ``w_lru``. Randomised: every draw comes
-  from a seeded ``numpy.random.Generator`` (seed 0 unless one is passed), so runs repeat exactly,
-  but they cannot repeat libCacheSim's C ``rand()`` draws.
+  from a seeded ``numpy.random.Generator`` (in a run, one per partition spawned from the
+  scenario seed; seed 0 when none is passed), so runs repeat exactly, but they cannot repeat
+  libCacheSim's C ``rand()`` draws.
 """
 from __future__ import annotations
 
@@ -221,6 +222,7 @@ class LeCaR(_Keyed):
 
     __slots__ = ("_lru", "_lfu", "_h", "_w", "_rng", "_t", "_lr", "_disc", "_hcap", "_plan", "_resume")
     name = "lecar"
+    randomised = True
 
     def __init__(self, capacity: int | None = None, rng: np.random.Generator | None = None,
                  learning_rate: float = 0.45) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .replay import replay
+from .replay import replay, replay_steps
 
 __all__ = ["ALLOCATIONS", "miss_curve", "allocate", "effective_experts", "proportional", "optimal"]
 
@@ -35,11 +35,16 @@ def _lru_curve(stream, hi: int) -> np.ndarray:
     return len(stream) - hits_at
 
 
-def miss_curve(stream, policy: str, hi: int, lo: int = 0) -> np.ndarray:
+def miss_curve(stream, policy: str, hi: int, lo: int = 0, groups=None) -> np.ndarray:
     """Misses of ``policy`` on ``stream`` at every capacity 0..hi (entries below ``lo`` are
-    not computed: +inf). One pass for lru; one replay per capacity for the others."""
+    not computed: +inf). One pass for lru; one replay per capacity for the others. With
+    ``groups`` (the stream cut into engine steps of this layer) the replay pins each step's keys
+    as the engine does (:func:`moesim.cache.replay.replay_steps`; not for belady)."""
     s = np.asarray(stream, dtype=np.int64)
-    if policy == "lru":
+    if groups is not None and policy != "belady":
+        out = np.array([replay_steps(groups, c, policy).misses if c >= lo else 0 for c in range(hi + 1)],
+                       dtype=float)
+    elif policy == "lru":
         out = _lru_curve(s.tolist(), hi).astype(float)
     else:
         out = np.array([replay(s, c, policy).misses if c >= lo else 0 for c in range(hi + 1)], dtype=float)
@@ -108,13 +113,16 @@ def optimal(curves, budget: int, lo: int, hi: int) -> list[int]:
     return caps
 
 
-def allocate(kind: str, streams, budget: int, lo: int, hi: int, policy: str, num_experts: int) -> list[int]:
-    """Per-layer capacities for allocation ``kind`` from each layer's key stream."""
+def allocate(kind: str, streams, budget: int, lo: int, hi: int, policy: str, num_experts: int,
+             groups=None) -> list[int]:
+    """Per-layer capacities for allocation ``kind`` from each layer's key stream (and, for
+    ``optimal``, optionally each layer's stream cut into engine steps: see :func:`miss_curve`)."""
     n = len(streams)
     if kind == "uniform":
         return [min(hi, budget // n)] * n
     if kind == "proportional":
         return proportional([effective_experts(s, num_experts) for s in streams], budget, lo, hi)
     if kind == "optimal":
-        return optimal([miss_curve(s, policy, hi, lo) for s in streams], budget, lo, hi)
+        gs = groups if groups is not None else [None] * n
+        return optimal([miss_curve(s, policy, hi, lo, g) for s, g in zip(streams, gs)], budget, lo, hi)
     raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {kind!r}")

@@ -72,6 +72,7 @@ class Policy:
     __slots__ = ()
     name: str = ""
     needs_next_use: bool = False  # True: insert/touch must be given next_use
+    randomised: bool = False      # True: the constructor takes rng (a seeded numpy Generator)
 
     def insert(self, key: int, next_use: float | None = None) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -368,10 +369,18 @@ def policy_class(name: str) -> type[Policy]:
                        f"any of them{ADMISSION} adds the second-touch admission filter)") from None
 
 
-def get_policy(name: str, capacity: int | None = None) -> Policy:
+def get_policy(name: str, capacity: int | None = None, rng=None) -> Policy:
     """A new, empty instance of the policy registered as ``name``, sized for ``capacity`` keys
-    (KeyError naming the known ones)."""
+    (KeyError naming the known ones). ``rng`` (a seeded numpy Generator) goes to randomised
+    policies; without it they seed their own with 0."""
     cls = policy_class(name)
+    if cls.randomised and rng is not None:
+        inner = cls(capacity, rng=rng)
+        if name.endswith(ADMISSION):
+            from .admission import SecondTouch
+
+            return SecondTouch(inner, capacity)
+        return inner
     if name.endswith(ADMISSION):
         if cls.needs_next_use:
             raise KeyError(f"eviction policy {name!r}: {cls.name} is the offline optimum; an admission "

@@ -23,7 +23,8 @@ import numpy as np
 
 from .policies import get_policy, policy_class
 
-__all__ = ["ReplayResult", "replay", "replay_incremental", "miss_flags", "next_use_positions", "NextUse"]
+__all__ = ["ReplayResult", "replay", "replay_incremental", "replay_steps", "miss_flags", "next_use_positions",
+           "NextUse"]
 
 
 @dataclass(frozen=True)
@@ -348,3 +349,43 @@ def miss_flags(requests, capacity: int, policy: str) -> np.ndarray:
             evict(victim())
         insert(x, nu)
     return out
+
+
+def replay_steps(groups, capacity: int, policy: str) -> ReplayResult:
+    """Replay a stream cut into groups (the keys one layer of one engine step needs) as the
+    engine serves them: the group's hits first (each pinned), then its misses in order, each
+    pinned once loaded; a key of the current group is never the victim, and a miss that finds
+    every resident key pinned is loaded without being cached (the engine's bypass). Singleton
+    groups give exactly :func:`replay`'s counts. Not for belady (next uses of the whole stream)."""
+    cap = _check(capacity, policy)
+    hits = n = 0
+    pol = get_policy(policy, cap) if cap else None
+    if pol is not None and pol.needs_next_use:
+        raise ValueError("replay_steps does not take belady (it needs the whole stream's next uses)")
+    for g in groups:
+        keys = _as_list(g)
+        n += len(keys)
+        if pol is None:
+            continue
+        first = {x for x in keys if x in pol}
+        pinned = set(first)
+        for x in keys:
+            if x in first:
+                hits += 1
+                pol.touch(x)
+        for x in keys:
+            if x in first:
+                continue
+            if x in pol:              # a repeat of a key this group loaded
+                hits += 1
+                pol.touch(x)
+                continue
+            pol.miss(x)
+            if len(pol) >= cap:
+                v = pol.victim(pinned)
+                if v is None:
+                    continue          # bypass: used once, not cached
+                pol.evict(v)
+            pol.insert(x)
+            pinned.add(x)
+    return ReplayResult(hits, n - hits)

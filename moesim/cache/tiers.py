@@ -13,6 +13,8 @@ Lifecycle::
     hit(key, pos) -> bool                        (READY: an access, True; else False, no change)
     pin(key) / unpin(key)                        (reference counts on a READY or IN_FLIGHT key)
 
+``rng`` (a seeded numpy Generator) seeds randomised policies, one spawned child per partition.
+
 ``pos`` is the position of the access in the engine's access stream (Belady's clock: the tier
 asks ``next_use(key, pos)`` for the first request of ``key`` after ``pos``). Other policies do
 not look at it.
@@ -93,7 +95,7 @@ class Tier:
 
     def __init__(self, name: str, capacity: int | None, policy: str = "lru", partition: str = "global",
                  num_experts: int = 1, num_layers: int = 1,
-                 next_use: Callable[[int, int], float] | None = None) -> None:
+                 next_use: Callable[[int, int], float] | None = None, rng=None) -> None:
         cls = policy_class(policy)  # KeyError naming the known policies
         if partition not in PARTITIONS:
             raise ValueError(f"tier {name!r}: partition must be one of {PARTITIONS}, got {partition!r}")
@@ -117,7 +119,9 @@ class Tier:
         self._next_use = next_use if self._belady else None
         n_parts = num_layers if self._per_layer else 1
         self._caps: list[int | None] = list(capacity) if isinstance(capacity, tuple) else [capacity] * n_parts
-        self._policies: list[Policy] = [get_policy(policy, c) if bounded else _NO_POLICY for c in self._caps]
+        rngs = rng.spawn(n_parts) if rng is not None and cls.randomised else [None] * n_parts
+        self._policies: list[Policy] = [get_policy(policy, c, r) if bounded else _NO_POLICY
+                                        for c, r in zip(self._caps, rngs)]
         self._ready: dict[int, Policy] = {}   # READY key -> the policy instance of its partition
         self._flight: dict[int, Policy] = {}  # IN_FLIGHT key -> the same
         self._pins: dict[int, int] = {}       # key -> pin count (> 0)

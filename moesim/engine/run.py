@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..cache.replay import NextUse
+from ..cache.replay import NextUse, replay
 from ..config import Scenario
 from ..errors import InputError
 from ..hardware.costs import CostModel
@@ -38,7 +38,7 @@ def engine_config(sc: Scenario, record_events: bool = False, capacities: dict | 
         gpu_capacity=caps.get("gpu", g.experts(m.expert_bytes)), gpu_policy=g.policy_name, gpu_partition=g.partition,
         dram_capacity=caps.get("dram", d.experts(m.expert_bytes)) if d else None,
         dram_policy=d.policy_name if d else "lru", dram_partition=d.partition if d else "global",
-        has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events)
+        has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events, seed=sc.seed)
 
 
 _SPLIT = ("simulate fewer requests (per-token rates settle long before a million), or split the trace "
@@ -166,25 +166,27 @@ def make_scheduler(sc: Scenario, requests, trace_path: Path | None = None) -> Sc
                      num_layers=sc.model.num_layers, dedup=b.dedup)
 
 
-def _trace_stream(reader, sc: Scenario) -> np.ndarray:
-    """The engine's access stream where it does not depend on time (closed arrivals), else every
-    access of the trace in row order: the stream per-layer allocations are planned on."""
+def _planning_steps(reader, sc: Scenario) -> list[np.ndarray]:
+    """The keys of every layer of every engine step, in order, where they do not depend on time
+    (closed arrivals); else every token's keys per layer in trace order: what per-layer
+    allocations are planned on."""
     if sc.batch.arrivals == "closed":
-        return _access_stream(reader, sc)
+        return list(collect_keys(make_scheduler(sc, reader.iter_requests(), reader.path)))
     E = sc.model.num_experts
-    parts = [(r.experts.astype(np.int64) + (np.arange(r.experts.shape[1]) * E)[None, :, None]).ravel()
-             for r in reader.iter_requests(pre_attn=False, scores=False)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return [(r.experts[t, layer].astype(np.int64) + layer * E)
+            for r in reader.iter_requests(pre_attn=False, scores=False)
+            for t in range(r.experts.shape[0]) for layer in range(r.experts.shape[1])]
 
 
 def plan_capacities(reader, sc: Scenario) -> tuple[dict, dict]:
     """Per-layer capacities of tiers with ``allocation`` proportional or optimal, and the
-    allocation report: per tier, the capacities and the replay misses of uniform and of the
-    chosen split on the planning stream."""
+    allocation report: per tier, the capacities and the misses of uniform and of the chosen
+    split in a replay of the planning steps that pins each step's experts, as the engine does."""
     from ..cache.allocation import allocate
+    from ..cache.replay import replay_steps
 
     m = sc.model
-    E, L, caps, report, stream = m.num_experts, m.num_layers, {}, {}, None
+    E, L, caps, report, by_layer = m.num_experts, m.num_layers, {}, {}, None
     for name in ("gpu", "dram"):
         t = getattr(sc.cache, name)
         if t is None or t.partition != "per_layer":
@@ -192,22 +194,22 @@ def plan_capacities(reader, sc: Scenario) -> tuple[dict, dict]:
         n = t.experts(m.expert_bytes)
         rep = {"allocation": t.allocation, "per_layer": [n] * L, "budget": n * L}
         if t.allocation != "uniform":
-            if stream is None:
-                stream = _trace_stream(reader, sc)
-            subs = [stream[stream // E == i] for i in range(L)]
-            chosen = allocate(t.allocation, subs, n * L, m.top_k, E, t.policy_name, E)
+            if by_layer is None:
+                by_layer = [[] for _ in range(L)]
+                for g in _planning_steps(reader, sc):
+                    if g.size:
+                        by_layer[int(g[0]) // E].append(g)
+            subs = [np.concatenate(g) if g else np.zeros(0, np.int64) for g in by_layer]
+            pol = t.policy_name
+            chosen = allocate(t.allocation, subs, n * L, m.top_k, E, pol, E, groups=by_layer)
             caps[name] = tuple(chosen)
-            rep.update(per_layer=chosen, planning_accesses=int(stream.size),
-                       replay_misses={"uniform": _misses(subs, [n] * L, t.policy_name),
-                                      t.allocation: _misses(subs, chosen, t.policy_name)})
+            miss = ((lambda i, c: replay(subs[i], c, pol).misses) if pol == "belady" else
+                    (lambda i, c: replay_steps(by_layer[i], c, pol).misses))
+            rep.update(per_layer=chosen, planning_accesses=int(sum(s.size for s in subs)),
+                       replay_misses={"uniform": sum(miss(i, n) for i in range(L)),
+                                      t.allocation: sum(miss(i, c) for i, c in enumerate(chosen))})
         report[name] = rep
     return caps, report
-
-
-def _misses(streams, caps, policy: str) -> int:
-    from ..cache.replay import replay
-
-    return sum(replay(s, int(c), policy).misses for s, c in zip(streams, caps))
 
 
 def _access_stream(reader, sc: Scenario) -> np.ndarray:

@@ -39,6 +39,7 @@ class EngineConfig:
     has_dram: bool = False
     dedup: bool = True
     record_events: bool = False
+    seed: int = 0                     # seeds randomised eviction policies (a stream of its own)
 
 
 class _View:
@@ -105,8 +106,10 @@ class Simulation(LoadChain):
         self.eb = model.expert_bytes
         self.env = simpy.Environment()
         self.sched = steps if hasattr(steps, "next_step") else PlanSource(steps)
-        self.gpu = Tier("gpu", cfg.gpu_capacity, cfg.gpu_policy, cfg.gpu_partition, self.E, self.L, next_use)
-        self.dram = (Tier("dram", cfg.dram_capacity, cfg.dram_policy, cfg.dram_partition, self.E, self.L, next_use)
+        g_rng, d_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(3)[1:])
+        self.gpu = Tier("gpu", cfg.gpu_capacity, cfg.gpu_policy, cfg.gpu_partition, self.E, self.L, next_use, g_rng)
+        self.dram = (Tier("dram", cfg.dram_capacity, cfg.dram_policy, cfg.dram_partition, self.E, self.L, next_use,
+                          d_rng)
                      if cfg.has_dram else None)
         self.events_log: list | None = [] if cfg.record_events else None
         self.pcie = Channel(self.env, "pcie", cost.hw.pcie_h2d.copy_engines, cost.pcie_s, self._dropped,

@@ -297,7 +297,8 @@ def build_sweep_page(sweepdir: str | Path) -> Page:
             page.fig(fig_heatmap(df, others[0], others[1], others, measures))
         else:
             page.note("a heatmap needs two varied axes besides the predictor")
-        if {"cache.gpu.policy", "gap_captured"} <= set(df.columns) and df["gap_captured"].notna().any():
+        if ({"cache.gpu.policy", "gap_captured"} <= set(df.columns) and df["gap_captured"].notna().any()
+                and df["cache.gpu.policy"].nunique() > 1):
             page.h2("Eviction policies: the LRU→Belady gap each closes")
             page.fig(fig_gap_by_policy(df, [a for a in others if a != "cache.gpu.policy"]))
         page.h2("Memory vs throughput")
