@@ -167,6 +167,22 @@ COMMANDS: dict[str, Cmd] = {
         _q(run=("moesim replay benchmarks/fidelity/scenarios/olmoe.yaml --sim --scale 0.25 --hardware "
                 "rtx4090-pcie4 --requests 1 --layers 2 -o sim/ --quiet",), why="as the --real line"),
     "moesim compare sim/ real/": _q(needs="torch", check="check_compare"),
+    # -- Software-stack costs: calibrating to this machine
+    "moesim replay benchmarks/fidelity/scenarios/olmoe.yaml --real --scale 0.25 --requests 2 --hardware "
+    "hardware_profiles/this-machine.yaml -o reports/this-machine-real/":
+        _q(run=("moesim replay benchmarks/fidelity/scenarios/olmoe.yaml --real --scale 0.25 --hardware "
+                "rtx4090-pcie4 --requests 1 --layers 2 -o reports/this-machine-real/ --quiet",),
+           why="the profile line is skipped (a shipped profile instead); 1 request, 2 layers", needs="torch"),
+    "moesim calibrate scenarios/calibrate-this-machine.yaml -o reports/this-machine.runtime.yaml":
+        _q(run=("moesim calibrate calibrate-this-machine.yaml -o reports/this-machine.runtime.yaml",),
+           why="the shipped points file starts from the skipped profile's runtime: a copy starting from "
+               "none, on the replay above", needs="torch", check="check_calibrate"),
+    # -- Advice
+    "moesim advise scenarios/advise-mixtral.yaml": _q(check="check_advise"),
+    "moesim advise ADVISE.yaml --executor ray --address auto":
+        _q(skip=True, why="needs a running Ray cluster; tests/test_advise.py runs the ray executor path"),
+    "moesim run SCENARIO.yaml --why":
+        _q(skip=True, why="a synopsis with placeholders; tests/test_whatif.py runs `moesim run --why`"),
     # -- Development
     "python -m pytest -q -m slow": _q(skip=True, why="the long fuzzing, minutes"),
     "python benchmarks/bench_cache.py; python benchmarks/bench_engine.py; python benchmarks/bench_neural_train.py":
@@ -228,7 +244,7 @@ def test_a_new_command_fails_until_it_is_listed(monkeypatch):
         test_every_code_block_is_of_a_known_kind()
 
 
-@pytest.mark.parametrize("line", bash_commands(), ids=lambda s: s[:60])
+@pytest.mark.parametrize("line", list(dict.fromkeys(bash_commands())), ids=lambda s: s[:60])
 def test_readme_command(line, workdir):
     spec = COMMANDS.get(line)
     if spec is None:
@@ -280,7 +296,15 @@ def _small_whatif(workdir: Path) -> None:
     (workdir / "whatif/whatif-cache-batch.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-FIXTURES: dict[str, Callable[[Path], None]] = {"check_import": _routing_csv, "check_whatif": _small_whatif}
+def _calibrate_points(workdir: Path) -> None:
+    doc = yaml.safe_load((ROOT / "scenarios/calibrate-this-machine.yaml").read_text())
+    doc["base_runtime"] = "none"
+    doc["points"][0]["real"] = "reports/this-machine-real"
+    (workdir / "calibrate-this-machine.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+FIXTURES: dict[str, Callable[[Path], None]] = {"check_import": _routing_csv, "check_whatif": _small_whatif,
+                                               "check_calibrate": _calibrate_points}
 
 
 # ---- checks of what the README says the commands print ------------------------------------------
@@ -389,6 +413,23 @@ def check_whatif(outputs, workdir):
         assert _near(quoted, 100 * row["gpu_hit_rate"]), (quoted, row["gpu_hit_rate"])
     for quoted, row in ((m.group(8), mid), (m.group(9), big), (m.group(10), small)):
         assert _near(quoted, row["tokens_per_s"]), (quoted, row["tokens_per_s"])
+
+
+def check_calibrate(outputs, workdir):
+    doc = yaml.safe_load((workdir / "reports/this-machine.runtime.yaml").read_text())
+    assert "layer_host_us" in doc and "layer_host_us" in doc["source"]
+    assert "layer_host_us" in outputs[0]
+
+
+def check_advise(outputs, workdir):
+    """The quoted output's summary lines (trials, per-GPU answers, recommendation, default) are printed."""
+    block = re.search(r"^```\n\$ moesim advise scenarios/advise-mixtral.yaml\n(.*?)^```", README, flags=re.S | re.M)
+    assert block, "the README's quoted advise output"
+    out = " ".join(outputs[0].split())
+    lines = [ln for ln in block.group(1).splitlines() if ln.strip() and not ln.lstrip().startswith(("┏", "┃", "┡", "│", "└", "scenario:"))]
+    assert len(lines) >= 5
+    for ln in lines:
+        assert " ".join(ln.split()) in out, ln
 
 
 if __name__ == "__main__":  # pragma: no cover
