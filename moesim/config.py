@@ -62,6 +62,8 @@ class CacheConfig(_Strict):
     gpu: TierConfig
     dram: TierConfig | None = Field(
         None, description="host-DRAM tier; leave out to hold every expert in host memory")
+    kv_cache: bool = Field(False, description="the GPU tier holds at most what resident weights, activations "
+                                              "and the batch's KV cache leave free (shrinks as sequences grow)")
 
 
 class PredictorConfig(BaseModel):
@@ -113,6 +115,8 @@ class BatchConfig(_Strict):
     max_wait_ms: float = Field(0.0, ge=0, description="static with open arrivals: wait up to this long "
                                                       "after the oldest waiting request for a full batch")
     slo: SLOConfig | None = Field(None, description="latency targets for SLO attainment")
+    max_context: int | None = Field(None, ge=1, description="cache.kv_cache: KV positions reserved per sequence "
+                                                            "when admitting it (default: the longest sequence)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -168,6 +172,9 @@ class Scenario(_Strict):
     batch: BatchConfig = BatchConfig()
     runtime: RuntimeCosts | None = Field(None, description="software-stack costs (runtimes/ preset, path or "
                                                            "inline); None (`none`): the pure-hardware model")
+    miss: Literal["wait", "cpu", "auto"] = Field(
+        "wait", description="an expert not on the GPU: wait for its copy, compute it on the host CPU "
+                            "(activations cross the link both ways), or per expert whichever finishes first")
     output: str | None = None
     base_dir: str = Field(".", description="directory relative paths are resolved against")
 
@@ -340,6 +347,11 @@ def check_scenario(sc: Scenario, file: str | None) -> None:
             f"without a dram tier host memory must hold every expert "
             f"({m.total_experts * m.expert_bytes / 1e9:.1f} GB) but profile {hw.name!r} has "
             f"{hw.host_dram.capacity_gb:g} GB; add cache.dram with a capacity", file=file, field="cache.dram")
+    if sc.miss != "wait":
+        for sec in ("host_cpu", "pcie_d2h"):
+            if getattr(hw, sec) is None:
+                raise InputError(f"miss: {sc.miss} needs the hardware profile's {sec} section, which profile "
+                                 f"{hw.name!r} lacks", file=file, field=f"hardware.{sec}")
     try:
         registry.validate(sc.predictor.name, sc.predictor.params)
     except KeyError:

@@ -38,7 +38,8 @@ def engine_config(sc: Scenario, record_events: bool = False, capacities: dict | 
         gpu_capacity=caps.get("gpu", g.experts(m.expert_bytes)), gpu_policy=g.policy_name, gpu_partition=g.partition,
         dram_capacity=caps.get("dram", d.experts(m.expert_bytes)) if d else None,
         dram_policy=d.policy_name if d else "lru", dram_partition=d.partition if d else "global",
-        has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events)
+        has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events, miss=sc.miss,
+        kv_cache=sc.cache.kv_cache)
 
 
 _SPLIT = ("simulate fewer requests (per-token rates settle long before a million), or split the trace "
@@ -147,8 +148,9 @@ def read_arrivals(path: Path) -> dict[int, float]:
     return out
 
 
-def make_scheduler(sc: Scenario, requests, trace_path: Path | None = None) -> Scheduler:
-    """The scenario's scheduler over a stream of RequestTraces."""
+def make_scheduler(sc: Scenario, requests, trace_path: Path | None = None, size: int | None = None) -> Scheduler:
+    """The scenario's scheduler over a stream of RequestTraces (`size`: a tighter batch limit, e.g.
+    admission by KV budget)."""
     b = sc.batch
     arrival_s = None
     if b.arrivals == "trace":
@@ -159,7 +161,7 @@ def make_scheduler(sc: Scenario, requests, trace_path: Path | None = None) -> Sc
     source = ArrivalSource(requests, b.arrivals, b.rate_per_s,
                            arrival_rng(sc.seed) if b.arrivals == "poisson" else None, arrival_s,
                            str(trace_path) if trace_path else None)
-    return Scheduler(source, kind=b.scheduler, size=b.batch_limit, max_tokens_per_step=b.max_tokens_per_step,
+    return Scheduler(source, kind=b.scheduler, size=size or b.batch_limit, max_tokens_per_step=b.max_tokens_per_step,
                      chunked_prefill=b.chunked_prefill, admission=b.admission, affinity_window=b.affinity_window,
                      max_wait_s=b.max_wait_ms * 1e-3, num_experts=sc.model.num_experts,
                      num_layers=sc.model.num_layers, dedup=b.dedup)
@@ -241,7 +243,8 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
                 lengths[r.request_id] = (r.prompt_len, r.decode_len)
                 yield r
 
-        sched = make_scheduler(sc, requests(), reader.path)
+        admit = kv_admission(sc)
+        sched = make_scheduler(sc, requests(), reader.path, admit)
         sim = Simulation(sc.model, cost, cfg, predictor, sched, next_use)
         sim.rec.lengths = lengths
         rec = sim.run()
@@ -254,9 +257,33 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
                    "timing_source": {k: ("measured" if v else "roofline") for k, v in cost.uses_measured.items()},
                    "expert_bytes": sc.model.expert_bytes,
                    "gpu_cache_experts": sc.cache.gpu.experts(sc.model.expert_bytes)}
+        if sim.cpu is not None:
+            summary["miss"] = {"mode": sc.miss, **sim.cpu.summary(summary["makespan_s"])}
+        if sim.kv is not None:
+            summary["kv_cache"] = {**sim.kv.summary(), "admission_limit": admit,
+                                   "batch_limit": sc.batch.batch_limit}
         if sc.runtime is not None:  # only with a runtime: `none` keeps the summary as it was
             summary["host"] = sim.host.summary() if sim.host is not None else None
         return Result(summary, rec.steps_frame(), rec.requests_frame(), rec.events_frame())
+
+
+def kv_admission(sc: Scenario) -> int | None:
+    """With cache.kv_cache: the most sequences whose KV caches at max_context still leave one
+    layer's top-k experts (None without; an InputError with the numbers when not even one fits)."""
+    from .kv import KvBudget
+
+    if not sc.cache.kv_cache:
+        return None
+    m, syn = sc.model, sc.trace.synthetic
+    if sc.cache.gpu.partition != "global":
+        raise InputError("cache.kv_cache resizes a global GPU tier: use cache.gpu.partition: global",
+                         field="cache.gpu.partition")
+    ctx = sc.batch.max_context or (syn.prompt_len + syn.decode_len if syn is not None else None)
+    if ctx is None:
+        raise InputError("cache.kv_cache with a trace file needs batch.max_context (KV positions reserved per "
+                         "sequence)", field="batch.max_context")
+    n = KvBudget(m, sc.hardware.gpu.memory_gb, sc.cache.gpu.experts(m.expert_bytes)).admit_limit(ctx)
+    return min(n, sc.batch.batch_limit)
 
 
 def cache_warnings(sc: Scenario, cfg: EngineConfig) -> list[str]:
@@ -287,4 +314,16 @@ def scenario_echo(sc: Scenario) -> dict:
         d.pop("runtime")
     if sc.model.precision is None:
         d["model"].pop("precision")
+    # issue 17's knobs echo only when used: a run without them keeps its summary as it was
+    for sec in ("pcie_d2h", "host_cpu"):
+        if d["hardware"].get(sec) is None:
+            d["hardware"].pop(sec, None)
+    if sc.model.kv_values_per_token is None:
+        d["model"].pop("kv_values_per_token", None)
+    if not sc.cache.kv_cache:
+        d["cache"].pop("kv_cache")
+    if sc.batch.max_context is None:
+        d["batch"].pop("max_context")
+    if sc.miss == "wait":
+        d.pop("miss")
     return d

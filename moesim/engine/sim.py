@@ -19,7 +19,9 @@ from ..hardware.channels import Channel
 from ..hardware.costs import CostModel
 from ..models import ModelSpec
 from ..predictors.base import Predictor, Prefetch
+from .cpu_exec import CpuExecutor
 from .host import HostThread
+from .kv import KvBudget
 from .loads import Load, LoadChain
 from .metrics import Recorder
 from .plan import StepPlan
@@ -39,6 +41,8 @@ class EngineConfig:
     has_dram: bool = False
     dedup: bool = True
     record_events: bool = False
+    miss: str = "wait"      # wait | cpu | auto (engine/cpu_exec.py)
+    kv_cache: bool = False  # the GPU tier holds what the KV cache leaves (engine/kv.py)
 
 
 class _View:
@@ -128,6 +132,8 @@ class Simulation(LoadChain):
         self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
         rt = cost.runtime
         self.host = HostThread(rt) if rt is not None and rt.costs_host else None  # None: host never delays
+        self.cpu = CpuExecutor(self, cfg.miss, self.host is not None) if cfg.miss != "wait" else None
+        self.kv = KvBudget(model, cost.hw.gpu.memory_gb, cfg.gpu_capacity) if cfg.kv_cache else None
 
     def now(self) -> float:
         return self.env.now
@@ -215,6 +221,8 @@ class Simulation(LoadChain):
             view = self.view = _View(self, plan)
             t_step = env.now
             rec.step_start(plan, t_step)
+            if self.kv is not None:  # the batch's KV cache now: the GPU tier gets what it leaves
+                self._evicted(self.kv.step(plan.context_tokens, plan.tokens, gpu))
             if host is not None:  # the host has the previous token; set-up, then the dense blocks' work
                 host.sync(t_step)
                 yield from self._wait_host(host.work(host.step_s + m.first_dense_layers * host.layer_s))
@@ -269,6 +277,10 @@ class Simulation(LoadChain):
                             rec.prefetch_late += 1
                             load.prefetch = False
                             load.channel.promote(load.transfer)
+                    elif self.cpu is not None and self.cpu.prefers_cpu(key, cnt, c):  # compute it on the host
+                        misses += 1
+                        pending.append((self.cpu.submit(key, cnt), 0.0))
+                        continue
                     else:  # without dedup a second token's copy is a transfer of its own
                         misses += 1
                         saved += cnt - 1
