@@ -233,3 +233,36 @@ def test_kv_leaving_no_room_for_top_k_is_an_exit_2_error_with_numbers(tmp_path):
     code, out = _cli(tmp_path, text)
     assert code == 2 and "Traceback" not in out, out
     assert "cache.kv_cache" in out and "top_k=8 experts need" in out and "2000000 positions" in out
+
+
+# ---- advise and the what-if ----------------------------------------------------------------------
+
+def test_advise_searches_miss_and_kv_cache_where_the_profile_allows():
+    from moesim.advise import advise_from_dict
+    from moesim.advise.space import Infeasible, Space
+    from moesim.config import apply_overrides
+    from moesim.sweep.spec import override_strings
+
+    spec = advise_from_dict({"model": "olmoe-1b-7b", "hardware": ["rtx4090-pcie4", "a100-80gb-pcie4"],
+                             "slo": {"tpot_ms": 1000},
+                             "space": {"miss": ["wait", "auto"], "cache.kv_cache": [False, True]}})
+    sp = Space(spec)
+    cfg = {**spec.default_config, "miss": "auto", "cache.kv_cache": True}
+    ov = sp.overrides({**cfg, "hardware": "rtx4090-pcie4"})
+    assert ov["miss"] == "auto" and ov["cache.kv_cache"] is True
+    assert ov["batch.max_context"] == 96  # the shipped OLMoE sample: 32 prompt + 64 decode tokens
+    sc = scenario_from_dict(apply_overrides(sp.base(), override_strings(ov)))
+    assert sc.miss == "auto" and sc.cache.kv_cache
+    with pytest.raises(Infeasible, match="host_cpu"):
+        sp.overrides({**cfg, "hardware": "a100-80gb-pcie4"})
+
+
+def test_miss_auto_whatif_applies_to_a_wait_run_on_a_profile_with_a_host_cpu(tmp_path):
+    from moesim.advise.whatif import WHATIFS, applicable
+
+    trace = write_routing(tmp_path / "t.parquet", routing(np.random.default_rng(4), 1, 3, 16), 1, 16)
+    run, _ = applicable(scen(trace))
+    assert "miss_auto" in {w.name for w in run}
+    assert WHATIFS["miss_auto"].overrides(scen(trace)) == {"miss": "auto"}
+    _, skipped = applicable(scen(trace, "auto"))
+    assert "miss_auto" in {s["name"] for s in skipped}

@@ -315,8 +315,8 @@ def scenario_echo(sc: Scenario) -> dict:
     if sc.model.precision is None:
         d["model"].pop("precision")
     # issue 17's knobs echo only when used: a run without them keeps its summary as it was
-    for sec in ("pcie_d2h", "host_cpu"):
-        if d["hardware"].get(sec) is None:
+    for sec in ("pcie_d2h", "host_cpu"):  # echoed when the run uses them (miss: cpu | auto)
+        if d["hardware"].get(sec) is None or sc.miss == "wait":
             d["hardware"].pop(sec, None)
     if sc.model.kv_values_per_token is None:
         d["model"].pop("kv_values_per_token", None)
