@@ -35,6 +35,10 @@ class TierConfig(_Strict):
                                "entropy, or to minimise replay misses from each layer's miss curve")
     admission: Literal["none", "second_touch"] = Field(
         "none", description="second_touch: a first-time expert is kept on probation, first to go")
+    preload: Literal["none", "popular"] = Field(
+        "none", description="gpu only: fill the tier before the run with the experts the trace routes to most "
+                            "(Fiddler's placement by offline popularity; profiled on the run's own trace, so an "
+                            "optimistic placement)")
 
     @property
     def policy_name(self) -> str:
@@ -311,6 +315,8 @@ def check_scenario(sc: Scenario, file: str | None) -> None:
         if tier.policy not in POLICIES:
             raise InputError(f"unknown eviction policy {tier.policy!r} (known: {', '.join(sorted(POLICIES))})",
                              file=file, field=f"{field}.policy")
+        if tier_name == "dram" and tier.preload != "none":
+            raise InputError("preload applies to the gpu tier only", file=file, field="cache.dram.preload")
         if tier.admission != "none" and POLICIES[tier.policy].needs_next_use:
             raise InputError(f"{tier.policy} is the offline optimum: an admission filter does not apply",
                              file=file, field=f"{field}.admission")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +205,22 @@ def plan_capacities(reader, sc: Scenario) -> tuple[dict, dict]:
     return caps, report
 
 
+def popular_keys(reader, sc: Scenario, capacity) -> tuple[int, ...]:
+    """The keys the trace routes to most (ties: lower key first), as many as the GPU tier holds
+    (per layer with per_layer): what `cache.gpu.preload: popular` places before the run."""
+    m = sc.model
+    E, L = m.num_experts, m.num_layers
+    counts = np.bincount(_trace_stream(reader, sc), minlength=E * L)
+    if sc.cache.gpu.partition == "per_layer":
+        caps = capacity if isinstance(capacity, tuple) else (capacity,) * L
+        parts = [layer * E + np.argsort(-counts[layer * E:(layer + 1) * E], kind="stable")[:c]
+                 for layer, c in enumerate(caps)]
+        keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    else:
+        keys = np.argsort(-counts, kind="stable")[:capacity]
+    return tuple(int(k) for k in keys if counts[k] > 0)
+
+
 def _misses(streams, caps, policy: str) -> int:
     from ..cache.replay import replay
 
@@ -228,6 +244,8 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
         reader = open_trace(sc, Path(tmp), record_events)
         capacities, allocation = plan_capacities(reader, sc)
         cfg = engine_config(sc, record_events, capacities)
+        if sc.cache.gpu.preload == "popular":
+            cfg = replace(cfg, gpu_preload=popular_keys(reader, sc, cfg.gpu_capacity))
         next_use = None
         if "belady" in (cfg.gpu_policy, cfg.dram_policy if cfg.has_dram else ""):
             next_use = NextUse(_access_stream(reader, sc)).next_after
@@ -259,6 +277,8 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
                    "gpu_cache_experts": sc.cache.gpu.experts(sc.model.expert_bytes)}
         if sim.cpu is not None:
             summary["miss"] = {"mode": sc.miss, **sim.cpu.summary(summary["makespan_s"])}
+        if cfg.gpu_preload:
+            summary["gpu_preloaded_experts"] = len(cfg.gpu_preload)
         if sim.kv is not None:
             summary["kv_cache"] = {**sim.kv.summary(), "admission_limit": admit,
                                    "batch_limit": sc.batch.batch_limit}
@@ -324,6 +344,9 @@ def scenario_echo(sc: Scenario) -> dict:
         d["cache"].pop("kv_cache")
     if sc.batch.max_context is None:
         d["batch"].pop("max_context")
+    for tier in ("gpu", "dram"):
+        if d["cache"].get(tier) is not None and d["cache"][tier]["preload"] == "none":
+            d["cache"][tier].pop("preload")
     if sc.miss == "wait":
         d.pop("miss")
     return d

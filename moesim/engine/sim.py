@@ -43,6 +43,7 @@ class EngineConfig:
     record_events: bool = False
     miss: str = "wait"      # wait | cpu | auto (engine/cpu_exec.py)
     kv_cache: bool = False  # the GPU tier holds what the KV cache leaves (engine/kv.py)
+    gpu_preload: tuple[int, ...] = ()  # keys resident on the GPU before the run (cache.gpu.preload)
 
 
 class _View:
@@ -134,6 +135,9 @@ class Simulation(LoadChain):
         self.host = HostThread(rt) if rt is not None and rt.costs_host else None  # None: host never delays
         self.cpu = CpuExecutor(self, cfg.miss, self.host is not None) if cfg.miss != "wait" else None
         self.kv = KvBudget(model, cost.hw.gpu.memory_gb, cfg.gpu_capacity) if cfg.kv_cache else None
+        for key in cfg.gpu_preload:  # placed before the run: no transfer, not an access
+            self.gpu.reserve(key, -1)
+            self.gpu.complete(key)
 
     def now(self) -> float:
         return self.env.now
