@@ -61,7 +61,8 @@ class CpuExecutor:
         self.workers = max(1, usable // cpu.threads_per_expert)
         # fewer cores than a kernel was measured/rated with: it runs proportionally longer
         self.slowdown = max(1.0, cpu.threads_per_expert / usable)
-        self.free_at = [0.0] * self.workers
+        self.free_at = [0.0] * self.workers   # when each worker finishes the jobs it has started
+        self.planned = [0.0] * self.workers   # ... and the jobs still on their way to it (for auto)
         self.act_bytes_per_token = sim.model.hidden_size * 2  # one bf16 hidden state
         self.d2h = Channel(sim.env, "pcie_d2h", d2h.copy_engines,
                            lambda b: transfer_s(b, d2h.bandwidth_gbps, d2h.latency_us), None, sim.events_log)
@@ -79,6 +80,8 @@ class CpuExecutor:
         self.experts += 1
         self.tokens += tokens
         nbytes = tokens * self.act_bytes_per_token
+        i = min(range(self.workers), key=self.planned.__getitem__)
+        self.planned[i] = max(self._d2h_end(nbytes), self.planned[i]) + self.compute_s(tokens)
         self._send(self.d2h, Transfer(key, nbytes, DEMAND, lambda _t, j=job: self._on_host(j)))
         return job
 
@@ -118,8 +121,7 @@ class CpuExecutor:
             return True
         sim, now = self.sim, self.sim.env.now
         nbytes = tokens * self.act_bytes_per_token
-        d2h_end = _link_free(self.d2h, now, self._inflight(self.d2h)) + self.d2h.duration_s(nbytes)
-        cpu_end = max(d2h_end, min(self.free_at)) + self.compute_s(tokens)
+        cpu_end = max(self._d2h_end(nbytes), min(self.planned)) + self.compute_s(tokens)
         pcie_free = _link_free(sim.pcie, now, self._inflight(sim.pcie))
         cpu_done = max(cpu_end, pcie_free) + sim.pcie.duration_s(nbytes)
         copy_start = pcie_free
@@ -128,6 +130,10 @@ class CpuExecutor:
                              + sim.disk.duration_s(sim.eb))
         wait_done = copy_start + sim.pcie.duration_s(sim.eb) + gpu_compute_s
         return cpu_done < wait_done
+
+    def _d2h_end(self, nbytes: int) -> float:
+        """When activations of `nbytes` sent now would reach the host."""
+        return _link_free(self.d2h, self.sim.env.now, self._inflight(self.d2h)) + self.d2h.duration_s(nbytes)
 
     def _inflight(self, channel) -> list[float]:
         """End times of the copies `channel` is carrying now (expert loads and activations)."""
