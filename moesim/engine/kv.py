@@ -49,8 +49,8 @@ class KvBudget:
         n = int((self.free_bytes - need) // per_seq) if self.free_bytes >= need else 0
         if n < 1:
             raise InputError(
-                f"the KV cache leaves no room for one layer's top-k experts: GPU memory {self.free_bytes / 1e9 + m.resident_bytes / 1e9:.3f} GB"
-                f" - resident weights {m.resident_bytes / 1e9:.3f} GB - one sequence's KV cache at "
+                f"the KV cache leaves no room for one layer's top-k experts: GPU memory "
+                f"{(self.free_bytes + m.resident_bytes) / 1e9:.3f} GB - resident weights {m.resident_bytes / 1e9:.3f} GB - one sequence's KV cache at "
                 f"{max_context} positions {max_context * self.per_token / 1e9:.3f} GB ({self.per_token} B/token) "
                 f"- activations {activation_bytes(m, 1) / 1e9:.6f} GB leaves "
                 f"{(self.free_bytes - per_seq) / 1e9:.3f} GB, but top_k={m.top_k} experts need {need / 1e9:.3f} GB",
