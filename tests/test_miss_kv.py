@@ -266,3 +266,39 @@ def test_miss_auto_whatif_applies_to_a_wait_run_on_a_profile_with_a_host_cpu(tmp
     assert WHATIFS["miss_auto"].overrides(scen(trace)) == {"miss": "auto"}
     _, skipped = applicable(scen(trace, "auto"))
     assert "miss_auto" in {s["name"] for s in skipped}
+
+
+def test_preload_popular_places_the_most_used_experts_before_the_run(tmp_path):
+    """Every layer routes to expert 3 except the last token (expert 5): with a global capacity of L
+    experts, preload holds expert 3 of every layer, so its first access is already a hit."""
+    r = np.full((1, 6, L, 1), 3, dtype=np.int16)
+    r[0, 5, :, 0] = 5
+    trace = write_routing(tmp_path / "t.parquet", r, 1, 16)
+    pre = simulate(scen(trace, gpu={"capacity_experts": L, "preload": "popular"})).summary
+    cold = simulate(scen(trace, gpu={"capacity_experts": L})).summary
+    assert pre["gpu_preloaded_experts"] == L
+    assert cold["misses"] - pre["misses"] == L  # the L first-touch misses of expert 3
+    assert "preload" not in cold["scenario"]["cache"]["gpu"]
+
+
+def test_profile_section_host_cpu_adds_a_measured_section(tmp_path):
+    pytest.importorskip("torch")
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from moesim.cli import main
+    from moesim.hardware.profile import load_profile
+
+    src = ROOT / "benchmarks/fidelity/profiles/cpu-olmoe-1b-7b-x0.25.yaml"
+    prof = tmp_path / "p.yaml"
+    shutil.copy(src, prof)
+    r = CliRunner().invoke(main, ["profile", "-o", str(prof), "--model", "olmoe-1b-7b", "--scale", "0.05",
+                                  "--section", "host_cpu", "--quick", "--quiet"])
+    assert r.exit_code == 0, r.output
+    hp = load_profile(str(prof))
+    assert set(hp.host_cpu.expert_ms) == {"bfloat16", "float32"} and hp.host_cpu.model == "olmoe-1b-7b@0.05"
+    assert all(m > 0 for m in hp.host_cpu.expert_ms["bfloat16"].ms)
+    assert hp.gpu == load_profile(str(src)).gpu  # the rest of the profile is kept
+    assert "host_cpu" in json.loads((tmp_path / "p.measurements.json").read_text())
