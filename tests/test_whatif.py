@@ -112,4 +112,5 @@ def test_why_default_depends_on_whether_it_would_double_the_run_time(tmp_path, m
 
 
 def test_registry_is_the_module_level_dict():
-    assert whatif.WHATIFS is WHATIFS and list(WHATIFS) == ["pcie_2x", "cache_plus_25", "oracle", "all_resident"]
+    assert whatif.WHATIFS is WHATIFS and list(WHATIFS) == ["pcie_2x", "cache_plus_25", "oracle", "all_resident",
+                                                                  "miss_auto"]
