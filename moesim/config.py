@@ -165,6 +165,15 @@ class TraceConfig(_Strict):
         return self
 
 
+class StandinConfig(_Strict):
+    """Low-bit stand-ins (HOBBIT): a missing expert whose gate score is below `threshold` is loaded
+    at `bits` per parameter instead (fewer bytes over the link); needs a trace with `scores`."""
+
+    bits: float = Field(4.0, gt=0, description="bits per parameter of the stand-in copy")
+    threshold: float = Field(0.1, ge=0, le=1, description="largest gate weight (probability) any token gave "
+                                                          "the expert this step, below which it is stood in for")
+
+
 class Scenario(_Strict):
     name: str = "scenario"
     seed: int = Field(0, ge=0, description="seeds every random draw of the run (numpy Generators)")
@@ -179,6 +188,7 @@ class Scenario(_Strict):
     miss: Literal["wait", "cpu", "auto"] = Field(
         "wait", description="an expert not on the GPU: wait for its copy, compute it on the host CPU "
                             "(activations cross the link both ways), or per expert whichever finishes first")
+    standin: StandinConfig | None = Field(None, description="low-bit stand-ins for low-score misses (HOBBIT)")
     output: str | None = None
     base_dir: str = Field(".", description="directory relative paths are resolved against")
 
@@ -353,6 +363,9 @@ def check_scenario(sc: Scenario, file: str | None) -> None:
             f"without a dram tier host memory must hold every expert "
             f"({m.total_experts * m.expert_bytes / 1e9:.1f} GB) but profile {hw.name!r} has "
             f"{hw.host_dram.capacity_gb:g} GB; add cache.dram with a capacity", file=file, field="cache.dram")
+    if sc.standin is not None and sc.standin.bits >= 8 * m.component_bytes_per_param("experts"):
+        raise InputError(f"a stand-in of {sc.standin.bits:g} bits is no smaller than the experts' "
+                         f"{8 * m.component_bytes_per_param('experts'):g} bits", file=file, field="standin.bits")
     if sc.miss != "wait":
         for sec in ("host_cpu", "pcie_d2h"):
             if getattr(hw, sec) is None:

@@ -302,3 +302,45 @@ def test_profile_section_host_cpu_adds_a_measured_section(tmp_path):
     assert all(m > 0 for m in hp.host_cpu.expert_ms["bfloat16"].ms)
     assert hp.gpu == load_profile(str(src)).gpu  # the rest of the profile is kept
     assert "host_cpu" in json.loads((tmp_path / "p.measurements.json").read_text())
+
+
+# ---- low-bit stand-ins ---------------------------------------------------------------------------
+
+def _scored_trace(path, routing, scores, num_experts):
+    """write_routing plus a `scores` column (one gate weight per chosen expert)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moesim.traces.io import TraceReader, write_trace
+
+    write_routing(path, routing, 1, num_experts)
+    t = pq.read_table(path)
+    K = routing.shape[3]
+    t = t.append_column("scores", pa.array(list(scores.reshape(-1, K).astype(np.float32)), pa.list_(pa.float32())))
+    write_trace(path, t, TraceReader(path).meta)
+    return path
+
+
+def test_low_score_misses_load_a_low_bit_stand_in(tmp_path):
+    """Every access misses (capacity 1); tokens alternate between gate weight 0.05 (below the 0.1
+    threshold: a 4-bit stand-in, a quarter of the bf16 bytes) and 0.9 (full precision):
+    makespan = n/2 * (A + T(eb/4) + C) + n/2 * (A + T(eb) + C)."""
+    R, T = 1, 6
+    r = routing(np.random.default_rng(5), R, T, 16)
+    sc = np.where((np.arange(T) % 2 == 0)[None, :, None, None], 0.05, 0.9) * np.ones(r.shape)
+    trace = _scored_trace(tmp_path / "t.parquet", r, sc, 16)
+    data = scen(trace).model_dump(mode="json", exclude={"base_dir"})
+    data["standin"] = {"bits": 4, "threshold": 0.1}
+    s = simulate(scenario_from_dict(data, file="<test>")).summary
+    n = T * L
+    low = transfer_s(EB / 4, 1.0, 10.0)
+    assert s["standin"]["standin_experts"] == s["standin"]["standin_tokens"] == n // 2
+    assert s["makespan_s"] == pytest.approx(n / 2 * (A + low + 0.2e-3) + n / 2 * (A + transfer_s(EB, 1.0, 10.0)
+                                                                            + 0.2e-3), rel=1e-9)
+    assert s["bytes_pcie"] == n // 2 * EB + n // 2 * (EB // 4)
+
+
+def test_standin_without_scores_is_an_exit_2_error(tmp_path):
+    code, out = _cli(tmp_path, QS + "standin: {bits: 4, threshold: 0.1}\n")
+    assert code == 2 and "Traceback" not in out
+    assert "standin" in out and "no scores column" in out and "olmoe-sample.parquet" in out

@@ -39,7 +39,8 @@ def engine_config(sc: Scenario, record_events: bool = False, capacities: dict | 
         dram_capacity=caps.get("dram", d.experts(m.expert_bytes)) if d else None,
         dram_policy=d.policy_name if d else "lru", dram_partition=d.partition if d else "global",
         has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events, miss=sc.miss,
-        kv_cache=sc.cache.kv_cache)
+        kv_cache=sc.cache.kv_cache,
+        standin=(sc.standin.bits, sc.standin.threshold) if sc.standin is not None else None)
 
 
 _SPLIT = ("simulate fewer requests (per-token rates settle long before a million), or split the trace "
@@ -87,6 +88,7 @@ def open_trace(sc: Scenario, workdir: Path, record_events: bool = False):
         generate_to_file(path, sc.model, params, preset=label, requests=syn.requests,
                          prompt_len=syn.prompt_len, decode_len=syn.decode_len,
                          rng=np.random.default_rng(sc.seed), seed=sc.seed, pre_attn=syn.pre_attn,
+                         scores=sc.standin is not None,
                          model_seed=syn.model_seed, field_prefix="trace.synthetic.")
     else:
         path = sc.resolve(sc.trace.path)
@@ -96,6 +98,9 @@ def open_trace(sc: Scenario, workdir: Path, record_events: bool = False):
     check_against_model(reader.meta, sc.model, str(path))
     if reader.num_rows == 0:
         raise InputError("the trace has no rows: nothing to simulate", file=str(path), field="trace")
+    if sc.standin is not None and not reader.has_scores:
+        raise InputError("standin needs gate scores, but the trace has no scores column", file=str(path),
+                         field="standin")
     if sc.trace.synthetic is None:
         tokens = reader.num_rows // max(1, sc.model.num_layers)
         _check_run_memory(sc, None, tokens, tokens, record_events, "trace", str(path))
@@ -277,6 +282,8 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
                    "gpu_cache_experts": sc.cache.gpu.experts(sc.model.expert_bytes)}
         if sim.cpu is not None:
             summary["miss"] = {"mode": sc.miss, **sim.cpu.summary(summary["makespan_s"])}
+        if sim.standin is not None:
+            summary["standin"] = sim.standin.summary()
         if cfg.gpu_preload:
             summary["gpu_preloaded_experts"] = len(cfg.gpu_preload)
         if sim.kv is not None:
@@ -349,4 +356,6 @@ def scenario_echo(sc: Scenario) -> dict:
             d["cache"][tier].pop("preload")
     if sc.miss == "wait":
         d.pop("miss")
+    if sc.standin is None:
+        d.pop("standin")
     return d

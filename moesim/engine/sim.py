@@ -25,6 +25,7 @@ from .kv import KvBudget
 from .loads import Load, LoadChain
 from .metrics import Recorder
 from .plan import StepPlan
+from .standin import StandIns
 from .scheduler import PlanSource
 
 
@@ -44,6 +45,7 @@ class EngineConfig:
     miss: str = "wait"      # wait | cpu | auto (engine/cpu_exec.py)
     kv_cache: bool = False  # the GPU tier holds what the KV cache leaves (engine/kv.py)
     gpu_preload: tuple[int, ...] = ()  # keys resident on the GPU before the run (cache.gpu.preload)
+    standin: tuple[float, float] | None = None  # (bits, threshold) of low-bit stand-ins (engine/standin.py)
 
 
 class _View:
@@ -135,6 +137,7 @@ class Simulation(LoadChain):
         self.host = HostThread(rt) if rt is not None and rt.costs_host else None  # None: host never delays
         self.cpu = CpuExecutor(self, cfg.miss, self.host is not None) if cfg.miss != "wait" else None
         self.kv = KvBudget(model, cost.hw.gpu.memory_gb, cfg.gpu_capacity) if cfg.kv_cache else None
+        self.standin = StandIns(self, *cfg.standin) if cfg.standin is not None else None
         for key in cfg.gpu_preload:  # placed before the run: no transfer, not an access
             self.gpu.reserve(key, -1)
             self.gpu.complete(key)
@@ -254,6 +257,8 @@ class Simulation(LoadChain):
                 keys, counts = plan.keys[layer], plan.counts[layer]
                 self.accessed.append(keys)
                 self._score_predictions(self.gated, keys if dedup else np.unique(keys))
+                if self.standin is not None:
+                    self.standin.layer(plan, layer)
                 busy = cost.shared_compute_s(plan.tokens)  # shared experts: always resident
                 hits = late = misses = saved = 0
                 hit_costs: list[float] = []
@@ -281,6 +286,10 @@ class Simulation(LoadChain):
                             rec.prefetch_late += 1
                             load.prefetch = False
                             load.channel.promote(load.transfer)
+                    elif self.standin is not None and self.standin.serves(key):  # a low-bit copy, not cached
+                        misses += 1
+                        pending.append((self.standin.submit(key, cnt), c))
+                        continue
                     elif self.cpu is not None and self.cpu.prefers_cpu(key, cnt, c):  # compute it on the host
                         misses += 1
                         pending.append((self.cpu.submit(key, cnt), 0.0))
