@@ -344,3 +344,17 @@ def test_standin_without_scores_is_an_exit_2_error(tmp_path):
     code, out = _cli(tmp_path, QS + "standin: {bits: 4, threshold: 0.1}\n")
     assert code == 2 and "Traceback" not in out
     assert "standin" in out and "no scores column" in out and "olmoe-sample.parquet" in out
+
+
+def test_readme_kv_budget_figures_are_what_the_scenario_gives():
+    """The README's KV-budget paragraph quotes scenarios/kv-budget.yaml: keep them in step."""
+    from moesim.config import load_scenario
+
+    readme = (ROOT / "README.md").read_text()
+    s = simulate(load_scenario(ROOT / "scenarios/kv-budget.yaml")).summary
+    off = simulate(load_scenario(ROOT / "scenarios/kv-budget.yaml", ["cache.kv_cache=false"])).summary
+    kv = s["kv_cache"]
+    claim = (f"The tier's capacity drops as low as {kv['gpu_capacity_min']} experts, from\nthe configured "
+             f"{kv['gpu_capacity_configured']}, and KV growth evicts {kv['kv_evictions']} experts. Tokens/s are "
+             f"{s['tokens_per_s']:.1f}, against {off['tokens_per_s']:.1f} with")
+    assert claim in readme
