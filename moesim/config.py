@@ -35,6 +35,10 @@ class TierConfig(_Strict):
                                "entropy, or to minimise replay misses from each layer's miss curve")
     admission: Literal["none", "second_touch"] = Field(
         "none", description="second_touch: a first-time expert is kept on probation, first to go")
+    preload: Literal["none", "popular"] = Field(
+        "none", description="gpu only: fill the tier before the run with the experts the trace routes to most "
+                            "(Fiddler's placement by offline popularity; profiled on the run's own trace, so an "
+                            "optimistic placement)")
 
     @property
     def policy_name(self) -> str:
@@ -62,6 +66,8 @@ class CacheConfig(_Strict):
     gpu: TierConfig
     dram: TierConfig | None = Field(
         None, description="host-DRAM tier; leave out to hold every expert in host memory")
+    kv_cache: bool = Field(False, description="the GPU tier holds at most what resident weights, activations "
+                                              "and the batch's KV cache leave free (shrinks as sequences grow)")
 
 
 class PredictorConfig(BaseModel):
@@ -113,6 +119,8 @@ class BatchConfig(_Strict):
     max_wait_ms: float = Field(0.0, ge=0, description="static with open arrivals: wait up to this long "
                                                       "after the oldest waiting request for a full batch")
     slo: SLOConfig | None = Field(None, description="latency targets for SLO attainment")
+    max_context: int | None = Field(None, ge=1, description="cache.kv_cache: KV positions reserved per sequence "
+                                                            "when admitting it (default: the longest sequence)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -157,6 +165,15 @@ class TraceConfig(_Strict):
         return self
 
 
+class StandinConfig(_Strict):
+    """Low-bit stand-ins (HOBBIT): a missing expert whose gate score is below `threshold` is loaded
+    at `bits` per parameter instead (fewer bytes over the link); needs a trace with `scores`."""
+
+    bits: float = Field(4.0, gt=0, description="bits per parameter of the stand-in copy")
+    threshold: float = Field(0.1, ge=0, le=1, description="largest gate weight (probability) any token gave "
+                                                          "the expert this step, below which it is stood in for")
+
+
 class Scenario(_Strict):
     name: str = "scenario"
     seed: int = Field(0, ge=0, description="seeds every random draw of the run (numpy Generators)")
@@ -168,6 +185,10 @@ class Scenario(_Strict):
     batch: BatchConfig = BatchConfig()
     runtime: RuntimeCosts | None = Field(None, description="software-stack costs (runtimes/ preset, path or "
                                                            "inline); None (`none`): the pure-hardware model")
+    miss: Literal["wait", "cpu", "auto"] = Field(
+        "wait", description="an expert not on the GPU: wait for its copy, compute it on the host CPU "
+                            "(activations cross the link both ways), or per expert whichever finishes first")
+    standin: StandinConfig | None = Field(None, description="low-bit stand-ins for low-score misses (HOBBIT)")
     output: str | None = None
     base_dir: str = Field(".", description="directory relative paths are resolved against")
 
@@ -304,6 +325,8 @@ def check_scenario(sc: Scenario, file: str | None) -> None:
         if tier.policy not in POLICIES:
             raise InputError(f"unknown eviction policy {tier.policy!r} (known: {', '.join(sorted(POLICIES))})",
                              file=file, field=f"{field}.policy")
+        if tier_name == "dram" and tier.preload != "none":
+            raise InputError("preload applies to the gpu tier only", file=file, field="cache.dram.preload")
         if tier.admission != "none" and POLICIES[tier.policy].needs_next_use:
             raise InputError(f"{tier.policy} is the offline optimum: an admission filter does not apply",
                              file=file, field=f"{field}.admission")
@@ -331,7 +354,7 @@ def check_scenario(sc: Scenario, file: str | None) -> None:
         else:
             need, have = cache_bytes, hw.host_dram.capacity_gb
             what = f"{cache_bytes / 1e9:.2f} GB of experts"
-        if need > have * 1e9:
+        if need > have * 1e9 and not (tier_name == "gpu" and sc.cache.kv_cache):  # kv_cache: a bound, sized per step
             raise InputError(f"{what} does not fit the {have:g} GB of "
                              f"{'GPU memory' if tier_name == 'gpu' else 'host DRAM'} in profile {hw.name!r}",
                              file=file, field=field)
@@ -340,6 +363,14 @@ def check_scenario(sc: Scenario, file: str | None) -> None:
             f"without a dram tier host memory must hold every expert "
             f"({m.total_experts * m.expert_bytes / 1e9:.1f} GB) but profile {hw.name!r} has "
             f"{hw.host_dram.capacity_gb:g} GB; add cache.dram with a capacity", file=file, field="cache.dram")
+    if sc.standin is not None and sc.standin.bits >= 8 * m.component_bytes_per_param("experts"):
+        raise InputError(f"a stand-in of {sc.standin.bits:g} bits is no smaller than the experts' "
+                         f"{8 * m.component_bytes_per_param('experts'):g} bits", file=file, field="standin.bits")
+    if sc.miss != "wait":
+        for sec in ("host_cpu", "pcie_d2h"):
+            if getattr(hw, sec) is None:
+                raise InputError(f"miss: {sc.miss} needs the hardware profile's {sec} section, which profile "
+                                 f"{hw.name!r} lacks", file=file, field=f"hardware.{sec}")
     try:
         registry.validate(sc.predictor.name, sc.predictor.params)
     except KeyError:

@@ -62,6 +62,9 @@ class ModelSpec(BaseModel):
     num_kv_heads: int = Field(gt=0)
     head_dim: int = Field(gt=0)
     vocab_size: int = Field(0, ge=0, description="LM-head size; 0 leaves the LM head out of the timing")
+    kv_values_per_token: int | None = Field(
+        None, gt=0, description="KV-cache values one token stores per block (None: 2 x num_kv_heads x head_dim; "
+                                "MLA models: the compressed latent + rope key)")
     source: str = Field("inline", description="where these numbers come from")
     precision: Precision | None = Field(None, description="bits per parameter per component; None: every "
                                                           "component at bytes_per_param")
@@ -121,6 +124,12 @@ class ModelSpec(BaseModel):
         attn = blocks * self.attention_params
         return int(attn * self.component_bytes_per_param("attention")
                    + (params - attn) * self.component_bytes_per_param("dense"))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token holds across every block (bf16 values)."""
+        per_block = self.kv_values_per_token or 2 * self.num_kv_heads * self.head_dim
+        return per_block * (self.num_layers + self.first_dense_layers) * 2
 
     @property
     def total_experts(self) -> int:
@@ -209,7 +218,7 @@ PRESETS: dict[str, dict] = {
         num_experts=64, top_k=6,
         num_shared_experts=1, shared_expert_intermediate_size=2816,
         hidden_size=2048, expert_intermediate_size=1408, gated=True,
-        num_heads=24, num_kv_heads=2, head_dim=128, vocab_size=102400,
+        num_heads=24, num_kv_heads=2, head_dim=128, vocab_size=102400, kv_values_per_token=576,
         source="huggingface.co/deepseek-ai/DeepSeek-V2-Lite config.json "
                "(MLA attention approximated as GQA, see models.py)",
     ),

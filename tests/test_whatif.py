@@ -49,7 +49,7 @@ def test_applicability():
     assert not run and {s["name"] for s in skipped} == set(WHATIFS)
     oracle = scenario_from_dict({**LINK_BOUND, "predictor": {"name": "oracle", "lookahead_layers": 2}})
     run, skipped = applicable(oracle)
-    assert [s["name"] for s in skipped] == ["oracle", "half_host"]  # no runtime: no host cost to halve
+    assert [s["name"] for s in skipped] == ["oracle", "half_host", "miss_auto"]  # no runtime; a100-80gb-pcie4 has no host_cpu
     assert {w.name for w in run} == {"pcie_2x", "cache_plus_25", "all_resident"}
 
 
@@ -112,7 +112,8 @@ def test_why_default_depends_on_whether_it_would_double_the_run_time(tmp_path, m
 
 
 def test_registry_is_the_module_level_dict():
-    assert whatif.WHATIFS is WHATIFS and list(WHATIFS) == ["pcie_2x", "cache_plus_25", "oracle", "all_resident", "half_host"]
+    assert whatif.WHATIFS is WHATIFS and list(WHATIFS) == ["pcie_2x", "cache_plus_25", "oracle", "all_resident",
+                                                                  "half_host", "miss_auto"]
 
 
 # Every expert resident and a per-layer host cost far above the GPU's work per layer: the GPU waits

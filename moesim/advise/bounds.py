@@ -6,7 +6,8 @@ spreading the b·top_k token-expert pairs over more experts only adds time (each
 reads its weights again), so `top_k` experts of `b` tokens each is the cheapest routing. Hence
   step(b) >= layers · (attention(b) + top_k · expert(b) + shared(b)),
 TPOT >= step(1), and tokens/s <= b / step(b) (a step makes at most one token per sequence).
-Measured tables need not obey the roofline's shape, so with them there is no bound (None).
+Measured tables need not obey the roofline's shape, so with them there is no bound (None); nor
+with `miss: cpu | auto`, where an expert may be computed on the host instead.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..hardware.costs import CostModel
 def step_lower_bound_s(sc: Scenario, b: int) -> float | None:
     """Least time a step of `b` sequences can take on the compute stream (None: no bound)."""
     cost = CostModel(sc.model, sc.hardware)
-    if any(cost.uses_measured.values()):
+    if any(cost.uses_measured.values()) or sc.miss != "wait":  # a CPU-run expert skips the GPU's compute
         return None
     m = sc.model
     layer = cost.attention_s(b, b, b) + m.top_k * cost.expert_compute_s(b) + cost.shared_compute_s(b)

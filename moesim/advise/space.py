@@ -120,6 +120,21 @@ class Space:
                 "trace": self.trace(), "cache": {"gpu": {"capacity_experts": self.model.top_k}},
                 "predictor": "on_demand", "batch": batch}
 
+    def longest_sequence(self) -> int:
+        """Prompt + decode tokens of the trace's longest request (KV positions reserved per sequence
+        when `cache.kv_cache` is searched)."""
+        if not hasattr(self, "_longest"):
+            t = self.trace()
+            if isinstance(t, dict):
+                syn = t["synthetic"]
+                self._longest = syn["prompt_len"] + syn["decode_len"]
+            else:
+                from ..traces import TraceReader
+
+                self._longest = max(r.prompt_len + r.decode_len for r in TraceReader(t).iter_requests(
+                    pre_attn=False, scores=False))
+        return self._longest
+
     def model_for(self, config: dict):
         """The model with the configuration's `model.*` knobs (precision, say) applied."""
         changes = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith("model.")}
@@ -148,7 +163,11 @@ class Space:
         if n < m.top_k:
             raise Infeasible(f"{hw_name}: a cache of {n} expert(s){' per layer' if per_layer else ''} is below "
                              f"top_k={m.top_k}")
+        if config.get("miss", "wait") != "wait" and (hw.host_cpu is None or hw.pcie_d2h is None):
+            raise Infeasible(f"{hw_name}: miss: {config['miss']} needs the profile's host_cpu and pcie_d2h sections")
         out: dict[str, Any] = {"hardware": hw_name, "cache.gpu": {"capacity_experts": n, **gpu}}
+        if config.get("cache.kv_cache") and "batch.max_context" not in config:
+            out["batch.max_context"] = self.longest_sequence()
         if m.total_experts * m.expert_bytes > hw.host_dram.capacity_gb * 1e9:
             out["cache.dram"] = {"capacity_gb": round(hw.host_dram.capacity_gb * self.spec.memory.host_dram_fraction, 3)}
         for k, v in config.items():

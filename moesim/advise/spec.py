@@ -8,7 +8,8 @@
     slo: {tpot_ms: 2000, percentile: p99}
     objective: tokens_per_dollar    # tokens_per_s | tokens_per_dollar | cost_at_throughput (+ target_tokens_per_s)
     search: {trials: 24, sampler: tpe, seed: 0}
-    space: {batch.size: [1, 4, 16]} # replaces the default choices of these knobs only
+    space: {batch.size: [1, 4, 16]} # replaces the default choices of these knobs only; any scenario path
+                                    # may be added, e.g. miss: [wait, auto] or cache.kv_cache: [false, true]
 
 Every field has a default except `model`, `hardware` and `slo`.
 """

@@ -111,6 +111,18 @@ def _half_host(sc: Scenario) -> dict:
 register(WhatIf("half_host", "half the host overhead", _no_host_cost, _half_host))
 
 
+def _no_cpu_miss(sc: Scenario) -> str | None:
+    if sc.miss != "wait":
+        return f"misses already may run on the CPU (miss: {sc.miss})"
+    lacking = [s for s in ("host_cpu", "pcie_d2h") if getattr(sc.hardware, s) is None]
+    if lacking:
+        return f"the hardware profile has no {' or '.join(lacking)} section"
+    return _all_resident(sc)
+
+
+register(WhatIf("miss_auto", "CPU on a miss (auto)", _no_cpu_miss, lambda sc: {"miss": "auto"}))
+
+
 def applicable(sc: Scenario) -> tuple[list[WhatIf], list[dict]]:
     """(the what-ifs that apply to `sc`, [{name, label, why}] of those that do not)."""
     run, skipped = [], []

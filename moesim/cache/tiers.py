@@ -293,6 +293,26 @@ class Tier:
         if key not in self._flight:
             self._blocked.discard(key)
 
+    def resize(self, capacity: int) -> list[int]:
+        """Set a global tier's capacity (the KV cache grew or shrank), evicting the policy's victims
+        among READY unpinned keys until the occupancy fits; returns them. Pinned or IN_FLIGHT keys
+        are never evicted, so the occupancy may stay above a new capacity until they leave."""
+        if self._per_layer or self.capacity is None:
+            raise ValueError(f"tier {self.name!r}: only a bounded global tier can be resized")
+        p, evicted = self._policies[0], []
+        self.capacity = self._caps[0] = _capacity(self.name, capacity)  # (queue-sized policies keep their sizing)
+        while self._total > self.capacity:
+            v = p.victim(self._blocked)
+            if v is None:
+                break
+            p.evict(v)
+            del self._ready[v]
+            self._occ[v // self.num_experts] -= 1
+            self._total -= 1
+            self.evictions += 1
+            evicted.append(v)
+        return evicted
+
     # ---- checking --------------------------------------------------------------------------
 
     def check(self) -> None:

@@ -34,6 +34,7 @@ class StepPlan:
     output_tokens: int = 0
     token_requests: np.ndarray | None = None        # request id of each routing row
     pre_attn: np.ndarray | None = None              # [tokens, layers, d], when a predictor needs it
+    scores: np.ndarray | None = None                # [tokens, layers, width] gate scores (low-bit stand-ins)
     prefill_tokens: int = -1                        # prompt tokens among `tokens` (-1: all if prefill)
     admitted: np.ndarray | None = None              # requests whose first step this is
     admitted_arrivals: np.ndarray | None = None     # their arrival times (NaN: closed, = step start)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,9 @@ def engine_config(sc: Scenario, record_events: bool = False, capacities: dict | 
         gpu_capacity=caps.get("gpu", g.experts(m.expert_bytes)), gpu_policy=g.policy_name, gpu_partition=g.partition,
         dram_capacity=caps.get("dram", d.experts(m.expert_bytes)) if d else None,
         dram_policy=d.policy_name if d else "lru", dram_partition=d.partition if d else "global",
-        has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events, seed=sc.seed)
+        has_dram=d is not None, dedup=sc.batch.dedup, record_events=record_events, seed=sc.seed, miss=sc.miss,
+        kv_cache=sc.cache.kv_cache,
+        standin=(sc.standin.bits, sc.standin.threshold) if sc.standin is not None else None)
 
 
 _SPLIT = ("simulate fewer requests (per-token rates settle long before a million), or split the trace "
@@ -87,6 +89,7 @@ def open_trace(sc: Scenario, workdir: Path, record_events: bool = False):
         generate_to_file(path, sc.model, params, preset=label, requests=syn.requests,
                          prompt_len=syn.prompt_len, decode_len=syn.decode_len,
                          rng=np.random.default_rng(sc.seed), seed=sc.seed, pre_attn=syn.pre_attn,
+                         scores=sc.standin is not None,
                          model_seed=syn.model_seed, field_prefix="trace.synthetic.")
     else:
         path = sc.resolve(sc.trace.path)
@@ -96,6 +99,9 @@ def open_trace(sc: Scenario, workdir: Path, record_events: bool = False):
     check_against_model(reader.meta, sc.model, str(path))
     if reader.num_rows == 0:
         raise InputError("the trace has no rows: nothing to simulate", file=str(path), field="trace")
+    if sc.standin is not None and not reader.has_scores:
+        raise InputError("standin needs gate scores, but the trace has no scores column", file=str(path),
+                         field="standin")
     if sc.trace.synthetic is None:
         tokens = reader.num_rows // max(1, sc.model.num_layers)
         _check_run_memory(sc, None, tokens, tokens, record_events, "trace", str(path))
@@ -148,8 +154,9 @@ def read_arrivals(path: Path) -> dict[int, float]:
     return out
 
 
-def make_scheduler(sc: Scenario, requests, trace_path: Path | None = None) -> Scheduler:
-    """The scenario's scheduler over a stream of RequestTraces."""
+def make_scheduler(sc: Scenario, requests, trace_path: Path | None = None, size: int | None = None) -> Scheduler:
+    """The scenario's scheduler over a stream of RequestTraces (`size`: a tighter batch limit, e.g.
+    admission by KV budget)."""
     b = sc.batch
     arrival_s = None
     if b.arrivals == "trace":
@@ -160,7 +167,7 @@ def make_scheduler(sc: Scenario, requests, trace_path: Path | None = None) -> Sc
     source = ArrivalSource(requests, b.arrivals, b.rate_per_s,
                            arrival_rng(sc.seed) if b.arrivals == "poisson" else None, arrival_s,
                            str(trace_path) if trace_path else None)
-    return Scheduler(source, kind=b.scheduler, size=b.batch_limit, max_tokens_per_step=b.max_tokens_per_step,
+    return Scheduler(source, kind=b.scheduler, size=size or b.batch_limit, max_tokens_per_step=b.max_tokens_per_step,
                      chunked_prefill=b.chunked_prefill, admission=b.admission, affinity_window=b.affinity_window,
                      max_wait_s=b.max_wait_ms * 1e-3, num_experts=sc.model.num_experts,
                      num_layers=sc.model.num_layers, dedup=b.dedup)
@@ -212,6 +219,22 @@ def plan_capacities(reader, sc: Scenario) -> tuple[dict, dict]:
     return caps, report
 
 
+def popular_keys(reader, sc: Scenario, capacity) -> tuple[int, ...]:
+    """The keys the trace routes to most (ties: lower key first), as many as the GPU tier holds
+    (per layer with per_layer): what `cache.gpu.preload: popular` places before the run."""
+    m = sc.model
+    E, L = m.num_experts, m.num_layers
+    counts = np.bincount(_trace_stream(reader, sc), minlength=E * L)
+    if sc.cache.gpu.partition == "per_layer":
+        caps = capacity if isinstance(capacity, tuple) else (capacity,) * L
+        parts = [layer * E + np.argsort(-counts[layer * E:(layer + 1) * E], kind="stable")[:c]
+                 for layer, c in enumerate(caps)]
+        keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    else:
+        keys = np.argsort(-counts, kind="stable")[:capacity]
+    return tuple(int(k) for k in keys if counts[k] > 0)
+
+
 def _access_stream(reader, sc: Scenario) -> np.ndarray:
     """Every cache key the engine will access, in order (a first pass, for Belady's next use).
     Only closed arrivals have a step sequence that does not depend on simulated time."""
@@ -229,6 +252,8 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
         reader = open_trace(sc, Path(tmp), record_events)
         capacities, allocation = plan_capacities(reader, sc)
         cfg = engine_config(sc, record_events, capacities)
+        if sc.cache.gpu.preload == "popular":
+            cfg = replace(cfg, gpu_preload=popular_keys(reader, sc, cfg.gpu_capacity))
         next_use = None
         if "belady" in (cfg.gpu_policy, cfg.dram_policy if cfg.has_dram else ""):
             next_use = NextUse(_access_stream(reader, sc)).next_after
@@ -244,7 +269,8 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
                 lengths[r.request_id] = (r.prompt_len, r.decode_len)
                 yield r
 
-        sched = make_scheduler(sc, requests(), reader.path)
+        admit = kv_admission(sc)
+        sched = make_scheduler(sc, requests(), reader.path, admit)
         sim = Simulation(sc.model, cost, cfg, predictor, sched, next_use)
         sim.rec.lengths = lengths
         rec = sim.run()
@@ -257,9 +283,37 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
                    "timing_source": {k: ("measured" if v else "roofline") for k, v in cost.uses_measured.items()},
                    "expert_bytes": sc.model.expert_bytes,
                    "gpu_cache_experts": sc.cache.gpu.experts(sc.model.expert_bytes)}
+        if sim.cpu is not None:
+            summary["miss"] = {"mode": sc.miss, **sim.cpu.summary(summary["makespan_s"])}
+        if sim.standin is not None:
+            summary["standin"] = sim.standin.summary()
+        if cfg.gpu_preload:
+            summary["gpu_preloaded_experts"] = len(cfg.gpu_preload)
+        if sim.kv is not None:
+            summary["kv_cache"] = {**sim.kv.summary(), "admission_limit": admit,
+                                   "batch_limit": sc.batch.batch_limit}
         if sc.runtime is not None:  # only with a runtime: `none` keeps the summary as it was
             summary["host"] = sim.host.summary() if sim.host is not None else None
         return Result(summary, rec.steps_frame(), rec.requests_frame(), rec.events_frame())
+
+
+def kv_admission(sc: Scenario) -> int | None:
+    """With cache.kv_cache: the most sequences whose KV caches at max_context still leave one
+    layer's top-k experts (None without; an InputError with the numbers when not even one fits)."""
+    from .kv import KvBudget
+
+    if not sc.cache.kv_cache:
+        return None
+    m, syn = sc.model, sc.trace.synthetic
+    if sc.cache.gpu.partition != "global":
+        raise InputError("cache.kv_cache resizes a global GPU tier: use cache.gpu.partition: global",
+                         field="cache.gpu.partition")
+    ctx = sc.batch.max_context or (syn.prompt_len + syn.decode_len if syn is not None else None)
+    if ctx is None:
+        raise InputError("cache.kv_cache with a trace file needs batch.max_context (KV positions reserved per "
+                         "sequence)", field="batch.max_context")
+    n = KvBudget(m, sc.hardware.gpu.memory_gb, sc.cache.gpu.experts(m.expert_bytes)).admit_limit(ctx)
+    return min(n, sc.batch.batch_limit)
 
 
 def cache_warnings(sc: Scenario, cfg: EngineConfig) -> list[str]:
@@ -290,4 +344,21 @@ def scenario_echo(sc: Scenario) -> dict:
         d.pop("runtime")
     if sc.model.precision is None:
         d["model"].pop("precision")
+    # issue 17's knobs echo only when used: a run without them keeps its summary as it was
+    for sec in ("pcie_d2h", "host_cpu"):  # echoed when the run uses them (miss: cpu | auto)
+        if d["hardware"].get(sec) is None or sc.miss == "wait":
+            d["hardware"].pop(sec, None)
+    if sc.model.kv_values_per_token is None:
+        d["model"].pop("kv_values_per_token", None)
+    if not sc.cache.kv_cache:
+        d["cache"].pop("kv_cache")
+    if sc.batch.max_context is None:
+        d["batch"].pop("max_context")
+    for tier in ("gpu", "dram"):
+        if d["cache"].get(tier) is not None and d["cache"][tier]["preload"] == "none":
+            d["cache"][tier].pop("preload")
+    if sc.miss == "wait":
+        d.pop("miss")
+    if sc.standin is None:
+        d.pop("standin")
     return d

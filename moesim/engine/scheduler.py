@@ -323,6 +323,7 @@ class Scheduler:
         ids = np.fromiter((s.rid for s, _, _ in chunks), dtype=np.int64, count=len(chunks))
         with_pre = chunks[0][0].req.pre_attn is not None
         pre_attn = None
+        with_sc = chunks[0][0].req.scores is not None
         if all(n == 1 for _, _, n in chunks) and all(d >= s.prompt for s, d, _ in chunks):
             phase, prefill_tokens = "decode", 0
             routing = np.stack([s.req.experts[d] for s, d, _ in chunks])
@@ -370,6 +371,8 @@ class Scheduler:
                         out_tokens, token_requests)
         plan.prefill_tokens = prefill_tokens
         plan.pre_attn = pre_attn
+        if with_sc:
+            plan.scores = np.concatenate([s.req.scores[d:d + n] for s, d, n in chunks], axis=0)
         if admitted:
             plan.admitted = np.array([s.rid for s in admitted], dtype=np.int64)
             plan.admitted_arrivals = np.array([s.arrival for s in admitted], dtype=float)

@@ -19,10 +19,13 @@ from ..hardware.channels import Channel
 from ..hardware.costs import CostModel
 from ..models import ModelSpec
 from ..predictors.base import Predictor, Prefetch
+from .cpu_exec import CpuExecutor
 from .host import HostThread
+from .kv import KvBudget
 from .loads import Load, LoadChain
 from .metrics import Recorder
 from .plan import StepPlan
+from .standin import StandIns
 from .scheduler import PlanSource
 
 
@@ -40,6 +43,10 @@ class EngineConfig:
     dedup: bool = True
     record_events: bool = False
     seed: int = 0                     # seeds randomised eviction policies (a stream of its own)
+    miss: str = "wait"      # wait | cpu | auto (engine/cpu_exec.py)
+    kv_cache: bool = False  # the GPU tier holds what the KV cache leaves (engine/kv.py)
+    gpu_preload: tuple[int, ...] = ()  # keys resident on the GPU before the run (cache.gpu.preload)
+    standin: tuple[float, float] | None = None  # (bits, threshold) of low-bit stand-ins (engine/standin.py)
 
 
 class _View:
@@ -131,6 +138,12 @@ class Simulation(LoadChain):
         self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
         rt = cost.runtime
         self.host = HostThread(rt) if rt is not None and rt.costs_host else None  # None: host never delays
+        self.cpu = CpuExecutor(self, cfg.miss, self.host is not None) if cfg.miss != "wait" else None
+        self.kv = KvBudget(model, cost.hw.gpu.memory_gb, cfg.gpu_capacity) if cfg.kv_cache else None
+        self.standin = StandIns(self, *cfg.standin) if cfg.standin is not None else None
+        for key in cfg.gpu_preload:  # placed before the run: no transfer, not an access
+            self.gpu.reserve(key, -1)
+            self.gpu.complete(key)
 
     def now(self) -> float:
         return self.env.now
@@ -218,6 +231,8 @@ class Simulation(LoadChain):
             view = self.view = _View(self, plan)
             t_step = env.now
             rec.step_start(plan, t_step)
+            if self.kv is not None:  # the batch's KV cache now: the GPU tier gets what it leaves
+                self._evicted(self.kv.step(plan.context_tokens, plan.tokens, gpu))
             if host is not None:  # the host has the previous token; set-up, then the dense blocks' work
                 host.sync(t_step)
                 yield from self._wait_host(host.work(host.step_s + m.first_dense_layers * host.layer_s))
@@ -245,6 +260,8 @@ class Simulation(LoadChain):
                 keys, counts = plan.keys[layer], plan.counts[layer]
                 self.accessed.append(keys)
                 self._score_predictions(self.gated, keys if dedup else np.unique(keys))
+                if self.standin is not None:
+                    self.standin.layer(plan, layer)
                 busy = cost.shared_compute_s(plan.tokens)  # shared experts: always resident
                 hits = late = misses = saved = 0
                 hit_costs: list[float] = []
@@ -272,6 +289,14 @@ class Simulation(LoadChain):
                             rec.prefetch_late += 1
                             load.prefetch = False
                             load.channel.promote(load.transfer)
+                    elif self.standin is not None and self.standin.serves(key):  # a low-bit copy, not cached
+                        misses += 1
+                        pending.append((self.standin.submit(key, cnt), c))
+                        continue
+                    elif self.cpu is not None and self.cpu.prefers_cpu(key, cnt, c):  # compute it on the host
+                        misses += 1
+                        pending.append((self.cpu.submit(key, cnt), 0.0))
+                        continue
                     else:  # without dedup a second token's copy is a transfer of its own
                         misses += 1
                         saved += cnt - 1

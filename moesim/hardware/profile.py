@@ -86,14 +86,36 @@ class Measured(BaseModel):
     source: str
 
 
+class HostCPU(_Sourced):
+    """The host CPU as an expert executor (issue 17: `miss: cpu | auto`): its cores, and one routed
+    expert's FFN time by tokens, per weight dtype, measured (`expert_ms`) and/or a roofline from a
+    sourced peak FLOP/s and memory bandwidth. A measured table wins for the model it was measured on."""
+
+    name: str = ""
+    cores: int = Field(ge=1, description="physical cores the runtime's threads may use")
+    threads_per_expert: int = Field(1, ge=1, description="cores one CPU expert kernel uses (as measured)")
+    peak_tflops: float | None = Field(None, gt=0, description="dense FLOP/s of threads_per_expert cores, 1e12")
+    memory_bandwidth_gbps: float | None = Field(None, gt=0, description="weight-streaming bandwidth, 1e9 B/s")
+    model: str | None = Field(None, description="model the expert_ms tables were measured for (None: any)")
+    expert_ms: dict[str, Table] | None = Field(None, description="dtype -> one expert's FFN ms by tokens")
+
+    @model_validator(mode="after")
+    def _some_timing(self):
+        if not self.expert_ms and (self.peak_tflops is None or self.memory_bandwidth_gbps is None):
+            raise ValueError("give expert_ms tables or both peak_tflops and memory_bandwidth_gbps")
+        return self
+
+
 class HardwareProfile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str
     description: str = ""
     gpu: GPU
     pcie_h2d: Link
+    pcie_d2h: Link | None = Field(None, description="device-to-host link (activations out for miss: cpu)")
     disk: Disk
     host_dram: HostDRAM
+    host_cpu: HostCPU | None = Field(None, description="the host CPU as an expert executor (miss: cpu | auto)")
     measured: Measured | None = None
 
 

@@ -41,9 +41,12 @@ DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
               help="cached positions (KV length) per sequence at the decode-shaped attention points: the "
                    "points of at most 16 new tokens, one per sequence (larger points are prefills)")
 @click.option("--name", default=None, help="profile name (default: the output file's stem)")
+@click.option("--section", type=click.Choice(["all", "host_cpu"]), default="all", show_default=True,
+              help="host_cpu: measure only the host CPU as an expert executor (bfloat16 and float32) and add "
+                   "it to the existing profile -o")
 @click.option("--quiet", is_flag=True)
 @_guard
-def profile(output, model_name, scale, device, dtype, threads, quick, disk_dir, io, context, name, quiet):
+def profile(output, model_name, scale, device, dtype, threads, quick, disk_dir, io, context, name, section, quiet):
     """Measure this machine into a hardware profile with `measured` tables.
 
     Expert FFN time by tokens per expert and attention time by tokens for the model's shapes, disk
@@ -63,6 +66,16 @@ def profile(output, model_name, scale, device, dtype, threads, quick, disk_dir, 
     out = Path(output)
     if context < 1:
         raise InputError(f"must be >= 1, got {context}", field="--context")
+    if section == "host_cpu":
+        from .cpu_profile import add_host_cpu, measure_host_cpu
+
+        sec, meas = measure_host_cpu(spec, scale, threads, quick, log=log)
+        add_host_cpu(out, sec, meas)
+        for dt, tab in sec["expert_ms"].items():
+            click.echo(f"host CPU expert FFN {dt}: " + "  ".join(
+                f"{t:g}:{m:.3g}ms" for t, m in zip(tab["tokens"], tab["ms"])))
+        click.echo(f"added host_cpu to {out}")
+        return
     res = run_profile(spec, out, scale=scale, device=device, dtype=dtype, threads=threads, quick=quick,
                       disk_dir=disk_dir, io=io, name=name, context=context, log=log)
     if not quiet:

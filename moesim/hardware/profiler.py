@@ -578,6 +578,10 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
         },
     }
     _optional_fields(prof, desc, dtype, p.threads, context, when, disk, link, p.cuda)
+    from .cpu_profile import measure_host_cpu
+
+    log("host CPU as an expert executor ...")
+    prof["host_cpu"], host_meas = measure_host_cpu(spec, scale, None if p.cuda else p.threads, quick, log=log)
     hp = profile_from_dict(prof, file=str(out))  # must validate
     sidecar = out.with_name(out.stem + ".measurements.json")
     meas = {
@@ -587,7 +591,7 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
         "expert_compute": [{"tokens": t, **exp[t].as_dict()} for t in tok],
         "attention": [{"tokens": t, **att[t].as_dict()} for t in atok],
         "attention_decode_grid": grid,
-        "roofline": roof, "disk": disk, "link": link,
+        "roofline": roof, "disk": disk, "link": link, "host_cpu": host_meas,
     }
     header = [(f"Hardware profile measured by `moesim profile{' --quick' if quick else ''} --model {spec.name}"
               f"{f' --scale {scale:g}' if scale != 1 else ''} --dtype {dtype} --context {context}` on {when}."),
