@@ -224,7 +224,8 @@ def popular_keys(reader, sc: Scenario, capacity) -> tuple[int, ...]:
     (per layer with per_layer): what `cache.gpu.preload: popular` places before the run."""
     m = sc.model
     E, L = m.num_experts, m.num_layers
-    counts = np.bincount(_trace_stream(reader, sc), minlength=E * L)
+    steps = _planning_steps(reader, sc)
+    counts = np.bincount(np.concatenate(steps) if steps else np.zeros(0, np.int64), minlength=E * L)
     if sc.cache.gpu.partition == "per_layer":
         caps = capacity if isinstance(capacity, tuple) else (capacity,) * L
         parts = [layer * E + np.argsort(-counts[layer * E:(layer + 1) * E], kind="stable")[:c]
