@@ -261,7 +261,7 @@ def _replay_lfu(reqs: list[int], cap: int) -> int:
     return misses
 
 
-def _replay_belady(arr: np.ndarray, cap: int) -> int:
+def _replay_belady(arr: np.ndarray, cap: int, out: list[int] | None = None) -> int:
     # The heap holds plain ints -(next use); the id is recovered from the position: a next use
     # v < n is position v, whose id is reqs[v]. "Never again" after position i is encoded as
     # 2n-1-i (>= n, and larger for older i, so ties among dead ids go to the least recently
@@ -292,12 +292,15 @@ def _replay_belady(arr: np.ndarray, cap: int) -> int:
     push, pop, replace = heapq.heappush, heapq.heappop, heapq.heapreplace
     limit = 8 * cap + 1024
     size = misses = 0
-    for x, nv in zip(reqs, neg):
+    record = out.append if out is not None else None
+    for i, (x, nv) in enumerate(zip(reqs, neg)):
         if x in resident:
             if nv:
                 push(heap, nv)
             continue
         misses += 1
+        if record is not None:
+            record(i)
         if size < cap:
             size += 1
             if nv:
@@ -315,18 +318,55 @@ def _replay_belady(arr: np.ndarray, cap: int) -> int:
 _FAST = {"lru": _replay_lru, "fifo": _replay_fifo, "lfu": _replay_lfu}
 
 
+def _flags_lru(reqs: list[int], cap: int) -> list[int]:
+    """The positions at which an LRU cache of ``cap`` entries misses (as _replay_lru)."""
+    od: OrderedDict[int, None] = OrderedDict()
+    to_end, evict = od.move_to_end, od.popitem
+    out: list[int] = []
+    record = out.append
+    size = 0
+    for i, x in enumerate(reqs):
+        if x in od:
+            to_end(x)
+            continue
+        record(i)
+        if size < cap:
+            size += 1
+        else:
+            evict(False)
+        od[x] = None
+    return out
+
+
 def replay_incremental(requests, capacity: int, policy: str) -> ReplayResult:
     """The same replay driven through the incremental policy classes (slow; the reference the
     fast paths are tested against)."""
-    flags = miss_flags(requests, capacity, policy)
+    flags = _incremental_flags(requests, _check(capacity, policy), policy)
     misses = int(flags.sum())
     return ReplayResult(flags.size - misses, misses)
 
 
 def miss_flags(requests, capacity: int, policy: str) -> np.ndarray:
     """Per request, True if it misses: the replay of :func:`replay_incremental`, request by
-    request (for attributing misses of a shared cache to layers)."""
+    request (for attributing misses of a shared cache to layers); lru and belady use the
+    specialised loops of :func:`replay`."""
     cap = _check(capacity, policy)
+    if policy in ("lru", "belady") and cap > 0:  # specialised loops, as replay()
+        arr = _as_int_array(requests if isinstance(requests, (list, np.ndarray)) else list(requests))
+        out = np.zeros(arr.size, dtype=bool)
+        if arr.size:
+            pos: list[int] = []
+            if policy == "lru":
+                pos = _flags_lru(arr.tolist(), cap)
+            else:
+                _replay_belady(arr, cap, pos)
+            out[pos] = True
+        return out
+    return _incremental_flags(requests, cap, policy)
+
+
+def _incremental_flags(requests, cap: int, policy: str) -> np.ndarray:
+    """miss_flags through the incremental policy classes (the reference)."""
     reqs = _as_list(requests)
     n = len(reqs)
     out = np.ones(n, dtype=bool)

@@ -200,6 +200,7 @@ class Simulation(LoadChain):
     def _driver(self):
         env, cost, m, rec = self.env, self.cost, self.model, self.rec
         pred, gpu = self.predictor, self.gpu
+        hit_pin = gpu.hit_pin
         ecs = cost.expert_compute_s
         dedup = self.cfg.dedup
         sched = self.sched
@@ -251,14 +252,13 @@ class Simulation(LoadChain):
                 for key, cnt in zip(keys.tolist(), counts.tolist()):
                     self.pos += 1
                     c = ecs(cnt)
-                    if gpu.hit(key, self.pos):
+                    if hit_pin(key, self.pos):
                         hits += 1
                         busy += c
                         hit_costs.append(c)
                         if key in unused:
                             unused.discard(key)
                             rec.prefetch_used += 1
-                        gpu.pin(key)
                         pinned.append(key)
                         continue
                     load = self.loads.get(key)
@@ -306,8 +306,7 @@ class Simulation(LoadChain):
                     busy += loaded
                 if cursor > env.now:
                     yield env.timeout(cursor - env.now)
-                for key in pinned:
-                    self._unpin(key)
+                self._unpin_all(pinned)
                 if self.protected:
                     self._release((plan.index, layer))
                 rec.saved_loads += saved
