@@ -181,36 +181,52 @@ class LoadChain(PinLedger):
     # ---- prefetch ----------------------------------------------------------------------------
 
     def _issue(self, reqs: list[Prefetch]) -> None:
+        """Start the prefetches of a predictor's answer, best first per target. A target already
+        gated, an expert resident or on its way, or one over the in-flight/byte budget starts no
+        copy (and builds nothing); with `protect` the predicted expert is pinned until its target
+        layer has run (as _protect, inlined)."""
         if not reqs:
             return
         E, gpu, cur, eb = self.E, self.gpu, self.gated, self.eb
         params = self.predictor.params
         protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
-        predicted = self.predicted
+        predicted, loads, rec, protected = self.predicted, self.loads, self.rec, self.protected
+        resident = gpu.__contains__
+        pin = self._pin
+        last, pset, plist = None, None, None
         for r in sorted(reqs, key=lambda p: (p.step, p.layer, -p.score, p.expert)):
             target = (r.step, r.layer)
             if target <= cur:
                 continue
+            if target != last:
+                last = target
+                pset = predicted.get(target)
+                if pset is None:
+                    pset = predicted[target] = set()
+                plist = protected.get(target) if protect else None
             key = r.layer * E + r.expert
-            pset = predicted.get(target)
-            if pset is None:
-                pset = predicted[target] = set()
             pset.add(key)
-            if key in gpu or key in self.loads:  # resident or on its way: at most protect it
+            if key in loads or resident(key):  # on its way or resident: at most protect it
                 if protect:
-                    self._protect(key, target)
+                    pin(key)
+                    if plist is None:
+                        plist = protected[target] = []
+                    plist.append(key)
                 continue
             if max_inflight is not None and self.prefetch_inflight >= max_inflight:
                 continue
             if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
                 continue
             self._start_load(key, True, target)
-            self.rec.prefetch_issued += 1
+            rec.prefetch_issued += 1
             self.prefetch_inflight += 1
             if max_bytes is not None:
                 self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
-            if protect and key in self.loads:  # (a copy with no slot to land in was dropped at once)
-                self._protect(key, target)
+            if protect and key in loads:  # (a copy with no slot to land in was dropped at once)
+                pin(key)
+                if plist is None:
+                    plist = protected[target] = []
+                plist.append(key)
 
     def _score_predictions(self, target: tuple[int, int], needed: np.ndarray) -> None:
         """Precision/recall of everything predicted for `target` against what it needed."""
