@@ -62,6 +62,7 @@ class Recorder:
         self._last_prefetch = 0
         self.steps = 0
         self.final: dict = {}
+        self.on_step = None  # optional callback(tokens of the step) at each step's end (progress bar)
 
     def step_start(self, plan, t: float) -> None:
         if plan.admitted is not None:
@@ -93,6 +94,8 @@ class Recorder:
         self.pairs += plan.pairs * self.model.num_layers  # token × expert pairs, all layers
         self.output_tokens += plan.output_tokens
         self.processed_tokens += plan.tokens
+        if self.on_step is not None:
+            self.on_step(plan.tokens)
         if plan.first_token_requests is not None:
             for rid in plan.first_token_requests.tolist():
                 self._req_first[rid] = t_end

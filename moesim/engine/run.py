@@ -220,8 +220,10 @@ def _access_stream(reader, sc: Scenario) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def simulate(sc: Scenario, record_events: bool = False) -> Result:
-    """Run one scenario. Deterministic: the same scenario and seed give the same Result."""
+def simulate(sc: Scenario, record_events: bool = False, progress=None) -> Result:
+    """Run one scenario. Deterministic: the same scenario and seed give the same Result.
+    `progress`: None, or `progress(total_tokens)` returning a callback called with each step's
+    tokens (moesim.progress's bar)."""
     with tempfile.TemporaryDirectory(prefix="moesim-") as tmp:
         reader = open_trace(sc, Path(tmp), record_events)
         capacities, allocation = plan_capacities(reader, sc)
@@ -244,6 +246,8 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
         sched = make_scheduler(sc, requests(), reader.path)
         sim = Simulation(sc.model, cost, cfg, predictor, sched, next_use)
         sim.rec.lengths = lengths
+        if progress is not None:
+            sim.rec.on_step = progress(reader.num_rows // max(1, sc.model.num_layers))
         rec = sim.run()
         summary = {"moesim_version": __version__, "scenario": scenario_echo(sc),
                    **rec.summary(slo=sc.batch.slo),
