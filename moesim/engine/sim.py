@@ -21,7 +21,7 @@ from ..models import ModelSpec
 from ..predictors.base import Predictor, Prefetch
 from .host import HostThread
 from .loads import Load, LoadChain
-from .metrics import Recorder
+from .metrics import KeyLog, Recorder
 from .plan import StepPlan
 from .scheduler import PlanSource
 
@@ -116,7 +116,7 @@ class Simulation(LoadChain):
         self.loads: dict[int, Load] = {}
         self.prefetched_unused: set[int] = set()
         self.pos = -1              # index of the latest access (the cache clock; Belady next-use index)
-        self.accessed: list[np.ndarray] = []   # every layer's keys as accessed, in order (the gap report)
+        self.accessed = KeyLog()   # every layer's keys as accessed, in order (the gap report)
         self.gated = (-1, -1)      # (step, layer) whose gate ran last: prefetches at or before are stale
         self.view: _View | None = None
         self.protected: dict[tuple[int, int], list[int]] = {}  # target (step, layer) -> pinned keys
