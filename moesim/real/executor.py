@@ -341,9 +341,9 @@ class RealExecutor(LoadChain):
         E, L = self.E, self.L
         total = E * L
         g, d = sc.cache.gpu, sc.cache.dram
-        for name, t in (("gpu", g), ("dram", d)):
-            if t is not None and t.allocation != "uniform":
-                raise InputError(f"replay --real runs the uniform per-layer split only, not {t.allocation!r}",
+        for name, tc in (("gpu", g), ("dram", d)):
+            if tc is not None and tc.allocation != "uniform":
+                raise InputError(f"replay --real runs the uniform per-layer split only, not {tc.allocation!r}",
                                  field=f"cache.{name}.allocation")
         self.gpu_capacity = g.experts(m.expert_bytes)
         gparts = L if g.partition == "per_layer" else 1
