@@ -1,8 +1,12 @@
 """Engine speed: simulated expert accesses per second against a bare SimPy loop measured in the
 same run, and peak memory at two trace lengths (flat = streaming works).
 
-    python benchmarks/bench_engine.py            # ~1M token×expert accesses
+    python benchmarks/bench_engine.py            # ~1M token×expert accesses, every predictor family
     python benchmarks/bench_engine.py --quick    # smaller, for a smoke run
+    python benchmarks/bench_engine.py --memory   # peak RSS at ~256k and ~4M accesses (on_demand)
+
+Each configuration runs in a child process (its own peak RSS). To compare two versions of the
+code in one run, run this file twice back to back with PYTHONPATH pointing at each checkout.
 """
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ def make_trace(path: Path, preset: str, requests: int, decode: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="peak RSS at two trace lengths instead")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -67,24 +72,34 @@ def main() -> None:
         return
     preset = "olmoe-1b-7b"  # 16 layers × top-8 = 128 token×expert accesses per token
     decode = 60 if a.quick else 240
-    sizes = {"short": 8, "long": 32} if not a.quick else {"short": 4, "long": 8}
+    if a.memory:
+        sizes = {"256k": 8, "4M": 128}
+    else:
+        sizes = {"short": 8, "long": 32} if not a.quick else {"short": 4, "long": 8}
     floor = bare_simpy_events_per_s(200_000 if a.quick else 1_000_000)
     print(f"bare SimPy timeout loop: {floor / 1e6:.2f} M events/s")
-    print(f"{'trace':6s} {'policy':7s} {'predictor':9s} {'accesses':>9s} {'pairs':>9s} {'wall s':>7s} "
-          f"{'pairs/s':>9s} {'vs floor':>8s} {'peak RSS MB':>11s}")
+    print(f"{'trace':6s} {'policy':7s} {'predictor':11s} {'accesses':>9s} {'pairs':>9s} {'wall s':>7s} "
+          f"{'acc/s':>9s} {'vs floor':>8s} {'peak RSS MB':>11s}")
+    rss = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, req in sizes.items():
             path = Path(tmp) / f"{name}.parquet"
             make_trace(path, preset, req, decode)
-            combos = [("lru", "on_demand"), ("lru", "oracle"), ("belady", "on_demand")] if name == "long" \
-                else [("lru", "on_demand")]
+            if a.memory or name == "short":
+                combos = [("lru", "on_demand")]
+            else:
+                combos = [("lru", "on_demand"), ("lru", "oracle"), ("lru", "topk"), ("lru", "multilook"),
+                          ("lru", "intelligent"), ("belady", "on_demand")]
             for policy, pred in combos:
                 out = subprocess.run([sys.executable, __file__, "--child", str(path), preset, "256", policy, pred],
                                      capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout)
-                rate = r["pairs"] / r["wall_s"]
-                print(f"{name:6s} {policy:7s} {pred:9s} {r['accesses']:9d} {r['pairs']:9d} {r['wall_s']:7.2f} "
+                rate = r["accesses"] / r["wall_s"]
+                rss[name] = r["peak_rss_mb"]
+                print(f"{name:6s} {policy:7s} {pred:11s} {r['accesses']:9d} {r['pairs']:9d} {r['wall_s']:7.2f} "
                       f"{rate / 1e3:8.0f}k {rate / floor:8.3f} {r['peak_rss_mb']:11.0f}")
+    if a.memory:
+        print(f"peak RSS 4M - 256k accesses: {rss['4M'] - rss['256k']:+.0f} MB")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Sweep throughput: points per minute with 1 worker and with all cores, and the scaling ratio.
+"""Sweep throughput: points per minute with 1 worker and with all cores, and the scaling ratio,
+on small points (about a second each) and large ones (several seconds), measured in one run.
 
-    python benchmarks/bench_sweep.py [--points 16]
+    python benchmarks/bench_sweep.py [--points 8] [--small 4] [--large 16]
+
+`--small`/`--large`: requests of the synthetic trace of each point (olmoe-1b-7b, 16 prompt +
+64 decode tokens each); the mean seconds per point with one worker are printed beside.
 """
 from __future__ import annotations
 
@@ -15,32 +19,45 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--points", type=int, default=16, help="grid points (cache sizes × predictors)")
-    a = ap.parse_args()
+def rate(f: Path, out: Path, workers: int) -> tuple[float, float]:
+    """(points/min, wall s) of one sweep run."""
     from moesim.sweep import get_executor, load_sweep, run_sweep
 
-    caps = [0.5 + 0.5 * i for i in range(max(1, a.points // 2))]
+    spec = load_sweep(f)
+    t = time.perf_counter()
+    res = run_sweep(spec, out, get_executor("local", workers=workers), progress=False, echo=lambda m: None)
+    wall = time.perf_counter() - t
+    assert not res.failed, res.failed
+    return len(res.ran) / wall * 60, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--points", type=int, default=8, help="grid points (cache sizes × predictors)")
+    ap.add_argument("--small", type=int, default=4, help="requests per point, small points")
+    ap.add_argument("--large", type=int, default=16, help="requests per point, large points")
+    a = ap.parse_args()
+    caps = [1.0 + 0.5 * i for i in range(max(1, a.points // 2))]
+    cores = os.cpu_count() or 1
+    print(f"{cores} cores, load average {os.getloadavg()[0]:.2f} at the start")
     with tempfile.TemporaryDirectory() as tmp:
-        f = Path(tmp) / "bench.yaml"
-        f.write_text(yaml.safe_dump({
-            "name": "bench-sweep", "base": str(ROOT / "scenarios/quickstart.yaml"),
-            "grid": {"cache.gpu.capacity_gb": caps, "predictor.name": ["on_demand", "oracle"]}}))
-        cores = os.cpu_count() or 1
-        rates = {}
-        for workers in sorted({1, cores}):
-            spec = load_sweep(f)
-            t = time.perf_counter()
-            res = run_sweep(spec, Path(tmp) / f"out{workers}", get_executor("local", workers=workers),
-                            progress=False, echo=lambda m: None)
-            wall = time.perf_counter() - t
-            assert not res.failed, res.failed
-            rates[workers] = len(res.ran) / wall * 60
-            print(f"{workers} worker{'s' if workers > 1 else ' '}: {len(res.ran)} points in {wall:6.1f} s "
-                  f"= {rates[workers]:6.1f} points/min")
-        if cores > 1:
-            print(f"scaling {cores} workers / 1 worker: {rates[cores] / rates[1]:.2f}× (ideal {cores}×)")
+        for label, req in (("small", a.small), ("large", a.large)):
+            f = Path(tmp) / f"{label}.yaml"
+            f.write_text(yaml.safe_dump({
+                "name": f"bench-{label}", "base": {
+                    "name": "b", "seed": 0, "model": "olmoe-1b-7b", "hardware": "rtx4090-pcie4",
+                    "trace": {"synthetic": {"requests": req, "prompt_len": 16, "decode_len": 64}},
+                    "cache": {"gpu": {"capacity_gb": 1.0}}, "batch": {"size": 4}},
+                "grid": {"cache.gpu.capacity_gb": caps, "predictor.name": ["on_demand", "topk"]}}))
+            rates = {}
+            for workers in sorted({1, cores}):
+                r, wall = rate(f, Path(tmp) / f"{label}{workers}", workers)
+                rates[workers] = r
+                per = f" ({wall / len(caps) / 2:.2f} s/point)" if workers == 1 else ""
+                print(f"{label} points, {workers} worker{'s' if workers > 1 else ' '}: {r:6.1f} points/min{per}")
+            if cores > 1:
+                print(f"{label} points: {cores} workers / 1 worker = {rates[cores] / rates[1]:.2f}×")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

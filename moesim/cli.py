@@ -73,7 +73,10 @@ def run(scenario, output, overrides, events, quiet, no_report, why):
 
     sc = load_scenario(scenario, overrides)
     out = claim_run_dir(output or sc.output or Path("reports") / sc.name)
-    result = simulate(sc, record_events=events)
+    from .progress import token_progress
+
+    with token_progress(not quiet) as progress:  # a bar on a terminal for a run longer than 2 s
+        result = simulate(sc, record_events=events, progress=progress)
     for w in result.summary.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     write_result(result, out)

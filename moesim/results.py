@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -42,11 +43,16 @@ def write_result(result, outdir: str | Path) -> list[Path]:
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     written = []
-    for name, df in (("steps", result.steps), ("requests", result.requests), ("events", result.events)):
-        if df is None:
-            continue
+    steps_file = getattr(result, "steps_file", None)  # streamed during the run: copied, never loaded
+    steps = None if steps_file is not None else result.steps
+    for name, df in (("steps", steps), ("requests", result.requests), ("events", result.events)):
         p = out / f"{name}.parquet"
-        _atomic(p, lambda t, df=df: df.to_parquet(t, index=False))
+        if name == "steps" and steps_file is not None:
+            _atomic(p, lambda t: shutil.copyfile(steps_file, t))
+        elif df is None:
+            continue
+        else:
+            _atomic(p, lambda t, df=df: df.to_parquet(t, index=False))
         written.append(p)
     text = dump_json(result.summary)
     p = out / "summary.json"

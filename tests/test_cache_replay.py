@@ -33,6 +33,17 @@ def test_fast_paths_equal_incremental_classes(sc):
         assert fast.hits + fast.misses == len(stream)
 
 
+@settings(max_examples=200, deadline=None)
+@given(streams())
+def test_miss_flags_fast_loops_equal_incremental_classes(sc):
+    """miss_flags' lru/belady loops flag exactly the requests the policy classes miss."""
+    from moesim.cache.replay import _incremental_flags, miss_flags
+
+    stream, cap = sc
+    for pol in ("lru", "belady"):
+        assert np.array_equal(miss_flags(stream, cap, pol), _incremental_flags(stream, cap, pol)), pol
+
+
 def test_fast_paths_equal_incremental_zipf():
     rng = np.random.default_rng(3)
     p = 1.0 / np.arange(1, 501) ** 1.1

@@ -10,6 +10,7 @@ partition."""
 from __future__ import annotations
 
 
+import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -95,6 +96,16 @@ class TierMachine(RuleBasedStateMachine):
         assert self.tier.hit(key, self.pos) == ready
         if ready:
             self.access(key, self.pos)
+
+    @rule(key=KEYS)
+    def hit_pin(self, key):
+        """The engine's one-call hit + pin: a hit (as `hit`) that also pins; a miss changes nothing."""
+        self.pos += 1
+        ready = self.state.get(key) == "ready"
+        assert self.tier.hit_pin(key, self.pos) == ready
+        if ready:
+            self.access(key, self.pos)
+            self.pins[key] = self.pins.get(key, 0) + 1
 
     @rule(key=KEYS)
     def reserve(self, key):
@@ -199,5 +210,13 @@ class TierMachine(RuleBasedStateMachine):
             assert t.in_flight(k) == (self.state[k] == "flight")
 
 
-TierMachine.TestCase.settings = settings(max_examples=800, stateful_step_count=50, deadline=None)
+TierMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 test_tier_state_machine = TierMachine.TestCase
+
+
+class LongTierMachine(TierMachine):
+    """The same machine, four times the examples (`-m slow`)."""
+
+
+LongTierMachine.TestCase.settings = settings(max_examples=800, stateful_step_count=50, deadline=None)
+test_tier_state_machine_long = pytest.mark.slow(LongTierMachine.TestCase)

@@ -244,7 +244,21 @@ def test_rerun_resumes_running_only_missing_or_failed_points(tiny, tmp_path):
     assert len(fifth.ran) == 6 and "different base" in msgs[-1]
 
 
-def test_parallel_points_are_byte_identical_to_serial(tiny, tmp_path):
+def test_small_points_start_no_pool(tiny, tmp_path):
+    """Points whose total work is below the pool's start-up threshold run in this process."""
+    import os
+
+    d, base = tiny
+    f = write_sweep(tmp_path / "small.yaml", base, grid={"predictor.name": ["on_demand", "oracle"]})
+    r = run_sweep(load_sweep(f), tmp_path / "o", get_executor("local", workers=2), progress=False,
+                  echo=lambda m: None)
+    assert not r.failed and {s["pid"] for s in statuses(tmp_path / "o").values()} == {os.getpid()}
+
+
+def test_parallel_points_are_byte_identical_to_serial(tiny, tmp_path, monkeypatch):
+    import moesim.sweep.executors as executors
+
+    monkeypatch.setattr(executors, "MIN_POOL_WORK_S", 0.0)  # start the pool however small the points
     d, base = tiny
     f = write_sweep(tmp_path / "par.yaml", base, grid={"predictor.name": ["on_demand", "oracle"],
                                                         "cache.gpu.capacity_experts": [2, 6]}, repeats=2)

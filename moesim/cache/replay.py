@@ -262,7 +262,8 @@ def _replay_lfu(reqs: list[int], cap: int) -> int:
     return misses
 
 
-def _replay_belady(arr: np.ndarray, cap: int) -> int:
+def _replay_belady(arr: np.ndarray, cap: int, out: np.ndarray | None = None) -> int:
+    """Belady's misses; with `out` (a bool array), also sets out[i] for every miss."""
     # The heap holds plain ints -(next use); the id is recovered from the position: a next use
     # v < n is position v, whose id is reqs[v]. "Never again" after position i is encoded as
     # 2n-1-i (>= n, and larger for older i, so ties among dead ids go to the least recently
@@ -283,51 +284,91 @@ def _replay_belady(arr: np.ndarray, cap: int) -> int:
     dead = nxt < 0
     short &= ~dead
     np.copyto(nxt, 2 * n - 1 - pos, where=dead)
-    neg = np.negative(nxt)
+    neg = np.negative(nxt, out=nxt)
     neg[short] = 0
-    neg = neg.tolist()
-    reqs = arr.tolist()
+    del pos, short, dead
     resident: set[int] = set()
     add, discard = resident.add, resident.remove
     heap: list[int] = []
     push, pop, replace = heapq.heappush, heapq.heappop, heapq.heapreplace
     limit = 8 * cap + 1024
     size = misses = 0
-    for x, nv in zip(reqs, neg):
-        if x in resident:
-            if nv:
-                push(heap, nv)
-            continue
-        misses += 1
-        if size < cap:
-            size += 1
-            if nv:
-                push(heap, nv)
-        else:
-            v = -(replace(heap, nv) if nv else pop(heap))
-            discard(reqs[v] if v < n else reqs[2 * n - 1 - v])
-            if len(heap) > limit:
-                heap.sort()
-                del heap[size:]
-        add(x)
+    for c0 in range(0, n, _CHUNK):  # Python lists of one chunk at a time: memory O(chunk), not O(n)
+        reqs_c, neg_c = arr[c0:c0 + _CHUNK].tolist(), neg[c0:c0 + _CHUNK].tolist()
+        for i, (x, nv) in enumerate(zip(reqs_c, neg_c), c0):
+            if x in resident:
+                if nv:
+                    push(heap, nv)
+                continue
+            misses += 1
+            if out is not None:
+                out[i] = True
+            if size < cap:
+                size += 1
+                if nv:
+                    push(heap, nv)
+            else:
+                v = -(replace(heap, nv) if nv else pop(heap))
+                discard(int(arr[v if v < n else 2 * n - 1 - v]))
+                if len(heap) > limit:
+                    heap.sort()
+                    del heap[size:]
+            add(x)
     return misses
 
 
 _FAST = {"lru": _replay_lru, "fifo": _replay_fifo, "lfu": _replay_lfu}
 
 
+def _flags_lru(arr: np.ndarray, cap: int, out: np.ndarray) -> None:
+    """Set out[i] for every position at which an LRU cache of ``cap`` entries misses (as
+    _replay_lru), reading the stream one chunk at a time."""
+    od: OrderedDict[int, None] = OrderedDict()
+    to_end, evict = od.move_to_end, od.popitem
+    size = 0
+    for c0 in range(0, arr.size, _CHUNK):
+        for i, x in enumerate(arr[c0:c0 + _CHUNK].tolist(), c0):
+            if x in od:
+                to_end(x)
+                continue
+            out[i] = True
+            if size < cap:
+                size += 1
+            else:
+                evict(False)
+            od[x] = None
+
+
+_CHUNK = 1 << 16  # requests turned into a Python list at a time by the flag loops
+
+
 def replay_incremental(requests, capacity: int, policy: str) -> ReplayResult:
     """The same replay driven through the incremental policy classes (slow; the reference the
     fast paths are tested against)."""
-    flags = miss_flags(requests, capacity, policy)
+    flags = _incremental_flags(requests, _check(capacity, policy), policy)
     misses = int(flags.sum())
     return ReplayResult(flags.size - misses, misses)
 
 
 def miss_flags(requests, capacity: int, policy: str) -> np.ndarray:
     """Per request, True if it misses: the replay of :func:`replay_incremental`, request by
-    request (for attributing misses of a shared cache to layers)."""
+    request (for attributing misses of a shared cache to layers); lru and belady use the
+    specialised loops of :func:`replay`."""
     cap = _check(capacity, policy)
+    if policy in ("lru", "belady") and cap > 0:  # specialised loops, as replay()
+        arr = _as_int_array(requests if isinstance(requests, (list, np.ndarray)) else list(requests))
+        out = np.zeros(arr.size, dtype=bool)
+        if arr.size:
+            if policy == "lru":
+                _flags_lru(arr, cap, out)
+            else:
+                _replay_belady(arr, cap, out)
+        return out
+    return _incremental_flags(requests, cap, policy)
+
+
+def _incremental_flags(requests, cap: int, policy: str) -> np.ndarray:
+    """miss_flags through the incremental policy classes (the reference)."""
     reqs = _as_list(requests)
     n = len(reqs)
     out = np.ones(n, dtype=bool)

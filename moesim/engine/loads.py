@@ -9,8 +9,6 @@ and gives `_disk_start`. The class that mixes this in provides `now()`, `_landed
 """
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 
 from ..hardware.channels import DEMAND, PREFETCH, Transfer
@@ -18,8 +16,9 @@ from ..predictors.base import Prefetch
 from .pins import PinLedger
 
 
-class Load:
-    """An expert on its way to the GPU (demand or prefetch), possibly via the disk."""
+class Load(Transfer):
+    """An expert on its way to the GPU (demand or prefetch), possibly via the disk. It is its own
+    channel Transfer (re-submitted from the disk to the PCIe channel), so a copy builds one object."""
 
     __slots__ = (
         "bypass",
@@ -28,19 +27,16 @@ class Load:
         "done_t",
         "dram_reserved",
         "from_disk",
-        "key",
         "pinned_dram",
         "pins",
         "prefetch",
         "reserved",
         "target",
-        "transfer",
         "waiters",
     )
 
     def __init__(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool):
         self.key, self.prefetch, self.target, self.bypass = key, prefetch, target, bypass
-        self.transfer: Transfer | None = None
         self.channel = None
         self.done_t = -1.0
         self.waiters: list = []
@@ -48,12 +44,25 @@ class Load:
         self.counted_inflight = prefetch  # counts against max_inflight until it lands or drops
         self.reserved = False  # holds a GPU slot (from the start of its PCIe copy)
         self.pins = 0          # pins waiting for the slot
+        self.queued_at = self.start = self.end = -1.0
+        self.dropped = False
+
+    @property
+    def load(self) -> Load:
+        """The load a channel copy belongs to: itself."""
+        return self
+
+    @property
+    def transfer(self) -> Load:
+        """The copy a channel queues: itself."""
+        return self
 
 
 class LoadChain(PinLedger):
     """Loads, their channel callbacks and prefetch issuing (see the module docstring)."""
 
     Load = Load
+    _cb = None          # the channel callbacks, bound once (see _copy)
     _disk_start = None  # optional `_disk_start(load) -> bool`: on_start of a disk read
 
     # ---- loads -------------------------------------------------------------------------------
@@ -113,17 +122,27 @@ class LoadChain(PinLedger):
         return True
 
     def _copy(self, load: Load, channel) -> None:
-        pcie = channel is self.pcie
-        if pcie:
-            start = partial(self._claim_slot, load)
+        """Submit `load` itself as the next copy of its chain; its callbacks are bound methods made
+        once per chain (no closure per copy)."""
+        cb = self._cb
+        if cb is None:
+            cb = self._cb = (self._pcie_done, self._claim_slot, self._disk_done,
+                             None if self._disk_start is None else self._disk_start, self._stale)
+        load.nbytes = self.eb
+        load.priority = PREFETCH if load.prefetch else DEMAND
+        if channel is self.pcie:
+            load.on_done, load.on_start = cb[0], cb[1]
         else:
-            start = None if self._disk_start is None else partial(self._disk_start, load)
-        t = Transfer(load.key, self.eb, PREFETCH if load.prefetch else DEMAND,
-                     lambda tr, ld=load: (self._pcie_done if pcie else self._disk_done)(ld),
-                     (lambda ld=load: ld.prefetch and ld.target <= self.gated) if load.prefetch else None,
-                     start, load)
-        load.transfer, load.channel = t, channel
-        channel.submit(t)
+            load.on_done, load.on_start = cb[2], cb[3]
+        load.stale = cb[4]
+        load.dropped = False
+        load.start = load.end = -1.0
+        load.channel = channel
+        channel.submit(load)
+
+    def _stale(self, load: Load) -> bool:
+        """A queued prefetch whose target layer has been gated already."""
+        return load.prefetch and load.target <= self.gated
 
     def _disk_done(self, load: Load) -> None:
         if load.dram_reserved:
@@ -162,36 +181,52 @@ class LoadChain(PinLedger):
     # ---- prefetch ----------------------------------------------------------------------------
 
     def _issue(self, reqs: list[Prefetch]) -> None:
+        """Start the prefetches of a predictor's answer, best first per target. A target already
+        gated, an expert resident or on its way, or one over the in-flight/byte budget starts no
+        copy (and builds nothing); with `protect` the predicted expert is pinned until its target
+        layer has run (as _protect, inlined)."""
         if not reqs:
             return
         E, gpu, cur, eb = self.E, self.gpu, self.gated, self.eb
         params = self.predictor.params
         protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
-        predicted = self.predicted
+        predicted, loads, rec, protected = self.predicted, self.loads, self.rec, self.protected
+        resident = gpu.__contains__
+        pin = self._pin
+        last, pset, plist = None, None, None
         for r in sorted(reqs, key=lambda p: (p.step, p.layer, -p.score, p.expert)):
             target = (r.step, r.layer)
             if target <= cur:
                 continue
+            if target != last:
+                last = target
+                pset = predicted.get(target)
+                if pset is None:
+                    pset = predicted[target] = set()
+                plist = protected.get(target) if protect else None
             key = r.layer * E + r.expert
-            pset = predicted.get(target)
-            if pset is None:
-                pset = predicted[target] = set()
             pset.add(key)
-            if key in gpu or key in self.loads:  # resident or on its way: at most protect it
+            if key in loads or resident(key):  # on its way or resident: at most protect it
                 if protect:
-                    self._protect(key, target)
+                    pin(key)
+                    if plist is None:
+                        plist = protected[target] = []
+                    plist.append(key)
                 continue
             if max_inflight is not None and self.prefetch_inflight >= max_inflight:
                 continue
             if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
                 continue
             self._start_load(key, True, target)
-            self.rec.prefetch_issued += 1
+            rec.prefetch_issued += 1
             self.prefetch_inflight += 1
             if max_bytes is not None:
                 self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
-            if protect and key in self.loads:  # (a copy with no slot to land in was dropped at once)
-                self._protect(key, target)
+            if protect and key in loads:  # (a copy with no slot to land in was dropped at once)
+                pin(key)
+                if plist is None:
+                    plist = protected[target] = []
+                plist.append(key)
 
     def _score_predictions(self, target: tuple[int, int], needed: np.ndarray) -> None:
         """Precision/recall of everything predicted for `target` against what it needed."""

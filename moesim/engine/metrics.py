@@ -1,8 +1,12 @@
 """Metrics: counters and per-step × layer rows recorded during a run, and the summary built from
-them. Plain Python lists on the hot path; pandas only at the end."""
+them. Plain Python lists on the hot path; every _CHUNK rows become a typed chunk, appended to a
+Parquet file as the run goes when the Recorder is given one (memory flat in trace length), and
+the summary's step statistics are running sums, so it never needs the whole table."""
 from __future__ import annotations
 
 import math
+from array import array
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,11 +36,46 @@ def percentiles(values, scale: float = 1.0) -> dict:
             "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99))}
 
 
+class KeyLog:
+    """Every layer's accessed keys in order (the gap report's stream), packed into one growing
+    int32 buffer: 4 bytes per access, no per-layer array objects."""
+
+    def __init__(self):
+        self._buf = np.empty(4096, dtype=np.int32)
+        self._n = 0
+
+    def append(self, keys: np.ndarray) -> None:
+        n, k = self._n, len(keys)
+        if n + k > len(self._buf):
+            buf = np.empty(max(2 * len(self._buf), n + k), dtype=np.int32)
+            buf[:n] = self._buf[:n]
+            self._buf = buf
+        self._buf[n:n + k] = keys
+        self._n = n + k
+
+    def __len__(self) -> int:
+        return self._n
+
+    def array(self) -> np.ndarray:
+        return self._buf[:self._n].astype(np.int64)
+
+
 class Recorder:
     """Everything a run measures. The engine bumps the counters directly (they are hot)."""
 
-    def __init__(self, model: ModelSpec):
+    def __init__(self, model: ModelSpec, spill: Path | None = None):
+        """`spill`: a Parquet file the step rows are streamed to (None: kept in memory)."""
         self.model = model
+        self.spill = spill
+        self._writer = None        # pyarrow ParquetWriter on `spill`, opened with the first chunk
+        self._spilled = 0          # rows written to `spill`
+        # running step statistics for the summary (what the steps table would give)
+        self._rows_n = self._uniq_sum = 0
+        self._dec_rows = self._dec_uniq = 0
+        self._dec_by_seqs: dict[int, list[int]] = {}  # seqs -> [unique experts sum, rows]
+        self._dec_steps = array("d")                  # decode steps' (max end - min start)
+        self._dec_seqs_sum = 0                        # Σ over decode steps of the first row's seqs
+        self._cur: list | None = None                 # [step, start min, end max] of the open decode step
         self.hits = self.late_hits = self.misses = self.bypass = 0
         self.pairs = 0
         self.dram_hits = self.dram_misses = 0
@@ -62,6 +101,7 @@ class Recorder:
         self._last_prefetch = 0
         self.steps = 0
         self.final: dict = {}
+        self.on_step = None  # optional callback(tokens of the step) at each step's end (progress bar)
 
     def step_start(self, plan, t: float) -> None:
         if plan.admitted is not None:
@@ -78,21 +118,60 @@ class Recorder:
         self.stall_s += stall
         pf = self.prefetch_issued - self._last_prefetch
         self._last_prefetch = self.prefetch_issued
+        seqs = len(plan.request_ids)
         self.rows.append((plan.index, plan.batch, plan.phase, layer, plan.tokens, t0, t_gate, t_end, attn,
-                          busy, stall, hits, late, misses, n_keys, pf, len(plan.request_ids), plan.prefill_tokens))
+                          busy, stall, hits, late, misses, n_keys, pf, seqs, plan.prefill_tokens))
+        self._rows_n += 1
+        self._uniq_sum += n_keys
+        if plan.phase == "decode":
+            self._dec_rows += 1
+            self._dec_uniq += n_keys
+            b = self._dec_by_seqs.get(seqs)
+            if b is None:
+                self._dec_by_seqs[seqs] = [n_keys, 1]
+            else:
+                b[0] += n_keys
+                b[1] += 1
+            cur = self._cur
+            if cur is None or cur[0] != plan.index:
+                self._close_step()
+                self._cur = [plan.index, t0, t_end]
+                self._dec_seqs_sum += seqs
+            else:
+                if t0 < cur[1]:
+                    cur[1] = t0
+                if t_end > cur[2]:
+                    cur[2] = t_end
         if len(self.rows) >= _CHUNK:
             self._compact()
 
+    def _close_step(self) -> None:
+        if self._cur is not None:
+            self._dec_steps.append(self._cur[2] - self._cur[1])
+            self._cur = None
+
     def _compact(self) -> None:
-        df = pd.DataFrame.from_records(self.rows, columns=list(STEP_COLUMNS))
-        self._chunks.append(df.astype(_STEP_TYPES))
+        df = pd.DataFrame.from_records(self.rows, columns=list(STEP_COLUMNS)).astype(_STEP_TYPES)
         self.rows = []
+        if self.spill is None:
+            self._chunks.append(df)
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.spill, table.schema)
+        self._writer.write_table(table)
+        self._spilled += len(df)
 
     def step_end(self, plan, t_start: float, t_end: float) -> None:
         self.steps += 1
         self.pairs += plan.pairs * self.model.num_layers  # token × expert pairs, all layers
         self.output_tokens += plan.output_tokens
         self.processed_tokens += plan.tokens
+        if self.on_step is not None:
+            self.on_step(plan.tokens)
         if plan.first_token_requests is not None:
             for rid in plan.first_token_requests.tolist():
                 self._req_first[rid] = t_end
@@ -113,11 +192,23 @@ class Recorder:
     # ---- tables and summary --------------------------------------------------------------------
 
     def steps_frame(self) -> pd.DataFrame:
+        """The whole step × layer table (read back from the spill file when there is one)."""
+        if self.spill is not None:
+            return pd.read_parquet(self.steps_file())
         if self.rows or not self._chunks:
             self._compact()
         if len(self._chunks) > 1:
             self._chunks = [pd.concat(self._chunks, ignore_index=True)]
         return self._chunks[0]
+
+    def steps_file(self) -> Path:
+        """Finish the spill file (every row written) and return its path."""
+        if self.rows or self._writer is None:
+            self._compact()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return self.spill
 
     def requests_frame(self) -> pd.DataFrame:
         """One row per finished request: arrival, admission (start of its first step), first token
@@ -167,8 +258,7 @@ class Recorder:
         p_tr, p_bytes, p_busy, p_slots = f["pcie"]
         d_tr, d_bytes, d_busy, d_slots = f["disk"]
         dram_lookups = self.dram_hits + self.dram_misses
-        steps = self.steps_frame()
-        dec = steps[steps["phase"] == "decode"]
+        self._close_step()
         return {
             "tokens_per_s": self.output_tokens / makespan if makespan > 0 else None,
             "output_tokens": self.output_tokens,
@@ -179,8 +269,7 @@ class Recorder:
             "ttft_ms": percentiles(req["ttft_ms"]),
             "tpot_ms": percentiles(tpot, 1e3),
             "e2e_ms": percentiles(req["e2e_ms"]),
-            "decode_step_ms": percentiles(dec.groupby("step")["end_s"].max() - dec.groupby("step")["start_s"].min(),
-                                          1e3) if len(dec) else percentiles([]),
+            "decode_step_ms": percentiles(self._dec_steps, 1e3),
             "accesses": accesses,
             "hits": self.hits,
             "late_hits": self.late_hits,
@@ -210,7 +299,7 @@ class Recorder:
             "queue_ms": percentiles(req["queue_ms"]),
             "idle_s": self.idle_s,
             "slo": self.slo_attainment(req, slo, makespan),
-            "dedup": self.dedup_summary(accesses, steps),
+            "dedup": self.dedup_summary(accesses),
         }
 
     def slo_attainment(self, req: pd.DataFrame, slo, makespan: float) -> dict | None:
@@ -233,23 +322,25 @@ class Recorder:
         out["goodput_requests_per_s"] = float(ok.sum()) / makespan if makespan > 0 else None
         return out
 
-    def dedup_summary(self, accesses: int, steps: pd.DataFrame) -> dict:
+    def dedup_summary(self, accesses: int) -> dict:
         """Expert loads requested without dedup (token×expert pairs) vs performed with it (one
         per unique expert, step and layer); copies saved (a miss or late prefetch of an expert
         with tokens_e tokens would be copied tokens_e times without dedup); unique experts per
-        layer, overall, in decode steps, and in decode steps by the number of sequences."""
-        dec = steps[steps["phase"] == "decode"]
-        by = dec.groupby("seqs", observed=True)["unique_experts"].mean() if len(dec) else pd.Series(dtype=float)
+        layer, overall, in decode steps, and in decode steps by the number of sequences (from
+        the running sums of layer_row: exact integer sums, so the same as the table's means)."""
+        def mean(total, n):
+            return float(total) / n if n else None
         return {
             "loads_requested": self.pairs,
             "loads_performed": accesses,
             "ratio": 1.0 - accesses / self.pairs if self.pairs else 0.0,
             "copies_saved": self.saved_loads,
             "bytes_saved": self.saved_loads * self.model.expert_bytes,
-            "unique_experts_per_layer": float(steps["unique_experts"].mean()) if len(steps) else None,
-            "unique_experts_per_layer_decode": float(dec["unique_experts"].mean()) if len(dec) else None,
-            "unique_experts_by_batch_size": {str(int(k)): float(v) for k, v in by.items()},
-            "mean_decode_batch": float(dec.groupby("step")["seqs"].first().mean()) if len(dec) else None,
+            "unique_experts_per_layer": mean(self._uniq_sum, self._rows_n),
+            "unique_experts_per_layer_decode": mean(self._dec_uniq, self._dec_rows),
+            "unique_experts_by_batch_size": {str(int(k)): float(v[0]) / v[1]
+                                             for k, v in sorted(self._dec_by_seqs.items())},
+            "mean_decode_batch": mean(self._dec_seqs_sum, len(self._dec_steps)),
         }
 
     def prediction_quality(self) -> dict:

@@ -27,6 +27,20 @@ class PinLedger:
         else:
             self.gpu.unpin(key)
 
+    def _unpin_all(self, keys: list[int]) -> None:
+        """`_unpin` each of `keys` in order (the end of a layer: one call, not one per key)."""
+        stale_pins, loads, unpin = self.stale_pins, self.loads, self.gpu.unpin
+        if stale_pins:
+            for key in keys:
+                self._unpin(key)
+            return
+        for key in keys:
+            load = loads.get(key)
+            if load is not None and not load.reserved:
+                load.pins -= 1
+            else:
+                unpin(key)
+
     def _forget_pins(self, load) -> None:
         """A load that never got a slot took its waiting pins with it."""
         if load.pins:

@@ -1,8 +1,10 @@
 """simulate(scenario) -> Result: open the trace, build the scheduler, run the engine, summarise."""
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, replace
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +20,28 @@ from .scheduler import ArrivalSource, Scheduler, collect_keys
 from .sim import EngineConfig, Simulation
 
 
-@dataclass
 class Result:
-    """What a run produced: the summary dict and the tables behind it."""
+    """What a run produced: the summary dict and the tables behind it. The step × layer table
+    is either a DataFrame or, for a run of the engine, the Parquet file it was streamed to
+    (`steps_file`, deleted with the Result), read on each access of `steps`."""
 
-    summary: dict
-    steps: pd.DataFrame
-    requests: pd.DataFrame
-    events: pd.DataFrame | None = None
+    def __init__(self, summary: dict, steps: pd.DataFrame | None, requests: pd.DataFrame,
+                 events: pd.DataFrame | None = None, steps_file: Path | None = None):
+        self.summary, self._steps, self.requests, self.events = summary, steps, requests, events
+        self.steps_file = steps_file
+        if steps_file is not None:
+            weakref.finalize(self, _unlink, str(steps_file))
+
+    @property
+    def steps(self) -> pd.DataFrame:
+        return self._steps if self._steps is not None else pd.read_parquet(self.steps_file)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def engine_config(sc: Scenario, record_events: bool = False, capacities: dict | None = None) -> EngineConfig:
@@ -247,8 +263,10 @@ def _access_stream(reader, sc: Scenario) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def simulate(sc: Scenario, record_events: bool = False) -> Result:
-    """Run one scenario. Deterministic: the same scenario and seed give the same Result."""
+def simulate(sc: Scenario, record_events: bool = False, progress=None) -> Result:
+    """Run one scenario. Deterministic: the same scenario and seed give the same Result.
+    `progress`: None, or `progress(total_tokens)` returning a callback called with each step's
+    tokens (moesim.progress's bar)."""
     with tempfile.TemporaryDirectory(prefix="moesim-") as tmp:
         reader = open_trace(sc, Path(tmp), record_events)
         capacities, allocation = plan_capacities(reader, sc)
@@ -274,7 +292,16 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
         sched = make_scheduler(sc, requests(), reader.path, admit)
         sim = Simulation(sc.model, cost, cfg, predictor, sched, next_use)
         sim.rec.lengths = lengths
-        rec = sim.run()
+        fd, spill = tempfile.mkstemp(prefix="moesim-steps-", suffix=".parquet")  # outlives `tmp`: the Result's
+        os.close(fd)
+        sim.rec.spill = Path(spill)  # the step rows stream to it as the run goes (memory flat in length)
+        if progress is not None:
+            sim.rec.on_step = progress(reader.num_rows // max(1, sc.model.num_layers))
+        try:
+            rec = sim.run()
+        except BaseException:
+            _unlink(spill)
+            raise
         summary = {"moesim_version": __version__, "scenario": scenario_echo(sc),
                    **rec.summary(slo=sc.batch.slo),
                    "warnings": cache_warnings(sc, cfg),
@@ -295,7 +322,7 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
                                    "batch_limit": sc.batch.batch_limit}
         if sc.runtime is not None:  # only with a runtime: `none` keeps the summary as it was
             summary["host"] = sim.host.summary() if sim.host is not None else None
-        return Result(summary, rec.steps_frame(), rec.requests_frame(), rec.events_frame())
+        return Result(summary, None, rec.requests_frame(), rec.events_frame(), steps_file=rec.steps_file())
 
 
 def kv_admission(sc: Scenario) -> int | None:
@@ -327,14 +354,17 @@ def cache_warnings(sc: Scenario, cfg: EngineConfig) -> list[str]:
     return out
 
 
-def policy_gap(accessed: list, sc: Scenario, cfg: EngineConfig) -> dict | None:
+def policy_gap(accessed, sc: Scenario, cfg: EngineConfig) -> dict | None:
     """The GPU tier's LRU -> Belady gap report from a replay of this run's own access stream
     (None for an unbounded GPU cache)."""
     from ..cache.gap import gap_report
 
     if cfg.gpu_capacity is None:
         return None
-    stream = np.concatenate(accessed) if accessed else np.zeros(0, dtype=np.int64)
+    if hasattr(accessed, "array"):
+        stream = accessed.array()
+    else:
+        stream = np.concatenate(accessed) if accessed else np.zeros(0, dtype=np.int64)
     return gap_report(stream, cfg.gpu_policy, cfg.gpu_partition, cfg.gpu_capacity,
                       sc.model.num_experts, sc.model.num_layers)
 

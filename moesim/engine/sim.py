@@ -23,7 +23,7 @@ from .cpu_exec import CpuExecutor
 from .host import HostThread
 from .kv import KvBudget
 from .loads import Load, LoadChain
-from .metrics import Recorder
+from .metrics import KeyLog, Recorder
 from .plan import StepPlan
 from .standin import StandIns
 from .scheduler import PlanSource
@@ -126,7 +126,7 @@ class Simulation(LoadChain):
         self.loads: dict[int, Load] = {}
         self.prefetched_unused: set[int] = set()
         self.pos = -1              # index of the latest access (the cache clock; Belady next-use index)
-        self.accessed: list[np.ndarray] = []   # every layer's keys as accessed, in order (the gap report)
+        self.accessed = KeyLog()   # every layer's keys as accessed, in order (the gap report)
         self.gated = (-1, -1)      # (step, layer) whose gate ran last: prefetches at or before are stale
         self.view: _View | None = None
         self.protected: dict[tuple[int, int], list[int]] = {}  # target (step, layer) -> pinned keys
@@ -216,6 +216,7 @@ class Simulation(LoadChain):
     def _driver(self):
         env, cost, m, rec = self.env, self.cost, self.model, self.rec
         pred, gpu = self.predictor, self.gpu
+        hit_pin = gpu.hit_pin
         ecs = cost.expert_compute_s
         dedup = self.cfg.dedup
         sched = self.sched
@@ -271,14 +272,13 @@ class Simulation(LoadChain):
                 for key, cnt in zip(keys.tolist(), counts.tolist()):
                     self.pos += 1
                     c = ecs(cnt)
-                    if gpu.hit(key, self.pos):
+                    if hit_pin(key, self.pos):
                         hits += 1
                         busy += c
                         hit_costs.append(c)
                         if key in unused:
                             unused.discard(key)
                             rec.prefetch_used += 1
-                        gpu.pin(key)
                         pinned.append(key)
                         continue
                     load = self.loads.get(key)
@@ -334,8 +334,7 @@ class Simulation(LoadChain):
                     busy += loaded
                 if cursor > env.now:
                     yield env.timeout(cursor - env.now)
-                for key in pinned:
-                    self._unpin(key)
+                self._unpin_all(pinned)
                 if self.protected:
                     self._release((plan.index, layer))
                 rec.saved_loads += saved

@@ -2,7 +2,9 @@
 
 Each transfer holds one slot (copy engine / queue-depth entry) for `latency + bytes/bandwidth`.
 Demand transfers are served before prefetches (non-preemptive priority); a queued prefetch can be
-promoted to demand priority, or dropped when it is stale. One SimPy event per transfer.
+promoted to demand priority, or dropped when it is stale. One SimPy event per transfer. The
+callbacks take the transfer itself, so an owner passes bound methods made once, not a closure per
+copy (the engine's Load is its own Transfer, see engine/loads.py).
 """
 from __future__ import annotations
 
@@ -32,9 +34,9 @@ class Transfer:
     )
 
     def __init__(self, key: int, nbytes: int, priority: int, on_done: Callable[[Transfer], None],
-                 stale: Callable[[], bool] | None = None, on_start: Callable[[], bool] | None = None,
+                 stale: Callable[[Transfer], bool] | None = None, on_start: Callable[[Transfer], bool] | None = None,
                  load=None):
-        """`stale()` true: a queued prefetch is dropped; `on_start()` false: dropped at start.
+        """`stale(transfer)` true: a queued prefetch is dropped; `on_start(transfer)` false: dropped at start.
         `load`: the engine's load the copy belongs to (what the real replay's workers copy)."""
         self.key, self.nbytes, self.priority, self.on_done = key, nbytes, priority, on_done
         self.stale, self.on_start, self.load = stale, on_start, load
@@ -77,8 +79,8 @@ class Queues:
         for q in self.queues:
             while q:
                 t = q.popleft()
-                if (t.priority == PREFETCH and t.stale is not None and t.stale()) or \
-                        (t.on_start is not None and not t.on_start()):
+                if (t.priority == PREFETCH and t.stale is not None and t.stale(t)) or \
+                        (t.on_start is not None and not t.on_start(t)):
                     t.dropped = True
                     if self.on_drop is not None:
                         self.on_drop(t)

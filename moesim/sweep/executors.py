@@ -1,8 +1,13 @@
 """Executors run sweep points and report each as it finishes. Registered by name (`--executor`).
 
-- `local` (default): a process pool over the cores of this machine (`--workers N`, default all);
-  with one worker the points run in this process, one after another. Workers exit when the
-  sweep's main process dies, even by kill -9 (lifeline.py).
+- `local` (default): N workers over the cores of this machine (`--workers N`, default all): this
+  process runs points itself while a pool of N-1 processes (reused across points, started from
+  a forkserver that has moesim imported already) runs the others, so a sweep starts computing at
+  once and N workers are never slower than one on small points; a point queued to the pool but
+  not started when this process runs out of work is taken back (no idle tail). The first point
+  runs here alone: when the rest would take under MIN_POOL_WORK_S one after another, no pool is
+  started at all. With one worker the points run in this process, one after another. Workers exit when the sweep's main process
+  dies, even by kill -9 (lifeline.py).
 - `ray`: Ray remote tasks (`ray.init(address=...)`: none starts a local Ray, `auto` joins the
   running cluster, `ray://host:port` a remote one). Ray is imported only when this executor is
   used. A task returns its result files to the driver, which writes them, so workers need no
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -90,27 +96,58 @@ class LocalExecutor(Executor):
         if not tasks:
             return
         n = self.pool_size(len(tasks))
-        if n == 1:
+        tasks = list(tasks)
+        if n > 1:  # the first point here: the pool starts only when the rest is worth its start-up
+            t0 = time.perf_counter()
+            on_done(run_point(tasks[0], str(points_dir)))
+            tasks = tasks[1:]
+            if (time.perf_counter() - t0) * len(tasks) < MIN_POOL_WORK_S:
+                n = 1
+        if n == 1 or len(tasks) < 2:
             for t in tasks:
                 on_done(run_point(t, str(points_dir)))
             return
-        pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context(_start_method()),
+        n = min(n, len(tasks))
+        ctx = mp.get_context(_start_method())
+        if ctx.get_start_method() == "forkserver":  # workers fork from a server with moesim imported
+            ctx.set_forkserver_preload(_PRELOAD)
+        pool = ProcessPoolExecutor(max_workers=n - 1, mp_context=ctx,
                                    initializer=watch_driver, initargs=(os.getpid(),))
+        queue = list(tasks)
+        queue.reverse()  # pop() takes the next point in order
         futures: dict = {}
+        pending: set = set()
+        ahead = 2 * (n - 1)  # points queued to the pool: one running and one waiting per worker
+
+        def finished(done) -> None:
+            for f in sorted(done, key=lambda f: futures[f].index):
+                t = futures.pop(f)
+                try:
+                    st = f.result()
+                except Exception as e:  # BrokenProcessPool: a worker died; the pool is gone
+                    st = record_failure(points_dir, t, f"worker process failed ({type(e).__name__}: {e}); "
+                                        "killed or out of memory? (a script that starts a sweep needs "
+                                        "`if __name__ == '__main__':`) — rerun to retry")
+                on_done(st)
+
         try:
-            futures = {pool.submit(run_point, t, str(points_dir)): t for t in tasks}
-            pending = set(futures)
-            while pending:
+            while queue or pending:
+                while queue and len(pending) < ahead:
+                    t = queue.pop()
+                    f = pool.submit(run_point, t, str(points_dir))
+                    futures[f] = t
+                    pending.add(f)
+                done = {f for f in pending if f.done()}
+                if done:
+                    pending -= done
+                    finished(done)
+                    continue
+                mine = queue.pop() if queue else self._take_back(pending, futures)
+                if mine is not None:  # this process computes too
+                    on_done(run_point(mine, str(points_dir)))
+                    continue
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in sorted(done, key=lambda f: futures[f].index):
-                    t = futures[f]
-                    try:
-                        st = f.result()
-                    except Exception as e:  # BrokenProcessPool: a worker died; the pool is gone
-                        st = record_failure(points_dir, t, f"worker process failed ({type(e).__name__}: {e}); "
-                                            "killed or out of memory? (a script that starts a sweep needs "
-                                            "`if __name__ == '__main__':`) — rerun to retry")
-                    on_done(st)
+                finished(done)
         except BaseException:
             # Ctrl-C: cancel what has not started (explicitly: a collected pool would go on through
             # its queue). Points already running die with the signal or finish, and either way leave
@@ -123,6 +160,22 @@ class LocalExecutor(Executor):
                 pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+
+    @staticmethod
+    def _take_back(pending: set, futures: dict) -> PointTask | None:
+        """The last point queued to the pool that has not started (cancelled there, to run here)."""
+        for f in sorted(pending, key=lambda f: -futures[f].index):
+            if f.cancel():
+                pending.discard(f)
+                return futures.pop(f)
+        return None
+
+
+_PRELOAD = ["moesim.sweep.worker", "moesim.engine.run", "moesim.results"]
+# A pool pays off when the points left would take this long one after another: starting it costs
+# about 0.6 s per worker on 2 shared cores (issue #16's measurement), several times over on a
+# loaded machine, and the first points it runs compete with that start-up.
+MIN_POOL_WORK_S = 5.0
 
 
 def _import_ray():

@@ -1,0 +1,65 @@
+"""Step rows stream to Parquet during a run: the table and the summary are the same as from the
+whole table in memory, however the rows are chunked."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import moesim.engine.metrics as metrics
+from moesim.config import load_scenario
+from moesim.engine.run import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _from_table(steps: pd.DataFrame) -> dict:
+    """The summary's step statistics as the whole table gives them (pandas group-bys)."""
+    dec = steps[steps["phase"] == "decode"]
+    by = dec.groupby("seqs", observed=True)["unique_experts"].mean()
+    d = dec.groupby("step")
+    return {"decode_step_ms": metrics.percentiles(d["end_s"].max() - d["start_s"].min(), 1e3),
+            "unique_experts_per_layer": float(steps["unique_experts"].mean()),
+            "unique_experts_per_layer_decode": float(dec["unique_experts"].mean()),
+            "unique_experts_by_batch_size": {str(int(k)): float(v) for k, v in by.items()},
+            "mean_decode_batch": float(d["seqs"].first().mean())}
+
+
+def _stats(summary: dict) -> dict:
+    dd = summary["dedup"]
+    return {"decode_step_ms": summary["decode_step_ms"], **{k: dd[k] for k in (
+        "unique_experts_per_layer", "unique_experts_per_layer_decode", "unique_experts_by_batch_size",
+        "mean_decode_batch")}}
+
+
+def test_small_chunks_give_the_same_table_and_summary(monkeypatch, tmp_path):
+    sc = load_scenario(ROOT / "scenarios" / "quickstart.yaml", ["batch.size=3"])
+    whole = simulate(sc)
+    monkeypatch.setattr(metrics, "_CHUNK", 37)  # many row groups, a step split across chunks
+    chunked = simulate(sc)
+    assert chunked.summary == whole.summary
+    pd.testing.assert_frame_equal(chunked.steps, whole.steps, check_exact=True)
+    assert len(whole.steps) > 37 * 3
+    assert _stats(chunked.summary) == _from_table(chunked.steps)
+
+
+def test_spill_file_is_removed_with_the_result():
+    sc = load_scenario(ROOT / "scenarios" / "quickstart.yaml")
+    res = simulate(sc)
+    path = Path(res.steps_file)
+    assert path.is_file() and len(res.steps) == pd.read_parquet(path).shape[0]
+    del res
+    import gc
+
+    gc.collect()
+    assert not path.exists()
+
+
+def test_key_log_keeps_every_key_in_order():
+    log = metrics.KeyLog()
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 10_000, size=int(n)) for n in rng.integers(0, 3000, size=20)]
+    for p in parts:
+        log.append(p)
+    assert np.array_equal(log.array(), np.concatenate(parts)) and len(log) == sum(map(len, parts))
