@@ -260,6 +260,7 @@ def validate():
 
 
 def _register_subcommands() -> None:
+    from .calibrate_cli import calibrate, runtime
     from .hardware.profile_cli import compare, profile, replay
     from .predictors.neural.cli import predictor
     from .report.cli import report
@@ -269,7 +270,8 @@ def _register_subcommands() -> None:
     main.add_command(sweep)
     main.add_command(report)
     main.add_command(predictor)
-    for cmd in (profile, replay, compare):
+    main.add_command(runtime)
+    for cmd in (profile, replay, compare, calibrate):
         main.add_command(cmd)
     for cmd in (collect, train_tiny, import_, fit):
         trace.add_command(cmd)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import InputError, pydantic_message
 from .hardware.profile import HardwareProfile, load_profile, profile_from_dict
+from .hardware.runtime import RuntimeCosts, load_runtime
 from .models import ModelSpec, get_preset, preset_names
 
 
@@ -147,6 +148,8 @@ class Scenario(_Strict):
     cache: CacheConfig
     predictor: PredictorConfig = PredictorConfig()
     batch: BatchConfig = BatchConfig()
+    runtime: RuntimeCosts | None = Field(None, description="software-stack costs (runtimes/ preset, path or "
+                                                           "inline); None (`none`): the pure-hardware model")
     output: str | None = None
     base_dir: str = Field(".", description="directory relative paths are resolved against")
 
@@ -167,8 +170,8 @@ def _set_path(data: dict, dotted: str, value: Any, file: str | None) -> None:
         if nxt is None:
             nxt = {}
             node[part] = nxt
-        elif isinstance(nxt, str) and part in ("model", "hardware"):
-            nxt = {"preset": nxt} if part == "model" else {"profile": nxt}
+        elif isinstance(nxt, str) and part in ("model", "hardware", "runtime"):
+            nxt = {"profile": nxt} if part == "hardware" else {"preset": nxt}
             node[part] = nxt
         elif not isinstance(nxt, dict):
             raise InputError(f"cannot set {dotted}: {'.'.join(parts[:i + 1])} is not a mapping",
@@ -189,6 +192,14 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], file: st
         except yaml.YAMLError:
             value = raw
         _set_path(data, key.strip(), value, file)
+    return data
+
+
+def set_fields(data: dict, fields: dict[str, Any], file: str | None = None) -> dict:
+    """A copy of `data` with each dotted path of `fields` set to its (already parsed) value."""
+    data = copy.deepcopy(data)
+    for key, value in (fields or {}).items():
+        _set_path(data, str(key).strip(), value, file)
     return data
 
 
@@ -247,6 +258,7 @@ def scenario_from_dict(data: Any, *, file: str | None = None, base_dir: Path | N
             raise InputError("missing required key", file=file, field=required)
     data["model"] = _resolve_model(data["model"], file)
     data["hardware"] = _resolve_hardware(data["hardware"], file, base)
+    data["runtime"] = load_runtime(data.get("runtime"), file=file, base=base)
     if isinstance(data.get("trace"), str):
         data["trace"] = {"path": data["trace"]}
     if isinstance(data.get("predictor"), str):

@@ -8,6 +8,36 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class Precision(BaseModel):
+    """Effective bits per parameter by component (issue 15): what experts, attention and the dense
+    parts (shared experts, dense FFNs, embeddings and LM head) occupy, move and are read as."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    experts: float = Field(16.0, gt=0, le=32, description="bits per routed-expert parameter")
+    attention: float = Field(16.0, gt=0, le=32, description="bits per attention (QKV/O) parameter")
+    dense: float = Field(16.0, gt=0, le=32, description="bits per shared-expert, dense-FFN and embedding "
+                                                        "parameter")
+    group_size: int | None = Field(None, gt=0, description="quantisation group size: each group of this many "
+                                   "parameters carries a scale of scale_bits (applied to components below 16 bits)")
+    scale_bits: float = Field(16.0, ge=0, description="bits of each group's scale (and zero point)")
+    formats: dict[str, str] = Field(default_factory=dict, description="weight format by component, e.g. "
+                                    "{experts: hqq3}: names the runtime's dequant_gbps entry that applies")
+
+    @model_validator(mode="after")
+    def _known_components(self):
+        bad = set(self.formats) - {"experts", "attention", "dense"}
+        if bad:
+            raise ValueError(f"formats: unknown component {sorted(bad)[0]!r} (known: experts, attention, dense)")
+        return self
+
+    def bytes_per_param(self, component: str) -> float:
+        """Bytes per parameter of `component`, group scales included (only for quantised parts)."""
+        bits = getattr(self, component)
+        if self.group_size and bits < 16:
+            bits += self.scale_bits / self.group_size
+        return bits / 8
+
+
 class ModelSpec(BaseModel):
     """Architecture of an MoE transformer, as far as the timing model needs it."""
 
@@ -32,6 +62,8 @@ class ModelSpec(BaseModel):
     head_dim: int = Field(gt=0)
     vocab_size: int = Field(0, ge=0, description="LM-head size; 0 leaves the LM head out of the timing")
     source: str = Field("inline", description="where these numbers come from")
+    precision: Precision | None = Field(None, description="bits per parameter per component; None: every "
+                                                          "component at bytes_per_param")
 
     @model_validator(mode="after")
     def _check(self):
@@ -45,6 +77,15 @@ class ModelSpec(BaseModel):
     def matrices_per_expert(self) -> int:
         return 3 if self.gated else 2
 
+    def component_bytes_per_param(self, component: str) -> float:
+        """Bytes per parameter of "experts", "attention" or "dense" (precision, else bytes_per_param)."""
+        return self.bytes_per_param if self.precision is None else self.precision.bytes_per_param(component)
+
+    def weight_format(self, component: str) -> str | None:
+        """The weight format named for `component` in precision.formats (its dequantisation speed
+        comes from the runtime), or None."""
+        return None if self.precision is None else self.precision.formats.get(component)
+
     @property
     def expert_params(self) -> int:
         return self.matrices_per_expert * self.hidden_size * self.expert_intermediate_size
@@ -52,7 +93,7 @@ class ModelSpec(BaseModel):
     @property
     def expert_bytes(self) -> int:
         """Bytes of one routed expert's weights (derived; rounded up to whole bytes)."""
-        return int(-(-self.expert_params * self.bytes_per_param // 1))
+        return int(-(-self.expert_params * self.component_bytes_per_param("experts") // 1))
 
     @property
     def shared_expert_params(self) -> int:
@@ -74,7 +115,11 @@ class ModelSpec(BaseModel):
         dense = self.matrices_per_expert * self.hidden_size * (self.dense_intermediate_size or 0)
         params = (blocks * self.attention_params + self.num_layers * self.num_shared_experts * self.shared_expert_params
                   + self.first_dense_layers * dense + 2 * self.vocab_size * self.hidden_size)
-        return int(params * self.bytes_per_param)
+        if self.precision is None:
+            return int(params * self.bytes_per_param)
+        attn = blocks * self.attention_params
+        return int(attn * self.component_bytes_per_param("attention")
+                   + (params - attn) * self.component_bytes_per_param("dense"))
 
     @property
     def total_experts(self) -> int:

@@ -57,7 +57,8 @@ def write_routing(path: Path, routing: np.ndarray, prompt_len: int, num_experts:
     return path
 
 
-def tiny_scenario(trace: Path, model=None, hardware=None, gpu=None, dram=None, predictor=None, batch=None, seed=0):
+def tiny_scenario(trace: Path, model=None, hardware=None, gpu=None, dram=None, predictor=None, batch=None, seed=0,
+                  runtime=None):
     from .config import scenario_from_dict
 
     data = {"name": "validate", "seed": seed, "model": model or TINY_MODEL, "hardware": hardware or fixed_profile(),
@@ -65,6 +66,8 @@ def tiny_scenario(trace: Path, model=None, hardware=None, gpu=None, dram=None, p
             "predictor": predictor or {"name": "on_demand"}, "batch": batch or {"size": 1}}
     if dram is not None:
         data["cache"]["dram"] = dram
+    if runtime is not None:
+        data["runtime"] = runtime
     return scenario_from_dict(data, file="<validate>")
 
 

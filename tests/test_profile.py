@@ -54,6 +54,16 @@ def test_profile_quick_writes_a_valid_measured_profile(tmp_path):
     assert {"median", "p10", "p90", "n"} <= set(side["expert_compute"][0])
     frac = side["disk"]["verification"]["page_cache_fraction_after_bypassed_reads"]
     assert frac is None or frac < 0.05
+    # the runtime part: a runtime YAML beside it that loads, every measured number sourced
+    from moesim.hardware.runtime import load_runtime
+    rt = load_runtime(str(tmp_path / "cpu-test.runtime.yaml"))
+    assert rt.synchronous_compute and rt.blocking_readback  # the CPU computes on the host thread
+    assert rt.layer_host_us > 0 and rt.step_host_us > 0 and rt.readback_us > 0 and rt.copy_slowdown >= 1
+    assert set(rt.dequant_gbps) == {"int8", "int4"} and all(v > 0 for v in rt.dequant_gbps.values())
+    assert rt.lm_head_table.tokens[0] == 1 and rt.attention_grid.ms[0][0] > 0
+    for k in ("step_host_us", "layer_host_us", "readback_us", "copy_slowdown", "dequant_gbps", "lm_head_table"):
+        assert rt.source[k].startswith("measured by moesim profile"), k
+    assert side["runtime"]["copy_slowdown"]["copies"] > 0
     # `moesim hardware show` accepts it
     from moesim.cli import main
     r = CliRunner().invoke(main, ["hardware", "show", str(out)])

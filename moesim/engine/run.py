@@ -155,7 +155,7 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
             next_use = NextUse(_access_stream(reader, sc)).next_after
         rng = np.random.default_rng(sc.seed)
         predictor = registry.create(sc.predictor.name, sc.predictor.params, sc.model, rng)
-        cost = CostModel(sc.model, sc.hardware)
+        cost = CostModel(sc.model, sc.hardware, sc.runtime)
         lengths: dict[int, tuple[int, int]] = {}
 
         want_pre = bool(getattr(type(predictor), "needs_pre_attn", False))
@@ -175,9 +175,15 @@ def simulate(sc: Scenario, record_events: bool = False) -> Result:
                    "timing_source": {k: ("measured" if v else "roofline") for k, v in cost.uses_measured.items()},
                    "expert_bytes": sc.model.expert_bytes,
                    "gpu_cache_experts": cfg.gpu_capacity}
+        if sc.runtime is not None:  # only with a runtime: `none` keeps the summary as it was
+            summary["host"] = sim.host.summary() if sim.host is not None else None
         return Result(summary, rec.steps_frame(), rec.requests_frame(), rec.events_frame())
 
 
 def scenario_echo(sc: Scenario) -> dict:
     d = sc.model_dump(mode="json", exclude={"base_dir"})
+    if sc.runtime is None:  # the pure-hardware model echoes as it did before runtimes existed
+        d.pop("runtime")
+    if sc.model.precision is None:
+        d["model"].pop("precision")
     return d

@@ -19,6 +19,7 @@ from ..hardware.channels import Channel
 from ..hardware.costs import CostModel
 from ..models import ModelSpec
 from ..predictors.base import Predictor, Prefetch
+from .host import HostThread
 from .loads import Load, LoadChain
 from .metrics import Recorder
 from .plan import StepPlan
@@ -124,6 +125,8 @@ class Simulation(LoadChain):
         self._implements = {h: getattr(type(predictor), h) is not getattr(Predictor, h)
                             for h in ("on_step_start", "on_pre_attention", "on_gate")}
         self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
+        rt = cost.runtime
+        self.host = HostThread(rt) if rt is not None and rt.costs_host else None  # None: host never delays
 
     def now(self) -> float:
         return self.env.now
@@ -131,6 +134,38 @@ class Simulation(LoadChain):
     def _landed(self, load: Load) -> None:
         for w in load.waiters:
             w()
+
+    def _wait_host(self, t: float):
+        """Yield until time `t` (when the host has issued what the GPU or a load needs next)."""
+        if t > self.env.now:
+            self.host.gpu_wait_s += t - self.env.now
+            yield self.env.timeout(t - self.env.now)
+
+    def _dispatched(self, cursor: float, costs, pending) -> tuple[float, float]:
+        """The GPU cursor after the layer's expert kernels when each kernel also waits for the host
+        to dispatch it (hits first, then loads in landing order; with blocking_loads the host
+        waits for each load first; with synchronous_compute for each kernel; a kernel that starts
+        while one of the layer's copies is in flight takes copy_slowdown times longer); returns
+        (cursor, busy time the caller has not counted yet)."""
+        host, busy, rt = self.host, 0.0, self.host.rt
+        block, sync, slow = rt.blocking_loads, rt.synchronous_compute, rt.copy_slowdown
+        copying_until = max((ld.done_t for ld, _ in pending), default=-1.0)
+        for c in costs:
+            start = max(cursor, host.work(host.dispatch_s))
+            if start < copying_until:
+                busy += c * (slow - 1.0)
+                c = c * slow
+            cursor = start + c
+            if sync:
+                host.sync(cursor)
+        for ld, c in pending:
+            start = max(cursor, ld.done_t, host.work(host.dispatch_s, ld.done_t if block else 0.0))
+            c = c * slow if start < copying_until else c
+            cursor = start + c
+            busy += c
+            if sync:
+                host.sync(cursor)
+        return cursor, busy
 
     # ---- prefetch ----------------------------------------------------------------------------
 
@@ -145,6 +180,8 @@ class Simulation(LoadChain):
         if on_gpu or lat == 0:
             self._issue(reqs)
             return lat if on_gpu else 0.0
+        if self.host is not None:  # a runtime's host thread runs it after the host work it has queued
+            lat = self.host.work(lat, self.env.now) - self.env.now
         if reqs:  # host CPU: the requests are issued once the predictor has finished
             ev = self.env.timeout(lat)
             ev.callbacks.append(lambda _e, r=reqs: self._issue(r))
@@ -165,6 +202,7 @@ class Simulation(LoadChain):
         ecs = cost.expert_compute_s
         dedup = self.cfg.dedup
         sched = self.sched
+        host = self.host
         while True:
             plan = sched.next_step(env.now)
             if plan is None:
@@ -176,6 +214,9 @@ class Simulation(LoadChain):
             view = self.view = _View(self, plan)
             t_step = env.now
             rec.step_start(plan, t_step)
+            if host is not None:  # the host has the previous token; set-up, then the dense blocks' work
+                host.sync(t_step)
+                yield from self._wait_host(host.work(host.step_s + m.first_dense_layers * host.layer_s))
             gpu_extra = self._hook(pred.on_step_start(view), "on_step_start", plan.tokens)
             # dense blocks before the first MoE block: resident weights, compute only
             dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
@@ -186,9 +227,13 @@ class Simulation(LoadChain):
             attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
             for layer in range(self.L):
                 t0 = env.now
+                if host is not None:  # the layer's host work, then its attention is issued
+                    yield from self._wait_host(host.work(host.layer_s))
                 view.pre_attn_layer = layer
                 pre = self._hook(pred.on_pre_attention(view, layer), "on_pre_attention", plan.tokens)
                 yield env.timeout(pre + attn)
+                if host is not None:  # loads and the gate hook wait for the routing to reach the host
+                    yield from self._wait_host(host.routing_known(env.now))
                 t_gate = env.now
                 self.gated = (plan.index, layer)
                 view.gated = layer
@@ -197,6 +242,7 @@ class Simulation(LoadChain):
                 self._score_predictions(self.gated, keys if dedup else np.unique(keys))
                 busy = cost.shared_compute_s(plan.tokens)  # shared experts: always resident
                 hits = late = misses = saved = 0
+                hit_costs: list[float] = []
                 pending: list[tuple[Load, float]] = []
                 pinned = []
                 unused = self.prefetched_unused
@@ -206,6 +252,7 @@ class Simulation(LoadChain):
                     if gpu.hit(key, self.pos):
                         hits += 1
                         busy += c
+                        hit_costs.append(c)
                         if key in unused:
                             unused.discard(key)
                             rec.prefetch_used += 1
@@ -232,7 +279,8 @@ class Simulation(LoadChain):
                 # prefetches for later layers, so a prefetch never evicts what this layer needs.
                 post = self._hook(gate_reqs, "on_gate", plan.tokens)
                 busy += post
-                cursor = t_gate + busy
+                dispatch = host is not None and host.paces_kernels
+                cursor = t_gate + busy - sum(hit_costs) if dispatch else t_gate + busy
                 if pending:
                     waiting = [ld for ld, _ in pending if ld.done_t < 0]
                     if waiting:
@@ -247,9 +295,13 @@ class Simulation(LoadChain):
                             ld.waiters.append(arrived)
                         yield ev
                     pending.sort(key=lambda p: p[0].done_t)
-                    for ld, c in pending:
-                        cursor = max(cursor, ld.done_t) + c
-                        busy += c
+                    if not dispatch:
+                        for ld, c in pending:
+                            cursor = max(cursor, ld.done_t) + c
+                            busy += c
+                if dispatch:
+                    cursor, loaded = self._dispatched(cursor, hit_costs, pending)
+                    busy += loaded
                 if cursor > env.now:
                     yield env.timeout(cursor - env.now)
                 for key in pinned:
@@ -265,4 +317,6 @@ class Simulation(LoadChain):
             if head > 0:
                 rec.compute_s += head
                 yield env.timeout(head)
+            if host is not None:  # the host reads the token back before the next step
+                host.sync(env.now)
             rec.step_end(plan, t_step, env.now)

@@ -476,6 +476,9 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
         grid = p.attention_decode_grid([1, 8] if quick else [1, 8, 32], [128, 512] if quick else [128, 512, 2048])
         log("GEMM / GEMV / per-op overhead ...")
         roof = p.roofline_numbers()
+    from .runtime_profiler import measure_runtime, runtime_doc
+
+    rt_meas = measure_runtime(p, grid, log)
     log("disk reads ...")
     ddir = Path(disk_dir) if disk_dir else (out.parent if str(out.parent) else Path("."))
     disk = p.disk(ddir, model.expert_bytes, io)
@@ -601,6 +604,10 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
     meas["moesim_profile_seconds"] = time.perf_counter() - t_start
     meas["load_average"] = {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                             "cores": os.cpu_count()}
+    rt_path = out.with_name(out.stem + ".runtime.yaml")
+    rt_doc = runtime_doc(rt_meas, by, f"{name or out.stem}-runtime", p.cuda)
+    rt_path.write_text(_runtime_text(rt_doc, rt_path, out, sidecar))
+    meas["runtime"] = {"file": str(rt_path), **{k: v for k, v in rt_meas.items() if k != "attention_grid"}}
     sidecar.write_text(json.dumps(meas, indent=1, default=float) + "\n")
     lines = [
         f"device        {dev_words}; {dtype}, {p.threads} torch threads; model {model.name}",
@@ -613,9 +620,22 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
         f"(p10-p90 {disk['expert_read']['p10']:.3g}-{disk['expert_read']['p90']:.3g}); cached "
         f"{ver['cached_read_ms']:.3g} ms; bypass verified: {ver['bypass_works']}"),
         f"link          {link['kind']}: {fit_l['bandwidth_gbps']:.3g} GB/s + {fit_l['latency_us']:.3g} us",
+        (f"runtime       step set-up {rt_doc['step_host_us']:.3g} us, layer bookkeeping {rt_doc['layer_host_us']:.3g} "
+         f"us, readback {rt_doc['readback_us']:.3g} us, copy slowdown {rt_doc['copy_slowdown']:.3g}x, dequant "
+         + ", ".join(f"{k} {v:.3g} GB/s" for k, v in rt_doc['dequant_gbps'].items()) + f" -> {rt_path.name}"),
         f"took          {meas['moesim_profile_seconds']:.1f} s",
     ]
     return ProfileResult(prof, meas, out, sidecar, lines)
+
+
+def _runtime_text(doc: dict, path: Path, profile: Path, sidecar: Path) -> str:
+    """The runtime YAML's text (validated first), with a header naming its profile."""
+    from .runtime import runtime_from_dict
+
+    rt = runtime_from_dict(doc, file=str(path))
+    head = (f"# Runtime (software-stack) costs measured by moesim profile beside {profile.name}; every point's\n"
+            f"# spread is in {sidecar.name} (key: runtime). Use it as a scenario's `runtime:`.\n")
+    return head + yaml.safe_dump(rt.model_dump(mode="json", exclude_none=True), sort_keys=False, width=100)
 
 
 def _optional_fields(prof: dict, desc: dict, dtype: str, threads: int, context: int, when: str, disk: dict,
