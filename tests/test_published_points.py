@@ -115,8 +115,12 @@ def test_every_point_loads_with_its_overrides(path):
         for key, value in (p["set"] or {}).items():
             node = sc
             for part in key.split("."):
-                node = node.params[part] if part not in type(node).model_fields and hasattr(node, "params") \
-                    else getattr(node, part)
+                if isinstance(node, dict):
+                    node = node[part]
+                elif part not in type(node).model_fields and hasattr(node, "params"):
+                    node = node.params[part]
+                else:
+                    node = getattr(node, part)
             assert node == value, f"{p['name']}: {key}"
 
 
