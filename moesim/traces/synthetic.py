@@ -129,7 +129,7 @@ DEFAULT_PARAMS = SyntheticParams()
 #       Fig. 7): no clear domain specialisation; near-uniform expert usage per layer; consecutive tokens
 #       get the same FIRST-choice expert ~14% of the time at layer 0, ~24-28% at layer 15, ~20-23% at
 #       layer 31 (random: 12.5%); their top-2 sets share an expert ~46-48% / ~61-67% / ~52-56% of the
-#       time (random: 46%). [Figures as we read them in the paper; not re-checked against the PDF here.]
+#       time (random: 46%). [Rounded; the exact table is routing_targets.MIXTRAL_TABLE5.]
 # [EM23] Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models with Offloading",
 #       arXiv:2312.17238: Mixtral's next-layer experts can be guessed by applying the next layer's gate
 #       to the current hidden state (speculative loading) -> high rho. Magnitude not fitted.
