@@ -264,7 +264,7 @@ def test_unsupported_architecture_lists_the_supported_ones():
 
 
 def test_cli_collect_from_a_local_model_dir(tmp_path):
-    from moesim.traces.cli_extra import _standalone
+    from moesim.cli.trace_sources import _standalone
 
     model = _causal("qwen2_moe")
     model.save_pretrained(tmp_path / "m")

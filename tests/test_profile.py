@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from moesim.hardware.profile import load_profile
-from moesim.hardware.profile_cli import profile
+from moesim.cli.profile import profile
 
 
 def _monotone_ish(xs, ms, slack=0.35):

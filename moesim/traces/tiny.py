@@ -291,6 +291,6 @@ def train_tiny(output, recipe: TinyRecipe | None = None, *, max_minutes: float |
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from .cli_extra import train_tiny as _cmd
+    from moesim.cli.trace_sources import train_tiny as _cmd
 
     _cmd(prog_name="python -m moesim.traces.tiny")
