@@ -132,7 +132,7 @@ def test_scale_flags_cut_layers_requests_and_capacity(tmp_path):
 
 
 def test_moesim_imports_without_torch():
-    code = ("import sys, moesim, moesim.real, moesim.compare, moesim.cli.profile, moesim.cli.replay, moesim.hardware.profiler, "
+    code = ("import sys, moesim, moesim.real, moesim.compare, moesim.cli.profile, moesim.cli.replay, moesim.real.profiler, "
             "moesim.real.scale; assert 'torch' not in sys.modules, 'torch imported eagerly'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr

@@ -48,7 +48,7 @@ def profile(output, model_name, scale, device, dtype, threads, quick, disk_dir, 
     repeated, warmed-up runs; the spread is in the YAML comments and the .measurements.json.
     """
     from moesim.models import get_preset, preset_names
-    from moesim.hardware.profiler import run_profile
+    from moesim.real.profiler import run_profile
 
     try:
         spec = get_preset(model_name)
@@ -60,7 +60,7 @@ def profile(output, model_name, scale, device, dtype, threads, quick, disk_dir, 
     if context < 1:
         raise InputError(f"must be >= 1, got {context}", field="--context")
     if section == "host_cpu":
-        from moesim.hardware.cpu_profile import add_host_cpu, measure_host_cpu
+        from moesim.real.cpu_profile import add_host_cpu, measure_host_cpu
 
         sec, meas = measure_host_cpu(spec, scale, threads, quick, log=log)
         add_host_cpu(out, sec, meas)
