@@ -18,7 +18,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from moesim.errors import InputError  # noqa: E402
 from moesim.traces import TraceReader, read_requests  # noqa: E402
-from moesim.traces.collect import (FAMILIES, collect_from_model, family_for, select_topk,  # noqa: E402
+from moesim.routing.collect import (FAMILIES, collect_from_model, family_for, select_topk,  # noqa: E402
                                    write_collected)
 from moesim.traces.schema import TraceMeta  # noqa: E402
 
