@@ -1,5 +1,5 @@
 """moesim: simulate MoE inference with offloaded experts."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (re-exported)
 
 
 def load_scenario(path, overrides=()):

@@ -283,7 +283,7 @@ PRESETS: dict[str, dict] = {
         source="huggingface.co/Qwen/Qwen2-57B-A14B config.json",
     ),
     # --- tiny-olmoe-stdlib: the small MoE LM `moesim trace train-tiny` trains on the Python standard
-    # library (moesim/traces/tiny.py, transformers OlmoeConfig, seed 0); routing in
+    # library (moesim/routing/tiny.py, transformers OlmoeConfig, seed 0); routing in
     # traces/tiny-learned.parquet. Its experts are 98 KB, so transfers are latency-dominated.
     "tiny-olmoe-stdlib": dict(
         num_layers=4, num_experts=32, top_k=2, num_shared_experts=0,

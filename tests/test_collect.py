@@ -18,7 +18,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from moesim.errors import InputError  # noqa: E402
 from moesim.traces import TraceReader, read_requests  # noqa: E402
-from moesim.traces.collect import (FAMILIES, collect_from_model, family_for, select_topk,  # noqa: E402
+from moesim.routing.collect import (FAMILIES, collect_from_model, family_for, select_topk,  # noqa: E402
                                    write_collected)
 from moesim.traces.schema import TraceMeta  # noqa: E402
 
@@ -264,7 +264,7 @@ def test_unsupported_architecture_lists_the_supported_ones():
 
 
 def test_cli_collect_from_a_local_model_dir(tmp_path):
-    from moesim.traces.cli_extra import _standalone
+    from moesim.cli.trace_sources import _standalone
 
     model = _causal("qwen2_moe")
     model.save_pretrained(tmp_path / "m")

@@ -32,7 +32,7 @@ def test_train_tiny_smoke_is_reproducible(tmp_path):
     pytest.importorskip("transformers")
     from click.testing import CliRunner
 
-    from moesim.traces.cli_extra import _standalone
+    from moesim.cli.trace_sources import _standalone
 
     args = ["train-tiny", "--steps", "3", "--layers", "2", "--experts", "4", "--hidden", "32", "--requests", "2",
             "--prompt-len", "16", "--decode-len", "3", "--seed", "7"]

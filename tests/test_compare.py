@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from moesim.compare import compare_dirs, rel_err, step_times
 from moesim.engine.run import simulate
-from moesim.hardware.profile_cli import compare
+from moesim.cli.replay import compare
 from moesim.results import write_result
 from moesim.validate import tiny_scenario, write_routing
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from moesim.errors import InputError
 from moesim.traces import TraceReader, read_requests
-from moesim.traces.cli_extra import _standalone
-from moesim.traces.importers import Shape, import_trace, resolve_shape
+from moesim.cli.trace_sources import _standalone
+from moesim.routing.importers import Shape, import_trace, resolve_shape
 
 SHAPE = Shape(num_layers=3, num_experts=8, top_k=2)
 

@@ -18,7 +18,7 @@ from moesim.errors import InputError
 from moesim.models import ModelSpec
 from moesim.predictors import registry
 from moesim.predictors.neural import evaluate, format_report, train
-from moesim.predictors.neural.cli import predictor as predictor_cli
+from moesim.cli.predictor import predictor as predictor_cli
 from moesim.predictors.neural.config import build_configs
 from moesim.predictors.neural.data import load_trace, speculation_samples
 from moesim.predictors.neural.models import PreAttentionNet, SpeculationModel
@@ -78,7 +78,7 @@ import sys
 sys.modules['torch'] = None          # any 'import torch' now fails
 import moesim, moesim.cli
 from moesim.predictors import registry
-from moesim.predictors.neural.cli import predictor
+from moesim.cli.predictor import predictor
 assert {{'speculation', 'pre_attention'}} <= set(registry.names())
 registry.validate('speculation', {{'checkpoint': 'x.pt'}})
 from moesim.validate import tiny_scenario

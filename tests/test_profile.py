@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from moesim.hardware.profile import load_profile
-from moesim.hardware.profile_cli import profile
+from moesim.cli.profile import profile
 
 
 def _monotone_ish(xs, ms, slack=0.35):
@@ -39,7 +39,7 @@ def test_profile_quick_writes_a_valid_measured_profile(tmp_path):
     assert m.expert_compute_ms.tokens[0] == 1 and m.expert_compute_ms.tokens[-1] == 4096
     _monotone_ish(m.expert_compute_ms.tokens, m.expert_compute_ms.ms)
     # attention: decode-shaped up to 16 tokens, a causal prefill above; each part grows
-    from moesim.hardware.profiler import DECODE_SHAPE_MAX
+    from moesim.real.profiler import DECODE_SHAPE_MAX
     pts = list(zip(m.attention_ms.tokens, m.attention_ms.ms))
     for part in ([p for p in pts if p[0] <= DECODE_SHAPE_MAX], [p for p in pts if p[0] > DECODE_SHAPE_MAX]):
         _monotone_ish([x for x, _ in part], [y for _, y in part])

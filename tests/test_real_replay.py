@@ -14,7 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from moesim.hardware.profile_cli import compare, replay
+from moesim.cli.replay import compare, replay
 from moesim.validate import fixed_profile, write_routing
 
 TINY = {"name": "tiny-real", "num_layers": 3, "num_experts": 16, "top_k": 2, "hidden_size": 256,
@@ -132,7 +132,7 @@ def test_scale_flags_cut_layers_requests_and_capacity(tmp_path):
 
 
 def test_moesim_imports_without_torch():
-    code = ("import sys, moesim, moesim.real, moesim.compare, moesim.hardware.profile_cli, moesim.hardware.profiler, "
+    code = ("import sys, moesim, moesim.real, moesim.compare, moesim.cli.profile, moesim.cli.replay, moesim.real.profiler, "
             "moesim.real.scale; assert 'torch' not in sys.modules, 'torch imported eagerly'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from moesim.errors import InputError
 from moesim.report import detect, render_run, render_sweep
-from moesim.report.cli import report as report_cmd
+from moesim.cli.report import report as report_cmd
 from moesim.report.sweep import pareto_front
 from moesim.sweep import get_executor, load_sweep, run_sweep
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from moesim.config import apply_overrides
 from moesim.errors import InputError
 from moesim.sweep import get_executor, load_sweep, point_id, run_sweep, sweep_from_dict, write_tables
-from moesim.sweep.cli import sweep as sweep_cmd
+from moesim.cli.sweep import sweep as sweep_cmd
 from moesim.sweep.spec import override_strings
 from moesim.sweep.worker import read_status
 

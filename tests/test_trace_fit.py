@@ -257,7 +257,7 @@ def test_fit_finds_hidden_dim_between_the_old_grid_points():
 def test_tiny_held_out_prompts_extend_without_changing_the_first():
     """`train-tiny --requests N` beyond the 16 held-out top-level modules adds one prompt per stdlib
     sub-package file (never trained on); the first prompts do not depend on N."""
-    from moesim.traces.tiny import TinyRecipe, extra_heldout_files, held_out_prompts, stdlib_files
+    from moesim.routing.tiny import TinyRecipe, extra_heldout_files, held_out_prompts, stdlib_files
 
     train, held = stdlib_files()
     base, names = held_out_prompts(held, TinyRecipe())

@@ -38,8 +38,8 @@ def moesim_cmd() -> list[str]:
         if {"profile", "replay", "compare"} <= set(main.commands):
             return [sys.executable, "-m", "moesim.cli"]
     except Exception as e:  # noqa: BLE001 - any failure: fall back to the module
-        print(f"note: moesim CLI not usable ({e}); using python -m moesim.hardware.profile_cli", file=sys.stderr)
-    return [sys.executable, "-m", "moesim.hardware.profile_cli"]
+        print(f"note: moesim CLI not usable ({e}); using python -m moesim.cli.profile", file=sys.stderr)
+    return [sys.executable, "-m", "moesim.cli.profile"]
 
 
 def sh(args, log):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..errors import InputError
-from ..hardware.channels import DEMAND, Channel, Transfer
+from .channels import DEMAND, Channel, Transfer
 from ..hardware.costs import _interp_ms, transfer_s
 from ..models import ModelSpec
 

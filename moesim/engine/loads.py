@@ -1,6 +1,6 @@
 """The load chain and prefetch issuing shared by the simulator and the real replay.
 
-An expert load is a copy chain SSD → DRAM → PCIe → GPU over two channels (hardware/channels.py);
+An expert load is a copy chain SSD → DRAM → PCIe → GPU over two channels (engine/channels.py);
 its GPU slot is taken when the PCIe copy starts. The real replay (moesim/real/executor.py)
 extends the steps that touch buffers (`_dram_reserve`, `_claim_slot`, `_pcie_done`, `_dropped`)
 and gives `_disk_start`. The class that mixes this in provides `now()`, `_landed(load)`, `eb`,
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..hardware.channels import DEMAND, PREFETCH, Transfer
+from .channels import DEMAND, PREFETCH, Transfer
 from ..predictors.base import Prefetch
 from .pins import PinLedger
 

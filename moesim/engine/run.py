@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import __version__
+from ..version import __version__
 from ..cache.replay import NextUse, replay
 from ..config import Scenario
 from ..errors import InputError

@@ -15,7 +15,7 @@ import numpy as np
 import simpy
 
 from ..cache.tiers import Tier
-from ..hardware.channels import Channel
+from .channels import Channel
 from ..hardware.costs import CostModel
 from ..models import ModelSpec
 from ..predictors.base import Predictor, Prefetch

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..hardware.channels import DEMAND, Transfer
+from .channels import DEMAND, Transfer
 from .cpu_exec import CpuJob
 
 

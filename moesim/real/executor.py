@@ -34,11 +34,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..cache.tiers import Tier
 from ..engine.loads import Load, LoadChain
 from ..errors import InputError
-from ..hardware.channels import Queues, Transfer
+from ..engine.channels import Queues, Transfer
 from .kernels import (
     Attention,
     KVCache,

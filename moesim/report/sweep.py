@@ -43,7 +43,7 @@ def read_sweep(sweepdir: str | Path) -> tuple[dict, pd.DataFrame]:
     if not r.is_file():
         if not meta:
             raise InputError("no results.parquet or sweep.json: not a sweep dir", file=str(d))
-        from ..sweep.runner import write_tables  # rebuild the tables from the point dirs
+        from ..sweep.tables import write_tables  # rebuild the tables from the point dirs
 
         _, results = write_tables(d, meta["points"])
     else:
@@ -59,7 +59,7 @@ def read_sweep(sweepdir: str | Path) -> tuple[dict, pd.DataFrame]:
 
 
 def _headline_cols():
-    from ..sweep.runner import HEADLINE
+    from ..sweep.tables import HEADLINE
 
     return HEADLINE
 

@@ -21,8 +21,8 @@ from typing import Any
 from ..errors import InputError
 from ..results import dump_json
 from .spec import override_strings
+from .tables import STATUS, read_status  # noqa: F401  (read_status re-exported)
 
-STATUS = "status.json"
 TMP_PREFIX = ".tmp-"
 
 
@@ -132,17 +132,6 @@ def record_failure(points_dir: Path, task: PointTask, message: str, started: flo
     """The driver records a point whose worker never reported (crashed, killed, lost)."""
     st = _status(task, "failed", started or time.time(), message, error_type="WorkerError")
     return commit_bundle(points_dir, st)
-
-
-def read_status(point_dir: Path) -> dict | None:
-    """The point's status.json, or None when it has none (never run, or deleted)."""
-    import json
-
-    p = Path(point_dir) / STATUS
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def is_done(point_dir: Path, scenario_hash: str | None = None) -> bool:

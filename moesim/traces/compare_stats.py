@@ -392,11 +392,9 @@ def comparison(path_a, path_b) -> dict:
 def print_comparison(path_a, path_b, as_json: bool = False, width: int = 200) -> dict:
     import json
 
-    import click
-
     d = comparison(path_a, path_b)
     if as_json:
-        click.echo(json.dumps(d, indent=2, default=float))
+        print(json.dumps(d, indent=2, default=float))
         return d
     from rich.console import Console
     from rich.table import Table

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ... import __version__
+from ...version import __version__
 from ...errors import InputError
 from . import checkpoint as ckpt_io
 from .config import PreAttentionConfig, SpeculationConfig, TrainConfig, build_configs, model_config_from_dict

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..cliutil import guard
-from ..sweep.executors import executor_names
+from moesim.cli.util import guard
+from moesim.sweep.executors import executor_names
 
 
 def _num(v, fmt: str) -> str:
@@ -80,11 +80,11 @@ def advise(advise_file, output, executor, address, workers, trials, no_report):
     recommendation, the Pareto set, knob importances), DIR/trials.parquet and DIR/report.html.
     Exit status 0 with a recommendation, 1 when no configuration met the SLO, 2 for a bad file.
     """
-    from ..errors import InputError
-    from ..sweep.executors import get_executor
-    from .outputs import write_outputs
-    from .search import run_search
-    from .spec import load_advise
+    from moesim.errors import InputError
+    from moesim.sweep.executors import get_executor
+    from moesim.advise.outputs import write_outputs
+    from moesim.advise.search import run_search
+    from moesim.advise.spec import load_advise
 
     spec = load_advise(advise_file)
     if trials is not None:
@@ -96,7 +96,7 @@ def advise(advise_file, output, executor, address, workers, trials, no_report):
     outcome = run_search(spec, out, ex, file=advise_file, echo=lambda m: click.echo(m, err=True))
     doc = write_outputs(outcome, spec, out)
     if not no_report:
-        from ..report import render_advise
+        from moesim.report import render_advise
 
         render_advise(out)
     _print(doc, out, click.echo)

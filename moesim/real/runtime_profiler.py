@@ -50,7 +50,7 @@ def layer_bookkeeping(p, tokens: int = 1) -> dict:
 
 def step_setup(p, sequences: int = 1, context: int = 128) -> dict:
     """The replay's per-step geometry: slot and position arrays and their device index tensors."""
-    from ..real.kernels import StepGeometry
+    from .kernels import StepGeometry
 
     slot_of = {r: r for r in range(sequences)}
     lengths = np.full(sequences, context, dtype=np.int64)
@@ -76,7 +76,7 @@ def readback(p) -> dict:
 def expert_dispatch_cuda(p) -> dict:
     """CUDA only: host time to launch one 1-token expert's kernels (gather, FFN, scatter-add),
     without waiting for them; the stream is synchronised outside the timed region."""
-    from ..real.kernels import Shapes, expert_forward
+    from .kernels import Shapes, expert_forward
 
     torch = p.torch
     s = Shapes(p.model, p.dtype_name)
@@ -97,7 +97,7 @@ def expert_dispatch_cuda(p) -> dict:
 
 
 def lm_head_table(p, tokens: list[int]) -> dict:
-    from ..real.kernels import lm_head
+    from .kernels import lm_head
 
     torch, m = p.torch, p.model
     if not m.vocab_size:
@@ -113,7 +113,7 @@ def lm_head_table(p, tokens: list[int]) -> dict:
 def copy_slowdown(p) -> dict:
     """One-token expert FFN alone, and while a background thread copies expert-sized blocks (host
     memcpy on the CPU, pinned host-to-device copies on CUDA) without pause."""
-    from ..real.kernels import Shapes, expert_forward
+    from .kernels import Shapes, expert_forward
 
     torch = p.torch
     s = Shapes(p.model, p.dtype_name)

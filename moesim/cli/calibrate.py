@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .cliutil import guard as _guard
+from moesim.cli.util import guard as _guard
 
 
 def _pct(x) -> str:
@@ -45,8 +45,8 @@ def calibrate(points, output, base, max_evals, quiet):
     point is also predicted by a fit without its group (leave-one-group-out), and `holdout: true`
     points are never fitted and are reported last. Writes a runtime YAML whose source names the points.
     """
-    from .calibrate import calibrate as run_calibration
-    from .calibrate import load_base, load_points, runtime_yaml
+    from moesim.calibrate import calibrate as run_calibration
+    from moesim.calibrate import load_base, load_points, runtime_yaml
 
     pf, pts = load_points(points)
     start = load_base(base if base is not None else pf.base_runtime, points)
@@ -67,7 +67,7 @@ def runtime():
 @runtime.command("list")
 def runtime_list():
     """Name and description of each runtime preset."""
-    from .hardware.runtime import list_runtimes, load_runtime
+    from moesim.hardware.runtime import list_runtimes, load_runtime
 
     for name in list_runtimes():
         click.echo(f"{name}: {load_runtime(name).description}")
@@ -80,7 +80,7 @@ def runtime_show(name):
     """Print a runtime preset or file, with its sources."""
     import yaml
 
-    from .hardware.runtime import load_runtime
+    from moesim.hardware.runtime import load_runtime
 
     rt = load_runtime(name, file=name)
     if rt is None:

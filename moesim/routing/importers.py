@@ -64,7 +64,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from .schema import TraceMeta
+from ..traces.schema import TraceMeta
 
 FORMATS = ("csv", "jsonl", "numpy", "policylang", "llamacpp")
 
@@ -660,7 +660,7 @@ def _llamacpp_rows(path: Path, file: str, shape: Shape, prompt_len, first_layer:
 def import_trace(path, fmt: str, output, shape: Shape, *, model_name: str | None = None,
                  prompt_len: int | str | None = None, first_layer: int | None = None) -> tuple[Path, TraceMeta]:
     """Read `path` in format `fmt`, check it against `shape`, write a moesim trace to `output`."""
-    from .io import write_trace
+    from ..traces.io import write_trace
 
     file = str(path)
     p = Path(path)

@@ -9,8 +9,8 @@ import json
 
 import click
 
-from ..cliutil import guard as _guard
-from ..errors import InputError
+from moesim.cli.util import guard as _guard
+from moesim.errors import InputError
 
 
 # ---- collect ----------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ from ..errors import InputError
 def collect(model_id, prompts, max_new_tokens, pre_attn, scores, stack, device, dtype, max_prompt_tokens, num_prompts,
             stop_at_eos, trust_remote_code, name, output):
     """Record the routing of a transformers MoE model (prefill + greedy decode) as a trace."""
-    from .collect import collect_to_file
+    from moesim.routing.collect import collect_to_file
 
     def progress(i, n):
         click.echo(f"  request {i + 1}/{n}", err=True)
@@ -85,7 +85,7 @@ def train_tiny(output, seed, steps, layers, experts, top_k, hidden, threads, req
         import transformers  # noqa: F401
     except ImportError as e:
         raise InputError(f"needs torch and transformers: {e}") from None
-    from .tiny import TinyRecipe, train_tiny as run
+    from moesim.routing.tiny import TinyRecipe, train_tiny as run
 
     r = TinyRecipe(seed=seed)
     for k, v in dict(steps=steps, layers=layers, experts=experts, top_k=top_k, hidden=hidden, threads=threads,
@@ -117,7 +117,7 @@ def train_tiny(output, seed, steps, layers, experts, top_k, hidden, threads, req
 @_guard
 def import_(path, fmt, preset, num_layers, num_experts, top_k, prompt_len, first_layer, name, output):
     """Convert another tool's routing trace (CSV/JSONL, NumPy, moe-policylang, llama.cpp log) to a moesim trace."""
-    from .importers import import_trace, resolve_shape
+    from moesim.routing.importers import import_trace, resolve_shape
 
     shape, preset_name = resolve_shape(preset, num_layers, num_experts, top_k)
     out, meta = import_trace(path, fmt, output, shape, model_name=name or preset_name, prompt_len=prompt_len,
@@ -131,7 +131,7 @@ def fit_table(res, title: str):
     """A rich Table: statistic / held-out real / fitted synthetic / relative error / ...."""
     from rich.table import Table
 
-    from .compare_stats import label
+    from moesim.traces.compare_stats import label
 
     def f(v):
         if v is None:
@@ -185,7 +185,7 @@ def fit(path, output, seed, holdout, split, replicates, eval_replicates, max_eva
     """Fit the synthetic latent-gate generator to a trace; write the preset YAML and check it on held-out requests."""
     from rich.console import Console
 
-    from .fit import fit_trace, write_preset
+    from moesim.traces.fit import fit_trace, write_preset
 
     if hidden_dim is not None and not 2 <= hidden_dim <= 1024:
         raise InputError(f"must be between 2 and 1024 (got {hidden_dim})", field="--hidden-dim")

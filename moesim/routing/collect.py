@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from ..errors import InputError
 from .importers import json_lines
-from .schema import TraceMeta
+from ..traces.schema import TraceMeta
 
 #: transformers version the hooks were written and tested against
 TESTED_TRANSFORMERS = "5.23.0"
@@ -479,7 +479,7 @@ def _fixed_lists(a: np.ndarray, typ) -> pa.ListArray:
 
 def write_collected(path, requests: Iterable[CollectedRequest], meta: TraceMeta, scores: str = "weights",
                     pre_attn: bool = False, **kw) -> Path:
-    from .io import write_trace
+    from ..traces.io import write_trace
 
     return write_trace(path, (request_table(r, scores, pre_attn) for r in requests), meta, **kw)
 

@@ -21,8 +21,8 @@ def measure_host_cpu(spec: ModelSpec, scale: float = 1.0, threads: int | None = 
                      dtypes=HOST_DTYPES, log=lambda m: None) -> tuple[dict, dict]:
     """(the `host_cpu` section, its measurements): expert FFN medians by tokens for each dtype on the
     CPU, with `threads` torch threads (default: the cores less one, as the replay leaves one to I/O)."""
-    from ..real.scale import scaled_model
-    from ..real.torchutil import DTYPES, cpu_model, default_threads, device_description
+    from .scale import scaled_model
+    from .torchutil import DTYPES, cpu_model, default_threads, device_description
     from .profiler import Profiler
 
     n_threads = threads or default_threads("cpu")
@@ -69,7 +69,7 @@ def add_host_cpu(profile_path, section: dict, meas: dict) -> None:
     import yaml
 
     from ..errors import InputError
-    from .profile import load_profile, profile_from_dict
+    from ..hardware.profile import load_profile, profile_from_dict
 
     path = Path(profile_path)
     if not path.is_file():

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..cliutil import guard
-from .executors import executor_names
+from moesim.cli.util import guard
+from moesim.sweep.executors import executor_names
 
 
 @click.command("sweep")
@@ -34,9 +34,9 @@ def sweep(sweep_file, output, executor, address, workers, overrides, events, lis
     DIR/manifest.parquet and DIR/report.html. Exit status 0 if every point is done, 1 if some
     failed, 2 for a bad sweep file.
     """
-    from .executors import get_executor
-    from .runner import run_sweep, summarize_failures
-    from .spec import load_sweep
+    from moesim.sweep.executors import get_executor
+    from moesim.sweep.runner import run_sweep, summarize_failures
+    from moesim.sweep.spec import load_sweep
 
     spec = load_sweep(sweep_file, overrides)
     if events:
@@ -48,7 +48,7 @@ def sweep(sweep_file, output, executor, address, workers, overrides, events, lis
         click.echo(f"{len(points)} point{'s' if len(points) != 1 else ''}", err=True)
         return
     ex = get_executor(executor, workers=workers, address=address)
-    from ..outdir import check_writable_dir
+    from moesim.outdir import check_writable_dir
 
     out = check_writable_dir(output or spec.output or Path("reports") / spec.name)
     res = run_sweep(spec, out, ex, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
@@ -62,14 +62,14 @@ def sweep(sweep_file, output, executor, address, workers, overrides, events, lis
                    "run the same command again to resume", err=True)
         sys.exit(130)
     if done and not no_table:
-        from .table import print_table
+        from moesim.sweep.table import print_table
 
         # zipped axes vary together: the first one names the row
         shown = list(spec.grid) + list(spec.zip)[:1] + (["seed"] if "seed" in spec.axes else [])
         print_table(res.results, [a for a in shown if a in res.results], click.echo)
     if not no_report and done:
         try:
-            from ..report import render_sweep
+            from moesim.report import render_sweep
         except ImportError as e:  # plotly missing
             click.echo(f"warning: no report ({e}); install plotly", err=True)
         else:

@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 
 from ..models import ModelSpec
-from .profile import profile_from_dict
+from ..hardware.profile import profile_from_dict
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DECODE_SHAPE_MAX = 16  # attention table: up to this many tokens, a decode step of that many sequences
@@ -123,7 +123,7 @@ class ProfileResult:
 
 class Profiler:
     def __init__(self, model: ModelSpec, device: str, dtype: str, threads: int | None, quick: bool, log):
-        from ..real.torchutil import (
+        from .torchutil import (
             default_threads,
             pick_device,
             require_torch,
@@ -144,7 +144,7 @@ class Profiler:
         self.min_repeats = 3 if quick else 5
 
     def bench(self, fn, setup=None, budget=None, repeats=None, warmup=2):
-        from ..real.torchutil import bench
+        from .torchutil import bench
 
         return bench(fn, sync=self.sync, warmup=warmup, repeats=repeats or self.repeats,
                      budget_s=budget if budget is not None else self.budget, min_repeats=self.min_repeats,
@@ -152,7 +152,7 @@ class Profiler:
 
     def bench_points(self, calls: dict, budget_factor: float = 1.0, warmup: int = 1) -> dict:
         """Round-robin timing of a table's points (see torchutil.bench_round_robin)."""
-        from ..real.torchutil import bench_round_robin
+        from .torchutil import bench_round_robin
 
         return bench_round_robin(calls, sync=self.sync, warmup=warmup, min_repeats=self.min_repeats,
                                  max_repeats=self.repeats, budget_s=self.budget * len(calls) * budget_factor,
@@ -161,7 +161,7 @@ class Profiler:
     # ---- compute -------------------------------------------------------------------------------
     def _expert_pool(self, shapes, pool_bytes: int):
         torch = self.torch
-        from ..real.kernels import expert_views, random_weight
+        from .kernels import expert_views, random_weight
 
         n = max(2, min(64, math.ceil(pool_bytes / shapes.slot_bytes)))
         gen = torch.Generator().manual_seed(0)
@@ -179,7 +179,7 @@ class Profiler:
 
     def expert_table(self, tokens: list[int]) -> dict:
         torch = self.torch
-        from ..real.kernels import Shapes, expert_forward
+        from .kernels import Shapes, expert_forward
 
         s = Shapes(self.model, self.dtype_name)
         pool = self._expert_pool(s, (512 if not self.quick else 256) * MiB)
@@ -203,7 +203,7 @@ class Profiler:
         (The simulator's table is indexed by new tokens only; DESIGN's cost model has no context
         axis once a table is given.)"""
         torch = self.torch
-        from ..real.kernels import KVCache, Shapes, StepGeometry, attention_segment
+        from .kernels import KVCache, Shapes, StepGeometry, attention_segment
 
         s = Shapes(self.model, self.dtype_name)
         pool = self._attention_pool(s, 1)
@@ -224,7 +224,7 @@ class Profiler:
 
     def _attention_pool(self, s, seed: int) -> list:
         """Distinct attention blocks, more than the caches hold, cycled as a model's layers are."""
-        from ..real.kernels import Attention
+        from .kernels import Attention
 
         gen = self.torch.Generator().manual_seed(seed)
         one = (s.nh + 2 * s.kvh) * s.hd * s.H + s.H * s.nh * s.hd
@@ -233,7 +233,7 @@ class Profiler:
 
     def attention_decode_grid(self, batches: list[int], contexts: list[int]) -> list[dict]:
         torch = self.torch
-        from ..real.kernels import KVCache, Shapes, StepGeometry, attention_segment
+        from .kernels import KVCache, Shapes, StepGeometry, attention_segment
 
         s = Shapes(self.model, self.dtype_name)
         pool = self._attention_pool(s, 2)
@@ -287,8 +287,8 @@ class Profiler:
 
     # ---- disk ----------------------------------------------------------------------------------
     def disk(self, directory: Path, expert_bytes: int, io: str) -> dict:
-        from ..real.kernels import padded
-        from ..real.store import (
+        from .kernels import padded
+        from .store import (
             aligned_buffer,
             cached_fraction,
             open_reader,
@@ -361,8 +361,8 @@ class Profiler:
 
     # ---- the link --------------------------------------------------------------------------------
     def link_cpu(self, expert_bytes: int) -> dict:
-        from ..real.kernels import padded
-        from ..real.store import aligned_buffer
+        from .kernels import padded
+        from .store import aligned_buffer
 
         sizes = [64 * KiB, 256 * KiB, MiB, 4 * MiB, 16 * MiB, 64 * MiB] + ([] if self.quick else [256 * MiB])
         eb = padded(expert_bytes)
@@ -393,7 +393,7 @@ class Profiler:
 
     def link_cuda(self, expert_bytes: int) -> dict:
         torch = self.torch
-        from ..real.kernels import padded
+        from .kernels import padded
 
         top = 64 * MiB if self.quick else GiB
         sizes = []
@@ -450,8 +450,8 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
                 threads: int | None = None, quick: bool = False, disk_dir=None, io: str = "auto",
                 name: str | None = None, context: int = 128, log=lambda m: None) -> ProfileResult:
     """Measure, write `out` (YAML) and `out` with .measurements.json, return both."""
-    from ..real.scale import scaled_model
-    from ..real.torchutil import DTYPES, device_description, host_memory_bytes
+    from .scale import scaled_model
+    from .torchutil import DTYPES, device_description, host_memory_bytes
 
     t_start = time.perf_counter()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -634,7 +634,7 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
 
 def _runtime_text(doc: dict, path: Path, profile: Path, sidecar: Path) -> str:
     """The runtime YAML's text (validated first), with a header naming its profile."""
-    from .runtime import runtime_from_dict
+    from ..hardware.runtime import runtime_from_dict
 
     rt = runtime_from_dict(doc, file=str(path))
     head = (f"# Runtime (software-stack) costs measured by moesim profile beside {profile.name}; every point's\n"
@@ -648,7 +648,7 @@ def _optional_fields(prof: dict, desc: dict, dtype: str, threads: int, context: 
     `measured.threads`, `measured.attention_context`, and the size tables `measured.h2d_ms` and
     `measured.disk_read_ms` as {bytes: [...], ms: [...]}): written only where the schema has them,
     so the YAML always validates."""
-    from .profile import HardwareProfile, Measured
+    from ..hardware.profile import HardwareProfile, Measured
 
     hf, mf = HardwareProfile.model_fields, Measured.model_fields
     if "device" in hf:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .errors import InputError
+from moesim.errors import InputError
 
 
 def guard(fn):

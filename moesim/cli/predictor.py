@@ -14,9 +14,9 @@ import json
 
 import click
 
-from ...cliutil import guard as _guard
-from ...errors import InputError
-from ...yamlsafe import safe_load
+from moesim.cli.util import guard as _guard
+from moesim.errors import InputError
+from moesim.yamlsafe import safe_load
 
 
 def _overrides(items) -> tuple[dict, dict]:
@@ -73,7 +73,7 @@ def train_cmd(kind, trace, preset, output, resume, epochs, batch_size, lr, seed,
               loss, hidden, test_fraction, val_fraction, max_train_samples, time_limit, device, threads, sets,
               no_train_state, quiet):
     """Train a KIND predictor on a trace; writes the checkpoint after every epoch."""
-    from .checkpoint import require_torch
+    from moesim.predictors.neural.checkpoint import require_torch
 
     torch = require_torch()
     if threads:
@@ -91,7 +91,7 @@ def train_cmd(kind, trace, preset, output, resume, epochs, batch_size, lr, seed,
     if resume and (model_o or set(train_o) - {"epochs"}):
         raise InputError("with --resume only --epochs may change (the rest comes from the checkpoint)",
                          field="--resume")
-    from .training import train
+    from moesim.predictors.neural.training import train
 
     ck = train(kind, trace, preset=preset, model_overrides=model_o, train_overrides=train_o, output=output,
                resume=resume, device=device, progress=not quiet, time_limit_s=time_limit,
@@ -119,12 +119,12 @@ def train_cmd(kind, trace, preset, output, resume, epochs, batch_size, lr, seed,
 @_guard
 def eval_cmd(checkpoint, trace, split, device, threads, as_json, output, no_latency):
     """Evaluate CHECKPOINT on held-out requests beside random, frequency, recency, Markov and Bayes."""
-    from .checkpoint import require_torch
+    from moesim.predictors.neural.checkpoint import require_torch
 
     torch = require_torch()
     if threads:
         torch.set_num_threads(threads)
-    from .evaluation import evaluate, format_report
+    from moesim.predictors.neural.evaluation import evaluate, format_report
 
     r = evaluate(checkpoint, trace, split, device, measure=not no_latency)
     if output:
@@ -146,10 +146,10 @@ def eval_cmd(checkpoint, trace, split, device, threads, as_json, output, no_late
 @_guard
 def presets_cmd(layers, experts, top_k, input_dim):
     """The presets and their parameter counts for a model shape."""
-    from .checkpoint import require_torch
+    from moesim.predictors.neural.checkpoint import require_torch
 
     require_torch()
-    from .evaluation import parameter_counts
+    from moesim.predictors.neural.evaluation import parameter_counts
 
     for row in parameter_counts({"num_layers": layers, "num_experts": experts, "top_k": top_k,
                                  "input_dim": input_dim}):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..cliutil import guard
+from moesim.cli.util import guard
 
 
 @click.command("report")
@@ -18,7 +18,7 @@ def report(directory, points):
     A run dir has summary.json (+ steps.parquet, events.parquet); a sweep dir has results.parquet /
     sweep.json (missing tables are rebuilt from DIR/points/); an advise dir has advise.json.
     """
-    from . import detect, render_advise, render_run, render_sweep
+    from moesim.report import detect, render_advise, render_run, render_sweep
 
     d = Path(directory)
     kind = detect(d)

@@ -1,0 +1,4 @@
+"""`python -m moesim.cli ...`: the same as the `moesim` console script."""
+from moesim.cli import main
+
+main()
