@@ -91,3 +91,20 @@ def test_fit_reproduces_the_stored_preset():
     p, f, o, _ = fit_mixtral_published(PRESETS["mixtral-8x7b"])
     assert p == PRESETS["mixtral-8x7b-published"]
     assert _misses(f, o).max() <= TOL
+
+
+def test_trace_generate_takes_the_published_preset(tmp_path):
+    """`moesim trace generate --preset mixtral-8x7b-published` writes Mixtral's shape with that preset's
+    parameters (it is not a model preset name)."""
+    from click.testing import CliRunner
+
+    from moesim.cli import main
+    from moesim.traces import TraceReader
+
+    out = tmp_path / "t.parquet"
+    r = CliRunner().invoke(main, ["trace", "generate", "--preset", "mixtral-8x7b-published", "--requests", "2",
+                                  "--prompt-len", "4", "--decode-len", "4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    meta = TraceReader(out).meta
+    assert meta.model == "mixtral-8x7b" and "preset=mixtral-8x7b-published" in meta.source
+    assert "tau=0.026" in meta.source

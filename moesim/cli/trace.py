@@ -20,8 +20,9 @@ def trace():
 
 @trace.command("generate")
 @click.option("--preset", default=None,
-              help="model preset (the synthetic routing preset of the same name); with --preset-file, the model "
-                   "whose shape the trace takes [default: the file's model]")
+              help="model preset (the synthetic routing preset of the same name), or a routing preset fitted "
+                   "to a published statistic (mixtral-8x7b-published); with --preset-file, the model whose "
+                   "shape the trace takes [default: the file's model]")
 @click.option("--preset-file", type=click.Path(dir_okay=False), default=None,
               help="a fitted preset YAML (`moesim trace fit`): generate with its parameters; --requests, "
                    "--prompt-len and --decode-len default to the fitted trace's")
@@ -60,10 +61,13 @@ def trace_generate(ctx, preset, preset_file, n_requests, prompt_len, decode_len,
     elif preset is None:
         raise InputError("give --preset (a model preset) or --preset-file (a fitted preset YAML)", field="--preset")
     else:
+        from moesim.traces.synthetic import PRESET_MODELS
+
         try:
-            spec = get_preset(preset)
+            spec = get_preset(PRESET_MODELS.get(preset, preset))
         except KeyError:
-            raise InputError(f"unknown preset {preset!r} (known: {', '.join(preset_names())})", field="--preset")
+            known = ", ".join(preset_names() + sorted(PRESET_MODELS))
+            raise InputError(f"unknown preset {preset!r} (known: {known})", field="--preset")
         label = preset
     for name, v in (("--requests", n_requests), ("--prompt-len", prompt_len)):
         if v <= 0:

@@ -211,6 +211,10 @@ PRESET_SOURCES: dict[str, str] = {
 }
 
 
+# synthetic presets that are not named after a model preset: the model whose shape they route
+PRESET_MODELS: dict[str, str] = {"mixtral-8x7b-published": "mixtral-8x7b"}
+
+
 def resolve_params(spec_name: str, params=None, preset: str | None = None) -> tuple[str, SyntheticParams]:
     """(preset label, params): explicit params win; else the preset (default: the model's name).
 
