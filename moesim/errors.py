@@ -29,3 +29,18 @@ def pydantic_message(err, *, file: str | None = None, prefix: str = "") -> Input
     if more:
         msg += f" (and {more} more error{'s' if more > 1 else ''})"
     return InputError(msg, file=file, field=field or None)
+
+
+def build(cls, data, *, file: str | None = None, prefix: str = ""):
+    """`cls(**data)` for a pydantic model read from a file: a non-mapping, a validation error or a
+    non-string key is an InputError naming the file and the field."""
+    from pydantic import ValidationError
+
+    if not isinstance(data, dict):
+        raise InputError(f"expected a mapping, got {type(data).__name__}", file=file, field=prefix or None)
+    try:
+        return cls(**data)
+    except ValidationError as e:
+        raise pydantic_message(e, file=file, prefix=prefix) from None
+    except TypeError as e:  # e.g. a non-string key
+        raise InputError(str(e), file=file, field=prefix or None) from None

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import InputError, pydantic_message
+from ..errors import InputError, build
 from ..yamlsafe import safe_load
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
@@ -136,14 +136,7 @@ def _resolve(name_or_path: str, base: Path | None = None) -> Path:
 
 
 def profile_from_dict(data: dict, *, file: str | None = None, prefix: str = "") -> HardwareProfile:
-    if not isinstance(data, dict):
-        raise InputError(f"expected a mapping, got {type(data).__name__}", file=file, field=prefix or None)
-    try:
-        return HardwareProfile(**data)
-    except ValidationError as e:
-        raise pydantic_message(e, file=file, prefix=prefix) from None
-    except TypeError as e:
-        raise InputError(str(e), file=file, field=prefix or None) from None
+    return build(HardwareProfile, data, file=file, prefix=prefix)
 
 
 def load_profile(name_or_path: str, base: Path | None = None) -> HardwareProfile:

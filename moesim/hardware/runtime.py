@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import InputError, pydantic_message
+from ..errors import InputError, build
 from .profile import Table
 
 RUNTIME_DIR = Path(__file__).resolve().parents[2] / "runtimes"
@@ -107,14 +107,7 @@ def list_runtimes() -> list[str]:
 
 
 def runtime_from_dict(data: Any, *, file: str | None = None, prefix: str = "") -> RuntimeCosts:
-    if not isinstance(data, dict):
-        raise InputError(f"expected a mapping, got {type(data).__name__}", file=file, field=prefix or None)
-    try:
-        return RuntimeCosts(**data)
-    except ValidationError as e:
-        raise pydantic_message(e, file=file, prefix=prefix) from None
-    except TypeError as e:  # e.g. a non-string key
-        raise InputError(str(e), file=file, field=prefix or None) from None
+    return build(RuntimeCosts, data, file=file, prefix=prefix)
 
 
 def _resolve(name_or_path: str, base: Path | None) -> Path | None:
