@@ -4,7 +4,6 @@ predictions each predictor makes are the simulator's on the same scaled scenario
 predictors the same step views, so the same routing gives the same guesses)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -1,9 +1,10 @@
 """Host and device memory of the real executor: page-aligned (pinned) host buffers, a pool of
-transient buffers, and the compute device's expert slots."""
+transient buffers, the compute device's expert slots, and a load with the buffers it uses."""
 from __future__ import annotations
 
 import numpy as np
 
+from ..engine.loads import Load
 from .kernels import Shapes, expert_views
 from .store import aligned_buffer
 from .torchutil import require_torch
@@ -79,3 +80,25 @@ class DevSlots:
             a = aligned_buffer(nb)
             f = torch.from_numpy(a)
         return f, a, expert_views(f, self.shapes, self.dtype)
+
+
+class BufferedLoad(Load):
+    """A load of engine.loads with the buffers it reads from and lands in. `waiters`: the main
+    thread's accesses waiting on it (a count; they poll `done_t`)."""
+
+    __slots__ = (
+        "dev",
+        "dev_dst",
+        "dev_transient",
+        "src",
+        "staging",
+    )
+
+    def __init__(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool):
+        super().__init__(key, prefetch, target, bypass)
+        self.waiters = 0
+        self.src: HostBuf | None = None      # where the link copy reads from
+        self.staging: HostBuf | None = None  # transient host buffer to give back after the link copy
+        self.dev = None                      # views of the device buffer the expert lands in
+        self.dev_dst = None                  # (flat tensor, numpy view or None) of that buffer
+        self.dev_transient = None            # a bypass copy's transient device slot

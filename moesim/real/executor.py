@@ -20,7 +20,10 @@ objects and hooks, the same load chain and the same priorities — but every dur
 
 Bookkeeping (tiers, pins, predictor hooks) runs under one lock; copies and compute run outside it.
 The output is the simulator's (engine.metrics.Recorder): steps.parquet, requests.parquet,
-summary.json (+ events.parquet), with a `real` section describing how it was run.
+summary.json (+ events.parquet), with a `real` section describing how it was run (summary.py;
+the entry point is replay.py). Its parts: buffers.py (host and device memory), channels.py (the
+worker threads), view.py (what predictors see), batch.py (KV caches), weights.py (expert file and
+resident blocks).
 """
 from __future__ import annotations
 
@@ -35,10 +38,10 @@ import numpy as np
 
 from ..cache.tiers import Tier
 from ..engine.channels import Transfer
-from ..engine.loads import Load, LoadChain
+from ..engine.loads import LoadChain
 from ..errors import InputError
 from .batch import StaticBatch, token_groups
-from .buffers import DevSlots, HostBuf, Pool, host_block
+from .buffers import BufferedLoad, DevSlots, HostBuf, Pool, host_block
 from .channels import RealChannel
 from .kernels import KVCache, Shapes, StepGeometry, attention_segment, expert_forward, ffn, lm_head
 from .store import open_reader
@@ -46,34 +49,11 @@ from .torchutil import default_threads, pick_device, require_torch, set_threads,
 from .view import RealView, with_pre_attn
 from .weights import Resident, expert_file
 
-class _Load(Load):
-    """A load of engine.loads with the buffers it reads from and lands in. `waiters`: the main
-    thread's accesses waiting on it (a count; they poll `done_t`)."""
-
-    __slots__ = (
-        "dev",
-        "dev_dst",
-        "dev_transient",
-        "src",
-        "staging",
-    )
-
-    def __init__(self, key: int, prefetch: bool, target: tuple[int, int], bypass: bool):
-        super().__init__(key, prefetch, target, bypass)
-        self.waiters = 0
-        self.src: HostBuf | None = None      # where the link copy reads from
-        self.staging: HostBuf | None = None  # transient host buffer to give back after the link copy
-        self.dev = None                      # views of the device buffer the expert lands in
-        self.dev_dst = None                  # (flat tensor, numpy view or None) of that buffer
-        self.dev_transient = None            # a bypass copy's transient device slot
-
-
-# ---- the executor -------------------------------------------------------------------------------
 
 class RealExecutor(LoadChain):
     """Runs a scenario's static-batch step plan for real. Use `moesim.real.replay_real()`."""
 
-    Load = _Load
+    Load = BufferedLoad
 
     def __init__(self, sc, *, device: str = "auto", dtype: str = "bfloat16", workdir=None, io: str = "auto",
                  record_events: bool = False, threads: int | None = None, seed: int | None = None, log=None):
@@ -238,7 +218,7 @@ class RealExecutor(LoadChain):
         self._link_copy(ld.src, ld.dev_dst)
 
     # ---- loads: engine.loads.LoadChain, plus the buffers ---------------------------------------
-    def _landed(self, load: _Load) -> None:
+    def _landed(self, load: BufferedLoad) -> None:
         if load.waiters:
             self.cond.notify_all()
 
@@ -250,12 +230,12 @@ class RealExecutor(LoadChain):
             self.host_slot[key] = self.host_free.pop()
         return ev
 
-    def _disk_start(self, load: _Load) -> bool:
+    def _disk_start(self, load: BufferedLoad) -> bool:
         if not load.dram_reserved:
             load.staging = self.staging.get()
         return True
 
-    def _claim_slot(self, load: _Load) -> bool:
+    def _claim_slot(self, load: BufferedLoad) -> bool:
         """As the engine's, then the buffers of the link copy: a device slot (a transient one for
         a bypass copy) and the host buffer it reads from."""
         if not super()._claim_slot(load):
@@ -282,7 +262,7 @@ class RealExecutor(LoadChain):
             self.dev_free.append(self.dev_slot.pop(k))
         super()._evicted(keys)
 
-    def _pcie_done(self, load: _Load) -> None:
+    def _pcie_done(self, load: BufferedLoad) -> None:
         if load.staging is not None:
             self.staging.put(load.staging)
             load.staging = None
@@ -360,7 +340,7 @@ class RealExecutor(LoadChain):
 
     def _reset_bookkeeping(self) -> None:
         """The LoadChain's state at the start of a run: no loads, pins, predictions."""
-        self.loads: dict[int, _Load] = {}
+        self.loads: dict[int, BufferedLoad] = {}
         self.prefetched_unused: set[int] = set()
         self.pos = -1
         self.gated = (-1, -1)
