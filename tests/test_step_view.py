@@ -21,7 +21,7 @@ ATTRIBUTES = sorted(StepView.__annotations__)
 
 
 def _public_methods(cls) -> set[str]:
-    return {n for n, v in vars(cls).items() if inspect.isfunction(v) and not n.startswith("_")}
+    return {n for n in dir(cls) if not n.startswith("_") and inspect.isfunction(getattr(cls, n))}
 
 
 def test_the_protocol_declares_what_predictors_use():

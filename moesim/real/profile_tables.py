@@ -93,25 +93,32 @@ class Profiler:
         with `context` cached positions; above: a prefill of one causal sequence of that many tokens.
         (The simulator's table is indexed by new tokens only; DESIGN's cost model has no context
         axis once a table is given.)"""
-        torch = self.torch
-        from .kernels import KVCache, Shapes, StepGeometry, attention_segment
+        from .kernels import Shapes
 
         s = Shapes(self.model, self.dtype_name)
         pool = self._attention_pool(s, 1)
         it = iter(range(10 ** 12))
-        calls = {}
-        for t in tokens:
-            if t <= DECODE_SHAPE_MAX:
-                # room for a sequence to grow, as the replay's per-batch cache has (so the keys
-                # attended over are a strided slice of a longer buffer, as there)
-                cache = KVCache(t, 2 * context + 1, s, self.dtype, self.device)
-                g = StepGeometry(np.arange(t), np.full(t, context), np.full(t, context + 1), self.device, False)
-            else:
-                cache = KVCache(1, t, s, self.dtype, self.device)
-                g = StepGeometry(np.zeros(t, np.int64), np.arange(t), np.array([t]), self.device, True)
-            x = torch.randn(t, s.H, dtype=self.dtype, device=self.device)
-            calls[t] = lambda x=x, cache=cache, g=g: attention_segment(x, pool[next(it) % len(pool)], cache, g)
+        calls = {t: self._attention_call(s, pool, it, t, context if t <= DECODE_SHAPE_MAX else None)
+                 for t in tokens}
         return self.bench_points(calls, warmup=2)
+
+    def _attention_call(self, s, pool: list, it, tokens: int, context: int | None):
+        """A call of one attention block (cycling through `pool`): a decode step of `tokens`
+        sequences at `context` cached positions each, or (context None) a prefill of one causal
+        sequence of `tokens` tokens."""
+        from .kernels import KVCache, StepGeometry, attention_segment
+
+        t = tokens
+        if context is not None:
+            # room for a sequence to grow, as the replay's per-batch cache has (so the keys
+            # attended over are a strided slice of a longer buffer, as there)
+            cache = KVCache(t, 2 * context + 1, s, self.dtype, self.device)
+            g = StepGeometry(np.arange(t), np.full(t, context), np.full(t, context + 1), self.device, False)
+        else:
+            cache = KVCache(1, t, s, self.dtype, self.device)
+            g = StepGeometry(np.zeros(t, np.int64), np.arange(t), np.array([t]), self.device, True)
+        x = self.torch.randn(t, s.H, dtype=self.dtype, device=self.device)
+        return lambda: attention_segment(x, pool[next(it) % len(pool)], cache, g)
 
     def _attention_pool(self, s, seed: int) -> list:
         """Distinct attention blocks, more than the caches hold, cycled as a model's layers are."""
@@ -123,20 +130,13 @@ class Profiler:
         return [Attention(s, self.dtype, self.device, gen) for _ in range(n)]
 
     def attention_decode_grid(self, batches: list[int], contexts: list[int]) -> list[dict]:
-        torch = self.torch
-        from .kernels import KVCache, Shapes, StepGeometry, attention_segment
+        """Decode steps of each batch size at each context (for the record: the tables have no context axis)."""
+        from .kernels import Shapes
 
         s = Shapes(self.model, self.dtype_name)
         pool = self._attention_pool(s, 2)
         it = iter(range(10 ** 12))
-        calls = {}
-        for b in batches:
-            for c in contexts:
-                cache = KVCache(b, 2 * c + 1, s, self.dtype, self.device)
-                g = StepGeometry(np.arange(b), np.full(b, c), np.full(b, c + 1), self.device, False)
-                x = torch.randn(b, s.H, dtype=self.dtype, device=self.device)
-                calls[(b, c)] = lambda x=x, cache=cache, g=g: attention_segment(x, pool[next(it) % len(pool)],
-                                                                                  cache, g)
+        calls = {(b, c): self._attention_call(s, pool, it, b, c) for b in batches for c in contexts}
         res = self.bench_points(calls, budget_factor=0.5)
         return [{"batch": b, "context": c, **res[(b, c)].as_dict()} for (b, c) in calls]
 
@@ -156,22 +156,13 @@ class Profiler:
         st_mv = self.bench(lambda: torch.nn.functional.linear(v, W), warmup=1)
         gbps = W.numel() * W.element_size() / st_mv.median / 1e9
         z = torch.zeros(16, dtype=dt, device=dev)
-        if self.cuda:
-            k = 200
+        k = 200 if self.cuda else 1000
 
-            def many():
-                for _ in range(k):
-                    z.add_(1)
-            st_l = self.bench(many)
-            launch_us = st_l.median / k * 1e6
-        else:
-            k = 1000
-
-            def many():
-                for _ in range(k):
-                    z.add_(1)
-            st_l = self.bench(many)
-            launch_us = st_l.median / k * 1e6
+        def many():
+            for _ in range(k):
+                z.add_(1)
+        st_l = self.bench(many)
+        launch_us = st_l.median / k * 1e6
         return {"gemm": {"size": n, "tflops": tflops, **st_mm.as_dict()},
                 "gemv": {"bytes": W.numel() * dt.itemsize, "gbps": gbps, **st_mv.as_dict()},
                 "op_overhead": {"us": launch_us, "ops_per_sample": k, **st_l.as_dict()}}

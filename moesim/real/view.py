@@ -3,63 +3,36 @@ pre-attention states for predictors that read them."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from itertools import islice
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .executor import RealExecutor
+from ..engine.sim import _View as SimView
 
 
-class RealView:
-    """The StepView of one step of a real run: the routing of the gated layers, the pre-attention
-    states of the layers whose pre-attention hook has run, and (oracles only) the steps ahead."""
-
-    def __init__(self, ex: RealExecutor, plan):
-        self._ex, self._plan = ex, plan
-        self.step, self.phase, self.request_ids = plan.index, plan.phase, plan.request_ids
-        self.token_request_ids = plan.token_requests
-        self.gated = -1  # last layer whose gate has run
-        self.pre_attn_layer = -1  # last layer whose pre-attention hook has run
-
-    def _check(self, layer: int) -> None:
-        if layer > self.gated:
-            raise LookupError(f"layer {layer} is not routed yet (gate ran up to layer {self.gated})")
-
-    def experts(self, layer: int) -> np.ndarray:
-        self._check(layer)
-        return np.unique(self._plan.keys[layer]) - layer * self._ex.E
-
-    def pre_attn(self, layer: int) -> np.ndarray:
-        """[tokens, d] pre-attention hidden states of `layer` (known from its pre-attention hook on)."""
-        if layer > self.pre_attn_layer:
-            raise LookupError(f"layer {layer}'s pre-attention state is not computed yet")
-        if self._plan.pre_attn is None:
-            raise LookupError("this run has no pre_attn states (the predictor class must set needs_pre_attn)")
-        return self._plan.pre_attn[:, layer, :]
-
-    def token_experts(self, layer: int) -> np.ndarray:
-        self._check(layer)
-        return self._plan.routing[:, layer, :]
+class RealView(SimView):
+    """The StepView of one step of a real run: the simulator's view (the routing of the gated
+    layers, the pre-attention states of the layers whose pre-attention hook has run), over the
+    executor (`E`, `L`, `dedup`, `predictor`, `steps`); only the steps ahead come from its plan."""
 
     def future(self, n_layers: int, after_layer: int) -> list[tuple[int, int, np.ndarray]]:
         """Oracle only: the unique experts of the next `n_layers` layers after `after_layer`
         (later steps from the static plan, which is exact: arrivals are closed)."""
-        ex = self._ex
+        ex = self._sim
         if not ex.predictor.needs_future:
             raise PermissionError("only predictors with needs_future may read the trace ahead")
-        L, E = ex.L, ex.E
-        out, plan, ahead, layer = [], self._plan, 0, after_layer
-        for _ in range(n_layers):
-            layer += 1
-            if layer >= L:
-                plan, layer = ex.steps.peek(ahead), 0
-                ahead += 1
-                if plan is None:
-                    break
-            keys = plan.keys[layer]
-            out.append((plan.index, layer, (keys if ex.dedup else np.unique(keys)) - layer * E))
-        return out
+        return [(plan.index, layer, (plan.keys[layer] if ex.dedup else np.unique(plan.keys[layer])) - layer * ex.E)
+                for plan, layer in islice(self._layers_after(after_layer), n_layers)]
+
+    def _layers_after(self, after_layer: int) -> Iterator:
+        """(plan, layer) of every layer after `after_layer` of this step, then of the steps ahead."""
+        for layer in range(after_layer + 1, self._sim.L):
+            yield self._plan, layer
+        ahead = 0
+        while (plan := self._sim.steps.peek(ahead)) is not None:
+            ahead += 1
+            for layer in range(self._sim.L):
+                yield plan, layer
 
 
 def with_pre_attn(steps: Iterable, requests: dict) -> Iterator:
