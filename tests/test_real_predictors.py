@@ -75,6 +75,9 @@ def test_replay_real_runs_the_predictor(work, name):
     # the same guesses from the same views (what was predicted for which layer, and how much of it was needed)
     assert real["prediction"] == sim["prediction"]
     assert real["accesses"] == sim["accesses"]
+    if name == "on_demand":  # no prefetches: the same accesses hit and miss alike, and dedup saves as many copies
+        assert (real["hits"], real["misses"]) == (sim["hits"], sim["misses"])
+        assert real["dedup"] == sim["dedup"] and real["dedup"]["copies_saved"] > 0
     if name in ("pre_attention", "speculation", "oracle", "noisy_oracle"):
         assert real["prefetch"]["issued"] > 0 and real["prediction"]["predicted"] > 0
     if name == "pre_attention":  # the scaled trace keeps the column the predictor reads

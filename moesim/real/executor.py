@@ -422,12 +422,13 @@ class RealExecutor(LoadChain):
 
     def _access(self, plan, layer: int, keys: np.ndarray, groups):
         """Under the lock: each needed key is a hit (pinned, ready to compute), a late hit on a load
-        in flight (a prefetch is promoted) or a miss (a demand load). Returns ((hits, late, misses),
-        ready (views, rows), pending (load, rows), pinned keys)."""
+        in flight (a prefetch is promoted) or a miss (a demand load); as the simulator counts them,
+        with the copies dedup saves. Returns ((hits, late, misses), ready (views, rows), pending
+        (load, rows), pinned keys)."""
         rec, gpu, unused = self.rec, self.gpu, self.prefetched_unused
-        hits = late = misses = 0
+        hits = late = misses = saved = 0
         ready, pending, pinned = [], [], []
-        for key, rows in zip(keys.tolist(), groups):
+        for key, cnt, rows in zip(keys.tolist(), plan.counts[layer].tolist(), groups):
             self.pos += 1
             if gpu.hit(key, self.pos):
                 hits += 1
@@ -439,6 +440,7 @@ class RealExecutor(LoadChain):
                 ready.append((self.dev.views[self.dev_slot[key]], rows))
                 continue
             load = self.loads.get(key)
+            saved += cnt - 1  # a load serves each of the key's tokens (without dedup cnt is 1)
             if load is not None and (self.dedup or load.prefetch):
                 late += 1
                 if load.prefetch:
@@ -453,6 +455,7 @@ class RealExecutor(LoadChain):
                 self._pin(key)
                 pinned.append(key)
             pending.append((load, rows))
+        rec.saved_loads += saved
         return (hits, late, misses), ready, pending, pinned
 
     def _compute(self, x, h, layer: int, ready, pending, alpha: float) -> float:
