@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from moesim.cli.util import fmt_ms, fmt_pct, print_metrics
+from moesim.cli.util import REPLAY_STYLE, fmt_pct, print_metrics, run_rows
 from moesim.cli.util import guard as _guard
 
 DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
@@ -15,14 +15,8 @@ DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
 def _print_run(s: dict, out: Path) -> None:
     sc = s["scenario"]
     mode = s.get("mode", "simulated")
-    ms, pct = fmt_ms, fmt_pct
-    rows = [("tokens/s", f"{s['tokens_per_s']:.2f}"), ("makespan", f"{s['makespan_s']:.3f} s"),
-            ("TTFT ms mean", ms(s["ttft_ms"])), ("TPOT ms mean", ms(s["tpot_ms"])),
-            ("cache hit rate", pct(s["gpu_hit_rate"])), ("DRAM hit rate", pct(s["dram_hit_rate"])),
-            ("hits / late / misses", f"{s['hits']} / {s['late_hits']} / {s['misses']}"),
-            ("stall", f"{s['stall_s']:.3f} s ({pct(s['stall_fraction'])})"),
-            ("bytes link / disk", f"{s['bytes_pcie'] / 1e9:.3f} GB / {s['bytes_disk'] / 1e9:.3f} GB"),
-            ("prefetch issued/used/late/wasted", "{issued}/{used}/{late}/{wasted}".format(**s["prefetch"]))]
+    pct = fmt_pct
+    rows = run_rows(s, REPLAY_STYLE)
     real = s.get("real")
     if real:
         rows += [("device", real["device"]["name"]), ("dtype / threads", f"{real['dtype']} / {real['torch_threads']}"),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from moesim.cli.util import fmt_ms, fmt_pct, print_metrics, run_notes
+from moesim.cli.util import fmt_pct, print_metrics, run_notes, run_rows
 from moesim.cli.util import guard as _guard
 
 
@@ -13,21 +13,8 @@ from moesim.cli.util import guard as _guard
 
 def _print_summary(s: dict, out: Path) -> None:
     sc = s["scenario"]
-    ms, pct = fmt_ms, fmt_pct
-    rows = [
-        ("tokens/s", f"{s['tokens_per_s']:.1f}"),
-        ("TTFT ms mean", ms(s["ttft_ms"])),
-        ("TPOT ms mean", ms(s["tpot_ms"])),
-        ("makespan", f"{s['makespan_s']:.4f} s"),
-        ("GPU hit rate", pct(s["gpu_hit_rate"])),
-        ("DRAM hit rate", pct(s["dram_hit_rate"])),
-        ("hits / late / misses", f"{s['hits']} / {s['late_hits']} / {s['misses']}"),
-        ("stall", f"{s['stall_s']:.4f} s ({pct(s['stall_fraction'])} of makespan)"),
-        ("GPU / PCIe utilisation", f"{pct(s['gpu_utilization'])} / {pct(s['pcie_utilization'])}"),
-        ("bytes over PCIe / disk", f"{s['bytes_pcie'] / 1e9:.3f} GB / {s['bytes_disk'] / 1e9:.3f} GB"),
-        ("prefetch issued/used/late/wasted", "{issued}/{used}/{late}/{wasted}".format(**s["prefetch"])),
-        ("dedup ratio", pct(s["dedup_ratio"])),
-    ]
+    pct = fmt_pct
+    rows = run_rows(s)
     g = s.get("policy_gap")
     if g:
         cap = "n/a (LRU is optimal here)" if g["captured"] is None else pct(g["captured"])

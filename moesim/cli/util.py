@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from dataclasses import dataclass
 
 import click
 
@@ -33,6 +34,44 @@ def fmt_ms(d: dict) -> str:
 
 def fmt_pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+@dataclass(frozen=True)
+class TableStyle:
+    """How a run's table rounds and words the rows every run has (`moesim run`'s table by default)."""
+
+    rate_digits: int = 1            # tokens/s
+    seconds_digits: int = 4         # makespan and stall
+    makespan_first: bool = False    # makespan right after tokens/s (else after the latencies)
+    cache: str = "GPU"              # the gpu tier's hit-rate label
+    link: str = "over PCIe"         # the bytes row's label
+    stall_of: str = " of makespan"  # after the stall's share
+    utilisation: bool = True        # the GPU / PCIe utilisation row
+    dedup: bool = True              # the dedup ratio row
+
+
+REPLAY_STYLE = TableStyle(rate_digits=2, seconds_digits=3, makespan_first=True, cache="cache", link="link",
+                          stall_of="", utilisation=False, dedup=False)
+
+
+def run_rows(s: dict, style: TableStyle = TableStyle()) -> list[tuple[str, str]]:
+    """The (metric, value) rows of a run's summary.json that every run's table shows."""
+    ms, pct, sd = fmt_ms, fmt_pct, style.seconds_digits
+    makespan = ("makespan", f"{s['makespan_s']:.{sd}f} s")
+    rows = [("tokens/s", f"{s['tokens_per_s']:.{style.rate_digits}f}")]
+    rows += [makespan] if style.makespan_first else []
+    rows += [("TTFT ms mean", ms(s["ttft_ms"])), ("TPOT ms mean", ms(s["tpot_ms"]))]
+    rows += [] if style.makespan_first else [makespan]
+    rows += [(f"{style.cache} hit rate", pct(s["gpu_hit_rate"])), ("DRAM hit rate", pct(s["dram_hit_rate"])),
+             ("hits / late / misses", f"{s['hits']} / {s['late_hits']} / {s['misses']}"),
+             ("stall", f"{s['stall_s']:.{sd}f} s ({pct(s['stall_fraction'])}{style.stall_of})")]
+    if style.utilisation:
+        rows.append(("GPU / PCIe utilisation", f"{pct(s['gpu_utilization'])} / {pct(s['pcie_utilization'])}"))
+    rows += [(f"bytes {style.link} / disk", f"{s['bytes_pcie'] / 1e9:.3f} GB / {s['bytes_disk'] / 1e9:.3f} GB"),
+             ("prefetch issued/used/late/wasted", "{issued}/{used}/{late}/{wasted}".format(**s["prefetch"]))]
+    if style.dedup:
+        rows.append(("dedup ratio", pct(s["dedup_ratio"])))
+    return rows
 
 
 def print_metrics(title: str, rows, out, width: int | None = None) -> None:

@@ -281,7 +281,7 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None) -> Result
         cost = CostModel(sc.model, sc.hardware, sc.runtime)
         lengths: dict[int, tuple[int, int]] = {}
 
-        want_pre = bool(getattr(type(predictor), "needs_pre_attn", False))
+        want_pre = predictor.needs_pre_attn
 
         def requests():
             for r in reader.iter_requests(pre_attn=want_pre):

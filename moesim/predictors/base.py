@@ -38,17 +38,28 @@ class PredictorParams(BaseModel):
 
 
 class StepView(Protocol):
-    """What the engine shows a predictor about the current step (see engine.sim._View)."""
+    """What the engine shows a predictor about the current step. Implemented by the simulator
+    (engine.sim._View) and the real executor (real.view.RealView); tests/test_step_view.py checks
+    that both have exactly these members with these signatures."""
 
     step: int                 # absolute step index
     phase: str                # "prefill" or "decode"
     request_ids: np.ndarray   # requests in this step's batch
-
     token_request_ids: np.ndarray  # request id of each token row of token_experts
 
-    def experts(self, layer: int) -> np.ndarray: ...          # unique experts needed (gated layers only)
-    def token_experts(self, layer: int) -> np.ndarray: ...    # [tokens, top_k] routing (gated layers only)
-    def future(self, offset: int) -> list[tuple[int, int, np.ndarray]]: ...  # oracle only
+    def experts(self, layer: int) -> np.ndarray:
+        """Unique experts `layer` needs (LookupError before its gate has run)."""
+
+    def token_experts(self, layer: int) -> np.ndarray:
+        """[tokens, top_k] routing of `layer` (LookupError before its gate has run)."""
+
+    def pre_attn(self, layer: int) -> np.ndarray:
+        """[tokens, d] pre-attention hidden states of `layer`, from its pre-attention hook on
+        (LookupError before; and in a run whose predictor does not set `needs_pre_attn`)."""
+
+    def future(self, n_layers: int, after_layer: int) -> list[tuple[int, int, np.ndarray]]:
+        """Oracles only (`needs_future`, else PermissionError): (step, layer, unique experts) of the
+        next `n_layers` layers after `after_layer` of this step, running on into later steps."""
 
 
 class Predictor:
@@ -57,6 +68,7 @@ class Predictor:
     name: ClassVar[str] = ""
     Params: ClassVar[type[PredictorParams]] = PredictorParams
     needs_future: ClassVar[bool] = False  # True only for oracles: they read the trace ahead
+    needs_pre_attn: ClassVar[bool] = False  # True: the run reads the trace's pre_attn for view.pre_attn
 
     def __init__(self, params: PredictorParams, model: ModelSpec, rng: np.random.Generator):
         self.params, self.model, self.rng = params, model, rng

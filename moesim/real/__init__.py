@@ -10,8 +10,8 @@ from __future__ import annotations
 
 
 def replay_real(*args, **kwargs):
-    """Execute a (scaled) scenario for real; see moesim.real.executor.replay_real."""
-    from .executor import replay_real as _replay
+    """Execute a (scaled) scenario for real; see moesim.real.replay.replay_real."""
+    from .replay import replay_real as _replay
 
     return _replay(*args, **kwargs)
 

@@ -23,7 +23,7 @@ def measure_host_cpu(spec: ModelSpec, scale: float = 1.0, threads: int | None = 
     CPU, with `threads` torch threads (default: the cores less one, as the replay leaves one to I/O)."""
     from .scale import scaled_model
     from .torchutil import DTYPES, cpu_model, default_threads, device_description
-    from .profiler import Profiler
+    from .profile_tables import Profiler
 
     n_threads = threads or default_threads("cpu")
     tok = _points(quick)

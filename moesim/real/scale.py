@@ -74,22 +74,33 @@ def _tier(tier, orig: ModelSpec, new: ModelSpec, notes: list[str], name: str) ->
     return {"capacity_experts": n2, "policy": tier.policy, "partition": tier.partition}
 
 
+def _lists(values: np.ndarray, width: int, typ) -> pa.ListArray:
+    """Rows of `width` values each as an Arrow list column."""
+    offsets = pa.array(np.arange(0, values.size + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), typ))
+
+
 def _trace_pieces(reader, layers: int, max_requests: int | None):
-    for i, r in enumerate(reader.iter_requests(pre_attn=False, scores=False)):
+    """The trace cut to its first `layers` MoE layers and `max_requests` requests; its pre_attn
+    column too when it has one (the pre-attention predictor reads it)."""
+    for i, r in enumerate(reader.iter_requests(scores=False)):
         if max_requests is not None and i >= max_requests:
             return
         ex = r.experts[:, :layers, :]
         T, L, K = ex.shape
         tok, lay = np.meshgrid(np.arange(T), np.arange(L), indexing="ij")
         phase = np.where(tok.ravel() < r.prompt_len, "prefill", "decode")
-        yield pa.table({
+        cols = {
             "request_id": pa.array(np.full(T * L, r.request_id), pa.int32()),
             "token": pa.array(tok.ravel(), pa.int32()),
             "phase": pa.array(phase).dictionary_encode(),
             "layer": pa.array(lay.ravel(), pa.int16()),
-            "experts": pa.ListArray.from_arrays(pa.array(np.arange(0, T * L * K + 1, K, dtype=np.int32)),
-                                                pa.array(ex.reshape(-1).astype(np.int16), pa.int16())),
-        })
+            "experts": _lists(ex.astype(np.int16), K, pa.int16()),
+        }
+        if r.pre_attn is not None:
+            pre = r.pre_attn[:, :layers, :]
+            cols["pre_attn"] = _lists(np.ascontiguousarray(pre, dtype=np.float16), pre.shape[2], pa.float16())
+        yield pa.table(cols)
 
 
 def prepare(scenario_path, outdir, overrides=(), scale: float = 1.0, layers: int | None = None,
