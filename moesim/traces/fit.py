@@ -77,7 +77,8 @@ KNOBS = {
 PHASE_KNOBS = ("prompt_tau", "loop_share", "tail_prob")
 #: fitted too when the phase knobs are (tail_prob alone overshoots Belady's misses)
 PHASE_EXTRA = ("belady_miss@C",)
-#: evaluations of the warm start (counted in the budget, which the phase knobs double)
+#: evaluations of the warm start at most (counted in the budget, which the phase knobs double; never more than
+#: the budget given)
 WARM_EVALS = 40
 #: fitted too, though no knob is tied to them (least squares over more statistics than knobs)
 #: Tried on tiny-learned and left out (before the phase knobs, which now own reuse_p90): ("reuse_p90",) or
@@ -239,8 +240,8 @@ class _Fit:
     def _warm_start(self) -> np.ndarray:
         """The fit without the phase knobs (which converges reliably); all knobs then start from its result."""
         self.max_evals *= 2
-        sub = self.o.model_copy(update=dict(profile=False, max_evals=WARM_EVALS, phases=False, check=False,
-                                            prompt_tau=None, loop_share=None, tail_prob=None,
+        sub = self.o.model_copy(update=dict(profile=False, max_evals=min(WARM_EVALS, self.o.max_evals), phases=False,
+                                            check=False, prompt_tau=None, loop_share=None, tail_prob=None,
                                             replicates=self.replicates))
         base = _Fit(self.real, sub).run()
         bp = base.params
