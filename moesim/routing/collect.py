@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from .importers import json_lines
 from ..traces.schema import TraceMeta
+from .jsonl import read_json_lines
 
 #: transformers version the hooks were written and tested against
 TESTED_TRANSFORMERS = "5.23.0"
@@ -493,13 +493,9 @@ def read_prompts(path) -> list[str | list[int]]:
     file = str(path)
     if not p.is_file():
         raise InputError("prompts file not found", file=file)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read: {e}", file=file) from None
     out: list[str | list[int]] = []
     if p.suffix.lower() in (".jsonl", ".json"):
-        for n, obj in json_lines(text.splitlines(), file):
+        for n, obj in read_json_lines(p, file):
             if isinstance(obj, str):
                 out.append(obj)
             elif isinstance(obj, dict) and "input_ids" in obj:
@@ -514,7 +510,10 @@ def read_prompts(path) -> list[str | list[int]]:
                 raise InputError(f"line {n}: expected a string or an object with 'input_ids', 'prompt' or 'text'",
                                  file=file)
     else:
-        out = [ln for ln in text.splitlines() if ln.strip()]
+        try:
+            out = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read: {e}", file=file) from None
     if not out:
         raise InputError("no prompts found", file=file)
     return out
