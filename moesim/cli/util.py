@@ -70,3 +70,17 @@ def run_notes(s: dict) -> list[str]:
                      f"issued a layer or two ahead queue behind one another (link busy "
                      f"{fmt_pct(s.get('pcie_utilization'))}): prefetching can only start them earlier")
     return notes
+
+
+def executor_options(what: str, workers_help: str):
+    """--executor, --address and --workers of a command that simulates on the sweep executors (sweep, advise);
+    `what` completes the --executor help: "where {what}: local processes, or a Ray cluster"."""
+    from moesim.sweep.executors import executor_names
+
+    def decorate(fn):
+        fn = click.option("--workers", type=int, help=workers_help)(fn)
+        fn = click.option("--address", metavar="auto|ray://HOST:PORT", help="Ray cluster to join (--executor ray)")(fn)
+        return click.option("--executor", type=click.Choice(executor_names()), default="local", show_default=True,
+                            help=f"where {what}: local processes, or a Ray cluster")(fn)
+
+    return decorate
