@@ -57,8 +57,8 @@ from .fit_stats import _mean_stats, auto_replicates, phase_stats, simulated_stat
 from .io import file_sha256
 from .synthetic import SyntheticParams
 
-__all__ = ["FitOptions", "FitResult", "PRESET_FORMAT", "RoutingShape", "fit_routing", "fit_trace", "spec_for_preset_file",
-           "split_requests", "synthetic_like", "write_preset"]
+__all__ = ["FitOptions", "FitResult", "PRESET_FORMAT", "RoutingShape", "fit_routing", "fit_trace",
+           "spec_for_preset_file", "split_requests", "synthetic_like", "write_preset"]
 
 # knob -> (target statistic, lower, upper, finite-difference step, start)
 KNOBS = {
@@ -107,7 +107,8 @@ class FitOptions(BaseModel):
     max_evals: int = Field(70, ge=1, description="evaluations of the simulated statistics (doubled with phase knobs)")
     tol: float = Field(0.02, gt=0, description="stop once every relative residual is within this")
     hidden_dim: int | None = Field(None, ge=1, description="fix hidden_dim [default: fitted with pre_attn, else 32]")
-    gate_affinity: float | None = Field(None, ge=0, le=1, description="fix it [default: fitted with pre_attn, else 0.8]")
+    gate_affinity: float | None = Field(None, ge=0, le=1,
+                                        description="fix it [default: fitted with pre_attn, else 0.8]")
     attention_noise: float | None = Field(None, ge=0, description="fix it [default: fitted with pre_attn, else 0.5]")
     tau_spread: float | None = Field(None, ge=0, description="fix it [default: fitted]")
     prompt_tau: float | None = Field(None, ge=0, lt=1, description="fix it [default: fitted with phases]")
