@@ -7,13 +7,15 @@ from pathlib import Path
 import click
 
 from moesim.cli.util import executor_options, guard
+from moesim.sweep.executors import executor_names
 
 
 @click.command("sweep")
 @click.argument("sweep_file", metavar="SWEEP.yaml", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="sweep dir (default: the file's output:, else reports/<sweep name>/)")
-@executor_options("points run", "local: worker processes (default: all cores); ray: most tasks in flight")
+@executor_options(executor_names(), "points run",
+                  "local: worker processes (default: all cores); ray: most tasks in flight")
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE", help="override a field of the base scenario")
 @click.option("--events", is_flag=True, help="also write events.parquet for every point")
 @click.option("--list", "list_only", is_flag=True, help="print the points (id and overrides) and exit")
