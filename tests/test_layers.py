@@ -36,26 +36,24 @@ def test_a_wrong_arrow_is_caught(tmp_path):
     assert r.returncode != 0 and "BROKEN" in r.stdout, r.stdout + r.stderr
 
 
-def test_nothing_inside_imports_the_package_face():
-    """`moesim/__init__` is a thin face for users; modules import `moesim.version` etc., never `moesim` itself."""
+def _graph():
+    """This tree's import graph (grimp)."""
     grimp = pytest.importorskip("grimp")
     sys.path.insert(0, str(ROOT))
     try:
-        graph = grimp.build_graph("moesim", cache_dir=None)
+        return grimp.build_graph("moesim", cache_dir=None)
     finally:
         sys.path.remove(str(ROOT))
-    assert graph.find_modules_that_directly_import("moesim") == set()
+
+
+def test_nothing_inside_imports_the_package_face():
+    """`moesim/__init__` is a thin face for users; modules import `moesim.version` etc., never `moesim` itself."""
+    assert _graph().find_modules_that_directly_import("moesim") == set()
 
 
 def test_config_is_the_bottom_layer():
     """config imports only the descriptions a scenario is made of; it names no registry above it."""
-    grimp = pytest.importorskip("grimp")
-    sys.path.insert(0, str(ROOT))
-    try:
-        graph = grimp.build_graph("moesim", cache_dir=None)
-    finally:
-        sys.path.remove(str(ROOT))
-    assert graph.find_modules_directly_imported_by("moesim.config") <= {
+    assert _graph().find_modules_directly_imported_by("moesim.config") <= {
         "moesim.errors", "moesim.models", "moesim.yamlsafe", "moesim.hardware.profile", "moesim.hardware.runtime"}
 
 
