@@ -229,39 +229,3 @@ def write_comparison(cmp: dict, outdir) -> list[Path]:
     p3 = out / "compare_steps.parquet"
     cmp["steps"].to_parquet(p3, index=False)
     return [p1, p2, p3]
-
-
-def print_comparison(cmp: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console(width=140)
-    for w in cmp["warnings"]:
-        con.print(f"[yellow]warning:[/] {w}")
-    t = Table(title=f"{cmp['scenario']}: simulated vs real ({cmp['model']}, {cmp['predictor']}, "
-                    f"batch {cmp['batch']}, cache {cmp['cache_experts']})")
-    for c in ("metric", "simulated", "real", "error"):
-        t.add_column(c, justify="left" if c == "metric" else "right")
-    for r in cmp["totals"]:
-        t.add_row(r["label"], _fmt(r["sim"]), _fmt(r["real"]), _pct(r["error"]))
-    con.print(t)
-    t = Table(title="per-step time")
-    for c in ("steps", "n", "total error", "mean |err|", "median |err|", "p90 |err|", "max |err|"):
-        t.add_column(c, justify="right")
-    for k, d in cmp["per_step"].items():
-        if d.get("steps"):
-            t.add_row(k, str(d["steps"]), _pct(d["total_error"]), f"{100 * d['mean_abs_error']:.1f}%",
-                      f"{100 * d['median_abs_error']:.1f}%", f"{100 * d['p90_abs_error']:.1f}%",
-                      f"{100 * d['max_abs_error']:.1f}%")
-    con.print(t)
-    t = Table(title="per layer, decode (mean ms)")
-    for c in ("layer", "sim", "real", "error", "attn sim/real", "experts sim/real", "stall sim/real"):
-        t.add_column(c, justify="right")
-    for d in cmp["per_layer"]:
-        if d["phase"] != "decode":
-            continue
-        t.add_row(str(d["layer"]), f"{d['layer_ms_sim']:.3g}", f"{d['layer_ms_real']:.3g}", _pct(d["layer_ms_error"]),
-                  f"{d['attention_ms_sim']:.3g}/{d['attention_ms_real']:.3g}",
-                  f"{d['compute_ms_sim']:.3g}/{d['compute_ms_real']:.3g}",
-                  f"{d['stall_ms_sim']:.3g}/{d['stall_ms_real']:.3g}")
-    con.print(t)

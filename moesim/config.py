@@ -6,6 +6,7 @@ model preset, the hardware profile and relative paths, so the engine gets plain,
 from __future__ import annotations
 
 import copy
+import importlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -311,25 +312,28 @@ def scenario_from_dict(data: Any, *, file: str | None = None, base_dir: Path | N
     return sc
 
 
-def check_scenario(sc: Scenario, file: str | None) -> None:
-    """Cross-field checks that need the model and hardware: capacities, policy and predictor names."""
-    from .cache.policies import POLICIES  # local: cache does not depend on config
-    from .predictors import registry
+#: The module holding the checks against the registries above config (eviction policies, predictors): loaded
+#: by name when a scenario is checked, so that config, the bottom layer, imports no package above it.
+REGISTRY_CHECKS = "moesim.config_checks"
 
+
+def _registry_checks() -> tuple:
+    return importlib.import_module(REGISTRY_CHECKS).CHECKS
+
+
+def check_scenario(sc: Scenario, file: str | None) -> None:
+    """Cross-field checks: names against the registries (`config_checks`), then capacities against the model
+    and the hardware."""
+    for check in _registry_checks():
+        check(sc, file)
     m, hw = sc.model, sc.hardware
     for tier_name in ("gpu", "dram"):
         tier = getattr(sc.cache, tier_name)
         if tier is None:
             continue
         field = f"cache.{tier_name}"
-        if tier.policy not in POLICIES:
-            raise InputError(f"unknown eviction policy {tier.policy!r} (known: {', '.join(sorted(POLICIES))})",
-                             file=file, field=f"{field}.policy")
         if tier_name == "dram" and tier.preload != "none":
             raise InputError("preload applies to the gpu tier only", file=file, field="cache.dram.preload")
-        if tier.admission != "none" and POLICIES[tier.policy].needs_next_use:
-            raise InputError(f"{tier.policy} is the offline optimum: an admission filter does not apply",
-                             file=file, field=f"{field}.admission")
         n = tier.experts(m.expert_bytes)
         per = tier.partition == "per_layer"
         if per and n > m.num_experts:
@@ -371,14 +375,6 @@ def check_scenario(sc: Scenario, file: str | None) -> None:
             if getattr(hw, sec) is None:
                 raise InputError(f"miss: {sc.miss} needs the hardware profile's {sec} section, which profile "
                                  f"{hw.name!r} lacks", file=file, field=f"hardware.{sec}")
-    try:
-        registry.validate(sc.predictor.name, sc.predictor.params)
-    except KeyError:
-        raise InputError(f"unknown predictor {sc.predictor.name!r} (known: {', '.join(registry.names())})",
-                         file=file, field="predictor.name") from None
-    except ValidationError as e:
-        raise pydantic_message(e, file=file, prefix="predictor") from None
-
 
 def read_yaml(path: str | Path) -> Any:
     p = Path(path)

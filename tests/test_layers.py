@@ -23,7 +23,7 @@ def _lint(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_import_contracts_hold():
     r = _lint()
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "4 kept, 0 broken" in r.stdout
+    assert "5 kept, 0 broken" in r.stdout
 
 
 def test_a_wrong_arrow_is_caught(tmp_path):
@@ -36,12 +36,45 @@ def test_a_wrong_arrow_is_caught(tmp_path):
     assert r.returncode != 0 and "BROKEN" in r.stdout, r.stdout + r.stderr
 
 
-def test_nothing_inside_imports_the_package_face():
-    """`moesim/__init__` is a thin face for users; modules import `moesim.version` etc., never `moesim` itself."""
+def _graph():
+    """This tree's import graph (grimp)."""
     grimp = pytest.importorskip("grimp")
     sys.path.insert(0, str(ROOT))
     try:
-        graph = grimp.build_graph("moesim", cache_dir=None)
+        return grimp.build_graph("moesim", cache_dir=None)
     finally:
         sys.path.remove(str(ROOT))
-    assert graph.find_modules_that_directly_import("moesim") == set()
+
+
+def test_nothing_inside_imports_the_package_face():
+    """`moesim/__init__` is a thin face for users; modules import `moesim.version` etc., never `moesim` itself."""
+    assert _graph().find_modules_that_directly_import("moesim") == set()
+
+
+def test_config_is_the_bottom_layer():
+    """config imports only the descriptions a scenario is made of; it names no registry above it."""
+    assert _graph().find_modules_directly_imported_by("moesim.config") <= {
+        "moesim.errors", "moesim.models", "moesim.yamlsafe", "moesim.hardware.profile", "moesim.hardware.runtime"}
+
+
+def test_registry_checks_run_with_config_alone(tmp_path):
+    """A fresh interpreter that imports only moesim.config still checks predictor and policy names (config loads
+    moesim.config_checks by name): an unknown name is an InputError naming the file and the field."""
+    code = (
+        "import sys\n"
+        "from moesim.config import scenario_from_dict\n"
+        "from moesim.errors import InputError\n"
+        "base = {'model': 'olmoe-1b-7b', 'hardware': 'rtx4090-pcie4', 'trace': 't.parquet',\n"
+        "        'cache': {'gpu': {'capacity_gb': 6}}}\n"
+        "bad = ({'predictor': 'crystal_ball'}, {'cache': {'gpu': {'capacity_gb': 6, 'policy': 'random_walk'}}})\n"
+        "for edit in bad:\n"
+        "    try:\n"
+        "        scenario_from_dict({**base, **edit}, file='s.yaml')\n"
+        "    except InputError as e:\n"
+        "        print(e.file, e.field)\n"
+        "print('moesim.predictors' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:3] == ["s.yaml predictor.name", "s.yaml cache.gpu.policy", "True"], r.stdout

@@ -17,7 +17,8 @@ import moesim
 from moesim.errors import InputError
 from moesim.models import ModelSpec
 from moesim.predictors import registry
-from moesim.predictors.neural import evaluate, format_report, train
+from moesim.cli.render import format_evaluation
+from moesim.predictors.neural import evaluate, train
 from moesim.cli.predictor import predictor as predictor_cli
 from moesim.predictors.neural.config import build_configs
 from moesim.predictors.neural.data import load_trace, speculation_samples
@@ -323,7 +324,7 @@ def test_top_k_report_has_set_metrics(work):
     assert r["columns"] == ["top1", "top3", "top5", "top10", "P@K", "exact", "R@K+2", "all@K+2", "1st∈set"]
     model = r["tables"][0]["rows"][0]
     assert 0 <= model["exact"] <= model["P@K"] <= model["R@K+2"] <= 1
-    assert "random" in format_report(r)
+    assert "random" in format_evaluation(r)
 
 
 def test_pre_attention_needs_the_column(work):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from moesim.cli.util import guard
+from moesim.cli.util import executor_options, guard
 from moesim.sweep.executors import executor_names
 
 
@@ -66,10 +66,8 @@ def _print(doc: dict, out: Path, echo) -> None:
 @click.argument("advise_file", metavar="ADVISE.yaml", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="output dir (default: the file's output:, else reports/<name>/); a rerun resumes the search")
-@click.option("--executor", type=click.Choice(executor_names()), default="local", show_default=True,
-              help="where configurations are simulated: local processes, or a Ray cluster")
-@click.option("--address", metavar="auto|ray://HOST:PORT", help="Ray cluster to join (--executor ray)")
-@click.option("--workers", type=int, help="configurations simulated at once (default: all cores)")
+@executor_options(executor_names(), "configurations are simulated",
+                  "configurations simulated at once (default: all cores)")
 @click.option("--trials", type=int, help="override search.trials (configurations to simulate)")
 @click.option("--no-report", is_flag=True, help="do not write report.html")
 @guard

@@ -124,7 +124,8 @@ def eval_cmd(checkpoint, trace, split, device, threads, as_json, output, no_late
     torch = require_torch()
     if threads:
         torch.set_num_threads(threads)
-    from moesim.predictors.neural.evaluation import evaluate, format_report
+    from moesim.cli.render import format_evaluation
+    from moesim.predictors.neural.evaluation import evaluate
 
     r = evaluate(checkpoint, trace, split, device, measure=not no_latency)
     if output:
@@ -135,7 +136,7 @@ def eval_cmd(checkpoint, trace, split, device, threads, as_json, output, no_late
     if as_json:
         click.echo(json.dumps(r, indent=2, default=float))
     else:
-        click.echo(format_report(r), nl=False)
+        click.echo(format_evaluation(r), nl=False)
 
 
 @predictor.command("presets")

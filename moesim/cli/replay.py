@@ -116,7 +116,8 @@ def replay(scenario, real, output, overrides, scale, layers, max_requests, hardw
 def compare(sim_dir, real_dir, output, quiet):
     """Error of a simulation (SIM_DIR) against a real run (REAL_DIR) of the same scenario:
     total (makespan, tokens/s, TPOT, TTFT, hits, stall) and per step and per layer."""
-    from moesim.compare import compare_dirs, print_comparison, write_comparison
+    from moesim.cli.render import print_real_comparison as print_comparison
+    from moesim.compare import compare_dirs, write_comparison
 
     cmp = compare_dirs(sim_dir, real_dir)
     out = Path(output or Path(real_dir) / "compare")

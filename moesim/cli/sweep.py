@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from moesim.cli.util import guard
+from moesim.cli.util import executor_options, guard
 from moesim.sweep.executors import executor_names
 
 
@@ -14,10 +14,8 @@ from moesim.sweep.executors import executor_names
 @click.argument("sweep_file", metavar="SWEEP.yaml", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="sweep dir (default: the file's output:, else reports/<sweep name>/)")
-@click.option("--executor", type=click.Choice(executor_names()), default="local", show_default=True,
-              help="where points run: local processes, or a Ray cluster")
-@click.option("--address", metavar="auto|ray://HOST:PORT", help="Ray cluster to join (--executor ray)")
-@click.option("--workers", type=int, help="local: worker processes (default: all cores); ray: most tasks in flight")
+@executor_options(executor_names(), "points run",
+                  "local: worker processes (default: all cores); ray: most tasks in flight")
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE", help="override a field of the base scenario")
 @click.option("--events", is_flag=True, help="also write events.parquet for every point")
 @click.option("--list", "list_only", is_flag=True, help="print the points (id and overrides) and exit")

@@ -96,9 +96,15 @@ def trace_info(paths, as_json):
     if len(paths) > 2:
         raise InputError(f"expected one or two trace files, got {len(paths)}", field="PATH")
     if len(paths) == 2:
-        from moesim.traces.compare_stats import print_comparison
+        from moesim.traces.compare_stats import comparison
 
-        print_comparison(paths[0], paths[1], as_json)
+        d = comparison(paths[0], paths[1])
+        if as_json:
+            click.echo(json.dumps(d, indent=2, default=float))
+        else:
+            from moesim.cli.render import print_trace_comparison
+
+            print_trace_comparison(d, paths[0], paths[1])
         return
     path = paths[0]
     from moesim.traces.stats import trace_info as info

@@ -187,6 +187,8 @@ def fit(path, output, seed, holdout, split, replicates, eval_replicates, max_eva
 
     from moesim.traces.fit import fit_trace, write_preset
 
+    if not 0 < holdout < 1:
+        raise InputError(f"must be between 0 and 1 (got {holdout})", field="--holdout")
     if hidden_dim is not None and not 2 <= hidden_dim <= 1024:
         raise InputError(f"must be between 2 and 1024 (got {hidden_dim})", field="--hidden-dim")
     if gate_affinity is not None and not 0 <= gate_affinity <= 1:

@@ -109,3 +109,16 @@ def run_notes(s: dict) -> list[str]:
                      f"issued a layer or two ahead queue behind one another (link busy "
                      f"{fmt_pct(s.get('pcie_utilization'))}): prefetching can only start them earlier")
     return notes
+
+
+def executor_options(executors: list[str], what: str, workers_help: str):
+    """--executor (one of `executors`), --address and --workers of a command that simulates on the sweep executors
+    (sweep, advise); `what` completes the --executor help: "where {what}: local processes, or a Ray cluster"."""
+
+    def decorate(fn):
+        fn = click.option("--workers", type=int, help=workers_help)(fn)
+        fn = click.option("--address", metavar="auto|ray://HOST:PORT", help="Ray cluster to join (--executor ray)")(fn)
+        return click.option("--executor", type=click.Choice(executors), default="local", show_default=True,
+                            help=f"where {what}: local processes, or a Ray cluster")(fn)
+
+    return decorate

@@ -196,24 +196,15 @@ class Intelligent(HistoryPredictor):
 
     # -- hooks --
 
-    def on_step_start(self, view) -> list[Prefetch]:
-        self._begin(view)
-        return self._predict(view, -1)
-
     def on_gate(self, view, layer: int) -> list[Prefetch]:
         self._begin(view)
         te = np.asarray(view.token_experts(layer))
         self._evaluate(view, layer, te)
         return self._predict(view, layer, te)
 
-    def on_step_end(self, view) -> None:
-        self._begin(view)
+    def _learn(self, view, routing: np.ndarray, rows, prev, pvalid, owners) -> None:
         p, L, E = self.params, self.L, self.E
-        routing = self._step_routing(view)
         T = routing.shape[0]
-        if T == 0:
-            return
-        rows, prev, pvalid, owners = self._learn_rows(view, routing)
         weight = T / rows.shape[0]
         fade = p.decay_rate ** T
         if fade < 1e-100:  # everything learnt so far has decayed away

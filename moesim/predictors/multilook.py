@@ -299,22 +299,13 @@ class MultiLook(HistoryPredictor):
 
     # -- hooks --
 
-    def on_step_start(self, view) -> list[Prefetch]:
-        self._begin(view)
-        return self._predict(view, -1)
-
     def on_gate(self, view, layer: int) -> list[Prefetch]:
         self._begin(view)
         return self._predict(view, layer)
 
-    def on_step_end(self, view) -> None:
-        self._begin(view)
+    def _learn(self, view, routing: np.ndarray, rows, prev, pvalid, owners) -> None:
         p, L, E = self.params, self.L, self.E
-        routing = self._step_routing(view)
         T = routing.shape[0]
-        if T == 0:
-            return
-        rows, prev, pvalid, owners = self._learn_rows(view, routing)
         seq = np.concatenate([prev, rows], axis=1)                 # [n, 2L, k]
         # co-occurrence and chains: a at position q -> b at q+d, for b in this token
         for hop in range(self.hops.shape[0]):

@@ -176,6 +176,23 @@ class HistoryPredictor(LayerAheadPredictor):
                 valid[i] = True
         return prev, valid
 
+    # -- hooks: predict at the step's start (and at each gate: subclasses), learn from the whole step at its end
+
+    def on_step_start(self, view) -> list[Prefetch]:
+        self._begin(view)
+        return self._predict(view, -1)
+
+    def on_step_end(self, view) -> None:
+        self._begin(view)
+        routing = self._step_routing(view)
+        if routing.shape[0] == 0:
+            return
+        self._learn(view, routing, *self._learn_rows(view, routing))
+
+    def _learn(self, view, routing: np.ndarray, rows, prev, pvalid, owners) -> None:
+        """Learn from the step's routing [T, L, k] and the rows `_learn_rows` picked (subclasses)."""
+        raise NotImplementedError
+
     def _step_routing(self, view) -> np.ndarray:
         """The step's whole routing [T, L, k] (call once every layer has been gated)."""
         return np.stack([np.asarray(view.token_experts(l)) for l in range(self.L)], axis=1).astype(np.int64)

@@ -53,11 +53,6 @@ llamacpp
 from __future__ import annotations
 
 import csv
-import json
-import math
-import re
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +60,14 @@ import pyarrow as pa
 
 from ..errors import InputError
 from ..traces.schema import TraceMeta
+from .import_llamacpp import _llamacpp_rows
+from .import_table import Shape, _build, _Rows
+from .import_values import _float_list, _int, _int_list, _RequestIds
+from .jsonl import json_lines, read_json_lines
+
+__all__ = ["FORMATS", "Shape", "import_trace", "json_lines", "parse_prompt_len", "resolve_shape"]
 
 FORMATS = ("csv", "jsonl", "numpy", "policylang", "llamacpp")
-
-
-@dataclass(frozen=True)
-class Shape:
-    num_layers: int
-    num_experts: int
-    top_k: int
 
 
 def resolve_shape(model: str | None, num_layers: int | None, num_experts: int | None,
@@ -116,257 +110,6 @@ def parse_prompt_len(v) -> int | str | None:
     if n <= 0:
         raise InputError(f"must be > 0 (got {n}); 'all' makes every token prefill", field="--prompt-len")
     return n
-
-
-# ---- the common core: rows -> checked trace ----------------------------------------------------------
-
-@dataclass
-class _Rows:
-    """Parsed rows: parallel arrays plus a function naming input row i."""
-
-    rid: np.ndarray                 # int64
-    tok: np.ndarray                 # int64
-    lay: np.ndarray                 # int64
-    experts: list                   # per row: list of ints
-    where: Callable[[int], str]
-    phase: list | None = None       # per row: "prefill"/"decode" (None when the input has none)
-    scores: list | None = None      # per row: list of floats, or None
-
-
-def _build(rows: _Rows, shape: Shape, file: str, prompt_len, first_layer: int = 0) -> pa.Table:
-    """Check the rows and turn them into a trace table. Errors name the input row."""
-    L, E, K = shape.num_layers, shape.num_experts, shape.top_k
-    n = len(rows.rid)
-    if n == 0:
-        raise InputError("no routing rows found", file=file)
-    w = rows.where
-    lay = rows.lay - first_layer
-    bad = np.flatnonzero((lay < 0) | (lay >= L))
-    if bad.size:
-        i = int(bad[0])
-        raise InputError(f"{w(i)}: layer {rows.lay[i]} out of range: expected {first_layer}..{first_layer + L - 1} "
-                         f"(num_layers={L}{', --first-layer ' + str(first_layer) if first_layer else ''})",
-                         file=file, field="layer")
-    bad = np.flatnonzero(rows.tok < 0)
-    if bad.size:
-        i = int(bad[0])
-        raise InputError(f"{w(i)}: token must be >= 0, found {rows.tok[i]}", file=file, field="token")
-    bad = np.flatnonzero((rows.rid < 0) | (rows.rid > 2**31 - 1))
-    if bad.size:
-        i = int(bad[0])
-        raise InputError(f"{w(i)}: request_id must be in 0..2^31-1, found {rows.rid[i]}", file=file,
-                         field="request_id")
-    lens = np.fromiter((len(e) for e in rows.experts), dtype=np.int64, count=n)
-    bad = np.flatnonzero(lens != K)
-    if bad.size:
-        i = int(bad[0])
-        raise InputError(f"{w(i)}: expected {K} experts (top_k), found {lens[i]}: {rows.experts[i]}", file=file,
-                         field="experts")
-    ex = np.asarray(rows.experts, dtype=np.int64).reshape(n, K)
-    bad = np.flatnonzero(((ex < 0) | (ex >= E)).any(axis=1))
-    if bad.size:
-        i = int(bad[0])
-        v = int(ex[i][(ex[i] < 0) | (ex[i] >= E)][0])
-        raise InputError(f"{w(i)}: expert id out of range: expected 0..{E - 1} (num_experts={E}), found {v}",
-                         file=file, field="experts")
-    if K > 1:
-        s = np.sort(ex, axis=1)
-        bad = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=1))
-        if bad.size:
-            i = int(bad[0])
-            raise InputError(f"{w(i)}: duplicate expert within a row: {ex[i].tolist()}", file=file,
-                             field="experts")
-    # order and completeness
-    order = np.lexsort((lay, rows.tok, rows.rid))
-    r, t, l = rows.rid[order], rows.tok[order], lay[order]
-    same = (r[1:] == r[:-1]) & (t[1:] == t[:-1]) & (l[1:] == l[:-1])
-    if same.any():
-        j = int(np.flatnonzero(same)[0])
-        a, b = sorted((int(order[j]), int(order[j + 1])))
-        raise InputError(f"{w(b)}: duplicate row for (request_id={r[j]}, token={t[j]}, layer={rows.lay[order[j]]}), "
-                         f"already at {w(a)}", file=file)
-    starts = np.concatenate([[0], np.flatnonzero(r[1:] != r[:-1]) + 1])
-    seg = np.repeat(starts, np.diff(np.concatenate([starts, [n]])))
-    pos = np.arange(n) - seg
-    et, el = pos // L, pos % L
-    bad = np.flatnonzero((t != et) | (l != el))
-    if bad.size:
-        j = int(bad[0])
-        i = int(order[j])
-        if l[j] != el[j] and t[j] == et[j]:
-            raise InputError(f"request {r[j]} token {t[j]}: missing layer {first_layer + el[j]} (found "
-                             f"{rows.lay[i]} at {w(i)}; every token needs layers {first_layer}..{first_layer + L - 1})",
-                             file=file, field="layer")
-        if t[j] != et[j] and el[j] == 0:
-            raise InputError(f"request {r[j]}: missing token {et[j]} (next is token {t[j]} at {w(i)}; tokens must be "
-                             f"0, 1, 2, ...)", file=file, field="token")
-        raise InputError(f"request {r[j]} token {et[j]}: missing layer {first_layer + el[j]} (every token needs "
-                         f"layers {first_layer}..{first_layer + L - 1}; next row is {w(i)})", file=file, field="layer")
-    ends = np.concatenate([starts[1:], [n]])
-    short = np.flatnonzero((ends - starts) % L)
-    if short.size:
-        j = int(ends[short[0]] - 1)
-        raise InputError(f"request {r[j]} token {t[j]}: missing layer {first_layer + l[j] + 1} (every token needs "
-                         f"layers {first_layer}..{first_layer + L - 1}; last row is {w(int(order[j]))})",
-                         file=file, field="layer")
-    # phase
-    if rows.phase is not None:
-        ph = np.asarray(rows.phase, dtype=object)
-        ok = (ph == "prefill") | (ph == "decode")
-        if not ok.all():
-            i = int(np.flatnonzero(~ok)[0])
-            raise InputError(f"{w(i)}: phase: expected 'prefill' or 'decode', found {rows.phase[i]!r}", file=file,
-                             field="phase")
-        pre = (ph == "prefill")[order]
-        tok_pre = pre.reshape(-1, L)
-        mixed = np.flatnonzero((tok_pre != tok_pre[:, :1]).any(axis=1))
-        if mixed.size:
-            j = int(mixed[0]) * L
-            raise InputError(f"request {r[j]} token {t[j]}: phase differs between layers ({w(int(order[j]))})",
-                             file=file, field="phase")
-        tp, tr, tt = tok_pre[:, 0], r[::L], t[::L]
-        # prompt first: no prefill token after a decode token, and >= 1 prefill token per request
-        tstart = np.concatenate([[0], np.flatnonzero(tr[1:] != tr[:-1]) + 1])
-        first = np.zeros(len(tr), dtype=bool)
-        first[tstart] = True
-        prev_dec = np.concatenate([[False], ~tp[:-1]]) & ~first
-        bad = np.flatnonzero(tp & prev_dec)
-        if bad.size:
-            j = int(bad[0])
-            raise InputError(f"request {tr[j]} token {tt[j]}: prefill after a decode token (prompt tokens come "
-                             f"first; {w(int(order[j * L]))})", file=file, field="phase")
-        bad = np.flatnonzero(~tp[tstart])
-        if bad.size:
-            j = int(tstart[bad[0]])
-            raise InputError(f"request {tr[j]} has no prefill token (token 0 is decode at {w(int(order[j * L]))})",
-                             file=file, field="phase")
-    elif prompt_len is None:
-        raise InputError("the input has no phase column: give --prompt-len N (tokens < N are prefill) or "
-                         "--prompt-len all", file=file, field="--prompt-len")
-    elif prompt_len == "all":
-        pre = np.ones(n, dtype=bool)
-    else:
-        pre = t < int(prompt_len)
-    # scores (optional, equal width)
-    sc = None
-    if rows.scores is not None:
-        widths = np.fromiter((len(s) for s in rows.scores), dtype=np.int64, count=n)
-        wd = int(widths[0])
-        bad = np.flatnonzero(widths != wd)
-        if bad.size:
-            i = int(bad[0])
-            raise InputError(f"{w(i)}: expected {wd} scores like the first row, found {widths[i]}", file=file,
-                             field="scores")
-        if wd:
-            sc = np.asarray(rows.scores, dtype=np.float32).reshape(n, wd)[order]
-    cols = {
-        "request_id": pa.array(r.astype(np.int32)),
-        "token": pa.array(t.astype(np.int32)),
-        "phase": pa.DictionaryArray.from_arrays(pa.array((~pre).astype(np.int8)), pa.array(["prefill", "decode"])),
-        "layer": pa.array(l.astype(np.int16)),
-        "experts": _lists(ex[order], pa.int16()),
-    }
-    if sc is not None:
-        cols["scores"] = _lists(sc, pa.float32())
-    return pa.table(cols)
-
-
-def _lists(a: np.ndarray, typ) -> pa.ListArray:
-    n, k = a.shape
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32)),
-                                    pa.array(np.ascontiguousarray(a).reshape(-1), type=typ))
-
-
-# ---- value parsing ----------------------------------------------------------------------------------
-
-_SPLIT = re.compile(r"[\s,;]+")
-
-
-def _int_list(v, what: str, where: str, file: str) -> list[int]:
-    """'3 17', '3,17', '[3, 17]', [3, 17] -> [3, 17]."""
-    if isinstance(v, (list, tuple, np.ndarray)):
-        out = []
-        for x in v:
-            if isinstance(x, bool) or not (isinstance(x, (int, np.integer))
-                                           or (isinstance(x, float) and x.is_integer())):
-                raise InputError(f"{where}: expected integer expert ids, found {x!r}", file=file, field=what)
-            out.append(int(x))
-        return out
-    if isinstance(v, str):
-        s = v.strip()
-        if s.startswith("["):
-            try:
-                return _int_list(json.loads(s), what, where, file)
-            except json.JSONDecodeError:
-                raise InputError(f"{where}: not a JSON list: {v!r}", file=file, field=what) from None
-        parts = [p for p in _SPLIT.split(s) if p]
-        try:
-            return [int(p) for p in parts]
-        except ValueError:
-            raise InputError(f"{where}: expected integer expert ids like '3 17' or [3, 17], found {v!r}", file=file,
-                             field=what) from None
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return [int(v)]
-    raise InputError(f"{where}: expected a list of expert ids, found {v!r}", file=file, field=what)
-
-
-def _float_list(v, what: str, where: str, file: str) -> list[float]:
-    if v is None or (isinstance(v, str) and not v.strip()):
-        return []
-    if isinstance(v, str):
-        s = v.strip()
-        try:
-            vals = json.loads(s) if s.startswith("[") else [float(p) for p in _SPLIT.split(s) if p]
-        except (ValueError, json.JSONDecodeError):
-            raise InputError(f"{where}: expected numbers, found {v!r}", file=file, field=what) from None
-    elif isinstance(v, (int, float)):
-        vals = [v]
-    else:
-        vals = list(v)
-    try:
-        out = [float(x) for x in vals]
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: expected numbers, found {v!r}", file=file, field=what) from None
-    if not all(math.isfinite(x) for x in out):
-        raise InputError(f"{where}: scores must be finite, found {v!r}", file=file, field=what)
-    return out
-
-
-def _int(v, what: str, where: str, file: str) -> int:
-    if isinstance(v, bool):
-        raise InputError(f"{where}: expected an integer, found {v!r}", file=file, field=what)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    try:
-        return int(str(v).strip())
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: expected an integer, found {v!r}", file=file, field=what) from None
-
-
-class _RequestIds:
-    """Integer request ids are kept; if any id is not an integer, all are numbered in order of first
-    appearance."""
-
-    def __init__(self, raw: list):
-        def as_int(v):
-            if isinstance(v, bool):
-                return None
-            if isinstance(v, (int, np.integer)):
-                return int(v)
-            try:
-                return int(str(v).strip())
-            except ValueError:
-                return None
-
-        ints = [as_int(v) for v in raw]
-        self.renumbered = any(i is None for i in ints)
-        if self.renumbered:
-            seen: dict = {}
-            self.ids = np.array([seen.setdefault(str(v), len(seen)) for v in raw], dtype=np.int64)
-        else:
-            self.ids = np.array(ints, dtype=np.int64)
 
 
 # ---- record-oriented formats (CSV, JSONL, policylang) ----------------------------------------------------
@@ -424,27 +167,12 @@ def _read_csv(path: Path, file: str) -> list[tuple[str, dict]]:
         raise InputError(f"cannot read as CSV: {e}", file=file) from None
 
 
-def json_lines(lines: Iterable[str], file: str) -> Iterator[tuple[int, object]]:
-    """(line number, value) of each non-blank line of a JSON-lines text; InputError on bad JSON."""
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"line {n}: not JSON: {e.msg}", file=file) from None
-
-
 def _read_jsonl(path: Path, file: str) -> list[tuple[str, dict]]:
     out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, obj in json_lines(f, file):
-                if not isinstance(obj, dict):
-                    raise InputError(f"line {n}: expected a JSON object", file=file)
-                out.append((f"line {n}", obj))
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read: {e}", file=file) from None
+    for n, obj in read_json_lines(path, file):
+        if not isinstance(obj, dict):
+            raise InputError(f"line {n}: expected a JSON object", file=file)
+        out.append((f"line {n}", obj))
     return out
 
 
@@ -554,105 +282,6 @@ def _numpy_rows(path: Path, file: str, K: int) -> _Rows:
 
     return _Rows(np.concatenate(rid), np.concatenate(tok), np.concatenate(lay),
                  np.concatenate(ex).tolist(), where)
-
-
-# ---- llama.cpp -------------------------------------------------------------------------------------------
-
-_KV_RE = re.compile(r"\blayer(?:_id|_idx)?\s*[=:]\s*(\d+)\b.*?\bexpert(?:_id|_idx)?s?\s*[=:]\s*\[?\s*"
-                    r"(-?\d+(?:\s*[,\s]\s*-?\d+)*)\s*\]?", re.IGNORECASE)
-_CSV_RE = re.compile(r"^\s*(\d+)\s*[,;\t]\s*\"?\[?\s*(-?\d+(?:\s*[,\s]\s*-?\d+)*)\s*\]?\"?\s*$")
-_REQ_RE = re.compile(r"^\s*#?\s*request(?:_id)?\s*[=:]?\s*(\S+)\s*$", re.IGNORECASE)
-_HEADER_RE = re.compile(r"^\s*layer(?:_id|_idx)?\s*[,;\t]\s*expert(?:_id|_idx)?s?\s*$", re.IGNORECASE)
-
-
-def _llamacpp_rows(path: Path, file: str, shape: Shape, prompt_len, first_layer: int | None) -> tuple[_Rows, str]:
-    L, K = shape.num_layers, shape.top_k
-    # 1. lines -> records (layer, ids, first line); consecutive lines of one layer are joined
-    requests: list[list[list]] = [[]]
-    try:
-        f = open(path, encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise InputError(f"cannot read: {e}", file=file) from None
-    with f:
-        for n, line in enumerate(f, 1):
-            m = _KV_RE.search(line) or _CSV_RE.match(line)
-            if m is None:
-                if _REQ_RE.match(line):
-                    if requests[-1]:
-                        requests.append([])
-                    continue
-                if _HEADER_RE.match(line) or not re.search(r"layer_id|expert_ids", line, re.IGNORECASE):
-                    continue  # header or log noise
-                raise InputError(f"line {n}: cannot read 'layer_id=<int> expert_ids=<int>,<int>...' here: "
-                                 f"{line.strip()[:120]!r}", file=file)
-            layer = int(m.group(1))
-            ids = [int(x) for x in re.split(r"[\s,]+", m.group(2).strip()) if x]
-            cur = requests[-1]
-            if cur and cur[-1][0] == layer:
-                cur[-1][1].extend(ids)
-            else:
-                cur.append([layer, ids, n])
-    requests = [r for r in requests if r]
-    if not requests:
-        raise InputError("no 'layer_id=... expert_ids=...' lines found", file=file)
-    lo = first_layer if first_layer is not None else min(rec[0] for req in requests for rec in req)
-    # 2. records -> batches -> tokens
-    rid, tok, lay, ex, labels, pre = [], [], [], [], [], []
-    out_req = 0
-    for req in requests:
-        batches: list[list] = []
-        prev = None
-        for rec in req:
-            idx = rec[0] - lo
-            if idx < 0 or idx >= L:
-                raise InputError(f"line {rec[2]}: layer {rec[0]} out of range: expected {lo}..{lo + L - 1} "
-                                 f"(num_layers={L}, first layer {lo})", file=file, field="layer_id")
-            if prev is None or idx <= prev:
-                batches.append([])
-            elif idx != prev + 1:
-                raise InputError(f"line {rec[2]}: expected layer {lo + prev + 1} after layer {lo + prev} (each batch "
-                                 f"lists layers {lo}..{lo + L - 1} in order), found {rec[0]}", file=file,
-                                 field="layer_id")
-            batches[-1].append(rec)
-            prev = idx
-        # split into requests: a multi-token batch after single-token batches starts a new one
-        token = 0
-        seen_decode = False
-        first_batch = True
-        for b in batches:
-            if len(b) != L:
-                last = b[-1]
-                raise InputError(f"line {last[2]}: batch ends after layer {last[0]}: expected layers {lo}..{lo + L - 1} "
-                                 f"(num_layers={L})", file=file, field="layer_id")
-            counts = {len(rec[1]) for rec in b}
-            c = len(b[0][1])
-            if len(counts) != 1 or c % K or c == 0:
-                bad = next(rec for rec in b if len(rec[1]) != c or c % K or c == 0)
-                raise InputError(f"line {bad[2]}: layer {bad[0]} has {len(bad[1])} expert ids; expected top_k={K} "
-                                 f"per token and the same token count on every layer of the batch ({c} ids on "
-                                 f"layer {b[0][0]})", file=file, field="expert_ids")
-            ntok = c // K
-            if ntok > 1 and seen_decode:
-                out_req += 1
-                token, seen_decode, first_batch = 0, False, True
-            is_prefill = first_batch or (ntok > 1 and not seen_decode)
-            if not is_prefill:
-                seen_decode = True
-            first_batch = False
-            arr = np.array([rec[1] for rec in b], dtype=np.int64).reshape(L, ntok, K).transpose(1, 0, 2)
-            for j in range(ntok):
-                for li, rec in enumerate(b):
-                    rid.append(out_req)
-                    tok.append(token + j)
-                    lay.append(li)
-                    ex.append(arr[j, li].tolist())
-                    labels.append(f"line {rec[2]} (token {j} of the batch)")
-                    pre.append("prefill" if is_prefill else "decode")
-            token += ntok
-        out_req += 1
-    rows = _Rows(np.array(rid, dtype=np.int64), np.array(tok, dtype=np.int64), np.array(lay, dtype=np.int64), ex,
-                 lambda i: labels[i], None if prompt_len is not None else pre)
-    return rows, f"first layer {lo}"
 
 
 # ---- entry point --------------------------------------------------------------------------------------------

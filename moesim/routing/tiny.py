@@ -184,15 +184,7 @@ def _files(names: list[str]) -> str:
     return f"{len(names) - sub} files" + (f" + {sub} sub-package files" if sub else "")
 
 
-def train_tiny(output, recipe: TinyRecipe | None = None, *, max_minutes: float | None = None,
-               save_model: str | None = None, log=print) -> TinyResult:
-    import torch
-    import transformers
-
-    from .collect import iter_collect, write_collected
-    from ..traces.schema import TraceMeta
-
-    r = recipe or TinyRecipe()
+def _check_recipe(r: TinyRecipe) -> None:
     for name in ("steps", "layers", "experts", "top_k", "hidden", "batch", "seq_len", "requests", "prompt_len"):
         if getattr(r, name) <= 0:
             raise InputError(f"must be > 0 (got {getattr(r, name)})", field=f"--{name.replace('_', '-')}")
@@ -200,23 +192,31 @@ def train_tiny(output, recipe: TinyRecipe | None = None, *, max_minutes: float |
         raise InputError(f"top_k ({r.top_k}) exceeds experts ({r.experts})", field="--top-k")
     if r.hidden % r.heads:
         raise InputError(f"hidden ({r.hidden}) must be a multiple of heads ({r.heads})", field="--hidden")
-    torch.set_num_threads(r.threads)
-    torch.manual_seed(r.seed)
-    train, held = stdlib_files()
-    corpus = b"\n\n".join(_bytes(p) for p in train)
-    data = torch.from_numpy(np.frombuffer(corpus, dtype=np.uint8).astype(np.int64))
-    model = build_model(r)
-    n_params = sum(p.numel() for p in model.parameters())
-    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    active = n_params - expert_params + expert_params * r.top_k // r.experts
-    log(f"train-tiny: {len(train)} training files ({len(corpus) / 1e6:.2f} MB), {len(held)} held out; "
-        f"{n_params / 1e6:.2f}M params ({active / 1e6:.2f}M active); {r.steps} steps of {r.batch}x{r.seq_len} bytes "
-        f"on {r.threads} threads")
-    gen = torch.Generator().manual_seed(r.seed)
+
+
+def _byte_tensor(files: list[Path]):
+    import torch
+
+    corpus = b"\n\n".join(_bytes(p) for p in files)
+    return corpus, torch.from_numpy(np.frombuffer(corpus, dtype=np.uint8).astype(np.int64))
+
+
+def _optimizer(model, r: TinyRecipe):
+    """AdamW, weight decay on matrices other than norms only."""
+    import torch
+
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+
+
+def _train(model, data, r: TinyRecipe, max_minutes: float | None, log) -> tuple[list, int, float]:
+    """Next-byte training on random windows of `data`: (loss curve, steps done, seconds)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(r.seed)
+    opt = _optimizer(model, r)
     model.train()
     curve = []
     acc_ce = acc_aux = 0.0
@@ -248,11 +248,15 @@ def train_tiny(output, recipe: TinyRecipe | None = None, *, max_minutes: float |
         if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
             log(f"  stopped at step {steps_done} by --max-minutes (this run is not reproducible)")
             break
-    train_s = time.perf_counter() - t0
-    # held-out loss
+    return curve, steps_done, time.perf_counter() - t0
+
+
+def _heldout_ce(model, held: list[Path], r: TinyRecipe) -> float:
+    """Mean cross-entropy (nats/byte) on seeded windows of the held-out files."""
+    import torch
+
     model.eval()
-    hb = b"\n\n".join(_bytes(p) for p in held)
-    hd = torch.from_numpy(np.frombuffer(hb, dtype=np.uint8).astype(np.int64))
+    _, hd = _byte_tensor(held)
     hgen = torch.Generator().manual_seed(r.seed + 2)
     ce = []
     with torch.inference_mode():
@@ -261,12 +265,16 @@ def train_tiny(output, recipe: TinyRecipe | None = None, *, max_minutes: float |
             x = torch.stack([hd[s: s + r.seq_len] for s in starts.tolist()])
             o = model(input_ids=x, labels=x, output_router_logits=False)
             ce.append(float(o.loss))
-    heldout = float(np.mean(ce))
-    log(f"held-out CE {heldout:.3f} nats/byte ({heldout / math.log(2):.3f} bits/byte)")
-    if save_model:
-        model.save_pretrained(save_model)
-        log(f"saved the model to {save_model}")
-    # routing on held-out files
+    return float(np.mean(ce))
+
+
+def _collect(model, held: list[Path], r: TinyRecipe, steps_done: int, output, log) -> tuple:
+    """Routing of the held-out prompts, written as a trace: (path, seconds)."""
+    import torch
+
+    from ..traces.schema import TraceMeta
+    from .collect import iter_collect, write_collected
+
     t1 = time.perf_counter()
     prompts, names = held_out_prompts(held, r)
     if not prompts:
@@ -280,12 +288,40 @@ def train_tiny(output, recipe: TinyRecipe | None = None, *, max_minutes: float |
     reqs = iter_collect(model, prompts, r.decode_len, pre_attn=True)
     path = write_collected(output, reqs, meta, scores="weights", pre_attn=True)
     col_s = time.perf_counter() - t1
-    size = Path(path).stat().st_size
-    log(f"wrote {path} ({size / 1e6:.2f} MB): {len(prompts)} requests from {', '.join(names[:4])}"
-        f"{', ...' if len(names) > 4 else ''}")
-    return TinyResult(recipe=r, python=pyv, torch=torch.__version__, transformers=transformers.__version__,
-                      train_files=len(train), heldout_files=len(held), train_bytes=len(corpus), params=n_params,
-                      active_params=active, steps_done=steps_done, train_seconds=round(train_s, 1),
-                      collect_seconds=round(col_s, 1), loss_curve=curve, heldout_ce=round(heldout, 4),
-                      output=str(path), trace_bytes=size)
+    log(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB): {len(prompts)} requests from "
+        f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+    return path, col_s
 
+
+def train_tiny(output, recipe: TinyRecipe | None = None, *, max_minutes: float | None = None,
+               save_model: str | None = None, log=print) -> TinyResult:
+    """Train the tiny OLMoE-style byte model on the stdlib's training files, then collect its routing on the
+    held-out files into `output` (module docstring)."""
+    import torch
+    import transformers
+
+    r = recipe or TinyRecipe()
+    _check_recipe(r)
+    torch.set_num_threads(r.threads)
+    torch.manual_seed(r.seed)
+    train, held = stdlib_files()
+    corpus, data = _byte_tensor(train)
+    model = build_model(r)
+    n_params = sum(p.numel() for p in model.parameters())
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    active = n_params - expert_params + expert_params * r.top_k // r.experts
+    log(f"train-tiny: {len(train)} training files ({len(corpus) / 1e6:.2f} MB), {len(held)} held out; "
+        f"{n_params / 1e6:.2f}M params ({active / 1e6:.2f}M active); {r.steps} steps of {r.batch}x{r.seq_len} bytes "
+        f"on {r.threads} threads")
+    curve, steps_done, train_s = _train(model, data, r, max_minutes, log)
+    heldout = _heldout_ce(model, held, r)
+    log(f"held-out CE {heldout:.3f} nats/byte ({heldout / math.log(2):.3f} bits/byte)")
+    if save_model:
+        model.save_pretrained(save_model)
+        log(f"saved the model to {save_model}")
+    path, col_s = _collect(model, held, r, steps_done, output, log)
+    return TinyResult(recipe=r, python=platform.python_version(), torch=torch.__version__,
+                      transformers=transformers.__version__, train_files=len(train), heldout_files=len(held),
+                      train_bytes=len(corpus), params=n_params, active_params=active, steps_done=steps_done,
+                      train_seconds=round(train_s, 1), collect_seconds=round(col_s, 1), loss_curve=curve,
+                      heldout_ce=round(heldout, 4), output=str(path), trace_bytes=Path(path).stat().st_size)

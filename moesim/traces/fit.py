@@ -27,12 +27,13 @@ Method: simulated method of moments, checked on held-out requests.
 3. Simulated moments: the same statistics averaged over `replicates` synthetic traces with exactly the
    training requests' prompt/decode lengths (the Markov and probe recalls depend on trace size), from
    the same seeds at every evaluation (common random numbers): a deterministic, nearly smooth objective.
-4. Search: Levenberg–Marquardt on the relative residuals, knobs clipped to their ranges, Jacobian by
-   forward differences (one per global knob, one for all per-layer skews at once, whose effect on each
-   layer's entropy is taken as diagonal). Then, unless ``profile=False``, a per-rank gate-bias correction
-   ``rank_bias`` (the popularity shape a Zipf exponent cannot give: dead experts, flat heads) by a damped
-   fixed point on the sorted popularity profile, alternating with LM steps on the global knobs; kept only
-   if it lowers residuals² + 10·(profile gap)².
+4. Search: bounded least squares (`scipy.optimize.least_squares`, trust-region reflective) on the relative
+   residuals, knobs within their ranges, Jacobian by forward differences (one per global knob, one for all
+   per-layer skews at once, whose effect on each layer's entropy is taken as diagonal). Then, unless
+   ``profile=False``, a per-rank gate-bias correction ``rank_bias`` (the popularity shape a Zipf exponent
+   cannot give: dead experts, flat heads) by a damped fixed point on the sorted popularity profile,
+   alternating with short least-squares runs on the global knobs; kept only if it lowers
+   residuals² + 10·(profile gap)².
 5. Check: statistics of the HELD-OUT real requests beside the mean over `eval_replicates` fresh synthetic
    traces (new seeds) with the held-out requests' lengths; also the training-vs-held-out difference of
    the real trace itself (how far two halves of the same trace already are) and the in-sample error.
@@ -43,28 +44,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
 
 import numpy as np
-import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.optimize import least_squares
 
-from ..errors import InputError
-from .compare_stats import (
-    Routing,
-    _participation,
-    compare_stats,
-    default_capacities,
-    load_routing,
-    popularity_profile,
-    rel_err,
-    routing_from_table,
-    scalar_keys,
-)
+from ..errors import InputError, build
+from .compare_stats import Routing, _participation, compare_stats, default_capacities, load_routing, popularity_profile
+from .fit_result import PRESET_FORMAT, FitResult, RoutingShape, _plain, spec_for_preset_file, write_preset
+from .fit_stats import _mean_stats, auto_replicates, phase_stats, simulated_stats, split_requests, synthetic_like
 from .io import file_sha256
-from .synthetic import PRESET_FILE_FORMAT, SyntheticParams, generate
+from .synthetic import SyntheticParams
 
-PRESET_FORMAT = PRESET_FILE_FORMAT
+__all__ = ["FitOptions", "FitResult", "PRESET_FORMAT", "RoutingShape", "fit_routing", "fit_trace",
+           "spec_for_preset_file", "split_requests", "synthetic_like", "write_preset"]
 
 # knob -> (target statistic, lower, upper, finite-difference step, start)
 KNOBS = {
@@ -83,7 +77,8 @@ KNOBS = {
 PHASE_KNOBS = ("prompt_tau", "loop_share", "tail_prob")
 #: fitted too when the phase knobs are (tail_prob alone overshoots Belady's misses)
 PHASE_EXTRA = ("belady_miss@C",)
-#: evaluations of the warm start (counted in the budget, which the phase knobs double)
+#: evaluations of the warm start at most (counted in the budget, which the phase knobs double; never more than
+#: the budget given)
 WARM_EVALS = 40
 #: fitted too, though no knob is tied to them (least squares over more statistics than knobs)
 #: Tried on tiny-learned and left out (before the phase knobs, which now own reuse_p90): ("reuse_p90",) or
@@ -99,279 +94,139 @@ HIDDEN_DIMS = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 18, 20, 22, 24, 27, 30,
                70, 77, 85, 93, 102, 112, 128)
 
 
-@dataclass(frozen=True)
-class RoutingShape:
-    """The part of a model the generator needs."""
+class FitOptions(BaseModel):
+    """What `fit_routing` fits, fixes and spends. A knob given a value here is fixed instead of fitted."""
 
-    name: str
-    num_layers: int
-    num_experts: int
-    top_k: int
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-@dataclass
-class FitResult:
-    params: SyntheticParams
-    model: str
-    shape: RoutingShape
-    trace: str
-    trace_sha256: str
-    source: str | None
-    seed: int
-    holdout: float
-    split: str
-    train_ids: list[int]
-    heldout_ids: list[int]
-    fitted: list[str]
-    fixed: dict
-    targets: dict            # fitted statistics of the training requests
-    achieved: dict           # the same, synthetic at training size (mean of replicates)
-    heldout_real: dict       # full statistics
-    heldout_synthetic: dict  # full statistics (mean of eval replicates)
-    train_real: dict         # full statistics
-    train_synthetic: dict    # full statistics, synthetic at training size (fit replicates)
-    replicates: int
-    eval_replicates: int
-    evaluations: int
-    seconds: float
-    typical: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)
-    target_of: dict = field(default_factory=dict)
-
-    def rows(self) -> list[dict]:
-        """statistic, held-out real, fitted synthetic, relative error, training real, real train vs held-out."""
-        out = []
-        for k in scalar_keys(self.heldout_real):
-            a, b, t = self.heldout_real.get(k), self.heldout_synthetic.get(k), self.train_real.get(k)
-            ts = self.train_synthetic.get(k)
-            out.append({"statistic": k, "heldout_real": a, "synthetic": b, "rel_err": rel_err(a, b),
-                        "train_real": t, "train_synthetic": ts, "train_rel_err": rel_err(t, ts),
-                        "real_split_diff": rel_err(a, t)})
-        return out
-
-    def to_document(self) -> dict:
-        """The preset YAML document."""
-        p = _plain(self.params.model_dump(exclude_none=True))
-        return {
-            "format": PRESET_FORMAT,
-            "model": self.model,
-            "num_layers": self.shape.num_layers,
-            "num_experts": self.shape.num_experts,
-            "top_k": self.shape.top_k,
-            "params": p,
-            "generate": self.typical,
-            "fit": {
-                "trace": self.trace,
-                "trace_sha256": self.trace_sha256,
-                "trace_source": self.source,
-                "method": "method of simulated moments: Levenberg-Marquardt on relative residuals of the training "
-                          "requests' statistics, common random numbers (moesim.traces.fit)",
-                "seed": self.seed,
-                "holdout": self.holdout,
-                "split": self.split,
-                "train_requests": self.train_ids,
-                "heldout_requests": self.heldout_ids,
-                "fitted": self.fitted,
-                "fixed": _plain(self.fixed),
-                "replicates": self.replicates,
-                "eval_replicates": self.eval_replicates,
-                "evaluations": self.evaluations,
-                "targets_train": _plain(_fit_view(self.targets)),
-                "achieved_train": _plain(_fit_view(self.achieved)),
-                "heldout": [_plain(r) for r in self.rows()],
-            },
-        }
+    seed: int = Field(0, description="seeds the request split and every draw")
+    holdout: float = Field(0.5, gt=0, lt=1, description="share of requests held out")
+    split: Literal["random", "stratified"] = Field("stratified", description="how requests are split (split_requests)")
+    replicates: int | None = Field(None, ge=1, description="synthetic traces per evaluation [default: auto_replicates]")
+    eval_replicates: int = Field(16, ge=1, description="synthetic traces averaged for the held-out check")
+    max_evals: int = Field(70, ge=1, description="evaluations of the simulated statistics (doubled with phase knobs)")
+    tol: float = Field(0.02, gt=0, description="stop once every relative residual is within this")
+    hidden_dim: int | None = Field(None, ge=1, description="fix hidden_dim [default: fitted with pre_attn, else 32]")
+    gate_affinity: float | None = Field(None, ge=0, le=1,
+                                        description="fix it [default: fitted with pre_attn, else 0.8]")
+    attention_noise: float | None = Field(None, ge=0, description="fix it [default: fitted with pre_attn, else 0.5]")
+    tau_spread: float | None = Field(None, ge=0, description="fix it [default: fitted]")
+    prompt_tau: float | None = Field(None, ge=0, lt=1, description="fix it [default: fitted with phases]")
+    loop_share: float | None = Field(None, ge=0, lt=1, description="fix it [default: fitted with phases]")
+    tail_prob: float | None = Field(None, ge=0, le=1, description="fix it [default: fitted with phases]")
+    profile: bool = Field(True, description="also fit the per-rank popularity correction rank_bias")
+    phases: bool = Field(True, description="fit the phase knobs when every request has them (off: the warm start)")
+    check: bool = Field(True, description="compare with the held-out requests (off: the warm start)")
 
 
-def _fit_view(s: dict) -> dict:
-    out = {k: s[k] for k in ("overlap_1", "overlap_8", "markov_recall", "probe_recall") if s.get(k) is not None}
-    out["entropy_per_layer"] = s["per_layer"]["entropy"]
-    return out
+class _Stop(Exception):
+    """Ends a least-squares run: the evaluation budget is spent, or every residual is within tol."""
 
 
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return round(float(x), 6)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
+class _Fit:
+    """One fit of SyntheticParams to a trace (module docstring), one method per stage."""
 
+    def __init__(self, real: Routing, opts: FitOptions, log=None, trace_path: str | None = None):
+        self.t0 = time.perf_counter()
+        self.real, self.o = real, opts
+        self.file = trace_path or real.file
+        self.say = log or (lambda _m: None)
+        self.evals = 0
+        self.max_evals = opts.max_evals
+        self.history: list[dict] = []
+        self._memo: dict = {}
+        self._check_input()
+        self._split()
+        self._set_targets()
+        self._choose_knobs()
 
-def _mean_stats(stats: list[dict]) -> dict:
-    """Element-wise mean of compare_stats dicts (scalars and per-layer lists)."""
-    out: dict = {}
-    for k, v in stats[0].items():
-        if k == "per_layer":
-            out[k] = {pk: np.mean([s[k][pk] for s in stats], axis=0).tolist() if pv else []
-                      for pk, pv in v.items()}
-        elif isinstance(v, float) or v is None:
-            vals = [s[k] for s in stats if s.get(k) is not None]
-            out[k] = float(np.mean(vals)) if vals else None
+    # -- set-up ----------------------------------------------------------------------------------------
+    def _check_input(self) -> None:
+        real, o, file = self.real, self.o, self.file
+        n = real.n_requests
+        n_hold = int(round(n * o.holdout))
+        if n < 4 or (o.split == "random" and (n_hold < 2 or n - n_hold < 2)):
+            raise InputError(f"needs at least 2 training and 2 held-out requests (the Markov and probe statistics "
+                             f"are 2-fold over requests); found {n} requests, holdout {o.holdout}", file=file)
+        if min(int(e.shape[0]) for e in real.experts) <= 8:
+            raise InputError("every request needs more than 8 tokens (the 8-token window statistic)", file=file)
+        self.replicates = o.replicates if o.replicates is not None else auto_replicates(real, o.holdout)
+
+    def _split(self) -> None:
+        real, o = self.real, self.o
+        rng = np.random.default_rng(o.seed)
+        self.held, self.train = split_requests(real, o.holdout, o.split, rng)
+        if len(self.held) < 2 or len(self.train) < 2:
+            raise InputError(f"the {o.split} split left {len(self.train)} training and {len(self.held)} held-out "
+                             f"requests (needs 2 each)", file=self.file)
+        self.fit_seeds = rng.integers(0, 2**63 - 1, size=self.replicates)
+        self.eval_seeds = rng.integers(0, 2**63 - 1, size=o.eval_replicates)
+        self.tr, self.ho = real.subset(self.train), real.subset(self.held)
+        self.L, self.E, self.K = real.num_layers, real.num_experts, real.top_k
+        self.shape = RoutingShape(real.model or "fitted", self.L, self.E, self.K)
+        self.use_pre = real.pre_attn is not None
+
+    def _set_targets(self) -> None:
+        """The training requests' statistics and which knob each is tied to."""
+        o, tr = self.o, self.tr
+        # phase knobs: only when every request has a prompt and a decode longer than the 8-token window
+        self.given = {"prompt_tau": o.prompt_tau, "loop_share": o.loop_share, "tail_prob": o.tail_prob}
+        self.phases = (o.phases and int(tr.decode_lens.min()) > 8 and int(tr.prompt_lens.min()) > 8
+                       and any(self.given[k] is None for k in PHASE_KNOBS))
+        cap = f"@{default_capacities(self.E, self.K)[-1]}"
+        self.target_of = {k: v[0].replace("@C", cap) for k, v in KNOBS.items()}
+        self.extra = EXTRA_TARGETS + (tuple(k.replace("@C", cap) for k in PHASE_EXTRA) if self.phases else ())
+        self.need_cache = self.phases or any("_miss@" in k for k in self.extra)
+        self.need_reuse = self.phases or any(k.startswith("reuse_") for k in self.extra)
+        self.targets = compare_stats(tr, cache=self.need_cache, reuse=self.need_reuse, probe=self.use_pre)
+        if self.phases:
+            self.targets.update(phase_stats(tr))
+        if self.use_pre:
+            self.target_of["rho"] = "probe_next_recall"
+
+    def _choose_knobs(self) -> None:
+        """The knobs to fit (`knobs`) and those held (`fixed`)."""
+        o, L = self.o, self.L
+        fixed: dict = {}
+        knobs = ["tau", "topic_weight", "rho"]
+        if o.tau_spread is None:
+            knobs.insert(1, "tau_spread")
         else:
-            out[k] = v
-    return out
+            fixed["tau_spread"] = float(o.tau_spread)
+        for k in PHASE_KNOBS:
+            v = self.given[k]
+            if v is None and self.phases and self.targets.get(self.target_of[k]) is not None:
+                knobs.append(k)
+            elif v is not None and (v or k not in ("loop_share", "tail_prob")):
+                fixed[k] = float(v)
+        if self.use_pre and o.attention_noise is None:
+            knobs.append("attention_noise")
+        else:
+            fixed["attention_noise"] = 0.5 if o.attention_noise is None else float(o.attention_noise)
+        if self.use_pre and o.gate_affinity is None and L > 1:
+            knobs.append("gate_affinity")
+        else:
+            fixed["gate_affinity"] = 0.8 if o.gate_affinity is None else float(o.gate_affinity)
+        if L == 1:
+            knobs.remove("rho")
+            fixed["rho"] = 0.8
+        self.knobs, self.fixed = knobs, fixed
+        self.fit_dim = self.dim_fitted = o.hidden_dim is None and self.use_pre
 
-
-def _phase_part(r: Routing, decode: bool) -> Routing:
-    ex = [e[int(p):] if decode else e[:int(p)] for e, p in zip(r.experts, r.prompt_lens)]
-    return Routing(r.num_layers, r.num_experts, r.top_k, ex, np.zeros(len(ex), dtype=np.int64))
-
-
-def phase_stats(r: Routing) -> dict:
-    """Statistics of the prompt tokens alone (each request's first prompt_len tokens): ``prompt_overlap_1``."""
-    s = compare_stats(_phase_part(r, False), cache=False, probe=False, reuse=False)
-    return {"prompt_overlap_1": s["overlap_1"]}
-
-
-def synthetic_like(shape: RoutingShape, params: SyntheticParams, like: Routing, seed: int,
-                   pre_attn: bool) -> Routing:
-    """A synthetic trace with exactly `like`'s request lengths, drawn from default_rng(seed)."""
-    tb = generate(shape, params, requests=like.n_requests, prompt_len=like.prompt_lens, decode_len=like.decode_lens,
-                  rng=np.random.default_rng(seed), pre_attn=pre_attn)
-    return routing_from_table(tb, shape.num_layers, shape.num_experts, shape.top_k, like.prompt_lens,
-                              like.decode_lens, pre_attn=pre_attn)
-
-
-def simulated_stats(shape, params, like: Routing, seeds, pre_attn: bool, full: bool = False,
-                    capacities=None) -> dict:
-    sts = [compare_stats(synthetic_like(shape, params, like, int(s), pre_attn), capacities=capacities, cache=full,
-                         reuse=full, probe=pre_attn) for s in seeds]
-    return _mean_stats(sts)
-
-
-def auto_replicates(real: Routing, holdout: float) -> int:
-    """Synthetic traces per evaluation: 16 for small traces (a heterogeneous fit, tau_spread > 0, needs many
-    simulated requests to pin its mean), fewer as the training half grows, at least 4."""
-    cost = real.tokens * (1 - holdout) * real.num_layers * real.num_experts
-    return int(np.clip(np.ceil(2_000_000 / max(cost, 1)), 4, 16))
-
-
-def split_requests(real: Routing, holdout: float, split: str, rng: np.random.Generator):
-    """(held-out, training) request positions. "random": a seeded permutation, round(n·holdout) held out.
-    "stratified": requests sorted by their own consecutive-token overlap (their locality), cut into blocks
-    of round(1/holdout), one request of each block held out at random (a trailing partial block gives one
-    with probability size/block): both halves get alike mixes of local and non-local requests."""
-    n = real.n_requests
-    if split == "random":
-        perm = rng.permutation(n)
-        k = int(round(n * holdout))
-        return np.sort(perm[:k]), np.sort(perm[k:])
-    if split != "stratified":
-        raise InputError(f"expected 'random' or 'stratified', got {split!r}", field="--split")
-    loc = np.array([compare_stats(real.subset([i]), cache=False, reuse=False, probe=False)["overlap_1"] or 0.0
-                    for i in range(n)])
-    order = np.argsort(loc, kind="stable")
-    b = max(2, int(round(1 / holdout)))
-    held = []
-    for s in range(0, n, b):
-        block = order[s:s + b]
-        if len(block) == b or rng.random() < len(block) / b:
-            held.append(int(block[rng.integers(len(block))]))
-    held = np.sort(np.array(held, dtype=np.int64))
-    return held, np.setdiff1d(np.arange(n), held)
-
-
-def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicates: int | None = None,
-                eval_replicates: int = 16, hidden_dim: int | None = None, gate_affinity: float | None = None,
-                attention_noise: float | None = None, tau_spread: float | None = None,
-                prompt_tau: float | None = None, loop_share: float | None = None, tail_prob: float | None = None,
-                profile: bool = True, _phases: bool = True, _check: bool = True,
-                split: str = "stratified", max_evals: int = 70,
-                tol: float = 0.02, log=None, trace_path: str | None = None) -> FitResult:
-    """Fit SyntheticParams to `real` (see the module docstring). `hidden_dim`, `gate_affinity`,
-    `attention_noise`: fix that knob instead of fitting it (without pre_attn the last two are fixed at
-    0.8 / 0.5 and hidden_dim at 32); so do `tau_spread`, `prompt_tau`, `loop_share`, `tail_prob` (the last three
-    are fitted only when every request has more than 8 prompt and 8 decode tokens). `profile`: also fit a per-rank
-    bias correction (`rank_bias`). `_phases`, `_check`: internal (the warm start's inner fit)."""
-    t0 = time.perf_counter()
-    file = trace_path or real.file
-    n = real.n_requests
-    if not 0 < holdout < 1:
-        raise InputError(f"must be between 0 and 1 (got {holdout})", field="--holdout")
-    n_hold = int(round(n * holdout))
-    if n < 4 or (split == "random" and (n_hold < 2 or n - n_hold < 2)):
-        raise InputError(f"needs at least 2 training and 2 held-out requests (the Markov and probe statistics are "
-                         f"2-fold over requests); found {n} requests, holdout {holdout}", file=file)
-    if min(int(e.shape[0]) for e in real.experts) <= 8:
-        raise InputError("every request needs more than 8 tokens (the 8-token window statistic)", file=file)
-    if replicates is None:
-        replicates = auto_replicates(real, holdout)
-    if replicates < 1 or eval_replicates < 1:
-        raise InputError("must be >= 1", field="--replicates")
-    say = log or (lambda _m: None)
-    rng = np.random.default_rng(seed)
-    held, train = split_requests(real, holdout, split, rng)
-    if len(held) < 2 or len(train) < 2:
-        raise InputError(f"the {split} split left {len(train)} training and {len(held)} held-out requests "
-                         f"(needs 2 each)", file=file)
-    fit_seeds = rng.integers(0, 2**63 - 1, size=replicates)
-    eval_seeds = rng.integers(0, 2**63 - 1, size=eval_replicates)
-    tr, ho = real.subset(train), real.subset(held)
-    L, E, K = real.num_layers, real.num_experts, real.top_k
-    shape = RoutingShape(real.model or "fitted", L, E, K)
-    use_pre = real.pre_attn is not None
-    # phase knobs: only when every request has a prompt and a decode longer than the 8-token window
-    given = {"prompt_tau": prompt_tau, "loop_share": loop_share, "tail_prob": tail_prob}
-    phases = (_phases and int(tr.decode_lens.min()) > 8 and int(tr.prompt_lens.min()) > 8
-              and any(given[k] is None for k in PHASE_KNOBS))
-    cap = f"@{default_capacities(E, K)[-1]}"
-    target_of = {k: v[0].replace("@C", cap) for k, v in KNOBS.items()}
-    extra = EXTRA_TARGETS + (tuple(k.replace("@C", cap) for k in PHASE_EXTRA) if phases else ())
-    need_cache = phases or any("_miss@" in k for k in extra)
-    need_reuse = phases or any(k.startswith("reuse_") for k in extra)
-    targets = compare_stats(tr, cache=need_cache, reuse=need_reuse, probe=use_pre)
-    if phases:
-        targets.update(phase_stats(tr))
-    if use_pre:
-        target_of["rho"] = "probe_next_recall"
-
-    fixed: dict = {}
-    knobs = ["tau", "topic_weight", "rho"]
-    if tau_spread is None:
-        knobs.insert(1, "tau_spread")
-    else:
-        fixed["tau_spread"] = float(tau_spread)
-    for k in PHASE_KNOBS:
-        v = given[k]
-        if v is None and phases and targets.get(target_of[k]) is not None:
-            knobs.append(k)
-        elif v is not None and (v or k not in ("loop_share", "tail_prob")):
-            fixed[k] = float(v)
-    if use_pre and attention_noise is None:
-        knobs.append("attention_noise")
-    else:
-        fixed["attention_noise"] = 0.5 if attention_noise is None else float(attention_noise)
-    if use_pre and gate_affinity is None and L > 1:
-        knobs.append("gate_affinity")
-    else:
-        fixed["gate_affinity"] = 0.8 if gate_affinity is None else float(gate_affinity)
-    if L == 1:
-        knobs.remove("rho")
-        fixed["rho"] = 0.8
-
-    evals = 0
-
-    # -- stage 0: hidden_dim from the effective dimension of pre_attn ----------------------------------
-    fit_dim = hidden_dim is None and use_pre
-    dim_fitted = fit_dim
-
-    def choose_dim(base: dict) -> int:
+    # -- stage 0: the start (a warm start without the phase knobs) and hidden_dim ---------------------------
+    def choose_dim(self, base: dict) -> int:
         """The hidden_dim whose synthetic pre_attn participation ratio is closest to the target's
         (bisection over HIDDEN_DIMS: the ratio grows with hidden_dim)."""
-        nonlocal evals
-        want = targets["pre_attn_dim"]
-        cands = [d for d in HIDDEN_DIMS if d <= max(4, real.pre_attn[0].shape[-1])]
+        want = self.targets["pre_attn_dim"]
+        cands = [d for d in HIDDEN_DIMS if d <= max(4, self.real.pre_attn[0].shape[-1])]
         lo_i, hi_i = 0, len(cands) - 1
         got: dict[int, float] = {}
         while lo_i < hi_i:
             mid = (lo_i + hi_i) // 2
             d = cands[mid]
-            syn = synthetic_like(shape, SyntheticParams(**{**base, "hidden_dim": d}), tr, int(fit_seeds[0]), True)
-            evals += 1
+            syn = synthetic_like(self.shape, SyntheticParams(**{**base, "hidden_dim": d}), self.tr,
+                                 int(self.fit_seeds[0]), True)
+            self.evals += 1
             got[d] = _participation(syn)[0]
             if got[d] < want:
                 lo_i = mid + 1
@@ -383,246 +238,248 @@ def fit_routing(real: Routing, *, seed: int = 0, holdout: float = 0.5, replicate
             d = below
         return d
 
-    start = None
-    if phases and any(k in knobs for k in PHASE_KNOBS):
-        max_evals *= 2
-        # warm start: the fit without the phase knobs (which converges reliably), then all knobs from there
-        base = fit_routing(real, seed=seed, holdout=holdout, replicates=replicates, eval_replicates=eval_replicates,
-                           hidden_dim=hidden_dim, gate_affinity=gate_affinity, attention_noise=attention_noise,
-                           tau_spread=tau_spread, profile=False, split=split, max_evals=WARM_EVALS, tol=tol,
-                           _phases=False, _check=False)
+    def _warm_start(self) -> np.ndarray:
+        """The fit without the phase knobs (which converges reliably); all knobs then start from its result."""
+        self.max_evals *= 2
+        sub = self.o.model_copy(update=dict(profile=False, max_evals=min(WARM_EVALS, self.o.max_evals), phases=False,
+                                            check=False, prompt_tau=None, loop_share=None, tail_prob=None,
+                                            replicates=self.replicates))
+        base = _Fit(self.real, sub).run()
         bp = base.params
-        start = {k: getattr(bp, k) for k in knobs if k not in PHASE_KNOBS}
+        start = {k: getattr(bp, k) for k in self.knobs if k not in PHASE_KNOBS}
         start.update(prompt_tau=bp.tau, loop_share=0.0, tail_prob=0.0)
-        start_skew = list(bp.popularity_skew) if isinstance(bp.popularity_skew, tuple) else [bp.popularity_skew] * L
-        evals += base.evaluations
-        if fit_dim:
-            hidden_dim, fit_dim = bp.hidden_dim, False
-    if fit_dim:
-        hidden_dim = choose_dim({})
-        say(f"  hidden_dim {hidden_dim} (pre_attn participation ratio {targets['pre_attn_dim']:.1f})")
-    fixed["hidden_dim"] = int(hidden_dim if hidden_dim is not None else 32)
+        skew = list(bp.popularity_skew) if isinstance(bp.popularity_skew, tuple) else [bp.popularity_skew] * self.L
+        self.evals += base.evaluations
+        if self.fit_dim:
+            self.fixed["hidden_dim"], self.fit_dim = bp.hidden_dim, False
+        return np.array([start[k] for k in self.knobs] + skew, dtype=np.float64)
 
-    G = len(knobs)
-    stat_names = [target_of[k] for k in knobs] + [k for k in extra if targets.get(k) is not None]
-    NG = len(stat_names)
-    tg = np.array([targets[k] for k in stat_names])
-    # relative residuals; a spread across requests is measured against a floor (a homogeneous trace's
-    # sd is sampling noise, and dividing by it would let it rule the fit)
-    tscale = np.array([max(abs(targets[k]), RESIDUAL_FLOOR.get(k, 1e-3)) for k in stat_names])
-    te = np.array(targets["per_layer"]["entropy"])
-    escale = np.maximum(1.0 - te, 0.02)
-    lo = np.array([KNOBS[k][1] for k in knobs] + [0.0] * L)
-    hi = np.array([KNOBS[k][2] for k in knobs] + [SKEW_MAX] * L)
-    fd = np.array([KNOBS[k][3] for k in knobs])
-    prof_t = popularity_profile(tr)
-    eps = 0.5 / max(tr.tokens * K, 1)
-    rank_bias = None
+    def _start(self) -> np.ndarray:
+        if self.phases and any(k in self.knobs for k in PHASE_KNOBS):
+            x = self._warm_start()
+        else:
+            x = np.array([KNOBS[k][4] for k in self.knobs] + [0.3] * self.L, dtype=np.float64)
+        if self.fit_dim:
+            self.fixed["hidden_dim"] = self.choose_dim({})
+            self.say(f"  hidden_dim {self.fixed['hidden_dim']} (pre_attn participation ratio "
+                     f"{self.targets['pre_attn_dim']:.1f})")
+        self.fixed["hidden_dim"] = int(self.fixed.get("hidden_dim") or self.o.hidden_dim or 32)
+        return x
 
-    def params_of(x, rb=None) -> SyntheticParams:
-        d = {**{k: v for k, v in fixed.items()}, **dict(zip(knobs, (float(v) for v in x[:G])))}
-        return SyntheticParams(popularity_skew=tuple(float(v) for v in x[G:]), rank_bias=rb, **d)
+    # -- the objective -----------------------------------------------------------------------------------
+    def _set_objective(self) -> None:
+        """Residual scales, bounds and difference steps for the knobs chosen."""
+        knobs, targets, L = self.knobs, self.targets, self.L
+        self.G = len(knobs)
+        self.stat_names = [self.target_of[k] for k in knobs] + [k for k in self.extra if targets.get(k) is not None]
+        self.NG = len(self.stat_names)
+        self.tg = np.array([targets[k] for k in self.stat_names])
+        # relative residuals; a spread across requests is measured against a floor (a homogeneous trace's
+        # sd is sampling noise, and dividing by it would let it rule the fit)
+        self.tscale = np.array([max(abs(targets[k]), RESIDUAL_FLOOR.get(k, 1e-3)) for k in self.stat_names])
+        self.te = np.array(targets["per_layer"]["entropy"])
+        self.escale = np.maximum(1.0 - self.te, 0.02)
+        self.lo = np.array([KNOBS[k][1] for k in knobs] + [0.0] * L)
+        self.hi = np.array([KNOBS[k][2] for k in knobs] + [SKEW_MAX] * L)
+        self.fd = np.array([KNOBS[k][3] for k in knobs])
+        self.prof_t = popularity_profile(self.tr)
 
-    def residual(x, rb=None) -> tuple[np.ndarray, dict, np.ndarray]:
-        nonlocal evals
-        evals += 1
-        p = params_of(x, rb)
+    def params_of(self, x, rb=None) -> SyntheticParams:
+        d = {**self.fixed, **dict(zip(self.knobs, (float(v) for v in x[:self.G])))}
+        return SyntheticParams(popularity_skew=tuple(float(v) for v in x[self.G:]), rank_bias=rb, **d)
+
+    def _key(self, x, rb) -> tuple:
+        # rounded: least_squares nudges a start on a bound by ~1e-10 into the interior
+        return np.round(x, 9).tobytes(), rb, self.fixed["hidden_dim"]
+
+    def residual(self, x, rb=None) -> tuple[np.ndarray, dict, np.ndarray]:
+        """(relative residuals, mean statistics, mean popularity profile) of the synthetic traces at `x`,
+        from the fit's seeds (common random numbers); each new point counts one evaluation."""
+        key = self._key(x, rb)
+        if key not in self._memo:
+            self.evals += 1
+            self._memo[key] = self._simulate(self.params_of(x, rb))
+        return self._memo[key]
+
+    def _simulate(self, p: SyntheticParams) -> tuple[np.ndarray, dict, np.ndarray]:
         sts, profs = [], []
-        for sd in fit_seeds:
-            syn = synthetic_like(shape, p, tr, int(sd), use_pre)
-            st = compare_stats(syn, capacities=targets.get("capacities"), cache=need_cache, reuse=need_reuse,
-                               probe=use_pre)
-            if phases:
+        for sd in self.fit_seeds:
+            syn = synthetic_like(self.shape, p, self.tr, int(sd), self.use_pre)
+            st = compare_stats(syn, capacities=self.targets.get("capacities"), cache=self.need_cache,
+                               reuse=self.need_reuse, probe=self.use_pre)
+            if self.phases:
                 st.update(phase_stats(syn))
             sts.append(st)
             profs.append(popularity_profile(syn))
         s = _mean_stats(sts)
-        g = np.array([s[k] for k in stat_names])
+        g = np.array([s[k] for k in self.stat_names])
         e = np.array(s["per_layer"]["entropy"])
-        return np.concatenate([(g - tg) / tscale, (e - te) / escale]), s, np.mean(profs, axis=0)
+        return np.concatenate([(g - self.tg) / self.tscale, (e - self.te) / self.escale]), s, np.mean(profs, axis=0)
 
-    def lm_iteration(x, r, s, prof, lam, rb, with_skew: bool):
-        """One Levenberg-Marquardt iteration: Jacobian, then damped steps until one improves."""
-        cols = G + (L if with_skew else 0)
+    def _jacobian(self, x, rb, cols: int) -> np.ndarray:
+        """Forward differences: one evaluation per global knob and, when the skews are fitted, one for all of
+        them at once (each layer's entropy moved by its own skew only; the global statistics shared out)."""
+        G, L, NG = self.G, self.L, self.NG
+        r = self.residual(x, rb)[0]
         J = np.zeros((r.size, cols))
         for j in range(G):
-            h = fd[j] * (1 if x[j] + fd[j] <= hi[j] else -1)
+            h = self.fd[j] * (1 if x[j] + self.fd[j] <= self.hi[j] else -1)
             xp = x.copy()
             xp[j] += h
-            J[:, j] = (residual(xp, rb)[0] - r) / h
-        if with_skew:
-            sgn = np.where(x[G:] + SKEW_STEP <= hi[G:], 1.0, -1.0)
+            J[:, j] = (self.residual(xp, rb)[0] - r) / h
+        if cols > G:
+            sgn = np.where(x[G:] + SKEW_STEP <= self.hi[G:], 1.0, -1.0)
             xp = x.copy()
             xp[G:] += SKEW_STEP * sgn
-            d = (residual(xp, rb)[0] - r) / SKEW_STEP
+            d = (self.residual(xp, rb)[0] - r) / SKEW_STEP
             for l in range(L):
-                J[:NG, G + l] = d[:NG] * sgn[l] / L     # a common shift's effect on the global statistics, shared out
-                J[NG + l, G + l] = d[NG + l] * sgn[l]    # each layer's entropy: its own skew only
-        A = J.T @ J
-        gvec = J.T @ r
-        while evals < max_evals:
-            step = np.linalg.solve(A + lam * (np.diag(np.diag(A)) + 1e-9 * np.eye(cols)), -gvec)
-            xn = x.copy()
-            xn[:cols] = np.clip(x[:cols] + step, lo[:cols], hi[:cols])
-            rn, sn, pn = residual(xn, rb)
-            if rn @ rn < r @ r:
-                return xn, rn, sn, pn, max(lam / 3, 1e-4), True
-            lam *= 4
-            if lam > 1e4:
-                break
-        return x, r, s, prof, lam, False
+                J[:NG, G + l] = d[:NG] * sgn[l] / L
+                J[NG + l, G + l] = d[NG + l] * sgn[l]
+        return J
 
-    def note(stage):
-        say(f"  [{stage}] eval {evals:3d}: max |residual| {np.abs(r).max():.4f}  "
-            + " ".join(f"{k}={v:.3f}" for k, v in zip(knobs, x[:G]))
-            + "  skew=" + "/".join(f"{v:.2f}" for v in x[G:])
-            + (f"  profile gap {np.abs(prof - prof_t).sum(axis=1).mean():.3f}" if profile else ""))
+    def _solve(self, x, rb, cols: int, budget: int, stage: str):
+        """Bounded least squares (scipy TRF) over x[:cols], the rest held, from `x`. Returns the best point
+        evaluated, (x, residuals, statistics, profile), once the run converges, every residual is within tol
+        or `budget` evaluations are spent."""
+        best = [x, *self.residual(x, rb)]
+        if np.abs(best[1]).max() <= self.o.tol:
+            return tuple(best)
+        jac_cost = self.G + (cols > self.G)
+
+        def full(z):
+            xz = x.copy()
+            xz[:cols] = z
+            return xz
+
+        def fun(z):
+            xz = full(z)
+            if self._key(xz, rb) not in self._memo and self.evals >= budget:
+                raise _Stop
+            r, s, prof = self.residual(xz, rb)
+            if r @ r < best[1] @ best[1]:
+                best[:] = [xz, r, s, prof]
+                self._note(stage, xz, r, prof)
+            if np.abs(r).max() <= self.o.tol:
+                raise _Stop
+            return r
+
+        def jac(z):
+            if self.evals + jac_cost + 1 > budget:
+                raise _Stop
+            return self._jacobian(full(z), rb, cols)
+
+        try:
+            least_squares(fun, x[:cols], jac=jac, bounds=(self.lo[:cols], self.hi[:cols]), method="trf",
+                          x_scale="jac")
+        except _Stop:
+            pass
+        return tuple(best)
+
+    def _note(self, stage, x, r, prof) -> None:
+        G = self.G
+        self.say(f"  [{stage}] eval {self.evals:3d}: max |residual| {np.abs(r).max():.4f}  "
+                 + " ".join(f"{k}={v:.3f}" for k, v in zip(self.knobs, x[:G]))
+                 + "  skew=" + "/".join(f"{v:.2f}" for v in x[G:])
+                 + (f"  profile gap {self._gap(prof):.3f}" if self.o.profile else ""))
+
+    def _gap(self, prof) -> float:
+        return float(np.abs(prof - self.prof_t).sum(axis=1).mean())
 
     # -- stage 1: global knobs and per-layer Zipf skew (then hidden_dim again at the fitted knobs) -------
-    if start is None:
-        x = np.array([KNOBS[k][4] for k in knobs] + [0.3] * L, dtype=np.float64)
-    else:
-        x = np.array([start[k] for k in knobs] + start_skew, dtype=np.float64)
-    r, s, prof = residual(x)
-    lam = 1e-2
-    budget1 = max_evals if not profile else int(max_evals * 0.6)
-    for rnd in range(2):
-        while evals + G + 2 <= budget1 and np.abs(r).max() > tol:
-            x, r, s, prof, lam, ok = lm_iteration(x, r, s, prof, lam, None, True)
-            note("zipf")
-            if not ok:
-                break
-        if not fit_dim or rnd == 1:
-            break
-        p_now = params_of(x).model_dump()
-        d = choose_dim({k: v for k, v in p_now.items() if k != "hidden_dim"})
-        if d == fixed["hidden_dim"]:
-            break
-        say(f"  hidden_dim {fixed['hidden_dim']} -> {d} at the fitted knobs")
-        fixed["hidden_dim"] = d
-        r, s, prof = residual(x)
-    history = [{"stage": "zipf", "evaluations": evals, "max_abs_residual": round(float(np.abs(r).max()), 5)}]
+    def _stage_zipf(self, x):
+        budget = self.max_evals if not self.o.profile else int(self.max_evals * 0.6)
+        x, r, s, prof = self._solve(x, None, self.G + self.L, budget, "zipf")
+        if self.fit_dim:
+            p_now = self.params_of(x).model_dump()
+            d = self.choose_dim({k: v for k, v in p_now.items() if k != "hidden_dim"})
+            if d != self.fixed["hidden_dim"]:
+                self.say(f"  hidden_dim {self.fixed['hidden_dim']} -> {d} at the fitted knobs")
+                self.fixed["hidden_dim"] = d
+                x, r, s, prof = self._solve(x, None, self.G + self.L, budget, "zipf")
+        self.history.append({"stage": "zipf", "evaluations": self.evals,
+                             "max_abs_residual": round(float(np.abs(r).max()), 5)})
+        return x, r, s, prof
 
     # -- stage 2: per-rank bias correction (popularity shape), alternating with the global knobs -------
-    # kept only if it lowers the score (residuals² + profile gap²) of the stage-1 result
-    def score(r_, prof_) -> float:
-        return float(r_ @ r_) + float(np.abs(prof_ - prof_t).sum(axis=1).mean()) ** 2 * 10
+    def _stage_profile(self, x, r, s, prof):
+        """Kept only if it lowers the score (residuals² + 10·profile gap²) of the stage-1 result."""
+        def score(r_, prof_) -> float:
+            return float(r_ @ r_) + self._gap(prof_) ** 2 * 10
 
-    if profile:
-        rb = np.zeros((L, E))
+        eps = 0.5 / max(self.tr.tokens * self.K, 1)
+        rb = np.zeros((self.L, self.E))
         best = (score(r, prof), x.copy(), None, r, s, prof)
         worse = 0
-        while evals + 2 <= max_evals and worse < 1:
+        while self.evals + 2 <= self.max_evals and worse < 1:
             # damped fixed point: move each rank's bias by the log-ratio of the target and simulated shares
-            rb = np.clip(rb + 0.5 * (np.log(prof_t + eps) - np.log(prof + eps)), -RANK_BIAS_MAX, RANK_BIAS_MAX)
+            rb = np.clip(rb + 0.5 * (np.log(self.prof_t + eps) - np.log(prof + eps)), -RANK_BIAS_MAX, RANK_BIAS_MAX)
             rb -= rb.mean(axis=1, keepdims=True)
             rbt = tuple(tuple(float(round(v, 4)) for v in row) for row in rb)
-            r, s, prof = residual(x, rbt)
-            note("profile")
-            if np.abs(r).max() > tol and evals + G + 2 <= max_evals:
-                x, r, s, prof, lam, _ = lm_iteration(x, r, s, prof, lam, rbt, False)
-                note("global")
+            r, s, prof = self.residual(x, rbt)
+            self._note("profile", x, r, prof)
+            if np.abs(r).max() > self.o.tol and self.evals + self.G + 2 <= self.max_evals:
+                x, r, s, prof = self._solve(x, rbt, self.G, self.evals + self.G + 2, "global")
             sc = score(r, prof)
             if sc < best[0]:
                 best, worse = (sc, x.copy(), rbt, r, s, prof), 0
             else:
                 worse += 1
         _, x, rank_bias, r, s, prof = best
-        history.append({"stage": "profile", "evaluations": evals, "max_abs_residual": round(float(np.abs(r).max()), 5),
-                        "profile_gap": round(float(np.abs(prof - prof_t).sum(axis=1).mean()), 5),
-                        "kept": rank_bias is not None})
-    # rounded as the preset file stores them, so that the file holds exactly what is checked below
-    params = SyntheticParams(**_plain(params_of(x, rank_bias).model_dump(exclude_none=True)))
-    achieved = s
+        self.history.append({"stage": "profile", "evaluations": self.evals,
+                             "max_abs_residual": round(float(np.abs(r).max()), 5),
+                             "profile_gap": round(self._gap(prof), 5), "kept": rank_bias is not None})
+        return x, rank_bias, s
 
     # -- check: held-out requests ------------------------------------------------------------------------
-    train_real = compare_stats(tr)
-    caps = train_real["capacities"]
-    heldout_real = compare_stats(ho, capacities=caps)
-    if _check:
-        heldout_syn = simulated_stats(shape, params, ho, eval_seeds, use_pre, full=True, capacities=caps)
-        train_syn = simulated_stats(shape, params, tr, fit_seeds, use_pre, full=True, capacities=caps)
-    else:   # an inner (warm-start) fit: its caller checks
-        heldout_syn = train_syn = {}
-    typical = {"requests": int(n), "prompt_len": int(np.median(real.prompt_lens)),
-               "decode_len": int(np.median(real.decode_lens))}
-    rid = real.request_ids if real.request_ids is not None else np.arange(n)
-    fitted = knobs + (["hidden_dim"] if dim_fitted else []) + ["popularity_skew (per layer)"] \
-        + (["rank_bias (per layer and rank)"] if rank_bias is not None else [])
-    if dim_fitted:
-        fixed.pop("hidden_dim")
-    return FitResult(
-        params=params, model=shape.name, shape=shape, trace=str(file), trace_sha256=file_sha256(file) if file else "",
-        source=real.meta.get("source"), seed=seed, holdout=holdout, split=split, train_ids=[int(rid[i]) for i in train],
-        heldout_ids=[int(rid[i]) for i in held], fitted=fitted, fixed=fixed,
-        targets=targets, achieved=achieved, heldout_real=heldout_real, heldout_synthetic=heldout_syn,
-        train_real=train_real, train_synthetic=train_syn, replicates=replicates, eval_replicates=eval_replicates,
-        evaluations=evals, seconds=time.perf_counter() - t0, typical=typical, history=history,
-        target_of={k: target_of[k] for k in knobs})
+    def _check(self, params: SyntheticParams) -> dict:
+        train_real = compare_stats(self.tr)
+        caps = train_real["capacities"]
+        out = {"train_real": train_real, "heldout_real": compare_stats(self.ho, capacities=caps),
+               "heldout_synthetic": {}, "train_synthetic": {}}
+        if self.o.check:   # else an inner (warm-start) fit: its caller checks
+            out["heldout_synthetic"] = simulated_stats(self.shape, params, self.ho, self.eval_seeds, self.use_pre,
+                                                       full=True, capacities=caps)
+            out["train_synthetic"] = simulated_stats(self.shape, params, self.tr, self.fit_seeds, self.use_pre,
+                                                     full=True, capacities=caps)
+        return out
+
+    def run(self) -> FitResult:
+        x = self._start()
+        self._set_objective()
+        x, r, s, prof = self._stage_zipf(x)
+        rank_bias = None
+        if self.o.profile:
+            x, rank_bias, s = self._stage_profile(x, r, s, prof)
+        # rounded as the preset file stores them, so that the file holds exactly what is checked below
+        params = SyntheticParams(**_plain(self.params_of(x, rank_bias).model_dump(exclude_none=True)))
+        return self._result(params, s, rank_bias)
+
+    def _result(self, params: SyntheticParams, achieved: dict, rank_bias) -> FitResult:
+        real, o, n = self.real, self.o, self.real.n_requests
+        typical = {"requests": int(n), "prompt_len": int(np.median(real.prompt_lens)),
+                   "decode_len": int(np.median(real.decode_lens))}
+        rid = real.request_ids if real.request_ids is not None else np.arange(n)
+        fitted = self.knobs + (["hidden_dim"] if self.dim_fitted else []) + ["popularity_skew (per layer)"] \
+            + (["rank_bias (per layer and rank)"] if rank_bias is not None else [])
+        fixed = {k: v for k, v in self.fixed.items() if not (self.dim_fitted and k == "hidden_dim")}
+        file = self.file
+        return FitResult(
+            params=params, model=self.shape.name, shape=self.shape, trace=str(file),
+            trace_sha256=file_sha256(file) if file else "", source=real.meta.get("source"), seed=o.seed,
+            holdout=o.holdout, split=o.split, train_ids=[int(rid[i]) for i in self.train],
+            heldout_ids=[int(rid[i]) for i in self.held], fitted=fitted, fixed=fixed, targets=self.targets,
+            achieved=achieved, replicates=self.replicates, eval_replicates=o.eval_replicates,
+            evaluations=self.evals, seconds=time.perf_counter() - self.t0, typical=typical, history=self.history,
+            target_of={k: self.target_of[k] for k in self.knobs}, **self._check(params))
+
+
+def fit_routing(real: Routing, *, log=None, trace_path: str | None = None, **options) -> FitResult:
+    """Fit SyntheticParams to `real` (module docstring); `options` are FitOptions' fields (a knob given is fixed
+    instead of fitted). `log`: a callable for progress lines. Bad options are an InputError naming the field."""
+    return _Fit(real, build(FitOptions, options), log=log, trace_path=trace_path).run()
 
 
 def fit_trace(path, **kw) -> FitResult:
     """Fit the generator to the trace file at `path` (InputError naming the file when it is bad)."""
     real = load_routing(path)
     return fit_routing(real, trace_path=str(path), **kw)
-
-
-class _Dumper(yaml.SafeDumper):
-    """Lists of numbers on one line (rank_bias has num_layers x num_experts of them)."""
-
-
-def _represent_list(dumper, data):
-    flow = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data) and len(data) > 0
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_Dumper.add_representer(list, _represent_list)
-
-
-def write_preset(result: FitResult, path) -> Path:
-    """Write the fitted preset YAML (loadable with `synthetic.load_preset_file`)."""
-    path = Path(path)
-    doc = result.to_document()
-    text = ("# A synthetic routing preset fitted by `moesim trace fit` (moesim.traces.fit).\n"
-            "# Use it with `moesim trace generate --preset-file THIS.yaml -o OUT.parquet`.\n"
-            + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def spec_for_preset_file(path, preset: str | None = None):
-    """(model spec, params, document) for generating from a fitted preset file: the model preset named
-    `preset` (its shape must match the file's), else the file's `model` when it is a model preset of the
-    same shape, else a bare routing shape from the file."""
-    from ..models import get_preset, preset_names
-    from .synthetic import load_preset_file
-
-    params, doc = load_preset_file(path)
-    file = str(path)
-    shape = {k: doc.get(k) for k in ("num_layers", "num_experts", "top_k")}
-    if preset is not None:
-        try:
-            spec = get_preset(preset)
-        except KeyError:
-            raise InputError(f"unknown preset {preset!r} (known: {', '.join(preset_names())})",
-                             field="--preset") from None
-        for k, v in shape.items():
-            if v is not None and getattr(spec, k) != v:
-                raise InputError(f"the preset was fitted to {k}={v}, model {preset!r} has {k}={getattr(spec, k)}",
-                                 file=file, field=k)
-        return spec, params, doc
-    missing = [k for k, v in shape.items() if v is None]
-    if missing:
-        raise InputError("missing (needed without --preset to know the routing shape)", file=file,
-                         field=missing[0])
-    model = doc.get("model")
-    if isinstance(model, str):
-        try:
-            spec = get_preset(model)
-            if all(getattr(spec, k) == v for k, v in shape.items()):
-                return spec, params, doc
-        except KeyError:
-            pass
-    name = model if isinstance(model, str) and model else Path(file).stem
-    return RoutingShape(name, shape["num_layers"], shape["num_experts"], shape["top_k"]), params, doc

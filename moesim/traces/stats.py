@@ -44,59 +44,69 @@ def _r(x, nd=4):
     return round(float(x), nd)
 
 
-def trace_info(path) -> dict:
-    """Statistics of the trace at `path` (a JSON-serialisable dict)."""
-    reader = TraceReader(path)
-    m = reader.meta
-    L, E, K = m.num_layers, m.num_experts, m.top_k
-    counts = np.zeros(L * E, dtype=np.int64)
-    pairs = max(L - 1, 0)
-    joint = np.zeros((2, pairs * E * E), dtype=np.int64)
-    reuse = np.zeros(1, dtype=np.int64)
-    first_touch = 0
-    repeat = np.zeros(L, dtype=np.int64)
-    top1_counts = np.zeros(L * E, dtype=np.int64)
-    overlap = np.zeros(L, dtype=np.int64)
-    steps = 0
-    requests = prefill = decode = 0
-    lay_off = (np.arange(L, dtype=np.int64) * E)[None, :, None]
-    pair_off = (np.arange(pairs, dtype=np.int64) * E * E)[None, :]
-    for r in reader.iter_requests(pre_attn=False, scores=False):
-        requests += 1
-        prefill += r.prompt_len
-        decode += r.decode_len
+class _Counts:
+    """What one streaming pass over a trace's requests accumulates (module docstring)."""
+
+    def __init__(self, L: int, E: int):
+        self.L, self.E = L, E
+        self.counts = np.zeros(L * E, dtype=np.int64)
+        self.pairs = max(L - 1, 0)
+        self.joint = np.zeros((2, self.pairs * E * E), dtype=np.int64)
+        self.reuse = np.zeros(1, dtype=np.int64)
+        self.first_touch = 0
+        self.repeat = np.zeros(L, dtype=np.int64)
+        self.top1_counts = np.zeros(L * E, dtype=np.int64)
+        self.overlap = np.zeros(L, dtype=np.int64)
+        self.steps = 0
+        self.requests = self.prefill = self.decode = 0
+        self.lay_off = (np.arange(L, dtype=np.int64) * E)[None, :, None]
+        self.pair_off = (np.arange(self.pairs, dtype=np.int64) * E * E)[None, :]
+
+    def add(self, r) -> None:
+        self.requests += 1
+        self.prefill += r.prompt_len
+        self.decode += r.decode_len
         ex = r.experts.astype(np.int64)                       # [T, L, K]
-        T = ex.shape[0]
-        keys = (ex + lay_off).reshape(-1)                     # (layer, expert) ids
-        counts += np.bincount(keys, minlength=L * E)
+        keys = (ex + self.lay_off).reshape(-1)                # (layer, expert) ids
+        self.counts += np.bincount(keys, minlength=self.L * self.E)
         top1 = ex[:, :, 0]
-        top1_counts += np.bincount((top1 + lay_off[:, :, 0]).reshape(-1), minlength=L * E)
-        if pairs:
-            jp = top1[:, :-1] * E + top1[:, 1:] + pair_off
-            joint[r.request_id % 2] += np.bincount(jp.reshape(-1), minlength=pairs * E * E)
-        # reuse distances within the request
+        self.top1_counts += np.bincount((top1 + self.lay_off[:, :, 0]).reshape(-1), minlength=self.L * self.E)
+        if self.pairs:
+            jp = top1[:, :-1] * self.E + top1[:, 1:] + self.pair_off
+            self.joint[r.request_id % 2] += np.bincount(jp.reshape(-1), minlength=self.pairs * self.E * self.E)
+        self._add_reuse(ex, keys)
+        T = ex.shape[0]
+        if T > 1:
+            self.repeat += (top1[1:] == top1[:-1]).sum(axis=0)
+            self.overlap += (ex[1:, :, :, None] == ex[:-1, :, None, :]).any(axis=-1).sum(axis=(0, 2))
+            self.steps += T - 1
+
+    def _add_reuse(self, ex: np.ndarray, keys: np.ndarray) -> None:
+        """Reuse distances within the request: tokens between two accesses of one (layer, expert)."""
+        T = ex.shape[0]
         tt = np.broadcast_to(np.arange(T, dtype=np.int64)[:, None, None], ex.shape).reshape(-1)
         order = np.lexsort((tt, keys))
         ks, ts = keys[order], tt[order]
         same = ks[1:] == ks[:-1]
         d = (ts[1:] - ts[:-1])[same]
-        first_touch += int(keys.size - same.sum()) if keys.size else 0
+        self.first_touch += int(keys.size - same.sum()) if keys.size else 0
         if d.size:
             h = np.bincount(d)
-            if h.size > reuse.size:
-                reuse = np.concatenate([reuse, np.zeros(h.size - reuse.size, dtype=np.int64)])
-            reuse[: h.size] += h
-        if T > 1:
-            repeat += (top1[1:] == top1[:-1]).sum(axis=0)
-            overlap += (ex[1:, :, :, None] == ex[:-1, :, None, :]).any(axis=-1).sum(axis=(0, 2))
-            steps += T - 1
-    tokens = prefill + decode
-    counts = counts.reshape(L, E)
-    ent = _entropy_bits(counts)
-    norm = ent / np.log2(E) if E > 1 else np.ones(L)
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    t1 = top1_counts.reshape(L, E) / max(tokens, 1)
-    info = {
+            if h.size > self.reuse.size:
+                self.reuse = np.concatenate([self.reuse, np.zeros(h.size - self.reuse.size, dtype=np.int64)])
+            self.reuse[: h.size] += h
+
+
+def trace_info(path) -> dict:
+    """Statistics of the trace at `path` (a JSON-serialisable dict)."""
+    reader = TraceReader(path)
+    m = reader.meta
+    L, E, K = m.num_layers, m.num_experts, m.top_k
+    c = _Counts(L, E)
+    for r in reader.iter_requests(pre_attn=False, scores=False):
+        c.add(r)
+    tokens = c.prefill + c.decode
+    return {
         "file": str(path),
         "model": m.model,
         "source": m.source,
@@ -105,36 +115,53 @@ def trace_info(path) -> dict:
         "num_experts": E,
         "top_k": K,
         "rows": reader.num_rows,
-        "requests": requests,
+        "requests": c.requests,
         "tokens": tokens,
-        "prefill_tokens": prefill,
-        "decode_tokens": decode,
+        "prefill_tokens": c.prefill,
+        "decode_tokens": c.decode,
         "expert_accesses": int(tokens * L * K),
-        "popularity": {
-            "entropy_bits": _r(float(ent.mean())),
-            "entropy_normalised": _r(float(norm.mean())),
-            "max_entropy_bits": _r(np.log2(E)),
-            "entropy_bits_per_layer": _r(ent),
-            "entropy_normalised_per_layer": _r(norm),
-            "hottest_expert_share": _r(float(share.max(axis=1).mean())),  # mean over layers
-        },
-        "reuse_distance": {
-            "p50": _pct(reuse, 0.5), "p90": _pct(reuse, 0.9), "p99": _pct(reuse, 0.99),
-            "mean": _r(float((np.arange(reuse.size) * reuse).sum() / reuse.sum())) if reuse.sum() else None,
-            "reaccesses": int(reuse.sum()),
-            "first_touches": int(first_touch),
-            "unit": "tokens",
-        },
-        "temporal": {
-            "top1_repeat": _r(repeat.sum() / (steps * L)) if steps else None,
-            "top1_repeat_per_layer": _r(repeat / steps) if steps else None,
-            # chance level under the observed top-1 popularity: mean over layers of sum_e p(e)^2
-            "top1_repeat_chance": _r(float((t1 ** 2).sum(axis=1).mean())) if steps else None,
-            "topk_overlap": _r(overlap.sum() / (steps * L * K)) if steps else None,
-        },
-        "transition": _transition(joint, L, E),
+        "popularity": _popularity(c.counts.reshape(L, E)),
+        "reuse_distance": _reuse(c.reuse, c.first_touch),
+        "temporal": _temporal(c, tokens, K),
+        "transition": _transition(c.joint, L, E),
     }
-    return info
+
+
+def _popularity(counts: np.ndarray) -> dict:
+    E = counts.shape[1]
+    ent = _entropy_bits(counts)
+    norm = ent / np.log2(E) if E > 1 else np.ones(counts.shape[0])
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    return {
+        "entropy_bits": _r(float(ent.mean())),
+        "entropy_normalised": _r(float(norm.mean())),
+        "max_entropy_bits": _r(np.log2(E)),
+        "entropy_bits_per_layer": _r(ent),
+        "entropy_normalised_per_layer": _r(norm),
+        "hottest_expert_share": _r(float(share.max(axis=1).mean())),  # mean over layers
+    }
+
+
+def _reuse(reuse: np.ndarray, first_touch: int) -> dict:
+    return {
+        "p50": _pct(reuse, 0.5), "p90": _pct(reuse, 0.9), "p99": _pct(reuse, 0.99),
+        "mean": _r(float((np.arange(reuse.size) * reuse).sum() / reuse.sum())) if reuse.sum() else None,
+        "reaccesses": int(reuse.sum()),
+        "first_touches": int(first_touch),
+        "unit": "tokens",
+    }
+
+
+def _temporal(c: _Counts, tokens: int, K: int) -> dict:
+    steps, L = c.steps, c.L
+    t1 = c.top1_counts.reshape(L, c.E) / max(tokens, 1)
+    return {
+        "top1_repeat": _r(c.repeat.sum() / (steps * L)) if steps else None,
+        "top1_repeat_per_layer": _r(c.repeat / steps) if steps else None,
+        # chance level under the observed top-1 popularity: mean over layers of sum_e p(e)^2
+        "top1_repeat_chance": _r(float((t1 ** 2).sum(axis=1).mean())) if steps else None,
+        "topk_overlap": _r(c.overlap.sum() / (steps * L * K)) if steps else None,
+    }
 
 
 def _transition(joint: np.ndarray, L: int, E: int) -> dict:

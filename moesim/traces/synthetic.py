@@ -48,7 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..errors import InputError, pydantic_message
 from .io import DEFAULT_ROW_GROUP_ROWS, write_trace
 from .routing_targets import MIXTRAL_TABLE5_SOURCE, knot_skews
-from .schema import PHASES, TraceMeta, trace_schema
+from .schema import TraceMeta
+from .synthetic_chunk import _chunk
 
 
 class SyntheticParams(BaseModel):
@@ -345,121 +346,6 @@ def iter_generate(spec, params=None, requests: int = 8, prompt_len=32, decode_le
             end += 1
         yield _chunk(range(start, end), totals, prompts, seeds, W, bias, p, K, pre_attn, scores)
         start = end
-
-
-def _chunk(reqs, totals, prompts, seeds, W, bias, p: SyntheticParams, K: int, want_pre: bool,
-           want_scores: bool) -> pa.Table:
-    L, E, d = W.shape
-    reqs = list(reqs)
-    C = len(reqs)
-    Ts = totals[reqs]
-    Tm = int(Ts.max())
-    xi = np.zeros((C, Tm, L, d))
-    eta = np.zeros((C, Tm, L, d))
-    topic = np.zeros((C, d))
-    z = np.zeros(C)
-    loop = np.zeros((C, Tm), dtype=bool) if p.loop_share > 0 else None
-    per = np.zeros(C, dtype=np.int64)
-    tail = np.zeros((C, Tm, L), dtype=bool) if p.tail_prob > 0 else None
-    tail_u = np.zeros((C, Tm, L)) if p.tail_prob > 0 else None
-    for i, r in enumerate(reqs):
-        g = np.random.default_rng(int(seeds[r]))
-        T = int(Ts[i])
-        topic[i] = g.standard_normal(d)
-        xi[i, :T] = g.standard_normal((T, L, d))
-        eta[i, :T] = g.standard_normal((T, L, d))
-        if p.tau_spread > 0:
-            z[i] = g.standard_normal()
-        # drawn last: without loops or tail choices the draws above are unchanged
-        if loop is not None:
-            per[i] = g.integers(p.loop_period[0], p.loop_period[1] + 1)
-            loop[i, :T] = g.random(T) < p.loop_share
-        if tail is not None:
-            tail[i, :T] = g.random((T, L)) < p.tail_prob
-            tail_u[i, :T] = g.random((T, L))
-    # AR(1) across tokens (in place: xi becomes ε)
-    tau, a_t = p.tau, math.sqrt(max(0.0, 1.0 - p.tau**2))
-    if p.tau_spread > 0:   # one tau per request
-        t0 = min(max(p.tau, 1e-6), 1 - 1e-6)
-        tau = (1.0 / (1.0 + np.exp(-(math.log(t0 / (1 - t0)) + p.tau_spread * z))))[:, None, None]
-        a_t = np.sqrt(1.0 - tau**2)
-    pr_c = prompts[reqs]
-    if p.prompt_tau is not None:   # prompt tokens: logit(prompt_tau), with the request's spread
-        tau_d = np.broadcast_to(np.asarray(tau, dtype=np.float64).reshape(-1), (C,)).copy()[:, None, None]
-        t0 = min(max(p.prompt_tau, 1e-6), 1 - 1e-6)
-        tau_p = (1.0 / (1.0 + np.exp(-(math.log(t0 / (1 - t0)) + p.tau_spread * z))))[:, None, None]
-    if loop is not None:
-        loop &= np.arange(Tm)[None, :] >= np.maximum(pr_c, per)[:, None]   # decode tokens with a source
-    for t in range(1, Tm):
-        if p.prompt_tau is not None:
-            tau = np.where((t >= pr_c)[:, None, None], tau_d, tau_p)
-            a_t = np.sqrt(1.0 - tau**2)
-        xi[:, t] *= a_t
-        xi[:, t] += tau * xi[:, t - 1]
-        if loop is not None and loop[:, t].any():
-            rows = np.flatnonzero(loop[:, t])
-            xi[rows, t] = xi[rows, t - per[rows]]
-    # AR(1) across layers (in place: xi becomes u)
-    rho, a_l = p.rho, math.sqrt(max(0.0, 1.0 - p.rho**2))
-    for l in range(1, L):
-        xi[:, :, l] *= a_l
-        xi[:, :, l] += rho * xi[:, :, l - 1]
-    w = p.topic_weight
-    h = xi
-    h *= math.sqrt(1.0 - w)
-    h += math.sqrt(w) * topic[:, None, None, :]
-    an = p.attention_noise
-    valid = np.arange(Tm)[None, :] < Ts[:, None]          # [C, Tm]
-    n_tok = int(valid.sum())
-    experts = np.empty((n_tok, L, K), dtype=np.int16)
-    sc = np.empty((n_tok, L, K), dtype=np.float32) if want_scores else None
-    for l in range(L):
-        x = (h[:, :, l] + an * eta[:, :, l]) / math.sqrt(1.0 + an * an)   # [C, Tm, d]
-        logits = x[valid] @ W[l].T + bias[l]                               # [n_tok, E]
-        if K < E:
-            idx = np.argpartition(-logits, K - 1, axis=1)[:, :K]
-        else:
-            idx = np.broadcast_to(np.arange(E), (n_tok, E)).copy()
-        top = np.take_along_axis(logits, idx, axis=1)
-        order = np.argsort(-top, axis=1, kind="stable")
-        experts[:, l] = np.take_along_axis(idx, order, axis=1)
-        if tail is not None and K < E:   # the k-th choice: sampled from the gate's softmax at tail_temperature
-            m = tail[:, :, l][valid]
-            if m.any():
-                lg = logits[m] / p.tail_temperature
-                pm = np.exp(lg - lg.max(axis=1, keepdims=True))
-                np.put_along_axis(pm, experts[m, l, :K - 1].astype(np.int64), 0.0, axis=1)
-                cs = np.cumsum(pm, axis=1)
-                u = tail_u[:, :, l][valid][m] * cs[:, -1]
-                experts[m, l, K - 1] = np.minimum((cs < u[:, None]).sum(axis=1), E - 1)
-        if want_scores:
-            m = logits.max(axis=1, keepdims=True)
-            z = np.exp(logits - m)
-            probs = z / z.sum(axis=1, keepdims=True)
-            sc[:, l] = np.take_along_axis(probs, experts[:, l].astype(np.int64), axis=1)
-    # rows in (request, token, layer) order
-    rid = np.repeat(np.asarray(reqs, dtype=np.int32), Ts)
-    tok = np.concatenate([np.arange(T, dtype=np.int32) for T in Ts])
-    pr = np.repeat(prompts[reqs], Ts)
-    phase_tok = (tok >= pr).astype(np.int8)                              # 0 prefill, 1 decode
-    n = n_tok * L
-    cols = {
-        "request_id": pa.array(np.repeat(rid, L), pa.int32()),
-        "token": pa.array(np.repeat(tok, L), pa.int32()),
-        "phase": pa.DictionaryArray.from_arrays(pa.array(np.repeat(phase_tok, L), pa.int8()), pa.array(PHASES)),
-        "layer": pa.array(np.tile(np.arange(L, dtype=np.int16), n_tok), pa.int16()),
-        "experts": _list(experts.reshape(n * K), K, pa.int16()),
-    }
-    if want_scores:
-        cols["scores"] = _list(sc.reshape(n * K), K, pa.float32())
-    if want_pre:
-        cols["pre_attn"] = _list(h[valid].astype(np.float16).reshape(n * d), d, pa.float16())
-    return pa.Table.from_pydict(cols, schema=trace_schema(scores=want_scores, pre_attn=want_pre))
-
-
-def _list(values: np.ndarray, width: int, typ) -> pa.ListArray:
-    offsets = np.arange(0, values.size + 1, width, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, typ))
 
 
 def generate(spec, params=None, requests: int = 8, prompt_len=32, decode_len=64,

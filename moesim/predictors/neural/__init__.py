@@ -24,7 +24,7 @@ from .config import (
 from .predictors import PreAttention, PreAttentionParams, Speculation, SpeculationParams
 
 _LAZY = {"train": "training", "load_model": "training", "measure_latency": "training", "evaluate": "evaluation",
-         "format_report": "evaluation", "parameter_counts": "evaluation"}
+         "parameter_counts": "evaluation"}
 
 
 def __getattr__(name):
@@ -38,5 +38,5 @@ def __getattr__(name):
 
 __all__ = ["Speculation", "PreAttention", "SpeculationParams", "PreAttentionParams", "SpeculationConfig",
            "PreAttentionConfig", "TrainConfig", "PRESETS", "SPECULATION_PRESETS", "PRE_ATTENTION_PRESETS",
-           "build_configs", "train", "evaluate", "format_report", "load_model", "measure_latency",
+           "build_configs", "train", "evaluate", "load_model", "measure_latency",
            "parameter_counts"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...errors import InputError
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, model_config_from_dict, overprovision
 from .data import load_trace, pre_attention_samples, select_requests, speculation_samples
@@ -54,96 +55,115 @@ def _training_trace(ck: dict) -> str | None:
 def evaluate(checkpoint, trace=None, split: str | None = None, device: str = "cpu", measure: bool = True) -> dict:
     """Evaluate a checkpoint (path) on `trace` (default: the one it was trained on). `split`:
     "test" (default on the training trace), "val", or "all" (default on another trace)."""
-    import torch
-
-    from .training import load_model, measure_latency, pre_predict, pre_tensors, spec_predict, spec_tensors
+    from .training import load_model, measure_latency
 
     ck = ckpt_io.load(checkpoint, field="checkpoint")
     kind = ck["kind"]
     mc = model_config_from_dict(ck["model_config"])
     tc = TrainConfig(**ck["train_config"])
     train_trace = _training_trace(ck)
-    if trace is None:
-        if train_trace is None:
-            from ...errors import InputError
-            tr, mcd = ck["trace"], ck["model_config"]
-            raise InputError(f"the trace it was trained on ({tr.get('path')}) is not there (or has changed): give "
-                             f"--trace, a trace of a {mcd['num_layers']}-layer, {mcd['num_experts']}-expert, "
-                             f"top-{mcd['top_k']} model", file=str(checkpoint), field="--trace")
-        trace = train_trace
+    trace = _trace_to_evaluate(ck, checkpoint, trace, train_trace)
     data = load_trace(trace, pre_attn=(kind == "pre_attention"), scores=False)
     L, E, K = data.shape
     if (L, E, K) != (mc.num_layers, mc.num_experts, mc.top_k):
-        from ...errors import InputError
         raise InputError(f"trace shape {L} layers x {E} experts top-{K} differs from the checkpoint's "
                          f"{mc.num_layers} x {mc.num_experts} top-{mc.top_k}", file=str(trace), field="--trace")
     same = data.fingerprint == ck["trace"]["fingerprint"]
-    sp = ck["split"]
     split = split or ("test" if same else "all")
-    notes = []
-    fit_data = data
-    if split == "all":
-        eval_ids = [r.request_id for r in data.requests]
-        fit_ids = sp["train"] + sp["val"]
-        if same:
-            notes.append("split 'all' includes the training requests: the model's numbers are optimistic")
-        elif train_trace is not None:
-            fit_data = load_trace(train_trace, pre_attn=(kind == "pre_attention"))
-            notes.append(f"another trace than the training one: the frequency/Markov baselines are fit on the "
-                         f"model's own training requests ({train_trace}), every request here is unseen by both")
-        else:
-            fit_ids = eval_ids
-            notes.append("another trace than the training one, and the training trace is not at hand: the "
-                         "frequency/Markov baselines are fit on the evaluated requests themselves (in-sample, "
-                         "favouring them)")
-    else:
-        if not same:
-            from ...errors import InputError
-            raise InputError(f"split {split!r} needs the trace the checkpoint was trained on "
-                             "(use --split all for another trace)", file=str(trace), field="--split")
-        eval_ids = sp[split]
-        fit_ids = sp["train"] + sp["val"] if split == "test" else sp["train"]
+    eval_ids, fit_ids, fit_data, notes = _requests(ck, data, trace, split, same, train_trace)
     ev = select_requests(data, eval_ids)
     fit = select_requests(fit_data, fit_ids)
-    delta = overprovision(tc, K)
     net = load_model(ck, device)
-    tables = []
-    if kind == "speculation":
-        s = speculation_samples(ev, L, mc.context_length, mc.horizon, mc.cross_token, mc.prev_tokens)
-        sf = speculation_samples(fit, L, mc.context_length, mc.horizon, mc.cross_token, mc.prev_tokens)
-        logits, conf = spec_predict(net, spec_tensors(s), device)
-        for d in range(1, mc.horizon + 1):
-            t, m = _spec_targets(s, d)
-            tf, _ = _spec_targets(sf, d)
-            lg = logits[m, d - 1]
-            ctx = np.concatenate([np.where(s.ctx_mask[m][..., None], s.ctx_e[m], -1).reshape(len(m), -1),
-                                  np.where(s.ctx_mask[m], s.ctx_l[m], -1), s.tgt_l[m, d - 1:d]], axis=1)
-            rows = _rows(lg, t, tf, L, E, K, delta, ctx)
-            rows[0]["avg_confidence"] = float(conf[m, d - 1].mean()) if len(m) else None
-            tables.append({"title": f"offset {d}: layer l+{d} predicted at the gate of layer l "
-                                    f"(context {mc.context_length} layers)", "offset": d, "n": int(len(m)),
-                           "rows": rows[0:1] + rows[1], "bayes": rows[2]})
-    else:
-        s = pre_attention_samples(ev)
-        sf = pre_attention_samples(fit)
-        scores = pre_predict(net, pre_tensors(s), device)
-        t, tf = _pre_targets(s), _pre_targets(sf)
-        rows = _rows(scores, t, tf, L, E, K, delta, None)
-        tables.append({"title": "same layer, before attention (pre_attn of layer l -> experts of layer l)",
-                       "offset": 0, "n": len(t), "rows": rows[0:1] + rows[1], "bayes": None})
+    delta = overprovision(tc, K)
+    tables = (_speculation_tables if kind == "speculation" else _pre_attention_tables)(
+        net, mc, ev, fit, (L, E, K), delta, device)
     report = {
         "kind": kind, "checkpoint": str(checkpoint), "preset": ck.get("preset"), "parameters": ck.get("parameters"),
         "trace": str(trace), "same_trace": same, "split": split, "requests": eval_ids,
         "fit_requests": len(fit_ids), "shape": {"num_layers": L, "num_experts": E, "top_k": K},
-        "overprovision": delta, "columns": columns(K, E, delta), "tables": tables, "notes": notes,
-        "stored_latency": ck.get("latency"), "train_seconds": ck.get("train_seconds"),
+        "overprovision": delta, "columns": columns(K, E, delta), "tables": tables,
+        "notes": notes, "stored_latency": ck.get("latency"), "train_seconds": ck.get("train_seconds"),
         "best_epoch": ck.get("best_epoch"), "stopped": ck.get("stopped"),
         "model_config": ck["model_config"],
     }
     if measure:
         report["latency_here"] = measure_latency(net, device, repeats=20)
-    del torch
     return report
+
+
+def _trace_to_evaluate(ck: dict, checkpoint, trace, train_trace):
+    """`trace`, else the training trace; an InputError naming the checkpoint when neither is there."""
+    if trace is not None:
+        return trace
+    if train_trace is None:
+        tr, mcd = ck["trace"], ck["model_config"]
+        raise InputError(f"the trace it was trained on ({tr.get('path')}) is not there (or has changed): give "
+                         f"--trace, a trace of a {mcd['num_layers']}-layer, {mcd['num_experts']}-expert, "
+                         f"top-{mcd['top_k']} model", file=str(checkpoint), field="--trace")
+    return train_trace
+
+
+def _requests(ck: dict, data, trace, split: str, same: bool, train_trace) -> tuple[list, list, object, list]:
+    """(evaluated request ids, ids the baselines are fit on, the data those come from, notes) for `split`."""
+    sp = ck["split"]
+    notes = []
+    fit_data = data
+    if split != "all":
+        if not same:
+            raise InputError(f"split {split!r} needs the trace the checkpoint was trained on "
+                             "(use --split all for another trace)", file=str(trace), field="--split")
+        return sp[split], (sp["train"] + sp["val"] if split == "test" else sp["train"]), fit_data, notes
+    eval_ids = [r.request_id for r in data.requests]
+    fit_ids = sp["train"] + sp["val"]
+    if same:
+        notes.append("split 'all' includes the training requests: the model's numbers are optimistic")
+    elif train_trace is not None:
+        fit_data = load_trace(train_trace, pre_attn=(ck["kind"] == "pre_attention"))
+        notes.append(f"another trace than the training one: the frequency/Markov baselines are fit on the "
+                     f"model's own training requests ({train_trace}), every request here is unseen by both")
+    else:
+        fit_ids = eval_ids
+        notes.append("another trace than the training one, and the training trace is not at hand: the "
+                     "frequency/Markov baselines are fit on the evaluated requests themselves (in-sample, "
+                     "favouring them)")
+    return eval_ids, fit_ids, fit_data, notes
+
+
+def _speculation_tables(net, mc, ev, fit, shape, delta, device) -> list[dict]:
+    """One table per offset d: layer l+d predicted at the gate of layer l, beside the baselines and Bayes."""
+    from .training import spec_predict, spec_tensors
+
+    L, E, K = shape
+    s = speculation_samples(ev, L, mc.context_length, mc.horizon, mc.cross_token, mc.prev_tokens)
+    sf = speculation_samples(fit, L, mc.context_length, mc.horizon, mc.cross_token, mc.prev_tokens)
+    logits, conf = spec_predict(net, spec_tensors(s), device)
+    tables = []
+    for d in range(1, mc.horizon + 1):
+        t, m = _spec_targets(s, d)
+        tf, _ = _spec_targets(sf, d)
+        lg = logits[m, d - 1]
+        ctx = np.concatenate([np.where(s.ctx_mask[m][..., None], s.ctx_e[m], -1).reshape(len(m), -1),
+                              np.where(s.ctx_mask[m], s.ctx_l[m], -1), s.tgt_l[m, d - 1:d]], axis=1)
+        rows = _rows(lg, t, tf, L, E, K, delta, ctx)
+        rows[0]["avg_confidence"] = float(conf[m, d - 1].mean()) if len(m) else None
+        tables.append({"title": f"offset {d}: layer l+{d} predicted at the gate of layer l "
+                                f"(context {mc.context_length} layers)", "offset": d, "n": int(len(m)),
+                       "rows": rows[0:1] + rows[1], "bayes": rows[2]})
+    return tables
+
+
+def _pre_attention_tables(net, mc, ev, fit, shape, delta, device) -> list[dict]:
+    """One table: the same layer's experts predicted from its pre-attention hidden state."""
+    from .training import pre_predict, pre_tensors
+
+    L, E, K = shape
+    s = pre_attention_samples(ev)
+    sf = pre_attention_samples(fit)
+    scores = pre_predict(net, pre_tensors(s), device)
+    t, tf = _pre_targets(s), _pre_targets(sf)
+    rows = _rows(scores, t, tf, L, E, K, delta, None)
+    return [{"title": "same layer, before attention (pre_attn of layer l -> experts of layer l)",
+             "offset": 0, "n": len(t), "rows": rows[0:1] + rows[1], "bayes": None}]
 
 
 def _rows(model_scores, t: Targets, tf: Targets, L, E, K, delta, ctx):
@@ -164,56 +184,6 @@ def _rows(model_scores, t: Targets, tf: Targets, L, E, K, delta, ctx):
             base.append({"name": "2^-H(first | context) (a lower bound on Bayes top1)",
                          "top1": bay["two_pow_minus_h"], "n": len(t)})
     return [model, base, bay and {k: v for k, v in bay.items() if k not in ("plug_in", "loo")}]
-
-
-def format_report(r: dict, width: int = 160) -> str:
-    """The report as text tables (rich)."""
-    import io
-
-    from rich.console import Console
-    from rich.table import Table
-
-    buf = io.StringIO()
-    con = Console(file=buf, width=width, force_terminal=False)
-    sh = r["shape"]
-    con.print(f"{r['kind']} checkpoint {r['checkpoint']} (preset {r['preset']}, {r['parameters']:,} parameters)")
-    con.print(f"trace {r['trace']}: {sh['num_layers']} layers x {sh['num_experts']} experts, top-{sh['top_k']}; "
-              f"split '{r['split']}': {len(r['requests'])} request(s) evaluated, baselines fit on "
-              f"{r['fit_requests']} request(s)")
-    for tb in r["tables"]:
-        t = Table(title=f"{tb['title']} — {tb['n']:,} samples")
-        t.add_column("predictor")
-        for c in r["columns"]:
-            t.add_column(c, justify="right")
-        b = tb.get("bayes")
-        hollow = bool(b) and b["singleton_share"] >= 0.9   # plug-in estimates say nothing then
-        for row in tb["rows"]:
-            if hollow and ("plug-in" in row["name"] or row["name"].startswith("2^-H")):
-                t.add_row(row["name"], *(["n/a"] * len(r["columns"])))
-                continue
-            t.add_row(row["name"], *[("-" if row.get(c) is None else f"{100 * row[c]:.2f}") for c in r["columns"]])
-        con.print(t)
-        if b:
-            con.print(f"  context = the routing the model sees + target layer: {b['contexts']:,} distinct contexts, "
-                      f"{100 * b['singleton_share']:.1f}% of samples in a context seen once "
-                      f"(plug-in counts those as always right). Plug-in H(first | context) = "
-                      f"{b['entropy_bits']:.3f} bits.")
-            if hollow:
-                con.print("  n/a: nearly every context occurs once on this split, so the plug-in Bayes accuracy and "
-                          "2^-H are ~100% by construction; the leave-one-out row is the (pessimistic) other end.")
-        mrow = tb["rows"][0]
-        if mrow.get("avg_confidence") is not None:
-            con.print(f"  model's mean confidence: {mrow['avg_confidence']:.3f}")
-    con.print("  (percent; top-n: first-choice expert among the n best; P@K = R@K: share of the routed set among "
-              "the K best; exact: the K best are the routed set; R@K+n / all@K+n: share / all of the set among the "
-              "K+n best; 1st∈set: the best is routed)")
-    for lat, label in ((r.get("stored_latency"), "measured at training"), (r.get("latency_here"), "measured now")):
-        if lat:
-            pts = ", ".join(f"{n} tok {us:.0f} µs" for n, us in zip(lat["tokens"], lat["us"]))
-            con.print(f"  forward latency {label} ({lat['device']}): {pts}")
-    for n in r.get("notes", []):
-        con.print(f"  note: {n}")
-    return buf.getvalue()
 
 
 def parameter_counts(shape: dict | None = None) -> list[dict]:
