@@ -5,10 +5,16 @@ on small points (about a second each) and large ones (several seconds), measured
 
 `--small`/`--large`: requests of the synthetic trace of each point (olmoe-1b-7b, 16 prompt +
 64 decode tokens each); the mean seconds per point with one worker are printed beside.
+
+The machine may be shared, so each run also prints the load average and, per process that ran
+points, the points, their wall time and the CPU time the process got for them (each point's
+status.json records both): CPU/wall well under 1 means other jobs took the cores (contention),
+CPU/wall near 1 with a low ratio of points/min means a scaling defect.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -28,7 +34,22 @@ def rate(f: Path, out: Path, workers: int) -> tuple[float, float]:
     res = run_sweep(spec, out, get_executor("local", workers=workers), progress=False, echo=lambda m: None)
     wall = time.perf_counter() - t
     assert not res.failed, res.failed
+    print_workers(out, os.getpid())
     return len(res.ran) / wall * 60, wall
+
+
+def print_workers(out: Path, driver: int) -> None:
+    """Per process that ran points: points, wall s, CPU s and CPU/wall (from each status.json)."""
+    by_pid: dict[int, list[float]] = {}
+    for f in sorted((out / "points").glob("*/status.json")):
+        st = json.loads(f.read_text())
+        acc = by_pid.setdefault(st["pid"], [0, 0.0, 0.0])
+        acc[0] += 1
+        acc[1] += st["wall_s"]
+        acc[2] += st["cpu_s"]
+    for pid, (n, wall, cpu) in sorted(by_pid.items(), key=lambda kv: kv[0] != driver):
+        who = "sweep process" if pid == driver else f"pool worker {pid}"
+        print(f"    {who:<18} {n:2d} points, {wall:6.2f} s wall, {cpu:6.2f} s CPU (CPU/wall {cpu / wall:.2f})")
 
 
 def main() -> None:
@@ -51,10 +72,12 @@ def main() -> None:
                 "grid": {"cache.gpu.capacity_gb": caps, "predictor.name": ["on_demand", "topk"]}}))
             rates = {}
             for workers in sorted({1, cores}):
+                load = os.getloadavg()[0]
                 r, wall = rate(f, Path(tmp) / f"{label}{workers}", workers)
                 rates[workers] = r
                 per = f" ({wall / len(caps) / 2:.2f} s/point)" if workers == 1 else ""
-                print(f"{label} points, {workers} worker{'s' if workers > 1 else ' '}: {r:6.1f} points/min{per}")
+                print(f"{label} points, {workers} worker{'s' if workers > 1 else ' '}: {r:6.1f} points/min{per}; "
+                      f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
             if cores > 1:
                 print(f"{label} points: {cores} workers / 1 worker = {rates[cores] / rates[1]:.2f}×")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")

@@ -184,7 +184,10 @@ def replay(requests: Sequence[int] | np.ndarray | Iterable[int], capacity: int, 
         n = int(arr.size)
         if cap == 0 or n == 0:
             return ReplayResult(0, n)
-        misses = lru_misses(arr, cap) if policy == "lru" else fifo_misses(arr, cap)
+        if n < _SMALL:     # numpy's per-call overhead outweighs the loop
+            misses = _REFERENCE_LOOPS[policy](arr.tolist(), cap)
+        else:
+            misses = lru_misses(arr, cap) if policy == "lru" else fifo_misses(arr, cap)
         if misses is None:
             misses = _replay_fifo(arr.tolist(), cap)
         return ReplayResult(n - misses, misses)
@@ -353,6 +356,7 @@ def _flags_lru(arr: np.ndarray, cap: int, out: np.ndarray) -> None:
             od[x] = None
 
 
+_SMALL = 1024     # streams shorter than this replay lru/fifo request by request
 _CHUNK = 1 << 16  # requests turned into a Python list at a time by the flag loops
 
 
