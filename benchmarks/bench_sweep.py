@@ -1,7 +1,7 @@
 """Sweep throughput: points per minute with 1 worker and with all cores, and the scaling ratio,
 on small points (about a second each) and large ones (several seconds), measured in one run.
 
-    python benchmarks/bench_sweep.py [--points 8] [--small 4] [--large 16]
+    python benchmarks/bench_sweep.py [--points 8] [--small 4] [--large 32]
 
 `--small`/`--large`: requests of the synthetic trace of each point (olmoe-1b-7b, 16 prompt +
 64 decode tokens each); the mean seconds per point with one worker are printed beside.
@@ -56,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--points", type=int, default=8, help="grid points (cache sizes × predictors)")
     ap.add_argument("--small", type=int, default=4, help="requests per point, small points")
-    ap.add_argument("--large", type=int, default=16, help="requests per point, large points")
+    ap.add_argument("--large", type=int, default=32, help="requests per point, large points")
     a = ap.parse_args()
     caps = [1.0 + 0.5 * i for i in range(max(1, a.points // 2))]
     cores = os.cpu_count() or 1
