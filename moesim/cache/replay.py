@@ -169,8 +169,8 @@ def replay(requests: Sequence[int] | np.ndarray | Iterable[int], capacity: int, 
     """Replay ``requests`` (integer ids) through an empty cache of ``capacity`` entries managed by
     ``policy`` (any registered name, see :data:`moesim.cache.policies.POLICIES`). Hits touch,
     misses insert (evicting the policy's victim first when full). Belady's next uses are computed
-    from ``requests``. lru, fifo, lfu and belady have specialised loops; the others are driven
-    through their policy classes."""
+    from ``requests``. lru and fifo are replayed by :mod:`moesim.cache.vector`, lfu and belady by
+    specialised loops; the others are driven through their policy classes."""
     cap = _check(capacity, policy)
     if policy == "belady":
         arr = _as_int_array(requests if isinstance(requests, (list, np.ndarray)) else list(requests))
@@ -370,8 +370,8 @@ def replay_incremental(requests, capacity: int, policy: str) -> ReplayResult:
 
 def miss_flags(requests, capacity: int, policy: str) -> np.ndarray:
     """Per request, True if it misses: the replay of :func:`replay_incremental`, request by
-    request (for attributing misses of a shared cache to layers); lru and belady use the
-    specialised loops of :func:`replay`."""
+    request (for attributing misses of a shared cache to layers); lru (vector.lru_misses) and
+    belady use the fast paths of :func:`replay`."""
     cap = _check(capacity, policy)
     if policy in ("lru", "belady") and cap > 0:  # specialised loops, as replay()
         arr = _as_int_array(requests if isinstance(requests, (list, np.ndarray)) else list(requests))
