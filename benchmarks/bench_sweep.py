@@ -30,16 +30,17 @@ def rate(f: Path, out: Path, workers: int) -> tuple[float, float]:
     from moesim.sweep import get_executor, load_sweep, run_sweep
 
     spec = load_sweep(f)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     res = run_sweep(spec, out, get_executor("local", workers=workers), progress=False, echo=lambda m: None)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     assert not res.failed, res.failed
-    print_workers(out, os.getpid())
+    print_workers(out, os.getpid(), wall, cpu)
     return len(res.ran) / wall * 60, wall
 
 
-def print_workers(out: Path, driver: int) -> None:
-    """Per process that ran points: points, wall s, CPU s and CPU/wall (from each status.json)."""
+def print_workers(out: Path, driver: int, wall_all: float, cpu_driver: float) -> None:
+    """Per process that ran points: points, wall s, CPU s and CPU/wall (from each status.json);
+    then the cores the sweep got in all, and the sweep process's CPU time outside its points."""
     by_pid: dict[int, list[float]] = {}
     for f in sorted((out / "points").glob("*/status.json")):
         st = json.loads(f.read_text())
@@ -50,6 +51,10 @@ def print_workers(out: Path, driver: int) -> None:
     for pid, (n, wall, cpu) in sorted(by_pid.items(), key=lambda kv: kv[0] != driver):
         who = "sweep process" if pid == driver else f"pool worker {pid}"
         print(f"    {who:<18} {n:2d} points, {wall:6.2f} s wall, {cpu:6.2f} s CPU (CPU/wall {cpu / wall:.2f})")
+    total = sum(v[2] for v in by_pid.values())
+    own = by_pid.get(driver, [0, 0.0, 0.0])[2]
+    print(f"    points' CPU time / sweep wall time = {total / wall_all:.2f} cores; sweep process CPU outside "
+          f"its points {cpu_driver - own:.2f} s")
 
 
 def main() -> None:
