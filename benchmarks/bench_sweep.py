@@ -9,7 +9,9 @@ on small points (about a second each) and large ones (several seconds), measured
 The machine may be shared, so each run also prints the load average and, per process that ran
 points, the points, their wall time and the CPU time the process got for them (each point's
 status.json records both): CPU/wall well under 1 means other jobs took the cores (contention),
-CPU/wall near 1 with a low ratio of points/min means a scaling defect.
+CPU/wall near 1 with a low ratio of points/min means a scaling defect. Where Linux's scheduler
+autogroup is on (printed), the CPU is shared per session: on a busy machine the sweep's processes
+together get about one session's share, however many workers it starts.
 """
 from __future__ import annotations
 
@@ -57,6 +59,16 @@ def print_workers(out: Path, driver: int, wall_all: float, cpu_driver: float) ->
           f"its points {cpu_driver - own:.2f} s")
 
 
+def autogroup() -> str:
+    """Linux's autogroup shares the CPU between sessions, not processes: a sweep's workers (one
+    session) then split one session's share when other sessions keep the cores busy."""
+    try:
+        on = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return "scheduler autogroup: unknown"
+    return "scheduler autogroup on (CPU shared per session)" if on else "scheduler autogroup off"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--points", type=int, default=8, help="grid points (cache sizes × predictors)")
@@ -65,7 +77,7 @@ def main() -> None:
     a = ap.parse_args()
     caps = [1.0 + 0.5 * i for i in range(max(1, a.points // 2))]
     cores = os.cpu_count() or 1
-    print(f"{cores} cores, load average {os.getloadavg()[0]:.2f} at the start")
+    print(f"{cores} cores, load average {os.getloadavg()[0]:.2f} at the start; {autogroup()}")
     with tempfile.TemporaryDirectory() as tmp:
         for label, req in (("small", a.small), ("large", a.large)):
             f = Path(tmp) / f"{label}.yaml"
