@@ -1,12 +1,13 @@
 """LRU and FIFO replays that do most of their work in numpy, with exactly the counts of the
 per-request loops in :mod:`moesim.cache.replay` (which stay as the reference; the tests compare).
 
-Both start from two exact reductions of the stream:
+They start from exact reductions of the stream:
 
 * an immediate repeat (the id just requested) is a hit and changes neither LRU's nor FIFO's state,
   so it is dropped;
 * for LRU, a request whose previous request of the same id is at most ``cap`` positions back is a
-  hit (at most ``cap - 1`` other ids were used in between), and FIFO hits never change state.
+  hit (at most ``cap - 1`` other ids were used in between). (FIFO has no such test: its hits
+  depend on when the id was inserted, not last used; it runs request by request on dense ids.)
 
 LRU then needs no per-hit work at all: an id is resident iff its previous request has not yet been
 passed by the eviction pointer, which walks, in request order, the requests whose next use is far
