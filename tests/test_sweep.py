@@ -244,15 +244,20 @@ def test_rerun_resumes_running_only_missing_or_failed_points(tiny, tmp_path):
     assert len(fifth.ran) == 6 and "different base" in msgs[-1]
 
 
-def test_small_points_start_no_pool(tiny, tmp_path):
-    """Points whose total work is below the pool's start-up threshold run in this process."""
+def test_small_points_feed_the_pool_no_more(tiny, tmp_path):
+    """Points whose total work is below the pool's start-up threshold: the pool gets at most the one
+    point per worker it was given at the start; this process runs the rest (and records CPU time)."""
     import os
 
     d, base = tiny
-    f = write_sweep(tmp_path / "small.yaml", base, grid={"predictor.name": ["on_demand", "oracle"]})
+    f = write_sweep(tmp_path / "small.yaml", base, grid={"predictor.name": ["on_demand", "oracle"],
+                                                          "cache.gpu.capacity_experts": [2, 4, 6]})
     r = run_sweep(load_sweep(f), tmp_path / "o", get_executor("local", workers=2), progress=False,
                   echo=lambda m: None)
-    assert not r.failed and {s["pid"] for s in statuses(tmp_path / "o").values()} == {os.getpid()}
+    st = statuses(tmp_path / "o").values()
+    assert not r.failed and len(st) == 6
+    assert sum(s["pid"] != os.getpid() for s in st) <= 1
+    assert all(0 < s["cpu_s"] for s in st)
 
 
 def test_parallel_points_are_byte_identical_to_serial(tiny, tmp_path, monkeypatch):

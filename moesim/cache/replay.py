@@ -2,10 +2,12 @@
 
 :func:`replay` counts hits and misses of one policy at one capacity. A miss inserts the
 requested id, evicting one victim first when the cache is full (demand paging, no bypass);
-capacity 0 makes every request a miss. Each policy has a specialised loop (the ``_replay_*``
-functions) that gives exactly the same counts as driving the incremental policy classes of
-:mod:`moesim.cache.policies` (:func:`replay_incremental`), which the tests check, and the
-same counts as libCacheSim's ``process_trace``.
+capacity 0 makes every request a miss. lru and fifo are replayed by the array formulations of
+:mod:`moesim.cache.vector`; lfu and belady have specialised loops (the ``_replay_*`` functions,
+which include per-request lru and fifo loops kept as references). All give exactly the same counts
+as driving the incremental policy classes of :mod:`moesim.cache.policies`
+(:func:`replay_incremental`), which the tests check, and the same counts as libCacheSim's
+``process_trace``.
 
 :func:`next_use_positions` and :class:`NextUse` give Belady its future: the next position at
 which each request's id (or any key after any position) is requested again.
@@ -22,6 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .policies import get_policy, policy_class
+from .vector import fifo_misses, lru_misses
 
 __all__ = ["ReplayResult", "replay", "replay_incremental", "replay_steps", "miss_flags", "next_use_positions",
            "NextUse"]
@@ -166,8 +169,8 @@ def replay(requests: Sequence[int] | np.ndarray | Iterable[int], capacity: int, 
     """Replay ``requests`` (integer ids) through an empty cache of ``capacity`` entries managed by
     ``policy`` (any registered name, see :data:`moesim.cache.policies.POLICIES`). Hits touch,
     misses insert (evicting the policy's victim first when full). Belady's next uses are computed
-    from ``requests``. lru, fifo, lfu and belady have specialised loops; the others are driven
-    through their policy classes."""
+    from ``requests``. lru and fifo are replayed by :mod:`moesim.cache.vector`, lfu and belady by
+    specialised loops; the others are driven through their policy classes."""
     cap = _check(capacity, policy)
     if policy == "belady":
         arr = _as_int_array(requests if isinstance(requests, (list, np.ndarray)) else list(requests))
@@ -175,6 +178,18 @@ def replay(requests: Sequence[int] | np.ndarray | Iterable[int], capacity: int, 
         if cap == 0 or n == 0:
             return ReplayResult(0, n)
         misses = _replay_belady(arr, cap)
+        return ReplayResult(n - misses, misses)
+    if policy in ("lru", "fifo"):
+        arr = _as_int_array(requests if isinstance(requests, (list, np.ndarray)) else list(requests))
+        n = int(arr.size)
+        if cap == 0 or n == 0:
+            return ReplayResult(0, n)
+        if n < _SMALL:     # numpy's per-call overhead outweighs the loop
+            misses = _REFERENCE_LOOPS[policy](arr.tolist(), cap)
+        else:
+            misses = lru_misses(arr, cap) if policy == "lru" else fifo_misses(arr, cap)
+        if misses is None:
+            misses = _replay_fifo(arr.tolist(), cap)
         return ReplayResult(n - misses, misses)
     if policy not in _FAST:
         return replay_incremental(requests, cap, policy)
@@ -317,12 +332,14 @@ def _replay_belady(arr: np.ndarray, cap: int, out: np.ndarray | None = None) -> 
     return misses
 
 
-_FAST = {"lru": _replay_lru, "fifo": _replay_fifo, "lfu": _replay_lfu}
+_FAST = {"lfu": _replay_lfu}
+_REFERENCE_LOOPS = {"lru": _replay_lru, "fifo": _replay_fifo}  # per request, what vector.py must equal
 
 
 def _flags_lru(arr: np.ndarray, cap: int, out: np.ndarray) -> None:
     """Set out[i] for every position at which an LRU cache of ``cap`` entries misses (as
-    _replay_lru), reading the stream one chunk at a time."""
+    _replay_lru), reading the stream one chunk at a time: the per-request reference for
+    vector.lru_misses's flags."""
     od: OrderedDict[int, None] = OrderedDict()
     to_end, evict = od.move_to_end, od.popitem
     size = 0
@@ -339,6 +356,7 @@ def _flags_lru(arr: np.ndarray, cap: int, out: np.ndarray) -> None:
             od[x] = None
 
 
+_SMALL = 1024     # streams shorter than this replay lru/fifo request by request
 _CHUNK = 1 << 16  # requests turned into a Python list at a time by the flag loops
 
 
@@ -352,15 +370,15 @@ def replay_incremental(requests, capacity: int, policy: str) -> ReplayResult:
 
 def miss_flags(requests, capacity: int, policy: str) -> np.ndarray:
     """Per request, True if it misses: the replay of :func:`replay_incremental`, request by
-    request (for attributing misses of a shared cache to layers); lru and belady use the
-    specialised loops of :func:`replay`."""
+    request (for attributing misses of a shared cache to layers); lru (vector.lru_misses) and
+    belady use the fast paths of :func:`replay`."""
     cap = _check(capacity, policy)
     if policy in ("lru", "belady") and cap > 0:  # specialised loops, as replay()
         arr = _as_int_array(requests if isinstance(requests, (list, np.ndarray)) else list(requests))
         out = np.zeros(arr.size, dtype=bool)
         if arr.size:
             if policy == "lru":
-                _flags_lru(arr, cap, out)
+                lru_misses(arr, cap, out)
             else:
                 _replay_belady(arr, cap, out)
         return out

@@ -361,7 +361,9 @@ def policy_gap(accessed, sc: Scenario, cfg: EngineConfig) -> dict | None:
 
     if cfg.gpu_capacity is None:
         return None
-    if hasattr(accessed, "array"):
+    if hasattr(accessed, "_buf"):   # a KeyLog: its int32 buffer as is; the report reads it chunk by chunk
+        stream = accessed._buf[:len(accessed)]
+    elif hasattr(accessed, "array"):
         stream = accessed.array()
     else:
         stream = np.concatenate(accessed) if accessed else np.zeros(0, dtype=np.int64)

@@ -4,10 +4,11 @@
   process runs points itself while a pool of N-1 processes (reused across points, started from
   a forkserver that has moesim imported already) runs the others, so a sweep starts computing at
   once and N workers are never slower than one on small points; a point queued to the pool but
-  not started when this process runs out of work is taken back (no idle tail). The first point
-  runs here alone: when the rest would take under MIN_POOL_WORK_S one after another, no pool is
-  started at all. With one worker the points run in this process, one after another. Workers exit when the sweep's main process
-  dies, even by kill -9 (lifeline.py).
+  not started when this process runs out of work is taken back (no idle tail). The pool starts
+  at once with one point per worker while this process runs the first point (so its start-up is
+  off the critical path); when the rest would take under MIN_POOL_WORK_S one after another, it
+  gets no more. With one worker the points run in this process, one after another. Workers exit
+  when the sweep's main process dies, even by kill -9 (lifeline.py).
 - `ray`: Ray remote tasks (`ray.init(address=...)`: none starts a local Ray, `auto` joins the
   running cluster, `ray://host:port` a remote one). Ray is imported only when this executor is
   used. A task returns its result files to the driver, which writes them, so workers need no
@@ -95,29 +96,42 @@ class LocalExecutor(Executor):
     def run(self, tasks: list[PointTask], points_dir: Path, on_done: OnDone) -> None:
         if not tasks:
             return
-        n = self.pool_size(len(tasks))
-        tasks = list(tasks)
-        if n > 1:  # the first point here: the pool starts only when the rest is worth its start-up
-            t0 = time.perf_counter()
-            on_done(run_point(tasks[0], str(points_dir)))
-            tasks = tasks[1:]
-            if (time.perf_counter() - t0) * len(tasks) < MIN_POOL_WORK_S:
-                n = 1
-        if n == 1 or len(tasks) < 2:
+        n = min(self.pool_size(len(tasks)), len(tasks))
+        if n == 1:
             for t in tasks:
                 on_done(run_point(t, str(points_dir)))
             return
-        n = min(n, len(tasks))
+        pool = self._pool(n - 1)
+        try:
+            self._drive(pool, n, list(tasks), points_dir, on_done)
+        except BaseException:
+            # Ctrl-C: cancel what has not started (explicitly: a collected pool would go on through
+            # its queue). Points already running die with the signal or finish, and either way leave
+            # a complete directory or none; wait for them unless interrupted again.
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+
+    @staticmethod
+    def _pool(size: int) -> ProcessPoolExecutor:
         ctx = mp.get_context(_start_method())
         if ctx.get_start_method() == "forkserver":  # workers fork from a server with moesim imported
             ctx.set_forkserver_preload(_PRELOAD)
-        pool = ProcessPoolExecutor(max_workers=n - 1, mp_context=ctx,
-                                   initializer=watch_driver, initargs=(os.getpid(),))
-        queue = list(tasks)
-        queue.reverse()  # pop() takes the next point in order
+        return ProcessPoolExecutor(max_workers=size, mp_context=ctx, initializer=watch_driver,
+                                   initargs=(os.getpid(),))
+
+    def _drive(self, pool: ProcessPoolExecutor, n: int, tasks: list[PointTask], points_dir: Path,
+               on_done: OnDone) -> None:
+        """The pool gets one point per worker at once (its start-up overlaps this process's first
+        point); once that first point's time is known, the pool is kept fed (two points queued per
+        worker) only if the rest would take MIN_POOL_WORK_S or more one after another."""
+        queue = tasks[::-1]  # pop() takes the next point in order
         futures: dict = {}
         pending: set = set()
-        ahead = 2 * (n - 1)  # points queued to the pool: one running and one waiting per worker
+        ahead, parallel, timed = n - 1, True, False
 
         def finished(done) -> None:
             for f in sorted(done, key=lambda f: futures[f].index):
@@ -132,7 +146,7 @@ class LocalExecutor(Executor):
 
         try:
             while queue or pending:
-                while queue and len(pending) < ahead:
+                while parallel and queue and len(pending) < ahead:
                     t = queue.pop()
                     f = pool.submit(run_point, t, str(points_dir))
                     futures[f] = t
@@ -144,22 +158,19 @@ class LocalExecutor(Executor):
                     continue
                 mine = queue.pop() if queue else self._take_back(pending, futures)
                 if mine is not None:  # this process computes too
+                    t0 = time.perf_counter()
                     on_done(run_point(mine, str(points_dir)))
+                    if not timed:
+                        timed = True
+                        parallel = (time.perf_counter() - t0) * len(queue) >= MIN_POOL_WORK_S
+                        ahead = 2 * (n - 1)
                     continue
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 finished(done)
         except BaseException:
-            # Ctrl-C: cancel what has not started (explicitly: a collected pool would go on through
-            # its queue). Points already running die with the signal or finish, and either way leave
-            # a complete directory or none; wait for them unless interrupted again.
             for f in futures:
                 f.cancel()
-            try:
-                pool.shutdown(wait=True, cancel_futures=True)
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)
             raise
-        pool.shutdown(wait=True)
 
     @staticmethod
     def _take_back(pending: set, futures: dict) -> PointTask | None:
@@ -172,9 +183,9 @@ class LocalExecutor(Executor):
 
 
 _PRELOAD = ["moesim.sweep.worker", "moesim.engine.run", "moesim.results"]
-# A pool pays off when the points left would take this long one after another: starting it costs
-# about 0.6 s per worker on 2 shared cores (issue #16's measurement), several times over on a
-# loaded machine, and the first points it runs compete with that start-up.
+# The pool is fed beyond its first points when those left would take this long one after another:
+# starting it costs about 0.6 s per worker on 2 shared cores (issue #16's measurement), several
+# times over on a loaded machine.
 MIN_POOL_WORK_S = 5.0
 
 

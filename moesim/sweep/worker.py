@@ -52,7 +52,11 @@ def _status(task: PointTask, status: str, started: float, error: str | None = No
 
 def _simulate_into(task: PointTask, tmp: Path) -> dict:
     """Run the point and write its result files into `tmp`; the status dict (done or failed)."""
-    started = time.time()
+    started, cpu0 = time.time(), time.process_time()
+
+    def cpu() -> dict:   # CPU time this process spent on the point: wall_s / cpu_s tells contention
+        return {"cpu_s": round(time.process_time() - cpu0, 6)}
+
     try:
         from ..config import apply_overrides, scenario_from_dict
         from ..engine.run import simulate
@@ -64,11 +68,11 @@ def _simulate_into(task: PointTask, tmp: Path) -> dict:
         write_result(result, tmp)
         s = result.summary
         headline = {"tokens_per_s": s.get("tokens_per_s"), "gpu_hit_rate": s.get("gpu_hit_rate")}
-        return _status(task, "done", started, headline=headline)
+        return _status(task, "done", started, **cpu(), headline=headline)
     except InputError as e:
-        return _status(task, "failed", started, str(e), error_type="InputError")
+        return _status(task, "failed", started, str(e), **cpu(), error_type="InputError")
     except Exception as e:  # any bug in a point must not stop the sweep: record it
-        return _status(task, "failed", started, f"{type(e).__name__}: {e}", error_type=type(e).__name__,
+        return _status(task, "failed", started, f"{type(e).__name__}: {e}", **cpu(), error_type=type(e).__name__,
                        traceback=traceback.format_exc())
 
 
