@@ -136,3 +136,21 @@ def test_moesim_imports_without_torch():
             "moesim.real.scale; assert 'torch' not in sys.modules, 'torch imported eagerly'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
+
+
+def test_replay_keeps_the_scenarios_runtime(tmp_path):
+    """`--set runtime=...` reaches the scaled scenario: its simulation charges the host costs (a
+    per-layer host cost that dominates the step makes the replay slower by about that much)."""
+    sc = _scenario(tmp_path)
+    rt = {"layer_host_us": 5000.0, "source": {"layer_host_us": "test fixture"}}
+    rt_path = tmp_path / "rt.yaml"
+    rt_path.write_text(yaml.safe_dump(rt))
+    _run([sc, "-o", tmp_path / "none", "--quiet"])
+    _run([sc, "-o", tmp_path / "rt", "--quiet", "--set", f"runtime={rt_path}"])
+    written = yaml.safe_load((tmp_path / "rt" / "scenario.yaml").read_text())
+    assert written["runtime"]["layer_host_us"] == 5000.0
+    a = json.loads((tmp_path / "none" / "summary.json").read_text())
+    b = json.loads((tmp_path / "rt" / "summary.json").read_text())
+    assert "runtime" not in yaml.safe_load((tmp_path / "none" / "scenario.yaml").read_text())
+    assert b["host"]["busy_s"] >= a["steps"] * TINY["num_layers"] * 5e-3 * 0.999
+    assert b["makespan_s"] > a["makespan_s"] + a["steps"] * TINY["num_layers"] * 4e-3
