@@ -139,8 +139,7 @@ def test_moesim_imports_without_torch():
 
 
 def test_replay_keeps_the_scenarios_runtime(tmp_path):
-    """`--set runtime=...` reaches the scaled scenario: its simulation charges the host costs (a
-    per-layer host cost that dominates the step makes the replay slower by about that much)."""
+    """`--set runtime=...` reaches the scaled scenario: its simulation charges the host costs."""
     sc = _scenario(tmp_path)
     rt = {"layer_host_us": 5000.0, "source": {"layer_host_us": "test fixture"}}
     rt_path = tmp_path / "rt.yaml"
@@ -153,4 +152,4 @@ def test_replay_keeps_the_scenarios_runtime(tmp_path):
     b = json.loads((tmp_path / "rt" / "summary.json").read_text())
     assert "runtime" not in yaml.safe_load((tmp_path / "none" / "scenario.yaml").read_text())
     assert b["host"]["busy_s"] >= a["steps"] * TINY["num_layers"] * 5e-3 * 0.999
-    assert b["makespan_s"] > a["makespan_s"] + a["steps"] * TINY["num_layers"] * 4e-3
+    assert b["makespan_s"] > a["makespan_s"]  # host work partly hides behind the loads, never speeds up
