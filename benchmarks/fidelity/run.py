@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "reports" / "fidelity"))
     ap.add_argument("--profiles", default=str(HERE / "profiles" / "rows"), help="where each row's profile goes")
     ap.add_argument("--repeat", type=int, default=3, help="real runs per row (median and spread)")
+    ap.add_argument("--fresh", action="store_true", help="start a new fidelity.csv (default: rows run now replace "
+                                                         "their earlier rows, the others are kept)")
     ap.add_argument("--deadline", default=None, help="HH:MM (UTC): start no row that would end after it "
                                                      "(estimated from the slowest row so far)")
     ap.add_argument("--nice", type=int, default=0,
@@ -189,6 +191,9 @@ def main() -> None:
     cmd = moesim_cmd()
     log = open(out / "commands.log", "a")  # noqa: SIM115 - open for the whole run
     csv_path = out / "fidelity.csv"
+    import pandas as pd
+
+    kept = pd.read_csv(csv_path) if csv_path.exists() and not args.fresh else None
     rows, slowest = [], 0.0
     deadline = None
     if args.deadline:
@@ -275,10 +280,9 @@ def main() -> None:
         row["profile"] = str(prof.relative_to(ROOT)) if prof.is_relative_to(ROOT) else str(prof)
         slowest = max(slowest, row["row_seconds"])
         rows.append(row)
-        import pandas as pd
-
-        pd.DataFrame(rows).to_csv(csv_path, index=False)  # after every row: a cut-off run keeps what it did
-        (out / "fidelity.md").write_text(table_md(pd.DataFrame(rows)))
+        table = merged(rows, None if args.fresh else kept)
+        table.to_csv(csv_path, index=False)  # after every row: a cut-off run keeps what it did
+        (out / "fidelity.md").write_text(table_md(table))
         print(f"{rid:28s} makespan sim {row['makespan_s_sim']:.2f} s, real median {med_sum['makespan_s']:.2f} s "
               f"({100 * row['makespan_s_err']:+.1f}%; hardware-only {100 * row['hw_only_makespan_err']:+.1f}%), "
               f"real spread {100 * row['real_spread']:.1f}%, calibrated {100 * row['calibrated_makespan_err']:+.1f}%, "
@@ -286,18 +290,35 @@ def main() -> None:
     print(f"wrote {csv_path} and {out / 'fidelity.md'}")
 
 
+def merged(rows: list[dict], kept):
+    """This run's rows, plus the earlier rows it did not re-run, in the table's row order."""
+    import pandas as pd
+
+    new = pd.DataFrame(rows)
+    if kept is not None and len(kept):
+        new = pd.concat([kept[~kept["row"].isin(new["row"])], new], ignore_index=True)
+    order = {rid_of(*r): i for i, r in enumerate(row_ids(""))}
+    return new.sort_values("row", key=lambda c: c.map(order)).reset_index(drop=True)
+
+
 def table_md(df) -> str:
-    L = [("| model | predictor | cache (experts, % of all) | batch | hit rate sim / real | tokens/s sim | tokens/s "
-          "real (median) | real spread | makespan error | hardware-only error | TPOT error | calibrated error "
-          "| load avg |"),
+    """The README's table: the simulation (profile + measured runtime) against the median real run."""
+    import ast
+
+    L = [("| model | predictor | cache (experts, % of all) | batch | hit rate sim / real | makespan s sim | makespan s "
+          "real: median (min–max) | real spread | error | hardware-only error | calibrated error | tokens/s sim / "
+          "real | load avg before / after the real runs |"),
          "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for _, r in df.iterrows():
+        spans = r["real_makespans"]
+        spans = ast.literal_eval(spans) if isinstance(spans, str) else list(spans)
         L.append(f"| {r['model']} | {r['predictor']} | {r['cache_experts']} ({100 * r['cache_pct']:.0f}%) | "
                  f"{r['batch']} | {100 * r['hit_rate_sim']:.1f}% / {100 * r['hit_rate_real']:.1f}% | "
-                 f"{r['tokens_per_s_sim']:.2f} | {r['tokens_per_s_real']:.2f} | {100 * r['real_spread']:.1f}% | "
-                 f"{100 * r['makespan_s_err']:+.1f}% | {100 * r['hw_only_makespan_err']:+.1f}% | "
-                 f"{100 * r['tpot_ms.mean_err']:+.1f}% | {100 * r['calibrated_makespan_err']:+.1f}% | "
-                 f"{r['load_avg_before']:.1f} |")
+                 f"{r['makespan_s_sim']:.1f} | {r['makespan_s_real']:.1f} ({min(spans):.1f}–{max(spans):.1f}) | "
+                 f"{100 * r['real_spread']:.1f}% | **{100 * r['makespan_s_err']:+.1f}%** | "
+                 f"{100 * r['hw_only_makespan_err']:+.1f}% | {100 * r['calibrated_makespan_err']:+.1f}% | "
+                 f"{r['tokens_per_s_sim']:.2f} / {r['tokens_per_s_real']:.2f} | "
+                 f"{r['load_avg_before']:.1f} / {r['load_avg_after_real']:.1f} |")
     return "\n".join(L) + "\n"
 
 
