@@ -52,10 +52,11 @@ def main() -> None:
         runs = ", ".join(f"{v:.2f}" for v in ast.literal_eval(r["real_disk_read_ms_runs"]) if v is not None)
         att = r["attention_ms_per_layer_decode_real"] / r["attention_ms_per_layer_decode_sim"]
         comp = r["compute_ms_per_layer_decode_real"] / r["compute_ms_per_layer_decode_sim"]
-        print(f"| {r['row']} | {100 * r['makespan_s_err']:+.1f}% | {disk['expert_read']['median']:.2f} / "
+        print((f"| {r['row']} | {100 * r['makespan_s_err']:+.1f}% | {disk['expert_read']['median']:.2f} / "
               f"{disk['expert_read_in_sweep']['median']:.2f} | {runs or '–'} | {att:.2f} | {comp:.2f} | "
               f"{s['hit_stall']:.2f} / {x['hit_stall']:.2f} | {s['miss_stall']:.2f} / {x['miss_stall']:.2f} "
               f"({x['misses_per_miss_layer']:.1f}) | {s['step_gap']:.2f} / {x['step_gap']:.2f} |")
+              .replace("nan / nan (nan)", "–").replace("nan / nan", "–"))
 
 
 if __name__ == "__main__":
