@@ -1,6 +1,6 @@
 """Fidelity of moesim on this machine: simulated (with the measured profile and runtime) vs real.
 
-    nice -n -10 python benchmarks/fidelity/run.py --repeat 3   # every row: profile, 3 real runs, sims
+    python benchmarks/fidelity/run.py --nice -10 --quick-profile   # every row: profile, 3 real runs, sims
     python benchmarks/fidelity/run.py --rows olmoe-on_demand-c64-b1 --repeat 1   # one row (time it first)
     python benchmarks/fidelity/run.py --rows olmoe-on_demand-c64-b1,qwen-oracle-c96-b8   # rows in this order
 
