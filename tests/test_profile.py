@@ -58,6 +58,8 @@ def test_profile_quick_writes_a_valid_measured_profile(tmp_path):
     assert rt.layer_host_us > 0 and rt.step_host_us > 0 and rt.readback_us > 0 and rt.copy_slowdown >= 1
     assert set(rt.dequant_gbps) == {"int8", "int4"} and all(v > 0 for v in rt.dequant_gbps.values())
     assert rt.lm_head_table.tokens[0] == 1 and rt.attention_grid.ms[0][0] > 0
+    assert rt.attention_grid.context[:2] == [32.0, 64.0]  # short decode contexts interpolate, not clamp
+    assert side["runtime"]["layer_bookkeeping_batch"]["experts"] > side["runtime"]["layer_bookkeeping"]["experts"]
     for k in ("step_host_us", "layer_host_us", "readback_us", "copy_slowdown", "dequant_gbps", "lm_head_table"):
         assert rt.source[k].startswith("measured by moesim profile"), k
     assert side["runtime"]["copy_slowdown"]["copies"] > 0

@@ -250,3 +250,27 @@ def test_runtime_list_and_show():
     assert r.exit_code == 0 and yaml.safe_load(r.output)["blocking_readback"] is True
     r = CliRunner().invoke(main, ["runtime", "show", "nope"])
     assert r.exit_code == 2 and "unknown runtime 'nope'" in r.output
+
+
+def test_attention_grid_times_decode_and_the_table_times_prefill():
+    """A measured runtime grid (sequences x context) gives a decode step's attention; a prefill of S
+    sequences of n tokens each is S one-sequence prefills of the profile's table, not n decode steps."""
+    from moesim.hardware.costs import CostModel
+    from moesim.hardware.profile import HardwareProfile
+    from moesim.hardware.runtime import runtime_from_dict
+    from moesim.models import ModelSpec
+    from moesim.validate import fixed_profile
+
+    prof = fixed_profile()
+    prof["measured"]["attention_ms"] = {"tokens": [1, 16, 32, 256], "ms": [1.0, 4.0, 5.0, 30.0]}
+    hw = HardwareProfile.model_validate(prof)
+    rt = runtime_from_dict(_src(attention_grid={"sequences": [1, 8], "context": [32, 128],
+                                                "ms": [[2.0, 3.0], [10.0, 14.0]]}))
+    cm = CostModel(ModelSpec.model_validate(TINY_MODEL), hw, rt)
+    assert cm.attention_s(1, 64, 1) == pytest.approx((2.0 + (3.0 - 2.0) * 32 / 96) * 1e-3)  # grid, decode
+    assert cm.attention_s(8, 8 * 32, 8) == pytest.approx(10.0e-3)
+    assert cm.attention_s(32, 32, 1) == pytest.approx(5.0e-3)         # prefill: the table at 32 tokens
+    assert cm.attention_s(256, 256, 8) == pytest.approx(8 * 5.0e-3)   # 8 prefills of 32 tokens
+    no_table = CostModel(ModelSpec.model_validate(TINY_MODEL),
+                         HardwareProfile.model_validate({k: v for k, v in prof.items() if k != "measured"}), rt)
+    assert no_table.attention_s(32, 32, 1) == pytest.approx(32 * 2.0e-3)  # no table: the grid, per token

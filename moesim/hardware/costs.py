@@ -103,9 +103,12 @@ class CostModel:
             return 0.0
         m = self.model
         grid = self._rt.attention_grid
-        if grid is not None:
-            seqs = max(sequences, 1)
+        seqs = max(sequences, 1)
+        if grid is not None and (new_tokens <= seqs or self._attn_table is None):
             return grid.ms_at(seqs, context_tokens / seqs) * 1e-3 * (new_tokens / seqs if new_tokens > seqs else 1.0)
+        if grid is not None:  # a prefill: the profile's table is one causal sequence of N tokens, per sequence
+            t = seqs * _interp_ms(self._attn_table, new_tokens / seqs) * 1e-3
+            return t + self._dequant_s("attention", m.attention_params)
         if self._attn_table is not None:
             t = _interp_ms(self._attn_table, new_tokens) * 1e-3
             return t if self.runtime is None else t + self._dequant_s("attention", m.attention_params)

@@ -19,6 +19,8 @@ import time
 import numpy as np
 
 MiB = 1 << 20
+BOOKKEEPING_BATCH = 8        # tokens of the second bookkeeping point (its distinct experts give the per-expert term)
+SHORT_CONTEXTS = (32, 64)    # attention grid contexts added below the profiler's grid
 
 
 def _us(stats) -> float:
@@ -26,13 +28,21 @@ def _us(stats) -> float:
 
 
 def layer_bookkeeping(p, tokens: int = 1) -> dict:
-    """The replay's per-layer host work for `tokens` tokens, without attention or expert kernels."""
+    """The replay's per-layer host work for `tokens` tokens, without attention or expert kernels:
+    grouping the routed tokens by expert, one index tensor per expert, the cache tier's hit and pin
+    under a lock, the per-kernel timer and sync, and the unpins (every expert resident)."""
+    from ..cache.tiers import Tier
+
     torch, m = p.torch, p.model
     K, E = m.top_k, m.num_experts
     rng = np.random.default_rng(0)
     routing = rng.integers(0, E, size=(tokens, K)).astype(np.int64)
     lock = threading.Lock()
-    cache: dict[int, int] = {i: i for i in range(0, E, 2)}
+    tier = Tier("gpu", E, "lru", "global", E, 1)
+    for k in range(E):
+        tier.reserve(k, -1)
+        tier.complete(k)
+    distinct = int(np.unique(routing).size)
 
     def layer():
         flat = routing.reshape(-1)
@@ -42,10 +52,29 @@ def layer_bookkeeping(p, tokens: int = 1) -> dict:
         lo, hi = np.searchsorted(srt, keys, "left"), np.searchsorted(srt, keys, "right")
         rows = order // K
         groups = [torch.as_tensor(rows[a:b], device=p.device) for a, b in zip(lo.tolist(), hi.tolist())]
+        pinned = []
         with lock:
-            hits = [cache.get(k) for k in keys.tolist()]
-        return groups, hits
-    return {"tokens": tokens, **p.bench(layer, warmup=20, repeats=400, budget=p.budget).as_dict(1e6)}
+            for pos, k in enumerate(keys.tolist()):
+                if tier.hit(k, pos):
+                    tier.pin(k)
+                    pinned.append(k)
+        for _ in groups:  # the replay's per-kernel timer (the kernel itself is in the expert table)
+            t = time.perf_counter()
+            p.sync()
+            time.perf_counter() - t
+        with lock:
+            for k in pinned:
+                tier.unpin(k)
+        return groups
+    return {"tokens": tokens, "experts": distinct,
+            **p.bench(layer, warmup=20, repeats=400, budget=p.budget).as_dict(1e6)}
+
+
+def bookkeeping_fit(one: dict, many: dict) -> tuple[float, float]:
+    """(per-layer us, per-expert us) through two bookkeeping points with different expert counts."""
+    dn = many["experts"] - one["experts"]
+    per_expert = max(0.0, (many["median"] - one["median"]) / dn) if dn > 0 else 0.0
+    return max(0.0, one["median"] - per_expert * one["experts"]), per_expert
 
 
 def step_setup(p, sequences: int = 1, context: int = 128) -> dict:
@@ -183,6 +212,7 @@ def measure_runtime(p, contexts_grid: list[dict], log=lambda m: None) -> dict:
     with p.torch.inference_mode():
         meas = {
             "layer_bookkeeping": layer_bookkeeping(p),
+            "layer_bookkeeping_batch": layer_bookkeeping(p, BOOKKEEPING_BATCH),
             "step_setup": step_setup(p),
             "readback": readback(p),
             "expert_dispatch": expert_dispatch_cuda(p) if p.cuda else None,
@@ -191,13 +221,23 @@ def measure_runtime(p, contexts_grid: list[dict], log=lambda m: None) -> dict:
             "copy_slowdown": copy_slowdown(p),
             "dequant": dequant(p, (8 if p.quick else 32) * MiB),
         }
-    meas["attention_grid"] = contexts_grid
+    grid = list(contexts_grid)
+    have = {(r["batch"], r["context"]) for r in grid}
+    batches = sorted({r["batch"] for r in grid})
+    low = [c for c in SHORT_CONTEXTS if c < min(r["context"] for r in grid)] if grid else []
+    if low:  # short contexts too, so that a decode at context 30-100 interpolates, not clamps
+        log(f"runtime: attention at short contexts {low} ...")
+        with p.torch.inference_mode():
+            grid += [r for r in p.attention_decode_grid(batches, low) if (r["batch"], r["context"]) not in have]
+    meas["attention_grid"] = grid
     return meas
 
 
 def runtime_doc(meas: dict, by: str, name: str, cuda: bool) -> dict:
     """A runtime YAML (every number sourced) from `measure_runtime`'s measurements."""
     lb, ss, rb = meas["layer_bookkeeping"], meas["step_setup"], meas["readback"]
+    lb8 = meas.get("layer_bookkeeping_batch")
+    layer_us, per_expert_us = bookkeeping_fit(lb, lb8) if lb8 else (lb["median"], 0.0)
     cs, dq = meas["copy_slowdown"], meas["dequant"]
     grid = meas["attention_grid"]
     seqs = sorted({r["batch"] for r in grid})
@@ -208,12 +248,12 @@ def runtime_doc(meas: dict, by: str, name: str, cuda: bool) -> dict:
         "description": f"moesim replay --real's loop on this machine ({'CUDA' if cuda else 'CPU'}), measured by "
                        "moesim profile",
         "step_host_us": _sig(ss["median"]),
-        "layer_host_us": _sig(lb["median"]),
+        "layer_host_us": _sig(layer_us),
         "blocking_readback": True,
         "readback_us": _sig(rb["tolist"]["median"]),
         "blocking_loads": False,
         "synchronous_compute": not cuda,
-        "expert_dispatch_us": _sig(meas["expert_dispatch"]["median"]) if cuda else 0.0,
+        "expert_dispatch_us": _sig(meas["expert_dispatch"]["median"] if cuda else per_expert_us),
         "copy_slowdown": _sig(max(1.0, cs["slowdown"])),
         "dequant_gbps": {k: _sig(v["gbps"]) for k, v in dq.items()},
     }
@@ -225,9 +265,12 @@ def runtime_doc(meas: dict, by: str, name: str, cuda: bool) -> dict:
     src = {
         "step_host_us": f"{by}: the replay's step geometry for one sequence (slot/position arrays, index tensors), "
                         f"median of {ss['n']} (p10-p90 {ss['p10']:.3g}-{ss['p90']:.3g} us)",
-        "layer_host_us": f"{by}: the replay's per-layer bookkeeping for one token without kernels (numpy grouping "
-                         f"of routed tokens by expert, one index tensor per expert, cache look-ups under a lock), "
-                         f"median of {lb['n']} (p10-p90 {lb['p10']:.3g}-{lb['p90']:.3g} us)",
+        "layer_host_us": (f"{by}: the replay's per-layer bookkeeping without kernels (numpy grouping of routed "
+                          f"tokens by expert, an index tensor, cache hit/pin/unpin under a lock and a kernel timer "
+                          f"per expert): {lb['median']:.3g} us for 1 token ({lb.get('experts', '?')} experts, p10-p90 "
+                          f"{lb['p10']:.3g}-{lb['p90']:.3g})"
+                          + (f", {lb8['median']:.3g} us for {lb8['tokens']} tokens ({lb8['experts']} experts); the "
+                             f"per-layer part of the line through the two" if lb8 else "")),
         "blocking_readback": "moesim replay --real synchronises after each layer's attention before it routes",
         "readback_us": f"{by}: top-k indices of one token copied to a Python list (.tolist()), median of "
                        f"{rb['tolist']['n']}; with the top-k itself {rb['topk_and_tolist']['median']:.3g} us",
@@ -243,6 +286,9 @@ def runtime_doc(meas: dict, by: str, name: str, cuda: bool) -> dict:
     if cuda:
         src["expert_dispatch_us"] = (f"{by}: host time to launch one 1-token expert's kernels without waiting, "
                                      f"median of {meas['expert_dispatch']['n']}")
+    elif per_expert_us > 0:
+        src["expert_dispatch_us"] = (f"{by}: the per-expert slope of the layer bookkeeping ({lb['experts']} and "
+                                     f"{lb8['experts']} experts; the kernel itself is in the expert table)")
     if "lm_head_table" in doc:
         src["lm_head_table"] = f"{by}: final norm + vocabulary projection by tokens, medians"
     doc["source"] = src

@@ -148,7 +148,7 @@ def prepare(scenario_path, outdir, overrides=(), scale: float = 1.0, layers: int
         "predictor": {"name": orig.predictor.name, **orig.predictor.params},
         "batch": orig.batch.model_dump(mode="json"),
     }
-    if orig.runtime is not None:  # the simulation of the scaled scenario charges the same software costs
+    if orig.runtime is not None:  # the software costs go with the scenario (its sim uses them)
         data["runtime"] = orig.runtime.model_dump(mode="json", exclude_none=True)
     text = ("# Scaled scenario written by `moesim replay` (simulate it with `moesim run` on this file).\n"
             + "".join(f"# {n}\n" for n in notes)
