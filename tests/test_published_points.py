@@ -28,8 +28,18 @@ def _overrides(point: dict) -> list[str]:
             for k, v in (point.get("set") or {}).items()]
 
 
+def _source_name(point: dict) -> str:
+    """The publication a point comes from: its source up to the first comma or parenthesis."""
+    return point["source"].split(",")[0].split(" (")[0]
+
+
 def test_something_is_published():
     assert len(POINTS) >= 2 and len(SCENARIOS) >= 3
+
+
+def test_three_published_sources():
+    """Issue 15 item 5: at least three published sources, every one on a named GPU."""
+    assert len({_source_name(p) for _, p in _all_points()}) >= 3
 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
@@ -53,8 +63,10 @@ def test_points_file_shape(path):
 @pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
 def test_each_point_names_a_source_a_group_and_one_measurement(path):
     for p in _spec(path)["points"]:
-        assert set(p) == {"name", "scenario", "set", "source", "group", "holdout",
-                          "tpot_ms" if "tpot_ms" in p else "tokens_per_s"}, p["name"]
+        measurement = "tpot_ms" if "tpot_ms" in p else "tokens_per_s"
+        optional = {"throughput"} if measurement == "tokens_per_s" else set()
+        assert {"name", "scenario", "set", "source", "group", "holdout", measurement} <= set(p), p["name"]
+        assert set(p) - {"name", "scenario", "set", "source", "group", "holdout", measurement} <= optional, p["name"]
         assert len(p["source"]) > 40 and any(w in p["source"] for w in ("Table", "table")), p["name"]
         assert p["group"] and isinstance(p["holdout"], bool)
         value = p.get("tpot_ms", p.get("tokens_per_s"))
@@ -89,10 +101,10 @@ def test_exactly_one_whole_source_is_held_out():
     fitted point somewhere."""
     by_source = defaultdict(list)
     for _, p in _all_points():
-        by_source[p["source"].split(",")[0].split(" (")[0]].append(p["holdout"])
+        by_source[_source_name(p)].append(p["holdout"])
     held_out = [s for s, flags in by_source.items() if all(flags)]
     assert len(held_out) == 1, list(by_source)
-    assert len(by_source) >= 2
+    assert len(by_source) >= 3
 
 
 def test_three_named_gpus_and_a_prefetch_ablation():
@@ -134,3 +146,24 @@ def test_each_group_has_exactly_one_fitted_cell():
             fitted[p["group"]].add(p["name"])
     assert sorted(len(fitted[g]) for g in groups).count(0) == 1
     assert all(len(fitted[g]) <= 1 for g in groups)
+
+
+@pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
+def test_points_file_loads_as_calibrate_reads_it(path):
+    """`moesim calibrate`'s own loader accepts the file (measurement kinds, throughput, free fields)."""
+    from moesim.calibrate import load_points
+
+    spec, points = load_points(path)
+    assert [p.spec.name for p in points] == [p["name"] for p in _spec(path)["points"]]
+
+
+def test_end_to_end_points_run_one_batch_at_once():
+    """An end-to-end tokens/s (prefill included, one generate() call of `batch` prompts) is
+    compared with moesim's output tokens / makespan, so the trace must be exactly one batch."""
+    seen = 0
+    for pf, p in _all_points():
+        if p.get("throughput") == "end_to_end":
+            sc = load_scenario(pf.parent / p["scenario"], _overrides(p))
+            assert sc.trace.synthetic.requests == sc.batch.size, p["name"]
+            seen += 1
+    assert seen
