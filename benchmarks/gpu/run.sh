@@ -50,6 +50,22 @@ if has rows; then
   done
   rm -rf "$W/work"
 fi
+if has profile_quick; then
+  step 120 $M profile --device "$DEV" --model olmoe-1b-7b --scale 0.25 --context 64 -o "$W/quick/h200-quick.yaml" --disk-dir "$W" --quick
+fi
+if has preattn; then  # replay --real with the pre-attention predictor: scaled trace, a tiny checkpoint, the real run
+  SC=benchmarks/gpu/pre-attention.yaml; P=$W/preattn; PA=(--set predictor.name=pre_attention --set predictor.checkpoint=$P/p.pt --set predictor.latency_us=0)
+  step 60 $M replay "$SC" --scale 0.25 -o "$P/sim0" --quiet &&
+  step 120 $M predictor train pre_attention --trace "$P/sim0/trace.parquet" --preset tiny --epochs 3 -o "$P/p.pt" --device "$DEV" --quiet &&
+  step 120 $M replay --real "$SC" --scale 0.25 --device "$DEV" "${PA[@]}" -o "$P/real" --quiet &&
+  step 60 $M replay "$SC" --scale 0.25 "${PA[@]}" -o "$P/sim" --quiet
+  rm -f "$P"/*/trace.parquet
+fi
+if has benches; then  # the CPU benchmarks on this quiet machine (ratios against baselines in the same run)
+  step 120 python3 benchmarks/bench_cache.py --universe 3000 --alpha 1.2
+  step 200 python3 benchmarks/bench_sweep.py
+  step 300 python3 benchmarks/bench_engine.py ${ENGINE_ARGS:-}
+fi
 say "done"
 rm -f "$W"/*.bin "$W"/*.dat 2>/dev/null
 find "$W" -name '*.bin' -size +10M -delete 2>/dev/null
