@@ -51,22 +51,27 @@ class _Clock:
         self.now = now
 
 
-class FastSimulation(Simulation):
-    """A Simulation whose `run` walks the steps in plain Python (see the module docstring);
-    `Simulation.run(sim)` still runs it on the SimPy engine."""
+class FastPath:
+    """Runs a Simulation's steps in plain Python (see the module docstring): `FastPath(sim).run()`
+    in place of `sim.run()`, for a sim with nothing `unsupported`."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._slots = self.pcie.slots
-        self._d = self.cost.pcie_s(self.eb)  # every copy is one expert: the same duration
-        self._ecs: dict[int, float] = {}      # tokens -> one expert kernel's time
-
-    def run(self):
-        why = unsupported(self)
+    def __init__(self, sim: Simulation):
+        why = unsupported(sim)
         if why is not None:
             raise ValueError(f"the fast path does not model {why}")
-        now = 0.0
-        sched, rec, cost, m = self.sched, self.rec, self.cost, self.model
+        self.sim = sim
+        self.gpu, self.rec, self.cost, self.cfg, self.pcie = sim.gpu, sim.rec, sim.cost, sim.cfg, sim.pcie
+        self.L, self.eb = sim.L, sim.eb
+        self.pos = sim.pos
+        self._slots = sim.pcie.slots
+        self._d = sim.cost.pcie_s(sim.eb)  # every copy is one expert: the same duration
+        self._ecs: dict[int, float] = {}   # tokens -> one expert kernel's time
+
+    def run(self):
+        """Every step, as Simulation.run does; returns the Recorder."""
+        sim = self.sim
+        now = 0  # an int, as SimPy's clock starts (it shows in the first arrival time's dtype)
+        sched, rec, cost, m = sim.sched, self.rec, self.cost, sim.model
         while True:
             plan = sched.next_step(now)
             if plan is None:
@@ -75,28 +80,29 @@ class FastSimulation(Simulation):
                 rec.idle_s += plan - now
                 now = now + (plan - now)
                 continue
-            view = self.view = _View(self, plan)
+            view = sim.view = _View(sim, plan)
             t_step = now
             rec.step_start(plan, t_step)
             dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
                                             + cost.dense_ffn_s(plan.tokens))
-            if dense + 0.0 > 0:
+            if dense + 0.0 > 0:  # (+ 0.0: the on_step_start hook's time, as the SimPy driver adds it)
                 rec.compute_s += dense + 0.0
                 now = now + (dense + 0.0)
             attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
             for layer in range(self.L):
                 now = self._layer(plan, layer, now, attn)
             view.gated = self.L - 1
-            self.predictor.on_step_end(view)
+            sim.predictor.on_step_end(view)
             head = cost.lm_head_s(plan.tokens)
             if head > 0:
                 rec.compute_s += head
                 now = now + head
             rec.step_end(plan, t_step, now)
-        self.env = _Clock(now)
-        self._release(None)
-        self.rec.finish(self)
-        return self.rec
+        sim.pos = self.pos
+        sim.env = _Clock(now)
+        sim._release(None)
+        rec.finish(sim)
+        return rec
 
     def _layer(self, plan: StepPlan, layer: int, now: float, attn: float) -> float:
         """One MoE layer from `now` (its start): attention, gate, hits and demand copies, expert
@@ -106,10 +112,11 @@ class FastSimulation(Simulation):
         pre = 0.0
         now = now + (pre + attn)
         t_gate = now
-        self.gated = (plan.index, layer)
-        self.view.gated = layer
+        sim = self.sim
+        sim.gated = (plan.index, layer)
+        sim.view.gated = layer
         keys, counts = plan.keys[layer], plan.counts[layer]
-        self.accessed.append(keys)
+        sim.accessed.append(keys)
         rec.pred_needed[layer] += len(keys) if self.cfg.dedup else len(set(keys.tolist()))
         busy, hit_keys, pending, copies, misses, saved = self._accesses(keys, counts,
                                                                         self.cost.shared_compute_s(plan.tokens))
@@ -197,7 +204,7 @@ class FastSimulation(Simulation):
             if flying is not None:
                 del flying[cp.key]
             return
-        self._evicted(evicted)
+        self.sim._evicted(evicted)
         pin = self.gpu.pin
         for _ in range(cp.pins):
             pin(cp.key)
@@ -241,3 +248,22 @@ class _Copy:
         self.pins = 0         # pins waiting for the GPU slot
         self.refs = 0         # accesses holding a pin on it until the layer ends
         self.start = self.end = -1.0
+
+
+ENGINE_JSON = "engine.json"
+
+
+def engine_line(engine: dict) -> str:
+    """The terminal line saying which engine ran a scenario, and why SimPy when it did."""
+    if engine["engine"] == "fast":
+        return "engine: fast (contention-free path, same results as the SimPy engine)"
+    return f"engine: simpy ({engine['reason']})"
+
+
+def write_engine_json(out, engine: dict) -> None:
+    """`engine.json` beside summary.json: {"engine": "fast" | "simpy", "reason": ...}. A file of its
+    own, so summary.json stays what it was before the fast path existed."""
+    import json
+    from pathlib import Path
+
+    Path(out, ENGINE_JSON).write_text(json.dumps(engine, indent=2) + "\n")

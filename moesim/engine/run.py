@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..hardware.costs import CostModel
 from ..predictors import registry
 from .scheduler import ArrivalSource, Scheduler, collect_keys
-from .fast import ENGINES, FastSimulation, unsupported
+from .fast import ENGINES, FastPath, unsupported
 from .sim import EngineConfig, Simulation
 
 
@@ -296,8 +296,8 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None, engine: s
 
         admit = kv_admission(sc)
         sched = make_scheduler(sc, requests(), reader.path, admit)
-        sim = FastSimulation(sc.model, cost, cfg, predictor, sched, next_use)
-        why = unsupported(sim) if engine != "simpy" else "--engine simpy"
+        sim = Simulation(sc.model, cost, cfg, predictor, sched, next_use)
+        why = unsupported(sim) if engine != "simpy" else "forced: --engine simpy"
         if engine == "fast" and why is not None:
             raise InputError(f"the fast engine does not model {why}: use --engine auto or simpy", field="engine")
         sim.rec.lengths = lengths
@@ -307,7 +307,7 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None, engine: s
         if progress is not None:
             sim.rec.on_step = progress(reader.num_rows // max(1, sc.model.num_layers))
         try:
-            rec = sim.run() if why is None else Simulation.run(sim)
+            rec = FastPath(sim).run() if why is None else sim.run()
         except BaseException:
             _unlink(spill)
             raise
