@@ -15,7 +15,7 @@ import numpy as np
 import simpy
 
 from ..cache.tiers import Tier
-from .channels import Channel
+from .channels import PREFETCH, Channel
 from ..hardware.costs import CostModel
 from ..models import ModelSpec
 from ..predictors.base import Predictor, Prefetch
@@ -147,6 +147,27 @@ class Simulation(LoadChain):
 
     def now(self) -> float:
         return self.env.now
+
+    def _start_prefetch(self, key: int, target: tuple[int, int]) -> Load:
+        """A prefetch with no DRAM tier (most of them): `_start_load` inlined. The load goes
+        straight onto the PCIe prefetch queue as a plain record and the channel is woken only when
+        a slot is free; most queued prefetches turn stale before they start and are dropped."""
+        if self.dram is not None:
+            return self._start_load(key, True, target)
+        load = Load(key, True, target, False)
+        self.loads[key] = load
+        cb = self._cb
+        if cb is None:
+            cb = self._callbacks()
+        load.nbytes = self.eb
+        load.priority = PREFETCH
+        load.on_done, load.on_start, load.stale = cb[0], cb[1], cb[4]
+        pcie = load.channel = self.pcie
+        load.queued_at = self.env.now
+        pcie.queues[PREFETCH].append(load)
+        if pcie.busy < pcie.slots:
+            pcie._dispatch()
+        return load
 
     def _landed(self, load: Load) -> None:
         for w in load.waiters:
