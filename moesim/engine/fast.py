@@ -14,8 +14,6 @@ on random scenarios.
 """
 from __future__ import annotations
 
-from operator import itemgetter
-
 from .channels import DEMAND
 from .plan import StepPlan
 from .sim import Simulation, _View
