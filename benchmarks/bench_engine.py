@@ -2,6 +2,7 @@
 same run, and peak memory at two trace lengths (flat = streaming works).
 
     python benchmarks/bench_engine.py            # ~1M token×expert accesses, every predictor family
+                                                 # (on_demand on the fast path and, forced, on SimPy)
     python benchmarks/bench_engine.py --quick    # smaller, for a smoke run
     python benchmarks/bench_engine.py --memory   # peak RSS at ~256k and ~4M accesses (on_demand)
 
@@ -36,7 +37,7 @@ def bare_simpy_events_per_s(n: int = 1_000_000) -> float:
     return n / (time.perf_counter() - t)
 
 
-def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str) -> dict:
+def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str, engine: str = "auto") -> dict:
     from moesim.config import scenario_from_dict
     from moesim.engine.run import simulate
 
@@ -45,11 +46,12 @@ def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str)
                                                                           "policy": policy}},
                              "predictor": {"name": predictor}, "batch": {"size": 1}})
     t = time.perf_counter()
-    res = simulate(sc)
+    res = simulate(sc, engine=engine)
     wall = time.perf_counter() - t
     s = res.summary
     return {"wall_s": wall, "pairs": s["token_expert_pairs"], "accesses": s["accesses"],
-            "misses": s["misses"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "misses": s["misses"], "engine": res.engine["engine"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def make_trace(path: Path, preset: str, requests: int, decode: int) -> None:
@@ -64,11 +66,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--memory", action="store_true", help="peak RSS at two trace lengths instead")
-    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        trace, preset, cap, policy, pred = a.child
-        print(json.dumps(run_one(trace, preset, int(cap), policy, pred)))
+        trace, preset, cap, policy, pred, engine = a.child
+        floor = bare_simpy_events_per_s(300_000)  # this run's own floor, just before it (shared cores drift)
+        print(json.dumps({**run_one(trace, preset, int(cap), policy, pred, engine), "floor": floor}))
         return
     preset = "olmoe-1b-7b"  # 16 layers × top-8 = 128 token×expert accesses per token
     decode = 60 if a.quick else 240
@@ -77,27 +80,30 @@ def main() -> None:
     else:
         sizes = {"short": 8, "long": 32} if not a.quick else {"short": 4, "long": 8}
     floor = bare_simpy_events_per_s(200_000 if a.quick else 1_000_000)
-    print(f"bare SimPy timeout loop: {floor / 1e6:.2f} M events/s")
-    print(f"{'trace':6s} {'policy':7s} {'predictor':11s} {'accesses':>9s} {'pairs':>9s} {'wall s':>7s} "
-          f"{'acc/s':>9s} {'vs floor':>8s} {'peak RSS MB':>11s}")
+    print(f"bare SimPy timeout loop: {floor / 1e6:.2f} M events/s (each row: its own, measured just before it)")
+    print(f"{'trace':6s} {'policy':7s} {'predictor':11s} {'engine':6s} {'accesses':>9s} {'pairs':>9s} {'wall s':>7s} "
+          f"{'acc/s':>9s} {'floor/s':>8s} {'vs floor':>8s} {'peak RSS MB':>11s}")
     rss = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, req in sizes.items():
             path = Path(tmp) / f"{name}.parquet"
             make_trace(path, preset, req, decode)
             if a.memory or name == "short":
-                combos = [("lru", "on_demand")]
-            else:
-                combos = [("lru", "on_demand"), ("lru", "oracle"), ("lru", "topk"), ("lru", "multilook"),
-                          ("lru", "intelligent"), ("belady", "on_demand")]
-            for policy, pred in combos:
-                out = subprocess.run([sys.executable, __file__, "--child", str(path), preset, "256", policy, pred],
+                combos = [("lru", "on_demand", "auto")]
+            else:  # auto: the fast path where the scenario allows it (on_demand), else SimPy
+                combos = [("lru", "on_demand", "auto"), ("lru", "on_demand", "simpy"), ("lru", "oracle", "auto"),
+                          ("lru", "topk", "auto"), ("lru", "multilook", "auto"), ("lru", "intelligent", "auto"),
+                          ("belady", "on_demand", "auto")]
+            for policy, pred, engine in combos:
+                out = subprocess.run([sys.executable, __file__, "--child", str(path), preset, "256", policy, pred,
+                                      engine],
                                      capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout)
                 rate = r["accesses"] / r["wall_s"]
                 rss[name] = r["peak_rss_mb"]
-                print(f"{name:6s} {policy:7s} {pred:11s} {r['accesses']:9d} {r['pairs']:9d} {r['wall_s']:7.2f} "
-                      f"{rate / 1e3:8.0f}k {rate / floor:8.3f} {r['peak_rss_mb']:11.0f}")
+                print(f"{name:6s} {policy:7s} {pred:11s} {r['engine']:6s} {r['accesses']:9d} {r['pairs']:9d} "
+                      f"{r['wall_s']:7.2f} "
+                      f"{rate / 1e3:8.0f}k {r['floor'] / 1e6:7.2f}M {rate / r['floor']:8.3f} {r['peak_rss_mb']:11.0f}")
     if a.memory:
         print(f"peak RSS 4M - 256k accesses: {rss['4M'] - rss['256k']:+.0f} MB")
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from .errors import InputError
 
 # every file `moesim run` writes into its directory (results.write_result, then report.render_run)
-RUN_FILES = ("summary.json", "steps.parquet", "requests.parquet", "events.parquet", "report.html", "whatif.json")
+RUN_FILES = ("summary.json", "steps.parquet", "requests.parquet", "events.parquet", "report.html", "whatif.json",
+             "engine.json")
 # folders a run keeps: `--why`'s what-if points (checked by scenario hash before reuse, advise/whatif.py)
 RUN_DIRS = ("whatif",)
 _LEFTOVER = re.compile(r"^\.(.+\.tmp-\d+|moesim-probe-.+)$")   # an interrupted run's temporary files

@@ -95,7 +95,8 @@ def test_a_rerun_replaces_the_earlier_runs_files(tmp_path, switch_yaml):
     assert (d / "events.parquet").exists()
     r = cli("run", switch_yaml, "-o", d, "--set", "batch.size=2", "--quiet", "--no-report")
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in d.iterdir()) == ["requests.parquet", "steps.parquet", "summary.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["engine.json", "requests.parquet", "steps.parquet",
+                                                "summary.json"]
     assert cli("report", d).exit_code == 0
     html = (d / "report.html").read_text()
     assert "Timeline of step" in html and "pcie demand" not in html   # no transfers from the first run's events

@@ -41,8 +41,11 @@ def _print_summary(s: dict, out: Path) -> None:
               help="bottleneck analysis: simulate one-at-a-time what-ifs (2× PCIe, +25% cache, oracle, all "
                    "resident) and name the binding constraint [default: on when the what-ifs can run side by "
                    "side on this machine's cores, i.e. at most double the run time]")
+@click.option("--engine", type=click.Choice(["auto", "fast", "simpy"]), default="auto", show_default=True,
+              help="auto: the contention-free fast path when the scenario allows it, else SimPy; simpy: force "
+                   "the reference engine (same results)")
 @_guard
-def run(scenario, output, overrides, events, quiet, no_report, why):
+def run(scenario, output, overrides, events, quiet, no_report, why, engine):
     """Simulate one SCENARIO (YAML) and write summary.json, steps.parquet, requests.parquet."""
     from moesim.config import load_scenario
     from moesim.engine.run import simulate
@@ -54,10 +57,15 @@ def run(scenario, output, overrides, events, quiet, no_report, why):
     from moesim.progress import token_progress
 
     with token_progress(not quiet) as progress:  # a bar on a terminal for a run longer than 2 s
-        result = simulate(sc, record_events=events, progress=progress)
+        result = simulate(sc, record_events=events, progress=progress, engine=engine)
     for w in result.summary.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     write_result(result, out)
+    from moesim.engine.fast import engine_line, write_engine_json
+
+    write_engine_json(out, result.engine)
+    if not quiet:
+        click.echo(engine_line(result.engine), err=True)
     verdict = _why(scenario, overrides, sc, result.summary, out, why)
     if not no_report:
         from moesim.report import render_run

@@ -126,8 +126,7 @@ class LoadChain(PinLedger):
         once per chain (no closure per copy)."""
         cb = self._cb
         if cb is None:
-            cb = self._cb = (self._pcie_done, self._claim_slot, self._disk_done,
-                             None if self._disk_start is None else self._disk_start, self._stale)
+            cb = self._callbacks()
         load.nbytes = self.eb
         load.priority = PREFETCH if load.prefetch else DEMAND
         if channel is self.pcie:
@@ -139,6 +138,16 @@ class LoadChain(PinLedger):
         load.start = load.end = -1.0
         load.channel = channel
         channel.submit(load)
+
+    def _callbacks(self) -> tuple:
+        """The channel callbacks (pcie done, claim slot, disk done, disk start, stale), bound once."""
+        self._cb = (self._pcie_done, self._claim_slot, self._disk_done,
+                    None if self._disk_start is None else self._disk_start, self._stale)
+        return self._cb
+
+    def _start_prefetch(self, key: int, target: tuple[int, int]) -> Load:
+        """Queue a prefetch's copy chain (see Simulation for a cheaper one)."""
+        return self._start_load(key, True, target)
 
     def _stale(self, load: Load) -> bool:
         """A queued prefetch whose target layer has been gated already."""
@@ -217,7 +226,7 @@ class LoadChain(PinLedger):
                 continue
             if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
                 continue
-            self._start_load(key, True, target)
+            self._start_prefetch(key, target)
             rec.prefetch_issued += 1
             self.prefetch_inflight += 1
             if max_bytes is not None:

@@ -19,7 +19,10 @@ class PinLedger:
     def _unpin(self, key: int) -> None:
         stale = self.stale_pins.get(key)
         if stale:
-            self.stale_pins[key] = stale - 1
+            if stale == 1:  # none left: forget the key, so _unpin_all keeps its fast loop
+                del self.stale_pins[key]
+            else:
+                self.stale_pins[key] = stale - 1
             return
         load = self.loads.get(key)
         if load is not None and not load.reserved:
@@ -63,5 +66,4 @@ class PinLedger:
     def _release(self, upto: tuple[int, int] | None) -> None:
         """Unpin protections whose target layer is at or before `upto` (None: all)."""
         for target in [t for t in self.protected if upto is None or t <= upto]:
-            for key in self.protected.pop(target):
-                self._unpin(key)
+            self._unpin_all(self.protected.pop(target))

@@ -17,6 +17,7 @@ from ..errors import InputError
 from ..hardware.costs import CostModel
 from ..predictors import registry
 from .scheduler import ArrivalSource, Scheduler, collect_keys
+from .fast import ENGINES, FastPath, unsupported
 from .sim import EngineConfig, Simulation
 
 
@@ -26,9 +27,10 @@ class Result:
     (`steps_file`, deleted with the Result), read on each access of `steps`."""
 
     def __init__(self, summary: dict, steps: pd.DataFrame | None, requests: pd.DataFrame,
-                 events: pd.DataFrame | None = None, steps_file: Path | None = None):
+                 events: pd.DataFrame | None = None, steps_file: Path | None = None, engine: dict | None = None):
         self.summary, self._steps, self.requests, self.events = summary, steps, requests, events
         self.steps_file = steps_file
+        self.engine = engine  # which engine ran it: {"engine": "fast" | "simpy", "reason": why SimPy or None}
         if steps_file is not None:
             weakref.finalize(self, _unlink, str(steps_file))
 
@@ -263,10 +265,14 @@ def _access_stream(reader, sc: Scenario) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def simulate(sc: Scenario, record_events: bool = False, progress=None) -> Result:
+def simulate(sc: Scenario, record_events: bool = False, progress=None, engine: str = "auto") -> Result:
     """Run one scenario. Deterministic: the same scenario and seed give the same Result.
     `progress`: None, or `progress(total_tokens)` returning a callback called with each step's
-    tokens (moesim.progress's bar)."""
+    tokens (moesim.progress's bar). `engine`: auto (the contention-free fast path when the
+    scenario has nothing it does not model, else SimPy), fast (that path, or an InputError), or
+    simpy (the reference engine); the results are the same either way."""
+    if engine not in ENGINES:
+        raise InputError(f"expected one of {', '.join(ENGINES)}, found {engine!r}", field="engine")
     with tempfile.TemporaryDirectory(prefix="moesim-") as tmp:
         reader = open_trace(sc, Path(tmp), record_events)
         capacities, allocation = plan_capacities(reader, sc)
@@ -291,6 +297,9 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None) -> Result
         admit = kv_admission(sc)
         sched = make_scheduler(sc, requests(), reader.path, admit)
         sim = Simulation(sc.model, cost, cfg, predictor, sched, next_use)
+        why = unsupported(sim) if engine != "simpy" else "forced: --engine simpy"
+        if engine == "fast" and why is not None:
+            raise InputError(f"the fast engine does not model {why}: use --engine auto or simpy", field="engine")
         sim.rec.lengths = lengths
         fd, spill = tempfile.mkstemp(prefix="moesim-steps-", suffix=".parquet")  # outlives `tmp`: the Result's
         os.close(fd)
@@ -298,7 +307,7 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None) -> Result
         if progress is not None:
             sim.rec.on_step = progress(reader.num_rows // max(1, sc.model.num_layers))
         try:
-            rec = sim.run()
+            rec = FastPath(sim).run() if why is None else sim.run()
         except BaseException:
             _unlink(spill)
             raise
@@ -322,7 +331,8 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None) -> Result
                                    "batch_limit": sc.batch.batch_limit}
         if sc.runtime is not None:  # only with a runtime: `none` keeps the summary as it was
             summary["host"] = sim.host.summary() if sim.host is not None else None
-        return Result(summary, None, rec.requests_frame(), rec.events_frame(), steps_file=rec.steps_file())
+        return Result(summary, None, rec.requests_frame(), rec.events_frame(), steps_file=rec.steps_file(),
+                      engine={"engine": "fast" if why is None else "simpy", "reason": why})
 
 
 def kv_admission(sc: Scenario) -> int | None:

@@ -15,7 +15,7 @@ import numpy as np
 import simpy
 
 from ..cache.tiers import Tier
-from .channels import Channel
+from .channels import PREFETCH, Channel
 from ..hardware.costs import CostModel
 from ..models import ModelSpec
 from ..predictors.base import Predictor, Prefetch
@@ -148,6 +148,27 @@ class Simulation(LoadChain):
     def now(self) -> float:
         return self.env.now
 
+    def _start_prefetch(self, key: int, target: tuple[int, int]) -> Load:
+        """A prefetch with no DRAM tier (most of them): `_start_load` inlined. The load goes
+        straight onto the PCIe prefetch queue as a plain record and the channel is woken only when
+        a slot is free; most queued prefetches turn stale before they start and are dropped."""
+        if self.dram is not None:
+            return self._start_load(key, True, target)
+        load = Load(key, True, target, False)
+        self.loads[key] = load
+        cb = self._cb
+        if cb is None:
+            cb = self._callbacks()
+        load.nbytes = self.eb
+        load.priority = PREFETCH
+        load.on_done, load.on_start, load.stale = cb[0], cb[1], cb[4]
+        pcie = load.channel = self.pcie
+        load.queued_at = self.env.now
+        pcie.queues[PREFETCH].append(load)
+        if pcie.busy < pcie.slots:
+            pcie._dispatch()
+        return load
+
     def _landed(self, load: Load) -> None:
         for w in load.waiters:
             w()
@@ -214,13 +235,9 @@ class Simulation(LoadChain):
         return self.rec
 
     def _driver(self):
-        env, cost, m, rec = self.env, self.cost, self.model, self.rec
-        pred, gpu = self.predictor, self.gpu
-        hit_pin = gpu.hit_pin
-        ecs = cost.expert_compute_s
-        dedup = self.cfg.dedup
-        sched = self.sched
-        host = self.host
+        """The GPU stream: ask the scheduler for each step at the time it starts, idle when nothing
+        is runnable, run each step."""
+        env, rec, sched = self.env, self.rec, self.sched
         while True:
             plan = sched.next_step(env.now)
             if plan is None:
@@ -229,123 +246,150 @@ class Simulation(LoadChain):
                 rec.idle_s += plan - env.now
                 yield env.timeout(plan - env.now)
                 continue
-            view = self.view = _View(self, plan)
-            t_step = env.now
-            rec.step_start(plan, t_step)
-            if self.kv is not None:  # the batch's KV cache now: the GPU tier gets what it leaves
-                self._evicted(self.kv.step(plan.context_tokens, plan.tokens, gpu))
-            if host is not None:  # the host has the previous token; set-up, then the dense blocks' work
-                host.sync(t_step)
-                yield from self._wait_host(host.work(host.step_s + m.first_dense_layers * host.layer_s))
-            gpu_extra = self._hook(pred.on_step_start(view), "on_step_start", plan.tokens)
-            # dense blocks before the first MoE block: resident weights, compute only
-            dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
-                                            + cost.dense_ffn_s(plan.tokens))
-            if dense + gpu_extra > 0:
-                rec.compute_s += dense + gpu_extra
-                yield env.timeout(dense + gpu_extra)
-            attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
-            for layer in range(self.L):
-                t0 = env.now
-                if host is not None:  # the layer's host work, then its attention is issued
-                    yield from self._wait_host(host.work(host.layer_s))
-                view.pre_attn_layer = layer
-                pre = self._hook(pred.on_pre_attention(view, layer), "on_pre_attention", plan.tokens)
-                yield env.timeout(pre + attn)
-                if host is not None:  # loads and the gate hook wait for the routing to reach the host
-                    yield from self._wait_host(host.routing_known(env.now))
-                t_gate = env.now
-                self.gated = (plan.index, layer)
-                view.gated = layer
-                gate_reqs = pred.on_gate(view, layer)
-                keys, counts = plan.keys[layer], plan.counts[layer]
-                self.accessed.append(keys)
-                self._score_predictions(self.gated, keys if dedup else np.unique(keys))
-                if self.standin is not None:
-                    self.standin.layer(plan, layer)
-                busy = cost.shared_compute_s(plan.tokens)  # shared experts: always resident
-                hits = late = misses = saved = 0
-                hit_costs: list[float] = []
-                pending: list[tuple[Load, float]] = []
-                pinned = []
-                unused = self.prefetched_unused
-                for key, cnt in zip(keys.tolist(), counts.tolist()):
-                    self.pos += 1
-                    c = ecs(cnt)
-                    if hit_pin(key, self.pos):
-                        hits += 1
-                        busy += c
-                        hit_costs.append(c)
-                        if key in unused:
-                            unused.discard(key)
-                            rec.prefetch_used += 1
-                        pinned.append(key)
-                        continue
-                    load = self.loads.get(key)
-                    if load is not None and (dedup or load.prefetch):  # on its way: wait for it
-                        late += 1
-                        saved += cnt - 1  # without dedup each further token would copy it again
-                        if load.prefetch:
-                            rec.prefetch_late += 1
-                            load.prefetch = False
-                            load.channel.promote(load.transfer)
-                    elif self.standin is not None and self.standin.serves(key):  # a low-bit copy, not cached
-                        misses += 1
-                        pending.append((self.standin.submit(key, cnt), c))
-                        continue
-                    elif self.cpu is not None and self.cpu.prefers_cpu(key, cnt, c):  # compute it on the host
-                        misses += 1
-                        pending.append((self.cpu.submit(key, cnt), 0.0))
-                        continue
-                    else:  # without dedup a second token's copy is a transfer of its own
-                        misses += 1
-                        saved += cnt - 1
-                        load = self._start_load(key, False, (plan.index, layer), bypass=load is not None)
-                    if not load.bypass:
-                        self._pin(key)
-                        pinned.append(key)
-                    pending.append((load, c))
-                # The layer's own experts are pinned and their loads queued before the predictor's
-                # prefetches for later layers, so a prefetch never evicts what this layer needs.
-                post = self._hook(gate_reqs, "on_gate", plan.tokens)
-                busy += post
-                dispatch = host is not None and host.paces_kernels
-                cursor = t_gate + busy - sum(hit_costs) if dispatch else t_gate + busy
-                if pending:
-                    waiting = [ld for ld, _ in pending if ld.done_t < 0]
-                    if waiting:
-                        ev = env.event()
-                        left = [len(waiting)]
+            yield from self._step(plan)
 
-                        def arrived(ev=ev, left=left):
-                            left[0] -= 1
-                            if left[0] == 0:
-                                ev.succeed()
-                        for ld in waiting:
-                            ld.waiters.append(arrived)
-                        yield ev
-                    pending.sort(key=lambda p: p[0].done_t)
-                    if not dispatch:
-                        for ld, c in pending:
-                            cursor = max(cursor, ld.done_t) + c
-                            busy += c
-                if dispatch:
-                    cursor, loaded = self._dispatched(cursor, hit_costs, pending)
-                    busy += loaded
-                if cursor > env.now:
-                    yield env.timeout(cursor - env.now)
-                self._unpin_all(pinned)
-                if self.protected:
-                    self._release((plan.index, layer))
-                rec.saved_loads += saved
-                rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
-                              env.now - t_gate - busy, hits, late, misses, len(keys))
-            view.gated = self.L - 1
-            pred.on_step_end(view)
-            head = cost.lm_head_s(plan.tokens)
-            if head > 0:
-                rec.compute_s += head
-                yield env.timeout(head)
-            if host is not None:  # the host reads the token back before the next step
-                host.sync(env.now)
-            rec.step_end(plan, t_step, env.now)
+    def _step(self, plan: StepPlan):
+        """One forward step: set-up, the dense blocks before the first MoE block, every MoE layer,
+        the LM head."""
+        env, cost, m, rec = self.env, self.cost, self.model, self.rec
+        pred, host = self.predictor, self.host
+        view = self.view = _View(self, plan)
+        t_step = env.now
+        rec.step_start(plan, t_step)
+        if self.kv is not None:  # the batch's KV cache now: the GPU tier gets what it leaves
+            self._evicted(self.kv.step(plan.context_tokens, plan.tokens, self.gpu))
+        if host is not None:  # the host has the previous token; set-up, then the dense blocks' work
+            host.sync(t_step)
+            yield from self._wait_host(host.work(host.step_s + m.first_dense_layers * host.layer_s))
+        gpu_extra = self._hook(pred.on_step_start(view), "on_step_start", plan.tokens)
+        # dense blocks before the first MoE block: resident weights, compute only
+        dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
+                                        + cost.dense_ffn_s(plan.tokens))
+        if dense + gpu_extra > 0:
+            rec.compute_s += dense + gpu_extra
+            yield env.timeout(dense + gpu_extra)
+        attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
+        for layer in range(self.L):
+            yield from self._layer(plan, layer, attn)
+        view.gated = self.L - 1
+        pred.on_step_end(view)
+        head = cost.lm_head_s(plan.tokens)
+        if head > 0:
+            rec.compute_s += head
+            yield env.timeout(head)
+        if host is not None:  # the host reads the token back before the next step
+            host.sync(env.now)
+        rec.step_end(plan, t_step, env.now)
+
+    def _layer(self, plan: StepPlan, layer: int, attn: float):
+        """One MoE layer: attention, the gate, the experts' hits and loads, the expert kernels as
+        their experts become resident, then the layer's row."""
+        env, rec, host, view = self.env, self.rec, self.host, self.view
+        t0 = env.now
+        if host is not None:  # the layer's host work, then its attention is issued
+            yield from self._wait_host(host.work(host.layer_s))
+        view.pre_attn_layer = layer
+        pre = self._hook(self.predictor.on_pre_attention(view, layer), "on_pre_attention", plan.tokens)
+        yield env.timeout(pre + attn)
+        if host is not None:  # loads and the gate hook wait for the routing to reach the host
+            yield from self._wait_host(host.routing_known(env.now))
+        t_gate = env.now
+        self.gated = (plan.index, layer)
+        view.gated = layer
+        gate_reqs = self.predictor.on_gate(view, layer)
+        keys = plan.keys[layer]
+        self.accessed.append(keys)
+        self._score_predictions(self.gated, keys if self.cfg.dedup else np.unique(keys))
+        if self.standin is not None:
+            self.standin.layer(plan, layer)
+        busy, hit_costs, pending, pinned, (hits, late, misses, saved) = self._accesses(plan, layer)
+        # The layer's own experts are pinned and their loads queued before the predictor's
+        # prefetches for later layers, so a prefetch never evicts what this layer needs.
+        post = self._hook(gate_reqs, "on_gate", plan.tokens)
+        busy += post
+        dispatch = host is not None and host.paces_kernels
+        cursor = t_gate + busy - sum(hit_costs) if dispatch else t_gate + busy
+        if pending:
+            yield from self._wait_loads(pending)
+            pending.sort(key=lambda p: p[0].done_t)
+            if not dispatch:
+                for ld, c in pending:
+                    cursor = max(cursor, ld.done_t) + c
+                    busy += c
+        if dispatch:
+            cursor, loaded = self._dispatched(cursor, hit_costs, pending)
+            busy += loaded
+        if cursor > env.now:
+            yield env.timeout(cursor - env.now)
+        self._unpin_all(pinned)
+        if self.protected:
+            self._release((plan.index, layer))
+        rec.saved_loads += saved
+        rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
+                      env.now - t_gate - busy, hits, late, misses, len(keys))
+
+    def _accesses(self, plan: StepPlan, layer: int):
+        """The layer's expert accesses in order: a hit is pinned; an expert on its way is waited for
+        (a queued prefetch is promoted); a miss goes to a low-bit stand-in, the host CPU, or a
+        demand load. Returns (busy, hit kernel times, [(load, kernel s)] to wait for, pinned keys,
+        (hits, late, misses, copies saved by dedup))."""
+        rec, dedup, unused = self.rec, self.cfg.dedup, self.prefetched_unused
+        hit_pin, ecs = self.gpu.hit_pin, self.cost.expert_compute_s
+        busy = self.cost.shared_compute_s(plan.tokens)  # shared experts: always resident
+        hits = late = misses = saved = 0
+        hit_costs: list[float] = []
+        pending: list[tuple[Load, float]] = []
+        pinned = []
+        for key, cnt in zip(plan.keys[layer].tolist(), plan.counts[layer].tolist()):
+            self.pos += 1
+            c = ecs(cnt)
+            if hit_pin(key, self.pos):
+                hits += 1
+                busy += c
+                hit_costs.append(c)
+                if key in unused:
+                    unused.discard(key)
+                    rec.prefetch_used += 1
+                pinned.append(key)
+                continue
+            load = self.loads.get(key)
+            if load is not None and (dedup or load.prefetch):  # on its way: wait for it
+                late += 1
+                saved += cnt - 1  # without dedup each further token would copy it again
+                if load.prefetch:
+                    rec.prefetch_late += 1
+                    load.prefetch = False
+                    load.channel.promote(load.transfer)
+            elif self.standin is not None and self.standin.serves(key):  # a low-bit copy, not cached
+                misses += 1
+                pending.append((self.standin.submit(key, cnt), c))
+                continue
+            elif self.cpu is not None and self.cpu.prefers_cpu(key, cnt, c):  # compute it on the host
+                misses += 1
+                pending.append((self.cpu.submit(key, cnt), 0.0))
+                continue
+            else:  # without dedup a second token's copy is a transfer of its own
+                misses += 1
+                saved += cnt - 1
+                load = self._start_load(key, False, (plan.index, layer), bypass=load is not None)
+            if not load.bypass:
+                self._pin(key)
+                pinned.append(key)
+            pending.append((load, c))
+        return busy, hit_costs, pending, pinned, (hits, late, misses, saved)
+
+    def _wait_loads(self, pending: list):
+        """Yield until every load of `pending` has landed (one event, whichever lands last)."""
+        waiting = [ld for ld, _ in pending if ld.done_t < 0]
+        if not waiting:
+            return
+        ev = self.env.event()
+        left = [len(waiting)]
+
+        def arrived(ev=ev, left=left):
+            left[0] -= 1
+            if left[0] == 0:
+                ev.succeed()
+        for ld in waiting:
+            ld.waiters.append(arrived)
+        yield ev

@@ -1,0 +1,267 @@
+"""The contention-free fast path: the engine's timing without SimPy, for runs where nothing competes
+for the PCIe link across layers.
+
+When the predictor issues no prefetches (it implements none of the prefetch hooks), there is no
+DRAM tier, no host thread (runtime none or one that costs no host time), misses wait for their
+copy (`miss: wait`), and neither low-bit stand-ins nor the KV cache take part, every copy on the
+link is a demand load of the current layer and the layer waits for all of them. The link is idle
+at each gate, its FIFO copies start one after another on its slots, and each completion time is a
+running sum: copy ``i`` ends ``d`` after copy ``i - slots`` (or after the gate). The fast path
+makes the same cache-tier calls in the same order, and the same floating-point sums, as the
+SimPy engine (engine/sim.py), so it gives the same results bit for bit; the SimPy engine stays
+the reference and the path for everything else. tests/test_engine_fast.py checks the two agree
+on random scenarios.
+"""
+from __future__ import annotations
+
+from .channels import DEMAND
+from .plan import StepPlan
+from .sim import Simulation, _View
+
+ENGINES = ("auto", "fast", "simpy")
+
+
+def unsupported(sim: Simulation) -> str | None:
+    """Why `sim` needs the SimPy engine (the first feature the fast path does not model), or None
+    when the fast path gives the same results."""
+    hooks = [h for h, own in sim._implements.items() if own]
+    if hooks or sim.predictor.needs_future:
+        return f"predictor {sim.predictor.name} prefetches"
+    if sim.dram is not None:
+        return "a DRAM tier (copies from the disk)"
+    if sim.host is not None:
+        return "a runtime with host costs"
+    if sim.cpu is not None:
+        return f"miss: {sim.cfg.miss}"
+    if sim.standin is not None:
+        return "low-bit stand-ins"
+    if sim.kv is not None:
+        return "the KV cache in the GPU budget"
+    return None
+
+
+class _Clock:
+    """What the recorder reads of the SimPy environment at the end: the simulated time."""
+
+    __slots__ = ("now",)
+
+    def __init__(self, now: float):
+        self.now = now
+
+
+class FastPath:
+    """Runs a Simulation's steps in plain Python (see the module docstring): `FastPath(sim).run()`
+    in place of `sim.run()`, for a sim with nothing `unsupported`."""
+
+    def __init__(self, sim: Simulation):
+        why = unsupported(sim)
+        if why is not None:
+            raise ValueError(f"the fast path does not model {why}")
+        self.sim = sim
+        self.gpu, self.rec, self.cost, self.cfg, self.pcie = sim.gpu, sim.rec, sim.cost, sim.cfg, sim.pcie
+        self.L, self.eb = sim.L, sim.eb
+        self.pos = sim.pos
+        self._slots = sim.pcie.slots
+        self._d = sim.cost.pcie_s(sim.eb)  # every copy is one expert: the same duration
+        self._ecs: dict[int, float] = {}   # tokens -> one expert kernel's time
+
+    def run(self):
+        """Every step, as Simulation.run does; returns the Recorder."""
+        sim = self.sim
+        now = 0  # an int, as SimPy's clock starts (it shows in the first arrival time's dtype)
+        sched, rec, cost, m = sim.sched, self.rec, self.cost, sim.model
+        while True:
+            plan = sched.next_step(now)
+            if plan is None:
+                break
+            if not isinstance(plan, StepPlan):  # nothing runnable: idle until the next arrival
+                rec.idle_s += plan - now
+                now = now + (plan - now)
+                continue
+            view = sim.view = _View(sim, plan)
+            t_step = now
+            rec.step_start(plan, t_step)
+            dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
+                                            + cost.dense_ffn_s(plan.tokens))
+            if dense + 0.0 > 0:  # (+ 0.0: the on_step_start hook's time, as the SimPy driver adds it)
+                rec.compute_s += dense + 0.0
+                now = now + (dense + 0.0)
+            attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
+            for layer in range(self.L):
+                now = self._layer(plan, layer, now, attn)
+            view.gated = self.L - 1
+            sim.predictor.on_step_end(view)
+            head = cost.lm_head_s(plan.tokens)
+            if head > 0:
+                rec.compute_s += head
+                now = now + head
+            rec.step_end(plan, t_step, now)
+        sim.pos = self.pos
+        sim.env = _Clock(now)
+        sim._release(None)
+        rec.finish(sim)
+        return rec
+
+    def _layer(self, plan: StepPlan, layer: int, now: float, attn: float) -> float:
+        """One MoE layer from `now` (its start): attention, gate, hits and demand copies, expert
+        kernels; returns when it ends."""
+        rec = self.rec
+        t0 = now
+        pre = 0.0
+        now = now + (pre + attn)
+        t_gate = now
+        sim = self.sim
+        sim.gated = (plan.index, layer)
+        sim.view.gated = layer
+        keys, counts = plan.keys[layer], plan.counts[layer]
+        sim.accessed.append(keys)
+        rec.pred_needed[layer] += len(keys) if self.cfg.dedup else len(set(keys.tolist()))
+        busy, hit_keys, pending, copies, misses, saved = self._accesses(keys, counts,
+                                                                        self.cost.shared_compute_s(plan.tokens))
+        busy += 0.0  # the on_gate hook: not implemented, costs nothing
+        cursor = t_gate + busy
+        if pending:
+            now = self._copies(copies, t_gate)
+            pending.sort(key=_done)
+            for cp, c in pending:
+                cursor = max(cursor, cp.end) + c
+                busy += c
+        if cursor > now:
+            now = now + (cursor - now)
+        unpin = self.gpu.unpin
+        for key in hit_keys:
+            unpin(key)
+        for cp in copies:
+            if not cp.bypass:
+                for _ in range(cp.refs):
+                    unpin(cp.key)
+        rec.saved_loads += saved
+        rec.layer_row(plan, layer, t0, t_gate, now, attn + pre, busy, now - t_gate - busy, len(hit_keys),
+                      len(pending) - misses, misses, len(keys))
+        return now
+
+    def _accesses(self, keys, counts, busy: float):
+        """The layer's accesses in order: a hit is pinned at once; a miss starts a demand copy on a
+        free slot (claiming its GPU slot at once) or queues it; a key already on its way is waited
+        for (late). Returns (busy, hit keys, [(copy, kernel s)] waited on, the copies in issue
+        order, misses, copies saved by dedup)."""
+        gpu = self.gpu
+        hit_pin, pin = gpu.hit_pin, gpu.pin
+        ecs, cache = self.cost.expert_compute_s, self._ecs
+        dedup, slots, rec = self.cfg.dedup, self._slots, self.rec
+        pos = self.pos
+        hit_keys: list[int] = []
+        pending: list[tuple[_Copy, float]] = []
+        copies: list[_Copy] = []
+        flying: dict[int, _Copy] = {}  # key -> its cached copy in flight
+        misses = saved = 0
+        for key, cnt in zip(keys.tolist(), counts.tolist()):
+            pos += 1
+            c = cache.get(cnt)
+            if c is None:
+                c = cache[cnt] = ecs(cnt)
+            if hit_pin(key, pos):
+                busy += c
+                hit_keys.append(key)
+                continue
+            cp = flying.get(key)
+            if cp is not None and dedup:  # on its way: wait for it
+                saved += cnt - 1
+            else:  # without dedup a second token's copy is a transfer of its own (a bypass copy)
+                misses += 1
+                saved += cnt - 1
+                cp = _Copy(key, cp is not None)
+                if cp.bypass:
+                    rec.bypass += 1
+                else:
+                    flying[key] = cp
+                if len(copies) < slots:  # a free slot: the copy starts now
+                    self._claim(cp, pos, flying)
+                copies.append(cp)
+            if not cp.bypass:
+                cp.refs += 1
+                if cp.claimed:
+                    pin(key)
+                else:
+                    cp.pins += 1
+            pending.append((cp, c))
+        self.pos = pos
+        return busy, hit_keys, pending, copies, misses, saved
+
+    def _claim(self, cp: _Copy, pos: int, flying: dict | None) -> None:
+        """The GPU slot of a copy as its PCIe copy starts (loads._claim_slot): with no evictable
+        slot a demand copy goes through a transient buffer (bypass: not cached, its waiting pins
+        dropped)."""
+        cp.claimed = True
+        if cp.bypass:
+            return
+        evicted = self.gpu.reserve(cp.key, pos)
+        if evicted is None:
+            cp.bypass = True
+            self.rec.bypass += 1
+            if flying is not None:
+                del flying[cp.key]
+            return
+        self.sim._evicted(evicted)
+        pin = self.gpu.pin
+        for _ in range(cp.pins):
+            pin(cp.key)
+
+    def _copies(self, copies: list[_Copy], t_gate: float) -> float:
+        """Run the layer's copies on the idle link (FIFO over its slots from the gate, in issue
+        order: copy i ends d after copy i - slots); returns when the last ends. Each completion
+        lands its key, then the next queued copy starts and claims its GPU slot (at the layer's
+        last access), as the SimPy channel orders them."""
+        pcie, gpu, d, eb, slots, pos = self.pcie, self.gpu, self._d, self.eb, self._slots, self.pos
+        log = pcie.log
+        n = len(copies)
+        for i, cp in enumerate(copies):
+            cp.start = t_gate if i < slots else copies[i - slots].end
+            cp.end = cp.start + d
+        for i, cp in enumerate(copies):
+            pcie.busy_time += cp.end - cp.start
+            pcie.transfers += 1
+            pcie.bytes += eb
+            if log is not None:
+                log.append((pcie.name, cp.key, DEMAND, cp.start, cp.end))
+            if not cp.bypass:
+                gpu.complete(cp.key)
+            if i + slots < n:
+                self._claim(copies[i + slots], pos, None)
+        return copies[-1].end
+
+
+def _done(p) -> float:
+    return p[0].end
+
+
+class _Copy:
+    """One demand copy of the fast path: its key, its GPU slot and its pins, and its times."""
+
+    __slots__ = ("bypass", "claimed", "end", "key", "pins", "refs", "start")
+
+    def __init__(self, key: int, bypass: bool):
+        self.key, self.bypass = key, bypass
+        self.claimed = False  # its PCIe copy has started (and taken its GPU slot unless bypass)
+        self.pins = 0         # pins waiting for the GPU slot
+        self.refs = 0         # accesses holding a pin on it until the layer ends
+        self.start = self.end = -1.0
+
+
+ENGINE_JSON = "engine.json"
+
+
+def engine_line(engine: dict) -> str:
+    """The terminal line saying which engine ran a scenario, and why SimPy when it did."""
+    if engine["engine"] == "fast":
+        return "engine: fast (contention-free path, same results as the SimPy engine)"
+    return f"engine: simpy ({engine['reason']})"
+
+
+def write_engine_json(out, engine: dict) -> None:
+    """`engine.json` beside summary.json: {"engine": "fast" | "simpy", "reason": ...}. A file of its
+    own, so summary.json stays what it was before the fast path existed."""
+    import json
+    from pathlib import Path
+
+    Path(out, ENGINE_JSON).write_text(json.dumps(engine, indent=2) + "\n")

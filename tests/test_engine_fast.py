@@ -1,0 +1,143 @@
+"""The contention-free fast path (engine/fast.py) against the SimPy engine: the same summary,
+steps, requests and events on random scenarios it supports, and the SimPy engine for the rest."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moesim.engine.run import simulate
+from moesim.cache import POLICIES
+from moesim.config import scenario_from_dict
+from moesim.errors import InputError
+from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
+
+ROOT = Path(__file__).resolve().parents[1]
+L = TINY_MODEL["num_layers"]
+
+
+@st.composite
+def fast_cases(draw):
+    """A random small scenario within the fast path's set: on_demand, no DRAM tier, any GPU tier,
+    any batching and arrivals, 1-3 copy engines, random link and kernel times."""
+    E = draw(st.sampled_from([4, 8, 16]))
+    K = draw(st.integers(1, 3))
+    R = draw(st.integers(1, 4))
+    T = draw(st.integers(2, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    routing = np.stack([rng.permutation(E)[:K] for _ in range(R * T * L)]).reshape(R, T, L, K)
+    per_layer = draw(st.booleans())
+    policy = draw(st.sampled_from(sorted(POLICIES)))
+    gpu = {"capacity_experts": draw(st.integers(K, E if per_layer else E * L)), "policy": policy}
+    if per_layer:
+        gpu.update(partition="per_layer", allocation=draw(st.sampled_from(["uniform", "proportional", "optimal"])))
+    if policy != "belady" and draw(st.booleans()):
+        gpu["admission"] = "second_touch"
+    if draw(st.booleans()):
+        gpu["preload"] = "popular"
+    batch = {"size": draw(st.integers(1, R)), "dedup": draw(st.booleans())}
+    if draw(st.booleans()):
+        batch["scheduler"] = "continuous"
+    if policy != "belady" and draw(st.booleans()):
+        batch.update(arrivals="poisson", rate_per_s=draw(st.sampled_from([5.0, 50.0, 500.0])))
+    hw = fixed_profile(copy_engines=draw(st.integers(1, 3)), pcie_gbps=draw(st.sampled_from([0.3, 1.0, 7.7])),
+                       pcie_lat_us=draw(st.sampled_from([0.0, 10.0, 3.3])),
+                       expert_ms=draw(st.sampled_from([0.01, 0.2, 1.3])), attn_ms=draw(st.sampled_from([0.05, 0.1])))
+    return dict(E=E, K=K, routing=routing.astype(np.int16), gpu=gpu, batch=batch, hw=hw,
+                seed=draw(st.integers(0, 3)), prompt=draw(st.integers(1, T - 1)))
+
+
+def _both(sc):
+    fast = simulate(sc, record_events=True, engine="fast")
+    ref = simulate(sc, record_events=True, engine="simpy")
+    return fast, ref
+
+
+def _assert_same(fast, ref):
+    assert fast.engine == {"engine": "fast", "reason": None}
+    assert ref.engine["engine"] == "simpy"
+    assert json.dumps(fast.summary, sort_keys=True) == json.dumps(ref.summary, sort_keys=True)
+    for name in ("steps", "requests", "events"):
+        pd.testing.assert_frame_equal(getattr(fast, name), getattr(ref, name), check_exact=True)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fast_cases())
+def test_fast_path_equals_simpy_on_random_scenarios(case):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_routing(Path(tmp) / "t.parquet", case["routing"], prompt_len=case["prompt"],
+                             num_experts=case["E"])
+        model = {**TINY_MODEL, "num_experts": case["E"], "top_k": case["K"]}
+        sc = scenario(path, model=model, hardware=case["hw"], gpu=case["gpu"], batch=case["batch"],
+                      seed=case["seed"])
+        _assert_same(*_both(sc))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(8, 400), st.sampled_from(["lru", "belady", "lfu"]), st.integers(1, 4), st.booleans())
+def test_fast_path_equals_simpy_on_a_real_model(cap, policy, size, dense):
+    """A preset model on a shipped hardware profile: roofline kernel times that vary with the
+    tokens per expert, a dense first layer or not, a runtime without host costs."""
+    model = "deepseek-v2-lite" if dense else "olmoe-1b-7b"
+    sc = scenario_from_dict({"name": "t", "model": model, "hardware": "rtx4090-pcie4",
+                             "trace": {"synthetic": {"requests": 3, "prompt_len": 5, "decode_len": 4}},
+                             "cache": {"gpu": {"capacity_experts": cap, "policy": policy}},
+                             "predictor": {"name": "on_demand"}, "batch": {"size": size}})
+    _assert_same(*_both(sc))
+
+
+def _tiny(tmp, **kw):
+    rng = np.random.default_rng(0)
+    routing = np.stack([rng.permutation(8)[:2] for _ in range(2 * 4 * L)]).reshape(2, 4, L, 2)
+    path = write_routing(Path(tmp) / "t.parquet", routing.astype(np.int16), prompt_len=2, num_experts=8)
+    args = dict(model={**TINY_MODEL, "num_experts": 8, "top_k": 2}, gpu={"capacity_experts": 6})
+    args.update(kw)
+    return scenario(path, **args)
+
+
+@pytest.mark.parametrize("kw, reason", [
+    (dict(predictor={"name": "topk"}), "predictor topk prefetches"),
+    (dict(predictor={"name": "oracle"}), "predictor oracle prefetches"),
+    (dict(dram={"capacity_experts": 8, "policy": "lru"}), "a DRAM tier"),
+    (dict(runtime="pytorch-offload-loop"), "a runtime with host costs"),
+])
+def test_scenarios_outside_the_set_take_the_simpy_path(tmp_path, kw, reason):
+    sc = _tiny(tmp_path, **kw)
+    res = simulate(sc)
+    assert res.engine["engine"] == "simpy" and res.engine["reason"].startswith(reason)
+    with pytest.raises(InputError, match="the fast engine does not model"):
+        simulate(sc, engine="fast")
+
+
+def test_auto_takes_the_fast_path_and_simpy_can_be_forced(tmp_path):
+    sc = _tiny(tmp_path)
+    assert simulate(sc).engine == {"engine": "fast", "reason": None}
+    assert simulate(sc, engine="simpy").engine == {"engine": "simpy", "reason": "forced: --engine simpy"}
+    with pytest.raises(InputError, match="auto, fast, simpy"):
+        simulate(sc, engine="quick")
+
+
+def test_cli_says_which_engine_ran(tmp_path):
+    from moesim.cli import main
+
+    q = str(ROOT / "scenarios/quickstart.yaml")
+    common = ["--no-report", "--no-why", "--set", "batch.size=1"]
+    r = CliRunner().invoke(main, ["run", q, "-o", str(tmp_path / "a"), *common])
+    assert r.exit_code == 0, r.output
+    assert "engine: fast" in r.output
+    assert json.loads((tmp_path / "a" / "engine.json").read_text()) == {"engine": "fast", "reason": None}
+    r = CliRunner().invoke(main, ["run", q, "-o", str(tmp_path / "b"), "--engine", "simpy", *common])
+    assert r.exit_code == 0, r.output
+    assert "engine: simpy (forced: --engine simpy)" in r.output
+    assert (tmp_path / "a" / "summary.json").read_bytes() == (tmp_path / "b" / "summary.json").read_bytes()
+    r = CliRunner().invoke(main, ["run", str(ROOT / "scenarios/oracle-ssd.yaml"), "-o", str(tmp_path / "c"),
+                                  "--engine", "fast", "--quiet", "--no-report", "--no-why"])
+    assert r.exit_code == 2 and "the fast engine does not model predictor oracle prefetches" in r.output
+    assert "Traceback" not in r.output
