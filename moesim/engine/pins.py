@@ -63,6 +63,12 @@ class PinLedger:
         self._pin(key)
         self.protected.setdefault(target, []).append(key)
 
+    def _layer_done(self, step: int, layer: int, pinned: list[int]) -> None:
+        """After a layer ran: unpin its experts and release protections targeting it or earlier."""
+        self._unpin_all(pinned)
+        if self.protected:
+            self._release((step, layer))
+
     def _release(self, upto: tuple[int, int] | None) -> None:
         """Unpin protections whose target layer is at or before `upto` (None: all)."""
         for target in [t for t in self.protected if upto is None or t <= upto]:

@@ -321,9 +321,7 @@ class Simulation(LoadChain):
             busy += loaded
         if cursor > env.now:
             yield env.timeout(cursor - env.now)
-        self._unpin_all(pinned)
-        if self.protected:
-            self._release((plan.index, layer))
+        self._layer_done(plan.index, layer, pinned)
         rec.saved_loads += saved
         rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
                       env.now - t_gate - busy, hits, late, misses, len(keys))

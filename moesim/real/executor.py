@@ -408,10 +408,7 @@ class RealExecutor(LoadChain):
             self._issue(gate_reqs)
         busy = self._compute(x, h, layer, ready, pending, alpha)
         with self.lock:
-            for key in pinned:
-                self._unpin(key)
-            if self.protected:
-                self._release((plan.index, layer))
+            self._layer_done(plan.index, layer, pinned)
             for ld, _ in pending:
                 if ld.dev_transient is not None:
                     self.dev_pool.put(ld.dev_transient)
