@@ -91,13 +91,20 @@ class _View:
         for _ in range(n_layers):
             layer += 1
             if layer >= L:
-                plan, layer = self._sim.sched.peek(ahead, self._sim.env.now), 0
+                plan, layer = self._steps_ahead(ahead), 0
                 ahead += 1
                 if plan is None:
                     break
             keys = plan.keys[layer]  # unique already, unless dedup is off
-            out.append((plan.index, layer, (keys if self._sim.cfg.dedup else np.unique(keys)) - layer * E))
+            out.append((plan.index, layer, (keys if self._dedup() else np.unique(keys)) - layer * E))
         return out
+
+    def _steps_ahead(self, i: int) -> StepPlan | None:
+        """The `i`-th step after this one (None past the last), as the scheduler would form it now."""
+        return self._sim.sched.peek(i, self._sim.env.now)
+
+    def _dedup(self) -> bool:
+        return self._sim.cfg.dedup
 
 
 class Simulation(LoadChain):

@@ -3,7 +3,6 @@ pre-attention states for predictors that read them."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from itertools import islice
 
 import numpy as np
 
@@ -15,24 +14,12 @@ class RealView(SimView):
     layers, the pre-attention states of the layers whose pre-attention hook has run), over the
     executor (`E`, `L`, `dedup`, `predictor`, `steps`); only the steps ahead come from its plan."""
 
-    def future(self, n_layers: int, after_layer: int) -> list[tuple[int, int, np.ndarray]]:
-        """Oracle only: the unique experts of the next `n_layers` layers after `after_layer`
-        (later steps from the static plan, which is exact: arrivals are closed)."""
-        ex = self._sim
-        if not ex.predictor.needs_future:
-            raise PermissionError("only predictors with needs_future may read the trace ahead")
-        return [(plan.index, layer, (plan.keys[layer] if ex.dedup else np.unique(plan.keys[layer])) - layer * ex.E)
-                for plan, layer in islice(self._layers_after(after_layer), n_layers)]
+    def _steps_ahead(self, i: int):
+        """The `i`-th step after this one, from the static plan (exact: arrivals are closed)."""
+        return self._sim.steps.peek(i)
 
-    def _layers_after(self, after_layer: int) -> Iterator:
-        """(plan, layer) of every layer after `after_layer` of this step, then of the steps ahead."""
-        for layer in range(after_layer + 1, self._sim.L):
-            yield self._plan, layer
-        ahead = 0
-        while (plan := self._sim.steps.peek(ahead)) is not None:
-            ahead += 1
-            for layer in range(self._sim.L):
-                yield plan, layer
+    def _dedup(self) -> bool:
+        return self._sim.dedup
 
 
 def with_pre_attn(steps: Iterable, requests: dict) -> Iterator:
