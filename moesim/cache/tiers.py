@@ -208,6 +208,14 @@ class Tier:
 
     # ---- slots -----------------------------------------------------------------------------
 
+    def _evict(self, p, v: int) -> None:
+        """Drop READY ``v`` from policy ``p`` and from the counts (admit's and resize's eviction)."""
+        p.evict(v)
+        del self._ready[v]
+        self._occ[v // self.num_experts] -= 1
+        self._total -= 1
+        self.evictions += 1
+
     def _layer(self, key: int) -> int:
         layer = key // self.num_experts
         if not 0 <= layer < self.num_layers or key < 0:
@@ -240,11 +248,7 @@ class Tier:
                 v = p.victim(self._blocked)
                 if v is None:
                     return None
-                p.evict(v)
-                del self._ready[v]
-                self._occ[v // self.num_experts] -= 1
-                self._total -= 1
-                self.evictions += 1
+                self._evict(p, v)
                 evicted.append(v)
         nu = self._next_use
         p.insert(key, nu(key, pos) if nu is not None else None)
@@ -314,11 +318,7 @@ class Tier:
             v = p.victim(self._blocked)
             if v is None:
                 break
-            p.evict(v)
-            del self._ready[v]
-            self._occ[v // self.num_experts] -= 1
-            self._total -= 1
-            self.evictions += 1
+            self._evict(p, v)
             evicted.append(v)
         return evicted
 
