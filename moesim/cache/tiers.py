@@ -208,14 +208,6 @@ class Tier:
 
     # ---- slots -----------------------------------------------------------------------------
 
-    def _evict(self, p, v: int) -> None:
-        """Drop READY ``v`` from policy ``p`` and from the counts (admit's and resize's eviction)."""
-        p.evict(v)
-        del self._ready[v]
-        self._occ[v // self.num_experts] -= 1
-        self._total -= 1
-        self.evictions += 1
-
     def _layer(self, key: int) -> int:
         layer = key // self.num_experts
         if not 0 <= layer < self.num_layers or key < 0:
@@ -248,7 +240,11 @@ class Tier:
                 v = p.victim(self._blocked)
                 if v is None:
                     return None
-                self._evict(p, v)
+                p.evict(v)
+                del self._ready[v]
+                self._occ[v // self.num_experts] -= 1
+                self._total -= 1
+                self.evictions += 1
                 evicted.append(v)
         nu = self._next_use
         p.insert(key, nu(key, pos) if nu is not None else None)
@@ -318,7 +314,11 @@ class Tier:
             v = p.victim(self._blocked)
             if v is None:
                 break
-            self._evict(p, v)
+            p.evict(v)
+            del self._ready[v]
+            self._occ[v // self.num_experts] -= 1
+            self._total -= 1
+            self.evictions += 1
             evicted.append(v)
         return evicted
 
