@@ -122,3 +122,20 @@ def format_evaluation(r: dict, width: int = 160) -> str:
     for n in r.get("notes", []):
         con.print(f"  note: {n}")
     return buf.getvalue()
+
+
+def print_sweep_table(results, axes: list[str], width: int = 200) -> None:
+    """`sweep.table.table_rows` drawn: one row per done point; nothing when no point is done."""
+    from moesim.sweep.table import table_rows
+
+    axis_cols, number_cols, rows = table_rows(results, axes)
+    if not rows:
+        return
+    t = Table()
+    for a in axis_cols:
+        t.add_column(a)
+    for title in number_cols:
+        t.add_column(title, justify="right")
+    for cells in rows:
+        t.add_row(*cells)
+    Console(width=width).print(t)

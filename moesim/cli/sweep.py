@@ -60,11 +60,11 @@ def sweep(sweep_file, output, executor, address, workers, overrides, events, lis
                    "run the same command again to resume", err=True)
         sys.exit(130)
     if done and not no_table:
-        from moesim.sweep.table import print_table
+        from moesim.cli.render import print_sweep_table
 
         # zipped axes vary together: the first one names the row
         shown = list(spec.grid) + list(spec.zip)[:1] + (["seed"] if "seed" in spec.axes else [])
-        print_table(res.results, [a for a in shown if a in res.results], click.echo)
+        print_sweep_table(res.results, [a for a in shown if a in res.results])
     if not no_report and done:
         try:
             from moesim.report import render_sweep

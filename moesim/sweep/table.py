@@ -43,26 +43,21 @@ def _cell(v) -> str:
     return str(v)
 
 
-def print_table(results: pd.DataFrame, axes: list[str], echo) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+def table_rows(results: pd.DataFrame, axes: list[str]) -> tuple[list[str], list[str], list[list[str]]]:
+    """The sweep table as data: the axis column titles, the number column titles (right-aligned when
+    drawn) and one row of formatted cells per done point; all empty when no point is done."""
     df = with_speedup(results, axes)
     if df.empty:
-        return
+        return [], [], []
     shown_axes = [a for a in axes if df[a].astype(str).nunique() > 1] if axes else []
     if "predictor_name" in df and not any(a.startswith("predictor") for a in shown_axes):
         shown_axes.append("predictor_name")
-    t = Table()
-    for a in shown_axes:
-        t.add_column(a)
     shown = [c for c in SHOWN if c[0] not in WHEN_POLICY_VARIES or "cache.gpu.policy" in shown_axes]
-    for _, title, _ in shown:
-        t.add_column(title, justify="right")
+    rows = []
     for _, row in df.iterrows():
         cells = [_cell(row[a]) for a in shown_axes]
         for col, _, fmt in shown:
             v = row.get(col)
             cells.append("-" if v is None or pd.isna(v) else fmt.format(v / 1e9 if col == "bytes_pcie" else v))
-        t.add_row(*cells)
-    Console(width=200).print(t)
+        rows.append(cells)
+    return shown_axes, [title for _, title, _ in shown], rows
