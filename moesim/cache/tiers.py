@@ -199,8 +199,14 @@ class Tier:
 
     def hit_pin(self, key: int, pos: int) -> bool:
         """``hit`` and, on a hit, ``pin`` in one call (the engine's hot path)."""
-        if not self.hit(key, pos):
+        p = self._ready.get(key)
+        if p is None:
             return False
+        nu = self._next_use
+        if nu is None:
+            p.touch(key)
+        else:
+            p.touch(key, nu(key, pos))
         pins = self._pins
         pins[key] = pins.get(key, 0) + 1
         self._blocked.add(key)
