@@ -370,6 +370,9 @@ def check_scenario(sc: Scenario, file: str | None) -> None:
     if sc.standin is not None and sc.standin.bits >= 8 * m.component_bytes_per_param("experts"):
         raise InputError(f"a stand-in of {sc.standin.bits:g} bits is no smaller than the experts' "
                          f"{8 * m.component_bytes_per_param('experts'):g} bits", file=file, field="standin.bits")
+    if sc.runtime is not None and sc.runtime.evict_writeback == "d2h_stream" and hw.pcie_d2h is None:
+        raise InputError(f"evict_writeback: d2h_stream needs the hardware profile's pcie_d2h section, which profile "
+                         f"{hw.name!r} lacks", file=file, field="runtime.evict_writeback")
     if sc.miss != "wait":
         for sec in ("host_cpu", "pcie_d2h"):
             if getattr(hw, sec) is None:

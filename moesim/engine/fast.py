@@ -37,6 +37,8 @@ def unsupported(sim: Simulation) -> str | None:
         return "low-bit stand-ins"
     if sim.kv is not None:
         return "the KV cache in the GPU budget"
+    if sim.writeback is not None:
+        return "the write-back of evicted experts"
     return None
 
 

@@ -331,6 +331,8 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None, engine: s
                                    "batch_limit": sc.batch.batch_limit}
         if sc.runtime is not None:  # only with a runtime: `none` keeps the summary as it was
             summary["host"] = sim.host.summary() if sim.host is not None else None
+            if sim.writeback is not None:
+                summary["writeback"] = sim.writeback.summary()
         return Result(summary, None, rec.requests_frame(), rec.events_frame(), steps_file=rec.steps_file(),
                       engine={"engine": "fast" if why is None else "simpy", "reason": why})
 
@@ -389,7 +391,8 @@ def scenario_echo(sc: Scenario) -> dict:
         d["model"].pop("precision")
     # issue 17's knobs echo only when used: a run without them keeps its summary as it was
     for sec in ("pcie_d2h", "host_cpu"):  # echoed when the run uses them (miss: cpu | auto)
-        if d["hardware"].get(sec) is None or sc.miss == "wait":
+        if d["hardware"].get(sec) is None or (sc.miss == "wait" and not (
+                sec == "pcie_d2h" and sc.runtime is not None and sc.runtime.evict_writeback == "d2h_stream")):
             d["hardware"].pop(sec, None)
     if sc.model.kv_values_per_token is None:
         d["model"].pop("kv_values_per_token", None)

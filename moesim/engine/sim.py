@@ -26,6 +26,7 @@ from .loads import Load, LoadChain
 from .metrics import KeyLog, Recorder
 from .plan import StepPlan
 from .standin import StandIns
+from .writeback import WriteBack
 from .scheduler import PlanSource
 
 
@@ -148,6 +149,8 @@ class Simulation(LoadChain):
         self.cpu = CpuExecutor(self, cfg.miss, self.host is not None) if cfg.miss != "wait" else None
         self.kv = KvBudget(model, cost.hw.gpu.memory_gb, cfg.gpu_capacity) if cfg.kv_cache else None
         self.standin = StandIns(self, *cfg.standin) if cfg.standin is not None else None
+        wb = rt.evict_writeback if rt is not None else "none"
+        self.writeback = WriteBack(self, wb) if wb != "none" else None  # evicted experts copied back
         for key in cfg.gpu_preload:  # placed before the run: no transfer, not an access
             self.gpu.reserve(key, -1)
             self.gpu.complete(key)

@@ -7,7 +7,7 @@ the points `moesim calibrate` fitted it to), as hardware profiles do.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -62,6 +62,11 @@ class RuntimeCosts(BaseModel):
     synchronous_compute: bool = Field(False, description="true: the host runs each kernel itself or waits for it "
                                                          "(a CPU device): host work and compute never overlap")
     expert_dispatch_us: float = Field(0.0, ge=0, description="host time to dispatch one expert's kernels")
+    evict_writeback: Literal["none", "same_stream", "d2h_stream"] = Field(
+        "none", description="an expert evicted from the GPU for a load is copied back to host memory (the stack "
+                            "keeps one copy of each expert): same_stream, right after the load's own copy on its "
+                            "link slot (one CUDA stream: the two serialise); d2h_stream, on the profile's pcie_d2h "
+                            "link while the load's copy runs (full duplex). The load is usable when both are done")
     copy_slowdown: float = Field(1.0, ge=1, description="expert kernels take this many times longer while a copy "
                                                         "of their layer is in flight (shared memory bandwidth)")
     lm_head_ms: float | None = Field(None, ge=0, description="LM head per step (None: roofline)")
