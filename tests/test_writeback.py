@@ -66,6 +66,22 @@ def test_the_write_back_runs_before_copies_queued_behind_it(tmp_path):
     assert res.summary["makespan_s"] == pytest.approx(n * L * (A + 4 * T + C) - 2 * T, rel=1e-9)
 
 
+def test_a_copy_with_no_evictable_slot_writes_an_expert_back_too(tmp_path):
+    """A 2-token prefill, one expert slot: each layer's second expert finds the slot pinned and is
+    copied through a transient buffer (bypass); the stack swaps it in all the same, so it costs a
+    copy back. Layer 0 (empty slot): in(a) in(b) out(b) = 3T; later layers in(a) out(a') in(b)
+    out(b) = 4T."""
+    routing = np.array([[[[2 * layer], [2 * layer + 1]][t] for layer in range(L)] for t in range(2)],
+                       dtype=np.int16).reshape(1, 2, L, 1)
+    trace = write_routing(tmp_path / "p.parquet", routing, prompt_len=2, num_experts=16)
+    base = simulate(scenario(trace))
+    res = simulate(scenario(trace, runtime=_wb("same_stream")))
+    assert base.summary["bypass_loads"] == res.summary["bypass_loads"] == L
+    assert base.summary["makespan_s"] == pytest.approx(L * (A + 2 * T + C), rel=1e-9)
+    assert res.summary["makespan_s"] == pytest.approx(L * (A + C) + (3 + 4 * (L - 1)) * T, rel=1e-9)
+    assert res.summary["writeback"]["copies"] == 2 * L - 1
+
+
 def test_a_separate_d2h_stream_overlaps_the_write_back(tmp_path):
     """d2h_stream on a D2H link as fast as H2D: each write-back runs while its load's copy does
     (full duplex), so the timing is the no-write-back model's, and the copies are on pcie_d2h."""

@@ -4,7 +4,7 @@ This is the "before" picture of benchmarks/published/README.md: each point of ev
 `*.points.yaml` here is simulated with its scenario, its `set` overrides and whatever runtime the
 scenario names (none, today), and compared with the published figure (per-token latency, or tokens/s as the source measured it).
 
-    PYTHONPATH=$PWD python benchmarks/published/before.py [-o /tmp/published-before]
+    PYTHONPATH=$PWD python benchmarks/published/before.py [POINTS.yaml ...] [-o /tmp/published-before]
 """
 from __future__ import annotations
 
@@ -60,13 +60,14 @@ def _ratios(spec: dict, speeds: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("points", nargs="*", type=Path, help="points files (default: every *.points.yaml here)")
     ap.add_argument("-o", "--output", type=Path, default=Path("/tmp/published-before"))
     args = ap.parse_args()
     print("| point | group | fitted | published tok/s | moesim tok/s | moesim / published "
           "| GPU hit rate | PCIe busy |")
     print("|---|---|---|---|---|---|---|---|")
     ratios, done = [], {}
-    for pf in sorted(HERE.glob("*.points.yaml")):
+    for pf in args.points or sorted(HERE.glob("*.points.yaml")):
         spec = yaml.safe_load(pf.read_text())
         speeds = {}
         for point in spec["points"]:

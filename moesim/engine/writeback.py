@@ -5,7 +5,10 @@ A stack that keeps each expert in exactly one place (GPU or host, as mixtral-off
 evicts: `same_stream` queues that device-to-host copy right after the load's own copy on the slot
 that ran it (one CUDA stream runs them in order, ahead of copies queued later); `d2h_stream` runs it
 on the profile's `pcie_d2h` link while the load's copy runs (a second stream, the other copy engine:
-full duplex). Either way the load lands when its copy and its write-backs have all finished.
+full duplex). Either way the load lands when its copy and its write-backs have all finished. A
+demand load that finds no evictable slot (every resident expert pinned by its layer: moesim copies
+it through a transient buffer, not cached) writes one expert back too: the stack swaps every load
+into a full cache, so each of its copies in has a copy out.
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ class WriteBack:
             self._keys = []
             ok = claim(load)
             keys, self._keys = self._keys, []
+            if ok and not keys and load.bypass:  # no evictable slot: the stack swaps it in all the same,
+                keys = [load.key]                # and writes an expert back (this one, once used)
             if ok and keys:
                 self.parts[load] = 1 + len(keys)
                 if self.mode == "same_stream":
