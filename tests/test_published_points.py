@@ -167,3 +167,22 @@ def test_end_to_end_points_run_one_batch_at_once():
             assert sc.trace.synthetic.requests == sc.batch.size, p["name"]
             seen += 1
     assert seen
+
+
+def test_end_to_end_points_match_their_csv_row():
+    """Each end-to-end point simulates the run its quoted CSV row describes: `input_token` prompt
+    tokens, `batch_size` prompts, and `output_token` new tokens from generate(), i.e. the prefill's
+    token plus output_token - 1 decode steps (moesim's output tokens are decode_len + 1)."""
+    import re
+
+    seen = 0
+    for pf, p in _all_points():
+        if p.get("throughput") != "end_to_end":
+            continue
+        row = re.search(r"table row '([^']*)'", p["source"]).group(1)
+        inp, out, batch = (int(x) for x in row.split(",")[:3])
+        sc = load_scenario(pf.parent / p["scenario"], _overrides(p))
+        syn = sc.trace.synthetic
+        assert (syn.prompt_len, syn.decode_len + 1, sc.batch.size) == (inp, out, batch), p["name"]
+        seen += 1
+    assert seen >= 10
