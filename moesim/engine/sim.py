@@ -10,6 +10,8 @@ another, so the layer's end is computed from the load completion times once they
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
+from operator import add
 
 import numpy as np
 import simpy
@@ -341,10 +343,9 @@ class Simulation(LoadChain):
         counts = plan.counts[layer].tolist()
         divert = self._divert if self.standin is not None or self.cpu is not None else None
         n, hit_costs, pending, pinned = self._access_layer(plan.index, layer, plan.keys[layer].tolist(), counts,
-                                                           [ecs(cnt) for cnt in counts], divert)
-        busy = self.cost.shared_compute_s(plan.tokens)  # shared experts: always resident
-        for c in hit_costs:
-            busy += c
+                                                           list(map(ecs, counts)), divert)
+        # shared experts (always resident), then each hit's kernel, summed in access order
+        busy = reduce(add, hit_costs, self.cost.shared_compute_s(plan.tokens))
         return busy, hit_costs, pending, pinned, n
 
     def _divert(self, key: int, cnt: int, c: float):
