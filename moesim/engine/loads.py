@@ -191,6 +191,16 @@ class LoadChain(PinLedger):
 
     # ---- a layer's accesses ------------------------------------------------------------------
 
+    def _gate(self, plan, view, layer: int) -> list[Prefetch]:
+        """The gate of `layer` has run: later prefetches for it are stale, the view may read its
+        routing, and what was predicted for it is scored. Returns the predictor's on_gate answer."""
+        self.gated = (plan.index, layer)
+        view.gated = layer
+        reqs = self.predictor.on_gate(view, layer)
+        keys = plan.keys[layer]
+        self._score_predictions(self.gated, keys if self.dedup else np.unique(keys))
+        return reqs
+
     def _access_layer(self, step: int, layer: int, keys: list[int], counts: list[int], payloads,
                       divert=None) -> tuple:
         """The layer's expert accesses in order, one decision for the simulator and the real replay:

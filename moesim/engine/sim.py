@@ -304,12 +304,9 @@ class Simulation(LoadChain):
         if host is not None:  # loads and the gate hook wait for the routing to reach the host
             yield from self._wait_host(host.routing_known(env.now))
         t_gate = env.now
-        self.gated = (plan.index, layer)
-        view.gated = layer
-        gate_reqs = self.predictor.on_gate(view, layer)
+        gate_reqs = self._gate(plan, view, layer)
         keys = plan.keys[layer]
         self.accessed.append(keys)
-        self._score_predictions(self.gated, keys if self.cfg.dedup else np.unique(keys))
         if self.standin is not None:
             self.standin.layer(plan, layer)
         busy, hit_costs, pending, pinned, (hits, late, misses) = self._accesses(plan, layer)

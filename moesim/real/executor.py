@@ -400,10 +400,7 @@ class RealExecutor(LoadChain):
         keys = plan.keys[layer]
         groups = token_groups(plan, layer, keys, self.E, self.model.top_k, self.dedup, self.device)
         with self.lock:
-            self.gated = (plan.index, layer)
-            view.gated = layer
-            gate_reqs = pred.on_gate(view, layer)
-            self._score_predictions(self.gated, keys if self.dedup else np.unique(keys))
+            gate_reqs = self._gate(plan, view, layer)
             counts, ready, pending, pinned = self._access(plan, layer, keys, groups)
             self._issue(gate_reqs)
         busy = self._compute(x, h, layer, ready, pending, alpha)
