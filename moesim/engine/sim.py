@@ -151,6 +151,7 @@ class Simulation(LoadChain):
         self.cpu = CpuExecutor(self, cfg.miss, self.host is not None) if cfg.miss != "wait" else None
         self.kv = KvBudget(model, cost.hw.gpu.memory_gb, cfg.gpu_capacity) if cfg.kv_cache else None
         self.standin = StandIns(self, *cfg.standin) if cfg.standin is not None else None
+        self._diverts = self._divert if self.cpu is not None or self.standin is not None else None
         for key in cfg.gpu_preload:  # placed before the run: no transfer, not an access
             self.gpu.reserve(key, -1)
             self.gpu.complete(key)
@@ -309,7 +310,11 @@ class Simulation(LoadChain):
         self.accessed.append(keys)
         if self.standin is not None:
             self.standin.layer(plan, layer)
-        busy, hit_costs, pending, pinned, (hits, late, misses) = self._accesses(plan, layer)
+        counts = plan.counts[layer].tolist()  # the accesses (LoadChain._access_layer), kernel seconds as payloads
+        (hits, late, misses), hit_costs, pending, pinned = self._access_layer(
+            plan.index, layer, keys.tolist(), counts, list(map(self.cost.expert_compute_s, counts)), self._diverts)
+        # shared experts (always resident), then each hit's kernel, summed in access order
+        busy = reduce(add, hit_costs, self.cost.shared_compute_s(plan.tokens))
         # The layer's own experts are pinned and their loads queued before the predictor's
         # prefetches for later layers, so a prefetch never evicts what this layer needs.
         post = self._hook(gate_reqs, "on_gate", plan.tokens)
@@ -331,19 +336,6 @@ class Simulation(LoadChain):
         self._layer_done(plan.index, layer, pinned)
         rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
                       env.now - t_gate - busy, hits, late, misses, len(keys))
-
-    def _accesses(self, plan: StepPlan, layer: int):
-        """The layer's accesses (LoadChain._access_layer), a miss perhaps served by a low-bit
-        stand-in or the host CPU (_divert). Returns (busy, hit kernel times, [(load, kernel s)] to
-        wait for, pinned keys, (hits, late, misses))."""
-        ecs = self.cost.expert_compute_s
-        counts = plan.counts[layer].tolist()
-        divert = self._divert if self.standin is not None or self.cpu is not None else None
-        n, hit_costs, pending, pinned = self._access_layer(plan.index, layer, plan.keys[layer].tolist(), counts,
-                                                           list(map(ecs, counts)), divert)
-        # shared experts (always resident), then each hit's kernel, summed in access order
-        busy = reduce(add, hit_costs, self.cost.shared_compute_s(plan.tokens))
-        return busy, hit_costs, pending, pinned, n
 
     def _divert(self, key: int, cnt: int, c: float):
         """A miss served without a copy into the cache: a low-bit stand-in (not cached) or the host
