@@ -2,7 +2,8 @@
 
 It follows the simulator's pipeline (moesim/engine/sim.py, DESIGN §3) step by step, with the
 same cache tiers (`moesim.cache.tiers.Tier`, the same eviction policies), the same predictor
-objects and hooks, the same load chain and the same priorities — but every duration is measured:
+objects and hooks, the same load chain, per-layer access decision and priorities (engine/loads.py) —
+but every duration is measured:
 
 * the expert file on disk: every (layer, expert) of the model, random weights of its shape;
 * the scenario's ``dram`` tier: host buffers (pinned on CUDA) filled from the file by reads that
