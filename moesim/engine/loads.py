@@ -80,9 +80,8 @@ class LoadChain(PinLedger):
         dram = self.dram
         if dram is None:
             self._copy(load, self.pcie)
-        elif dram.hit(key, self.pos):
+        elif dram.hit_pin(key, self.pos):  # held in DRAM until its PCIe copy is done
             self.rec.dram_hits += 1
-            dram.pin(key)
             load.pinned_dram = True
             self._copy(load, self.pcie)
         else:
