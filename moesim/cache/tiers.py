@@ -186,19 +186,15 @@ class Tier:
 
     def hit(self, key: int, pos: int) -> bool:
         """True, and an access for the policy, if ``key`` is READY; False (nothing changes) if it
-        is absent or IN_FLIGHT."""
-        p = self._ready.get(key)
-        if p is None:
+        is absent or IN_FLIGHT. (``hit_pin`` and its pin undone: the rarer call pays the extra.)"""
+        if not self.hit_pin(key, pos):
             return False
-        nu = self._next_use
-        if nu is None:
-            p.touch(key)
-        else:
-            p.touch(key, nu(key, pos))
+        self.unpin(key)
         return True
 
     def hit_pin(self, key: int, pos: int) -> bool:
-        """``hit`` and, on a hit, ``pin`` in one call (the engine's hot path)."""
+        """True, an access for the policy and a pin, if ``key`` is READY; False (nothing changes)
+        if it is absent or IN_FLIGHT. One call per access: the engine's hot path."""
         p = self._ready.get(key)
         if p is None:
             return False

@@ -1,11 +1,13 @@
-"""The load chain and prefetch issuing shared by the simulator and the real replay.
+"""The load chain, a layer's access decision and prefetch issuing, shared by the simulator and
+the real replay.
 
 An expert load is a copy chain SSD → DRAM → PCIe → GPU over two channels (engine/channels.py);
 its GPU slot is taken when the PCIe copy starts. The real replay (moesim/real/executor.py)
 extends the steps that touch buffers (`_dram_reserve`, `_claim_slot`, `_pcie_done`, `_dropped`)
 and gives `_disk_start`. The class that mixes this in provides `now()`, `_landed(load)`, `eb`,
-`E`, `gpu`, `dram`, `pcie`, `disk`, `loads`, `pos`, `gated`, `predictor`, `predicted`,
-`prefetch_bytes`, `prefetch_inflight` and what PinLedger needs.
+`E`, `gpu`, `dram`, `pcie`, `disk`, `loads`, `pos`, `gated`, `dedup`, `predictor`, `predicted`,
+`prefetch_bytes`, `prefetch_inflight` and what PinLedger needs. `_access_layer` is a layer's
+access decision for both; they differ only in how time passes while its loads are waited for.
 """
 from __future__ import annotations
 
@@ -78,9 +80,8 @@ class LoadChain(PinLedger):
         dram = self.dram
         if dram is None:
             self._copy(load, self.pcie)
-        elif dram.hit(key, self.pos):
+        elif dram.hit_pin(key, self.pos):  # held in DRAM until its PCIe copy is done
             self.rec.dram_hits += 1
-            dram.pin(key)
             load.pinned_dram = True
             self._copy(load, self.pcie)
         else:
@@ -186,6 +187,68 @@ class LoadChain(PinLedger):
         elif load.pinned_dram:
             self.dram.unpin(t.key)
         self.rec.prefetch_dropped += 1
+
+    # ---- a layer's accesses ------------------------------------------------------------------
+
+    def _gate(self, plan, view, layer: int) -> list[Prefetch]:
+        """The gate of `layer` has run: later prefetches for it are stale, the view may read its
+        routing, and what was predicted for it is scored. Returns the predictor's on_gate answer."""
+        self.gated = (plan.index, layer)
+        view.gated = layer
+        reqs = self.predictor.on_gate(view, layer)
+        keys = plan.keys[layer]
+        self._score_predictions(self.gated, keys if self.dedup else np.unique(keys))
+        return reqs
+
+    def _access_layer(self, step: int, layer: int, keys: list[int], counts: list[int], payloads,
+                      divert=None) -> tuple:
+        """The layer's expert accesses in order, one decision for the simulator and the real replay:
+        a hit is pinned; an expert on its way is waited for (a queued prefetch is promoted); a miss
+        is one `divert(key, count, payload)` serves without a copy (it returns (job, payload)), else
+        a demand load. `payloads[i]` rides with `keys[i]` (kernel seconds in the simulator, token
+        rows in the real replay). Adds the copies dedup saves to the record. Returns
+        ((hits, late, misses), hit payloads, [(load, payload)] to wait for, pinned keys)."""
+        rec, dedup, unused, loads = self.rec, self.dedup, self.prefetched_unused, self.loads
+        hit_pin, pin = self.gpu.hit_pin, self._pin
+        pos = self.pos
+        hits = late = misses = saved = 0
+        ready: list = []
+        pending: list = []
+        pinned: list[int] = []
+        for key, cnt, pay in zip(keys, counts, payloads):
+            pos += 1
+            if hit_pin(key, pos):
+                hits += 1
+                ready.append(pay)
+                if key in unused:
+                    unused.discard(key)
+                    rec.prefetch_used += 1
+                pinned.append(key)
+                continue
+            load = loads.get(key)
+            if load is not None and (dedup or load.prefetch):  # on its way: wait for it
+                late += 1
+                saved += cnt - 1  # without dedup each further token would copy it again
+                if load.prefetch:
+                    rec.prefetch_late += 1
+                    load.prefetch = False
+                    load.channel.promote(load.transfer)
+            else:
+                self.pos = pos
+                job = None if divert is None else divert(key, cnt, pay)
+                misses += 1
+                if job is not None:  # served without a copy into the cache
+                    pending.append(job)
+                    continue
+                saved += cnt - 1  # without dedup a second token's copy is a transfer of its own
+                load = self._start_load(key, False, (step, layer), bypass=load is not None)
+            if not load.bypass:
+                pin(key)
+                pinned.append(key)
+            pending.append((load, pay))
+        self.pos = pos
+        rec.saved_loads += saved
+        return (hits, late, misses), ready, pending, pinned
 
     # ---- prefetch ----------------------------------------------------------------------------
 

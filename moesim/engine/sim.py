@@ -10,6 +10,8 @@ another, so the layer's end is computed from the load completion times once they
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
+from operator import add
 
 import numpy as np
 import simpy
@@ -117,6 +119,7 @@ class Simulation(LoadChain):
     def __init__(self, model: ModelSpec, cost: CostModel, cfg: EngineConfig, predictor: Predictor,
                  steps, next_use=None):
         self.model, self.cost, self.cfg, self.predictor = model, cost, cfg, predictor
+        self.dedup = cfg.dedup
         self.E, self.L = model.num_experts, model.num_layers
         self.eb = model.expert_bytes
         self.env = simpy.Environment()
@@ -151,6 +154,7 @@ class Simulation(LoadChain):
         self.standin = StandIns(self, *cfg.standin) if cfg.standin is not None else None
         wb = rt.evict_writeback if rt is not None else "none"
         self.writeback = WriteBack(self, wb) if wb != "none" else None  # evicted experts copied back
+        self._diverts = self._divert if self.cpu is not None or self.standin is not None else None
         for key in cfg.gpu_preload:  # placed before the run: no transfer, not an access
             self.gpu.reserve(key, -1)
             self.gpu.complete(key)
@@ -304,15 +308,16 @@ class Simulation(LoadChain):
         if host is not None:  # loads and the gate hook wait for the routing to reach the host
             yield from self._wait_host(host.routing_known(env.now))
         t_gate = env.now
-        self.gated = (plan.index, layer)
-        view.gated = layer
-        gate_reqs = self.predictor.on_gate(view, layer)
+        gate_reqs = self._gate(plan, view, layer)
         keys = plan.keys[layer]
         self.accessed.append(keys)
-        self._score_predictions(self.gated, keys if self.cfg.dedup else np.unique(keys))
         if self.standin is not None:
             self.standin.layer(plan, layer)
-        busy, hit_costs, pending, pinned, (hits, late, misses, saved) = self._accesses(plan, layer)
+        counts = plan.counts[layer].tolist()  # the accesses (LoadChain._access_layer), kernel seconds as payloads
+        (hits, late, misses), hit_costs, pending, pinned = self._access_layer(
+            plan.index, layer, keys.tolist(), counts, list(map(self.cost.expert_compute_s, counts)), self._diverts)
+        # shared experts (always resident), then each hit's kernel, summed in access order
+        busy = reduce(add, hit_costs, self.cost.shared_compute_s(plan.tokens))
         # The layer's own experts are pinned and their loads queued before the predictor's
         # prefetches for later layers, so a prefetch never evicts what this layer needs.
         post = self._hook(gate_reqs, "on_gate", plan.tokens)
@@ -332,59 +337,17 @@ class Simulation(LoadChain):
         if cursor > env.now:
             yield env.timeout(cursor - env.now)
         self._layer_done(plan.index, layer, pinned)
-        rec.saved_loads += saved
         rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
                       env.now - t_gate - busy, hits, late, misses, len(keys))
 
-    def _accesses(self, plan: StepPlan, layer: int):
-        """The layer's expert accesses in order: a hit is pinned; an expert on its way is waited for
-        (a queued prefetch is promoted); a miss goes to a low-bit stand-in, the host CPU, or a
-        demand load. Returns (busy, hit kernel times, [(load, kernel s)] to wait for, pinned keys,
-        (hits, late, misses, copies saved by dedup))."""
-        rec, dedup, unused = self.rec, self.cfg.dedup, self.prefetched_unused
-        hit_pin, ecs = self.gpu.hit_pin, self.cost.expert_compute_s
-        busy = self.cost.shared_compute_s(plan.tokens)  # shared experts: always resident
-        hits = late = misses = saved = 0
-        hit_costs: list[float] = []
-        pending: list[tuple[Load, float]] = []
-        pinned = []
-        for key, cnt in zip(plan.keys[layer].tolist(), plan.counts[layer].tolist()):
-            self.pos += 1
-            c = ecs(cnt)
-            if hit_pin(key, self.pos):
-                hits += 1
-                busy += c
-                hit_costs.append(c)
-                if key in unused:
-                    unused.discard(key)
-                    rec.prefetch_used += 1
-                pinned.append(key)
-                continue
-            load = self.loads.get(key)
-            if load is not None and (dedup or load.prefetch):  # on its way: wait for it
-                late += 1
-                saved += cnt - 1  # without dedup each further token would copy it again
-                if load.prefetch:
-                    rec.prefetch_late += 1
-                    load.prefetch = False
-                    load.channel.promote(load.transfer)
-            elif self.standin is not None and self.standin.serves(key):  # a low-bit copy, not cached
-                misses += 1
-                pending.append((self.standin.submit(key, cnt), c))
-                continue
-            elif self.cpu is not None and self.cpu.prefers_cpu(key, cnt, c):  # compute it on the host
-                misses += 1
-                pending.append((self.cpu.submit(key, cnt), 0.0))
-                continue
-            else:  # without dedup a second token's copy is a transfer of its own
-                misses += 1
-                saved += cnt - 1
-                load = self._start_load(key, False, (plan.index, layer), bypass=load is not None)
-            if not load.bypass:
-                self._pin(key)
-                pinned.append(key)
-            pending.append((load, c))
-        return busy, hit_costs, pending, pinned, (hits, late, misses, saved)
+    def _divert(self, key: int, cnt: int, c: float):
+        """A miss served without a copy into the cache: a low-bit stand-in (not cached) or the host
+        CPU, as (job, its GPU kernel seconds); None: a demand load."""
+        if self.standin is not None and self.standin.serves(key):
+            return self.standin.submit(key, cnt), c
+        if self.cpu is not None and self.cpu.prefers_cpu(key, cnt, c):
+            return self.cpu.submit(key, cnt), 0.0
+        return None
 
     def _wait_loads(self, pending: list):
         """Yield until every load of `pending` has landed (one event, whichever lands last)."""

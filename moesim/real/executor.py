@@ -2,7 +2,8 @@
 
 It follows the simulator's pipeline (moesim/engine/sim.py, DESIGN §3) step by step, with the
 same cache tiers (`moesim.cache.tiers.Tier`, the same eviction policies), the same predictor
-objects and hooks, the same load chain and the same priorities — but every duration is measured:
+objects and hooks, the same load chain, per-layer access decision and priorities (engine/loads.py) —
+but every duration is measured:
 
 * the expert file on disk: every (layer, expert) of the model, random weights of its shape;
 * the scenario's ``dram`` tier: host buffers (pinned on CUDA) filled from the file by reads that
@@ -400,10 +401,7 @@ class RealExecutor(LoadChain):
         keys = plan.keys[layer]
         groups = token_groups(plan, layer, keys, self.E, self.model.top_k, self.dedup, self.device)
         with self.lock:
-            self.gated = (plan.index, layer)
-            view.gated = layer
-            gate_reqs = pred.on_gate(view, layer)
-            self._score_predictions(self.gated, keys if self.dedup else np.unique(keys))
+            gate_reqs = self._gate(plan, view, layer)
             counts, ready, pending, pinned = self._access(plan, layer, keys, groups)
             self._issue(gate_reqs)
         busy = self._compute(x, h, layer, ready, pending, alpha)
@@ -418,42 +416,19 @@ class RealExecutor(LoadChain):
                            *counts, len(keys))
 
     def _access(self, plan, layer: int, keys: np.ndarray, groups):
-        """Under the lock: each needed key is a hit (pinned, ready to compute), a late hit on a load
-        in flight (a prefetch is promoted) or a miss (a demand load); as the simulator counts them,
-        with the copies dedup saves. Returns ((hits, late, misses), ready (views, rows), pending
-        (load, rows), pinned keys)."""
-        rec, gpu, unused = self.rec, self.gpu, self.prefetched_unused
-        hits = late = misses = saved = 0
-        ready, pending, pinned = [], [], []
-        for key, cnt, rows in zip(keys.tolist(), plan.counts[layer].tolist(), groups):
-            self.pos += 1
-            if gpu.hit(key, self.pos):
-                hits += 1
-                if key in unused:
-                    unused.discard(key)
-                    rec.prefetch_used += 1
-                gpu.pin(key)
-                pinned.append(key)
-                ready.append((self.dev.views[self.dev_slot[key]], rows))
-                continue
-            load = self.loads.get(key)
-            saved += cnt - 1  # a load serves each of the key's tokens (without dedup cnt is 1)
-            if load is not None and (self.dedup or load.prefetch):
-                late += 1
-                if load.prefetch:
-                    rec.prefetch_late += 1
-                    load.prefetch = False
-                    load.channel.promote(load.transfer)
-            else:
-                misses += 1
-                load = self._start_load(key, False, (plan.index, layer), bypass=load is not None)
+        """Under the lock: the layer's accesses, decided as the simulator decides them
+        (LoadChain._access_layer), each key's payload its index. Returns ((hits, late, misses),
+        ready (views, rows), pending (load, rows), pinned keys)."""
+        ks = keys.tolist()
+        counts, hit_i, pending_i, pinned = self._access_layer(plan.index, layer, ks, plan.counts[layer].tolist(),
+                                                              range(len(ks)))
+        views, slot = self.dev.views, self.dev_slot
+        ready = [(views[slot[ks[i]]], groups[i]) for i in hit_i]
+        pending = []
+        for load, i in pending_i:
             load.waiters += 1
-            if not load.bypass:
-                self._pin(key)
-                pinned.append(key)
-            pending.append((load, rows))
-        rec.saved_loads += saved
-        return (hits, late, misses), ready, pending, pinned
+            pending.append((load, groups[i]))
+        return counts, ready, pending, pinned
 
     def _compute(self, x, h, layer: int, ready, pending, alpha: float) -> float:
         """Shared experts, the hits, then each loaded expert as soon as its copy has landed (in

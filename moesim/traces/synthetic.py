@@ -43,6 +43,7 @@ from typing import Annotated, Iterator
 
 import numpy as np
 import pyarrow as pa
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InputError, pydantic_message
@@ -123,97 +124,29 @@ def _fmt(v) -> str:
 
 DEFAULT_PARAMS = SyntheticParams()
 
-# ---- presets, keyed by MODEL preset name ------------------------------------------------------
-# Calibration is loose. Sources, and what each was used for:
-#
-# [J24] Jiang et al., "Mixtral of Experts", arXiv:2401.04088, §5 (routing analysis, Table 5 and
-#       Fig. 7): no clear domain specialisation; near-uniform expert usage per layer; consecutive tokens
-#       get the same FIRST-choice expert ~14% of the time at layer 0, ~24-28% at layer 15, ~20-23% at
-#       layer 31 (random: 12.5%); their top-2 sets share an expert ~46-48% / ~61-67% / ~52-56% of the
-#       time (random: 46%). [Rounded; the exact table is routing_targets.MIXTRAL_TABLE5.]
-# [EM23] Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models with Offloading",
-#       arXiv:2312.17238: Mixtral's next-layer experts can be guessed by applying the next layer's gate
-#       to the current hidden state (speculative loading) -> high rho. Magnitude not fitted.
-# [Y24] Yao et al., "Exploiting Inter-Layer Expert Affinity for Accelerating MoE Inference" (ExFlow),
-#       arXiv:2401.08383: pre-trained GPT-MoE models show strong inter-layer expert affinity
-#       (P(expert at l+1 | expert at l) is concentrated) -> gate_affinity > 0. Magnitude not fitted.
-# [L25] Liang et al., "Not All Models Suit Expert Offloading: On Local Routing Consistency of MoE
-#       Models", arXiv:2505.16056: models with MoE in every layer and no shared experts have the highest
-#       local routing consistency; shared experts (Qwen1.5-MoE, DeepSeek-V2-Lite) lower it;
-#       domain-specialised experts raise it. Used for the ORDERING of tau / topic_weight only (their
-#       per-model numbers were not available to us).
-# [O24] Muennighoff et al., "OLMoE", arXiv:2409.02060, §5: strong domain specialisation (experts
-#       specialised to e.g. arXiv / GitHub data), load-balanced (near-uniform) global usage.
-# [X24] Xue et al., "MoE-Infinity", arXiv:2401.14361: request-level traces (Switch, NLLB, Mixtral) show
-#       sparse per-request activation and skewed reuse of a few experts within a request.
-# [H23] Huang et al., "Towards MoE Deployment: Mitigating Inefficiencies in MoE Inference",
-#       arXiv:2303.06182: skewed expert activation (a few hot experts), temporal locality (motivating
-#       expert buffering).
-# Only Mixtral's tau/topic_weight are fitted to numbers (first-choice repetition ~0.20 and top-2
-# overlap ~0.58 measured with `moesim trace info`-style counting vs [J24]'s ~0.21 / ~0.55 averages);
-# every other magnitude is uncalibrated and says so.
-PRESETS: dict[str, SyntheticParams] = {
-    # tau, topic_weight fitted to [J24] Table 5; skew low per [J24] Fig. 7; rho high per [EM23];
-    # gate_affinity per [Y24]. rho / attention_noise / gate_affinity magnitudes: uncalibrated.
-    "mixtral-8x7b": SyntheticParams(rho=0.9, tau=0.2, attention_noise=0.4, popularity_skew=0.15,
-                                    hidden_dim=32, topic_weight=0.05, gate_affinity=0.8),
-    # [O24] domain specialisation -> larger topic weight; [L25] no shared experts -> high local
-    # consistency (high tau); load balancing -> low skew. Magnitudes uncalibrated.
-    "olmoe-1b-7b": SyntheticParams(rho=0.85, tau=0.6, attention_noise=0.5, popularity_skew=0.3,
-                                   hidden_dim=32, topic_weight=0.3, gate_affinity=0.8),
-    # [X24] sparse per-request activation, skewed reuse; [H23] skewed activation -> higher skew and
-    # topic weight than the decoder-only LLM presets. Magnitudes uncalibrated.
-    "switch-base-128": SyntheticParams(rho=0.8, tau=0.5, attention_noise=0.5, popularity_skew=0.5,
-                                       hidden_dim=32, topic_weight=0.35, gate_affinity=0.8),
-    # [L25] shared experts -> lower local routing consistency than OLMoE/Mixtral. Magnitudes uncalibrated.
-    "qwen1.5-moe-a2.7b": SyntheticParams(rho=0.8, tau=0.35, attention_noise=0.5, popularity_skew=0.3,
-                                         hidden_dim=32, topic_weight=0.15, gate_affinity=0.8),
-    # [L25] shared experts + fine-grained routed experts -> lower consistency. Magnitudes uncalibrated.
-    "deepseek-v2-lite": SyntheticParams(rho=0.8, tau=0.35, attention_noise=0.5, popularity_skew=0.3,
-                                        hidden_dim=32, topic_weight=0.15, gate_affinity=0.8),
-    # No shared experts, 128 fine-grained experts: [L25]'s ordering puts it near OLMoE.
-    # Magnitudes uncalibrated.
-    "qwen3-30b-a3b": SyntheticParams(rho=0.85, tau=0.55, attention_noise=0.5, popularity_skew=0.3,
-                                     hidden_dim=32, topic_weight=0.25, gate_affinity=0.8),
-    # 16 experts, top-2, no shared experts: a Mixtral-like guess. Uncalibrated.
-    "phi-3.5-moe": SyntheticParams(rho=0.85, tau=0.3, attention_noise=0.5, popularity_skew=0.2,
-                                   hidden_dim=32, topic_weight=0.1, gate_affinity=0.8),
-    # Shared expert -> [L25]'s lower-consistency group, like Qwen1.5-MoE. Magnitudes uncalibrated.
-    "qwen2-57b-a14b": SyntheticParams(rho=0.8, tau=0.35, attention_noise=0.5, popularity_skew=0.3,
-                                      hidden_dim=32, topic_weight=0.15, gate_affinity=0.8),
-    # 32 experts top-4, no shared experts: no published routing statistics found. Uncalibrated.
-    "gpt-oss-20b": SyntheticParams(rho=0.85, tau=0.4, attention_noise=0.5, popularity_skew=0.3,
-                                   hidden_dim=32, topic_weight=0.15, gate_affinity=0.8),
-    # Mixtral calibrated to [J24] Table 5's six numbers (dataset means; routing_targets.py): tau, tail_prob
-    # and the skew at layers 0/15/31 (linear between) from routing_targets.fit_mixtral_published (seeds 0-2,
-    # 8 requests x 128 tokens). The other knobs are mixtral-8x7b's (uncalibrated). A new name, so the
-    # mixtral-8x7b preset (and everything measured with it) stays byte-identical.
-    "mixtral-8x7b-published": SyntheticParams(rho=0.9, tau=0.026, attention_noise=0.4,
-                                              popularity_skew=knot_skews((0.063, 0.793, 0.529), 32),
-                                              hidden_dim=32, topic_weight=0.05, gate_affinity=0.8,
-                                              tail_prob=0.578),
-}
-
-PRESET_SOURCES: dict[str, str] = {
-    "mixtral-8x7b": "tau/topic_weight fitted to Jiang et al. 2024 (arXiv:2401.04088) Table 5; skew from its Fig. 7; "
-                    "rho, gate_affinity directions from Eliseev & Mazur 2023, Yao et al. 2024 "
-                    "(magnitudes uncalibrated)",
-    "olmoe-1b-7b": "directions from Muennighoff et al. 2024 §5 and Liang et al. 2025; magnitudes uncalibrated",
-    "switch-base-128": "directions from Xue et al. 2024 (MoE-Infinity) and Huang et al. 2023; magnitudes uncalibrated",
-    "qwen1.5-moe-a2.7b": "direction from Liang et al. 2025 (shared experts); magnitudes uncalibrated",
-    "deepseek-v2-lite": "direction from Liang et al. 2025 (shared experts); magnitudes uncalibrated",
-    "qwen3-30b-a3b": "direction from Liang et al. 2025; magnitudes uncalibrated",
-    "phi-3.5-moe": "uncalibrated (Mixtral-like guess)",
-    "qwen2-57b-a14b": "direction from Liang et al. 2025 (shared experts); magnitudes uncalibrated",
-    "gpt-oss-20b": "uncalibrated",
-    "mixtral-8x7b-published": "calibrated_to: " + MIXTRAL_TABLE5_SOURCE + "; tau, tail_prob and per-layer skew "
-                              "fitted by moesim.traces.routing_targets.fit_mixtral_published; rho, "
-                              "attention_noise, gate_affinity, topic_weight uncalibrated (as mixtral-8x7b)",
-}
+# ---- presets, keyed by MODEL preset name: data in synthetic_presets.yaml, with their sources ----
+PRESETS_FILE = Path(__file__).with_name("synthetic_presets.yaml")
 
 
-# synthetic presets that are not named after a model preset: the model whose shape they route
-PRESET_MODELS: dict[str, str] = {"mixtral-8x7b-published": "mixtral-8x7b"}
+def _preset_params(d: dict) -> SyntheticParams:
+    """A preset's SyntheticParams; a popularity_skew of {knots, layers} is per layer (knot_skews)."""
+    skew = d.get("popularity_skew")
+    if isinstance(skew, dict):
+        d = {**d, "popularity_skew": knot_skews(tuple(skew["knots"]), skew["layers"])}
+    return SyntheticParams(**d)
+
+
+def _load_presets() -> tuple[dict[str, SyntheticParams], dict[str, str], dict[str, str]]:
+    """(params, source, model) by preset name, from synthetic_presets.yaml."""
+    with open(PRESETS_FILE, encoding="utf-8") as f:
+        table = yaml.safe_load(f)
+    return ({name: _preset_params(e["params"]) for name, e in table.items()},
+            {name: e["source"].replace("{MIXTRAL_TABLE5_SOURCE}", MIXTRAL_TABLE5_SOURCE) for name, e in table.items()},
+            {name: e["model"] for name, e in table.items() if "model" in e})
+
+
+# PRESET_MODELS: synthetic presets not named after a model preset -> the model whose shape they route
+PRESETS, PRESET_SOURCES, PRESET_MODELS = _load_presets()
 
 
 def resolve_params(spec_name: str, params=None, preset: str | None = None) -> tuple[str, SyntheticParams]:

@@ -109,10 +109,21 @@ def flatten(reqs: list[Req]) -> Flat:
                 np.array([r.request_id for r in reqs], dtype=np.int64))
 
 
+class _Rows:
+    """Samples stored as arrays with one row per sample (the first field's rows)."""
+
+    def __len__(self) -> int:
+        return int(next(iter(self.__dict__.values())).shape[0])
+
+    def subset(self, idx: np.ndarray):
+        """The samples `idx` (rows of every array field; other fields shared)."""
+        return type(self)(**{k: (v[idx] if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()})
+
+
 # ---- speculation samples -------------------------------------------------------------------------
 
 @dataclass
-class SpecSamples:
+class SpecSamples(_Rows):
     """N anchors; C context slots (left-padded, newest last); H offsets."""
 
     ctx_e: np.ndarray      # [N, C, K] expert ids (0 where padded)
@@ -127,13 +138,6 @@ class SpecSamples:
     anchor: np.ndarray     # [N] anchor layer
     tgt_tok: np.ndarray    # [N, H] target token (global index into Flat.routing via offset)
     flat: Flat
-
-    def __len__(self) -> int:
-        return int(self.ctx_e.shape[0])
-
-    def subset(self, idx: np.ndarray) -> SpecSamples:
-        f = self.__dict__
-        return SpecSamples(**{k: (v[idx] if isinstance(v, np.ndarray) else v) for k, v in f.items()})
 
 
 def slot_offsets(num_layers: int, context_length: int, horizon: int, prev_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +205,7 @@ def speculation_samples(reqs: list[Req], num_layers: int, context_length: int, h
 # ---- pre-attention samples -----------------------------------------------------------------------
 
 @dataclass
-class PreSamples:
+class PreSamples(_Rows):
     x: np.ndarray          # [N, d] float16
     layer: np.ndarray      # [N]
     tgt_e: np.ndarray      # [N, K]
@@ -209,13 +213,6 @@ class PreSamples:
     req: np.ndarray        # [N]
     tok: np.ndarray        # [N]
     flat: Flat
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    def subset(self, idx: np.ndarray) -> PreSamples:
-        f = self.__dict__
-        return PreSamples(**{k: (v[idx] if isinstance(v, np.ndarray) else v) for k, v in f.items()})
 
 
 def pre_attention_samples(reqs: list[Req]) -> PreSamples:
