@@ -30,7 +30,7 @@ from __future__ import annotations
 import operator
 from typing import Callable
 
-from .policies import Policy, get_policy, policy_class
+from .policies import FIFO, LRU, Policy, get_policy, policy_class
 
 __all__ = ["Tier", "PARTITIONS"]
 
@@ -211,6 +211,102 @@ class Tier:
         pins[key] = pins.get(key, 0) + 1
         self._blocked.add(key)
         return True
+
+    # ---- one layer in one call (the contention-free engine) ---------------------------------
+
+    def layer_batchable(self) -> bool:
+        """Whether `access_layer` can serve this tier: unbounded, or plain LRU or FIFO."""
+        return self.capacity is None or all(type(p) in (LRU, FIFO) for p in self._policies)
+
+    def access_layer(self, keys: list[int], slots: int) -> tuple[list[int], int, int]:
+        """One layer's accesses as engine/fast.py makes them, in one call (its hot path): `keys`
+        are distinct keys of one layer, and nothing is pinned or in flight before. A READY key is
+        a hit (touched, pinned until the end). Any other key is a miss whose slot is reserved
+        (`reserve`) at once for the first `slots` misses, and after all the accesses, in order,
+        for the rest (as their copies start); a miss with no evictable slot is not cached
+        (bypass). At the end every reserved key is READY and nothing is pinned: the same calls,
+        in the same order, as hit_pin / reserve / complete / unpin would make. Needs
+        `layer_batchable()`. Returns (indices of the misses in `keys`, bypassed, evicted)."""
+        if self._pins or self._flight:
+            raise ValueError(f"tier {self.name!r}: access_layer needs nothing pinned or in flight")
+        misses: list[int] = []
+        if not keys:
+            return misses, 0, 0
+        ready, occ = self._ready, self._occ
+        layer = self._layer(keys[0])
+        part = layer if self._per_layer else 0
+        p, cap = self._policies[part], self._caps[part]
+        if cap is None:  # unbounded: every miss gets a slot
+            for i, key in enumerate(keys):
+                if key not in ready:
+                    misses.append(i)
+                    ready[key] = p
+            n = len(misses)
+            occ[layer] += n
+            self._total += n
+            self.reservations += n
+            self.completions += n
+            return misses, 0, 0
+        od = p._od  # type: ignore[attr-defined]  # LRU / FIFO: an OrderedDict, eviction end first
+        move = od.move_to_end if type(p) is LRU else None
+        blocked: set[int] = set()  # this layer's keys holding a slot (pinned or in flight): no victim
+        block = blocked.add
+        E, per_layer = self.num_experts, self._per_layer
+        used = occ[layer] if per_layer else self._total
+        total0 = self._total
+        bypass = evicted = 0
+        late = []
+        for i, key in enumerate(keys):
+            if key in ready:
+                if move is not None:
+                    move(key)
+                block(key)
+                continue
+            misses.append(i)
+            if len(misses) > slots:
+                late.append(key)
+                continue
+            if used >= cap:  # reserve: evict the first unblocked key from the eviction end
+                for v in od:
+                    if v not in blocked:
+                        break
+                else:
+                    bypass += 1
+                    continue
+                del od[v]
+                del ready[v]
+                occ[v // E] -= 1
+                used -= 1
+                evicted += 1
+            od[key] = None
+            ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
+            block(key)
+            used += 1
+            occ[layer] += 1
+        for key in late:  # the queued copies start in order after the layer's accesses
+            if used >= cap:
+                for v in od:
+                    if v not in blocked:
+                        break
+                else:
+                    bypass += 1
+                    continue
+                del od[v]
+                del ready[v]
+                occ[v // E] -= 1
+                used -= 1
+                evicted += 1
+            od[key] = None
+            ready[key] = p
+            block(key)
+            used += 1
+            occ[layer] += 1
+        n = len(misses) - bypass
+        self._total = total0 + n - evicted
+        self.reservations += n
+        self.completions += n
+        self.evictions += evicted
+        return misses, bypass, evicted
 
     # ---- slots -----------------------------------------------------------------------------
 
