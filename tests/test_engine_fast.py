@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from moesim.engine.run import simulate
 from moesim.cache import POLICIES
+from moesim.cache.tiers import Tier
 from moesim.config import scenario_from_dict
 from moesim.errors import InputError
 from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
@@ -24,7 +25,7 @@ L = TINY_MODEL["num_layers"]
 
 
 @st.composite
-def fast_cases(draw):
+def fast_cases(draw, policies=tuple(sorted(POLICIES)), dedup=st.booleans()):
     """A random small scenario within the fast path's set: on_demand, no DRAM tier, any GPU tier,
     any batching and arrivals, 1-3 copy engines, random link and kernel times."""
     E = draw(st.sampled_from([4, 8, 16]))
@@ -34,7 +35,7 @@ def fast_cases(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     routing = np.stack([rng.permutation(E)[:K] for _ in range(R * T * L)]).reshape(R, T, L, K)
     per_layer = draw(st.booleans())
-    policy = draw(st.sampled_from(sorted(POLICIES)))
+    policy = draw(st.sampled_from(policies))
     gpu = {"capacity_experts": draw(st.integers(K, E if per_layer else E * L)), "policy": policy}
     if per_layer:
         gpu.update(partition="per_layer", allocation=draw(st.sampled_from(["uniform", "proportional", "optimal"])))
@@ -42,7 +43,7 @@ def fast_cases(draw):
         gpu["admission"] = "second_touch"
     if draw(st.booleans()):
         gpu["preload"] = "popular"
-    batch = {"size": draw(st.integers(1, R)), "dedup": draw(st.booleans())}
+    batch = {"size": draw(st.integers(1, R)), "dedup": draw(dedup)}
     if draw(st.booleans()):
         batch["scheduler"] = "continuous"
     if policy != "belady" and draw(st.booleans()):
@@ -78,6 +79,80 @@ def test_fast_path_equals_simpy_on_random_scenarios(case):
         sc = scenario(path, model=model, hardware=case["hw"], gpu=case["gpu"], batch=case["batch"],
                       seed=case["seed"])
         _assert_same(*_both(sc))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fast_cases(policies=("lru", "fifo"), dedup=st.just(True)))
+def test_batched_layers_equal_simpy(case):
+    """LRU and FIFO tiers with dedup take FastPath._layers (one Tier.access_layer call per layer)."""
+    calls = []
+    orig = Tier.access_layer
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Tier, "access_layer", lambda self, *a: calls.append(1) or orig(self, *a))
+        path = write_routing(Path(tmp) / "t.parquet", case["routing"], prompt_len=case["prompt"],
+                             num_experts=case["E"])
+        model = {**TINY_MODEL, "num_experts": case["E"], "top_k": case["K"]}
+        sc = scenario(path, model=model, hardware=case["hw"], gpu=case["gpu"], batch=case["batch"],
+                      seed=case["seed"])
+        fast, ref = _both(sc)
+    if "admission" not in case["gpu"]:  # an admission filter is not plain LRU/FIFO: the per-key path
+        assert calls
+    _assert_same(fast, ref)
+
+
+def _per_key_layer(tier, keys, pos, slots):
+    """What engine/fast.py's per-key path asks of the tier for one layer of distinct keys: hit_pin or
+    a reservation (the first `slots` misses at once, the rest after the accesses), then complete
+    and unpin. Returns (miss indices, bypassed, evicted)."""
+    misses, claimed, bypass, evicted = [], [], 0, 0
+
+    def claim(key):
+        nonlocal bypass, evicted
+        ev = tier.reserve(key, pos)
+        if ev is None:
+            bypass += 1
+            return
+        evicted += len(ev)
+        tier.pin(key)
+        claimed.append(key)
+
+    hits = []
+    for i, key in enumerate(keys):
+        if tier.hit_pin(key, pos + i):
+            hits.append(key)
+            continue
+        misses.append(i)
+        if len(misses) <= slots:
+            claim(key)
+    for i in misses[slots:]:
+        claim(keys[i])
+    for key in claimed:
+        tier.complete(key)
+    for key in hits + claimed:
+        tier.unpin(key)
+    return misses, bypass, evicted
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["lru", "fifo", None]), st.sampled_from(["global", "per_layer"]), st.integers(0, 6),
+       st.integers(1, 3), st.integers(0, 2**16))
+def test_access_layer_makes_the_per_key_calls(policy, partition, cap, slots, seed):
+    """Tier.access_layer against hit_pin / reserve / complete / unpin key by key: the same misses,
+    bypasses and evictions, and the same tier afterwards (contents, eviction order, counters)."""
+    E, layers = 6, 3
+    rng = np.random.default_rng(seed)
+    a, b = (Tier("gpu", None if policy is None else cap, policy or "lru", partition, E, layers) for _ in range(2))
+    pos = 0
+    for _ in range(40):
+        layer = int(rng.integers(layers))
+        keys = (layer * E + rng.permutation(E)[:int(rng.integers(0, E + 1))]).tolist()
+        assert a.access_layer(keys, slots) == _per_key_layer(b, keys, pos, slots)
+        pos += len(keys)
+        a.check()
+        assert a.resident_keys() == b.resident_keys() and not a.in_flight_keys()
+        for name in ("_occ", "_total", "reservations", "evictions", "completions"):
+            assert getattr(a, name) == getattr(b, name), name
+        assert [list(p.keys()) for p in a._policies] == [list(p.keys()) for p in b._policies]
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
