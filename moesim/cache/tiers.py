@@ -248,59 +248,101 @@ class Tier:
             self.completions += n
             return misses, 0, 0
         od = p._od  # type: ignore[attr-defined]  # LRU / FIFO: an OrderedDict, eviction end first
-        move = od.move_to_end if type(p) is LRU else None
-        blocked: set[int] = set()  # this layer's keys holding a slot (pinned or in flight): no victim
-        block = blocked.add
         E, per_layer = self.num_experts, self._per_layer
-        used = occ[layer] if per_layer else self._total
+        used = occ[layer] if per_layer else self._total  # == len(od)
         total0 = self._total
         bypass = evicted = 0
-        late = []
-        for i, key in enumerate(keys):
-            if key in ready:
-                if move is not None:
+        late: list[int] = []  # misses whose copies wait for a free link slot
+        if type(p) is LRU:
+            # Hits move to the newest end and new keys enter there, so this layer's `held` keys
+            # (pinned or in flight) are the newest entries: the victim is the oldest entry, unless
+            # every entry is held.
+            move, pop = od.move_to_end, od.popitem
+            held = 0
+            for i, key in enumerate(keys):
+                if key in ready:
                     move(key)
+                    held += 1
+                    continue
+                misses.append(i)
+                if len(misses) > slots:
+                    late.append(key)
+                    continue
+                if used >= cap:
+                    if used <= held:
+                        bypass += 1
+                        continue
+                    v = pop(False)[0]
+                    del ready[v]
+                    occ[v // E] -= 1
+                    used -= 1
+                    evicted += 1
+                od[key] = None
+                ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
+                held += 1
+                used += 1
+                occ[layer] += 1
+            for key in late:  # the queued copies start in order after the layer's accesses
+                if used >= cap:
+                    if used <= held:
+                        bypass += 1
+                        continue
+                    v = pop(False)[0]
+                    del ready[v]
+                    occ[v // E] -= 1
+                    used -= 1
+                    evicted += 1
+                od[key] = None
+                ready[key] = p
+                held += 1
+                used += 1
+                occ[layer] += 1
+        else:  # FIFO: a hit does not move, so the victim is the oldest entry this layer does not hold
+            blocked: set[int] = set()  # this layer's keys holding a slot (pinned or in flight)
+            block = blocked.add
+            for i, key in enumerate(keys):
+                if key in ready:
+                    block(key)
+                    continue
+                misses.append(i)
+                if len(misses) > slots:
+                    late.append(key)
+                    continue
+                if used >= cap:
+                    for v in od:
+                        if v not in blocked:
+                            break
+                    else:
+                        bypass += 1
+                        continue
+                    del od[v]
+                    del ready[v]
+                    occ[v // E] -= 1
+                    used -= 1
+                    evicted += 1
+                od[key] = None
+                ready[key] = p
                 block(key)
-                continue
-            misses.append(i)
-            if len(misses) > slots:
-                late.append(key)
-                continue
-            if used >= cap:  # reserve: evict the first unblocked key from the eviction end
-                for v in od:
-                    if v not in blocked:
-                        break
-                else:
-                    bypass += 1
-                    continue
-                del od[v]
-                del ready[v]
-                occ[v // E] -= 1
-                used -= 1
-                evicted += 1
-            od[key] = None
-            ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
-            block(key)
-            used += 1
-            occ[layer] += 1
-        for key in late:  # the queued copies start in order after the layer's accesses
-            if used >= cap:
-                for v in od:
-                    if v not in blocked:
-                        break
-                else:
-                    bypass += 1
-                    continue
-                del od[v]
-                del ready[v]
-                occ[v // E] -= 1
-                used -= 1
-                evicted += 1
-            od[key] = None
-            ready[key] = p
-            block(key)
-            used += 1
-            occ[layer] += 1
+                used += 1
+                occ[layer] += 1
+            for key in late:
+                if used >= cap:
+                    for v in od:
+                        if v not in blocked:
+                            break
+                    else:
+                        bypass += 1
+                        continue
+                    del od[v]
+                    del ready[v]
+                    occ[v // E] -= 1
+                    used -= 1
+                    evicted += 1
+                od[key] = None
+                ready[key] = p
+                block(key)
+                used += 1
+                occ[layer] += 1
         n = len(misses) - bypass
         self._total = total0 + n - evicted
         self.reservations += n
