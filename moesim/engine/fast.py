@@ -125,6 +125,7 @@ class FastPath:
         log, name = pcie.log, pcie.name
         bt = pcie.busy_time
         copies = bypass = evicted = saved_all = 0
+        many_tokens = plan.tokens > 1
         attn_row = attn + 0.0  # (attention + the pre-attention hook's time, which costs nothing here)
         o = 0
         for layer in range(self.L):
@@ -150,22 +151,32 @@ class FastPath:
             cursor = t_gate + busy
             nm = len(misses)
             if nm:
-                ends: list[float] = []
-                saved = 0
-                for j, i in enumerate(misses):  # the copies, in issue order; each miss's kernel after it
-                    s = t_gate if j < slots else ends[j - slots]
-                    e = s + d
-                    ends.append(e)
-                    bt += e - s
-                    c = cs[i]
-                    cursor = (e if e > cursor else cursor) + c
-                    busy += c
-                    saved += allc[o + i] - 1
-                    if log is not None:
-                        log.append((name, ks[i], DEMAND, s, e))
-                now = ends[-1]
+                if slots == 1 and log is None:  # (the common case, without the list of ends)
+                    e = t_gate
+                    for i in misses:  # the copies, in issue order; each miss's kernel after it
+                        s, e = e, e + d
+                        bt += e - s
+                        c = cs[i]
+                        cursor = (e if e > cursor else cursor) + c
+                        busy += c
+                    now = e
+                else:
+                    ends: list[float] = []
+                    for j, i in enumerate(misses):
+                        s = t_gate if j < slots else ends[j - slots]
+                        e = s + d
+                        ends.append(e)
+                        bt += e - s
+                        c = cs[i]
+                        cursor = (e if e > cursor else cursor) + c
+                        busy += c
+                        if log is not None:
+                            log.append((name, ks[i], DEMAND, s, e))
+                    now = ends[-1]
                 copies += nm
-                saved_all += saved
+                if many_tokens:  # dedup saved each copied expert's further tokens' copies
+                    for i in misses:
+                        saved_all += allc[o + i] - 1
             if cursor > now:
                 now = now + (cursor - now)
             layer_row(plan, layer, t0, t_gate, now, attn_row, busy, now - t_gate - busy, nk - nm, 0, nm, nk)
