@@ -214,19 +214,16 @@ class Tier:
 
     # ---- one layer in one call (the contention-free engine) ---------------------------------
 
-    def layer_batchable(self) -> bool:
-        """Whether `access_layer` can serve this tier: unbounded, or plain LRU or FIFO."""
-        return self.capacity is None or all(type(p) in (LRU, FIFO) for p in self._policies)
-
-    def access_layer(self, keys: list[int], slots: int) -> tuple[list[int], int, int]:
+    def access_layer(self, keys: list[int], slots: int, pos: int) -> tuple[list[int], int, int]:
         """One layer's accesses as engine/fast.py makes them, in one call (its hot path): `keys`
-        are distinct keys of one layer, and nothing is pinned or in flight before. A READY key is
-        a hit (touched, pinned until the end). Any other key is a miss whose slot is reserved
-        (`reserve`) at once for the first `slots` misses, and after all the accesses, in order,
-        for the rest (as their copies start); a miss with no evictable slot is not cached
-        (bypass). At the end every reserved key is READY and nothing is pinned: the same calls,
-        in the same order, as hit_pin / reserve / complete / unpin would make. Needs
-        `layer_batchable()`. Returns (indices of the misses in `keys`, bypassed, evicted)."""
+        are distinct keys of one layer at stream positions pos, pos + 1, ..., and nothing is
+        pinned or in flight before. A READY key is a hit (touched, pinned until the end). Any
+        other key is a miss whose slot is reserved (`reserve`) at once for the first `slots`
+        misses, and for the rest after all the accesses, in order, at the last position (as
+        their copies start); a miss with no evictable slot is not cached (bypass). At the end
+        every reserved key is READY and nothing is pinned: the policy sees the same calls, in the
+        same order, as hit_pin / reserve / complete / unpin would make. Returns (indices of the
+        misses in `keys`, bypassed, evicted)."""
         if self._pins or self._flight:
             raise ValueError(f"tier {self.name!r}: access_layer needs nothing pinned or in flight")
         misses: list[int] = []
@@ -247,6 +244,8 @@ class Tier:
             self.reservations += n
             self.completions += n
             return misses, 0, 0
+        if type(p) not in (LRU, FIFO):
+            return self._access_layer_any(keys, slots, pos, p, cap, layer, misses)
         od = p._od  # type: ignore[attr-defined]  # LRU / FIFO: an OrderedDict, eviction end first
         E, per_layer = self.num_experts, self._per_layer
         used = occ[layer] if per_layer else self._total  # == len(od)
@@ -343,6 +342,82 @@ class Tier:
                 block(key)
                 used += 1
                 occ[layer] += 1
+        n = len(misses) - bypass
+        self._total = total0 + n - evicted
+        self.reservations += n
+        self.completions += n
+        self.evictions += evicted
+        return misses, bypass, evicted
+
+    def _access_layer_any(self, keys, slots, pos, p, cap, layer, misses) -> tuple[list[int], int, int]:
+        """`access_layer` for any bounded policy: its own touch / miss / victim / evict / insert
+        calls (Belady's next uses and expiry at each access's position), with this layer's held
+        keys as the excluded set."""
+        ready, occ, nu = self._ready, self._occ, self._next_use
+        touch, pmiss, victim, evict, insert = p.touch, p.miss, p.victim, p.evict, p.insert
+        E, per_layer = self.num_experts, self._per_layer
+        used = occ[layer] if per_layer else self._total
+        total0 = self._total
+        blocked: set[int] = set()  # this layer's keys holding a slot (pinned or in flight)
+        block = blocked.add
+        bypass = evicted = 0
+        late: list[int] = []
+        last = pos + len(keys) - 1  # the queued copies start after the layer's last access
+        for at, key in enumerate(keys, pos):
+            if key in ready:
+                if nu is None:
+                    touch(key)
+                else:
+                    touch(key, nu(key, at))
+                block(key)
+                continue
+            misses.append(at - pos)
+            if len(misses) > slots:
+                late.append(key)
+                continue
+            pmiss(key)
+            if used >= cap:
+                if cap == 0:
+                    bypass += 1
+                    continue
+                if self._belady:
+                    p.expire(at, nu)
+                v = victim(blocked)
+                if v is None:
+                    bypass += 1
+                    continue
+                evict(v)
+                del ready[v]
+                occ[v // E] -= 1
+                used -= 1
+                evicted += 1
+            insert(key, nu(key, at) if nu is not None else None)
+            ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
+            block(key)
+            used += 1
+            occ[layer] += 1
+        for key in late:
+            pmiss(key)
+            if used >= cap:
+                if cap == 0:
+                    bypass += 1
+                    continue
+                if self._belady:
+                    p.expire(last, nu)
+                v = victim(blocked)
+                if v is None:
+                    bypass += 1
+                    continue
+                evict(v)
+                del ready[v]
+                occ[v // E] -= 1
+                used -= 1
+                evicted += 1
+            insert(key, nu(key, last) if nu is not None else None)
+            ready[key] = p
+            block(key)
+            used += 1
+            occ[layer] += 1
         n = len(misses) - bypass
         self._total = total0 + n - evicted
         self.reservations += n

@@ -72,7 +72,7 @@ class FastPath:
         sim = self.sim
         now = 0  # an int, as SimPy's clock starts (it shows in the first arrival time's dtype)
         sched, rec, cost, m = sim.sched, self.rec, self.cost, sim.model
-        batched = self.cfg.dedup and self.gpu.layer_batchable()  # one tier call per layer (_layers)
+        batched = self.cfg.dedup  # distinct keys per layer: one tier call per layer (_layers)
         while True:
             plan = sched.next_step(now)
             if plan is None:
@@ -110,9 +110,9 @@ class FastPath:
 
     def _layers(self, plan: StepPlan, now: float, attn: float) -> float:
         """Every MoE layer of a step from `now`, with one `Tier.access_layer` call per layer: what
-        `_layer` does, for distinct keys (dedup) on a tier that call serves. The copies end in
-        issue order (copy j ends d after copy j - slots, or after the gate), so the misses' kernels
-        run in issue order too. Returns when the last layer ends."""
+        `_layer` does, for distinct keys (dedup). The copies end in issue order (copy j ends d
+        after copy j - slots, or after the gate), so the misses' kernels run in issue order too.
+        Returns when the last layer ends."""
         sim, rec, pcie, d, slots, eb = self.sim, self.rec, self.pcie, self._d, self._slots, self.eb
         keys_l = plan.keys
         flat = np.concatenate(keys_l)
@@ -122,6 +122,7 @@ class FastPath:
         costs = list(map(self._ecs.__getitem__, allc))
         shared = self.cost.shared_compute_s(plan.tokens)
         access, layer_row, needed = self.gpu.access_layer, rec.layer_row, rec.pred_needed
+        pos = self.pos
         log, name = pcie.log, pcie.name
         bt = pcie.busy_time
         copies = bypass = evicted = saved_all = 0
@@ -136,7 +137,8 @@ class FastPath:
             now = now + attn_row
             t_gate = now
             needed[layer] += nk
-            misses, byp, ev = access(ks, slots)
+            misses, byp, ev = access(ks, slots, pos + 1)
+            pos += nk
             bypass += byp
             evicted += ev
             busy = shared
@@ -181,7 +183,7 @@ class FastPath:
                 now = now + (cursor - now)
             layer_row(plan, layer, t0, t_gate, now, attn_row, busy, now - t_gate - busy, nk - nm, 0, nm, nk)
             o = o2
-        self.pos += o
+        self.pos = pos
         pcie.busy_time = bt
         pcie.transfers += copies
         pcie.bytes += eb * copies
