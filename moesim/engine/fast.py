@@ -7,10 +7,14 @@ copy (`miss: wait`), and neither low-bit stand-ins nor the KV cache take part, e
 link is a demand load of the current layer and the layer waits for all of them. The link is idle
 at each gate, its FIFO copies start one after another on its slots, and each completion time is a
 running sum: copy ``i`` ends ``d`` after copy ``i - slots`` (or after the gate). The fast path
-makes the same cache-tier calls in the same order, and the same floating-point sums, as the
-SimPy engine (engine/sim.py), so it gives the same results bit for bit; the SimPy engine stays
-the reference and the path for everything else. tests/test_engine_fast.py checks the two agree
-on random scenarios.
+makes the same cache decisions, and the same floating-point sums, as the SimPy engine
+(engine/sim.py), so it gives the same results bit for bit; the SimPy engine stays the reference
+and the path for everything else. tests/test_engine_fast.py checks the two agree on random
+scenarios.
+
+With dedup (a layer's keys distinct) a layer is one `Tier.access_layer` call (`_layers`): the
+tier makes the policy calls that hit_pin / reserve / complete / unpin would, in the same order,
+without the per-key pin and in-flight bookkeeping. Without dedup `_layer` goes key by key.
 """
 from __future__ import annotations
 
