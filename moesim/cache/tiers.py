@@ -28,6 +28,7 @@ policy is kept at all).
 from __future__ import annotations
 
 import operator
+from itertools import chain, repeat
 from typing import Callable
 
 from .policies import LRU, Policy, get_policy, policy_class
@@ -263,17 +264,18 @@ class Tier:
         move, pop = od.move_to_end, od.popitem
         used = occ[layer] if self._per_layer else self._total  # == len(od)
         misses: list[int] = []
-        late: list[int] = []  # misses whose copies wait for a free link slot
+        late: list[int] = []  # misses whose copies wait for a free link slot: reserved after the accesses
         held = bypass = evicted = 0
-        for i, key in enumerate(keys):
-            if key in ready:
-                move(key)
-                held += 1
-                continue
-            misses.append(i)
-            if len(misses) > slots:
-                late.append(key)
-                continue
+        for i, key in chain(enumerate(keys), zip(repeat(-1), late)):  # (`late` grows as it goes)
+            if i >= 0:
+                if key in ready:
+                    move(key)
+                    held += 1
+                    continue
+                misses.append(i)
+                if len(misses) > slots:
+                    late.append(key)
+                    continue
             if used >= cap:
                 if used <= held:
                     bypass += 1
@@ -285,21 +287,6 @@ class Tier:
                 evicted += 1
             od[key] = None
             ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
-            held += 1
-            used += 1
-            occ[layer] += 1
-        for key in late:  # the queued copies start in order after the layer's accesses
-            if used >= cap:
-                if used <= held:
-                    bypass += 1
-                    continue
-                v = pop(False)[0]
-                del ready[v]
-                occ[v // E] -= 1
-                used -= 1
-                evicted += 1
-            od[key] = None
-            ready[key] = p
             held += 1
             used += 1
             occ[layer] += 1
