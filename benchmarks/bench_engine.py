@@ -24,7 +24,8 @@ import numpy as np
 import simpy
 
 
-def bare_simpy_events_per_s(n: int = 1_000_000) -> float:
+def bare_simpy_events_per_s(n: int = 1_000_000, clock=time.perf_counter) -> float:
+    """Events per second of a bare SimPy loop of `n` timeouts, by `clock` (wall or process time)."""
     env = simpy.Environment()
 
     def proc():
@@ -32,25 +33,38 @@ def bare_simpy_events_per_s(n: int = 1_000_000) -> float:
             yield env.timeout(1)
 
     env.process(proc())
-    t = time.perf_counter()
+    t = clock()
     env.run()
-    return n / (time.perf_counter() - t)
+    return n / (clock() - t)
 
 
 def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str, engine: str = "auto") -> dict:
+    """One simulate() call: its wall and CPU time, and the CPU time of the engine's run alone (the
+    step walk, without the trace reading, the summary and the gap report around it)."""
     from moesim.config import scenario_from_dict
+    from moesim.engine.fast import FastPath
     from moesim.engine.run import simulate
+    from moesim.engine.sim import Simulation
 
     sc = scenario_from_dict({"name": "bench", "model": preset, "hardware": "a100-80gb-pcie4",
                              "trace": {"path": trace}, "cache": {"gpu": {"capacity_experts": capacity,
                                                                           "policy": policy}},
                              "predictor": {"name": predictor}, "batch": {"size": 1}})
-    t = time.perf_counter()
+    engine_cpu = []
+    for cls in (FastPath, Simulation):  # time the engine's own run (this child process only)
+        def timed(self, _run=cls.run):
+            t0 = time.process_time()
+            try:
+                return _run(self)
+            finally:
+                engine_cpu.append(time.process_time() - t0)
+        cls.run = timed
+    t, c = time.perf_counter(), time.process_time()
     res = simulate(sc, engine=engine)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     s = res.summary
-    return {"wall_s": wall, "pairs": s["token_expert_pairs"], "accesses": s["accesses"],
-            "misses": s["misses"], "engine": res.engine["engine"],
+    return {"wall_s": wall, "cpu_s": cpu, "engine_cpu_s": sum(engine_cpu), "pairs": s["token_expert_pairs"],
+            "accesses": s["accesses"], "misses": s["misses"], "engine": res.engine["engine"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -71,7 +85,9 @@ def main() -> None:
     if a.child:
         trace, preset, cap, policy, pred, engine = a.child
         floor = bare_simpy_events_per_s(300_000)  # this run's own floor, just before it (shared cores drift)
-        print(json.dumps({**run_one(trace, preset, int(cap), policy, pred, engine), "floor": floor}))
+        floor_cpu = bare_simpy_events_per_s(300_000, time.process_time)
+        print(json.dumps({**run_one(trace, preset, int(cap), policy, pred, engine), "floor": floor,
+                          "floor_cpu": floor_cpu}))
         return
     preset = "olmoe-1b-7b"  # 16 layers × top-8 = 128 token×expert accesses per token
     decode = 60 if a.quick else 240
@@ -81,8 +97,10 @@ def main() -> None:
         sizes = {"short": 8, "long": 32} if not a.quick else {"short": 4, "long": 8}
     floor = bare_simpy_events_per_s(200_000 if a.quick else 1_000_000)
     print(f"bare SimPy timeout loop: {floor / 1e6:.2f} M events/s (each row: its own, measured just before it)")
+    print("vs floor: accesses/s over the floor's events/s, wall-clock; cpu: the same by process CPU time "
+          "(steadier on shared cores); engine: the engine's run alone, CPU time")
     print(f"{'trace':6s} {'policy':7s} {'predictor':11s} {'engine':6s} {'accesses':>9s} {'pairs':>9s} {'wall s':>7s} "
-          f"{'acc/s':>9s} {'floor/s':>8s} {'vs floor':>8s} {'peak RSS MB':>11s}")
+          f"{'acc/s':>9s} {'floor/s':>8s} {'vs floor':>8s} {'cpu':>6s} {'engine':>6s} {'peak RSS MB':>11s}")
     rss = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, req in sizes.items():
@@ -103,7 +121,9 @@ def main() -> None:
                 rss[name] = r["peak_rss_mb"]
                 print(f"{name:6s} {policy:7s} {pred:11s} {r['engine']:6s} {r['accesses']:9d} {r['pairs']:9d} "
                       f"{r['wall_s']:7.2f} "
-                      f"{rate / 1e3:8.0f}k {r['floor'] / 1e6:7.2f}M {rate / r['floor']:8.3f} {r['peak_rss_mb']:11.0f}")
+                      f"{rate / 1e3:8.0f}k {r['floor'] / 1e6:7.2f}M {rate / r['floor']:8.3f} "
+                      f"{r['accesses'] / r['cpu_s'] / r['floor_cpu']:6.3f} "
+                      f"{r['accesses'] / r['engine_cpu_s'] / r['floor_cpu']:6.3f} {r['peak_rss_mb']:11.0f}")
     if a.memory:
         print(f"peak RSS 4M - 256k accesses: {rss['4M'] - rss['256k']:+.0f} MB")
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from moesim.engine.run import simulate
 from moesim.cache import POLICIES
+from moesim.cache.tiers import Tier
 from moesim.config import scenario_from_dict
 from moesim.errors import InputError
 from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
@@ -24,7 +25,7 @@ L = TINY_MODEL["num_layers"]
 
 
 @st.composite
-def fast_cases(draw):
+def fast_cases(draw, policies=tuple(sorted(POLICIES)), dedup=st.booleans()):
     """A random small scenario within the fast path's set: on_demand, no DRAM tier, any GPU tier,
     any batching and arrivals, 1-3 copy engines, random link and kernel times."""
     E = draw(st.sampled_from([4, 8, 16]))
@@ -34,7 +35,7 @@ def fast_cases(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     routing = np.stack([rng.permutation(E)[:K] for _ in range(R * T * L)]).reshape(R, T, L, K)
     per_layer = draw(st.booleans())
-    policy = draw(st.sampled_from(sorted(POLICIES)))
+    policy = draw(st.sampled_from(policies))
     gpu = {"capacity_experts": draw(st.integers(K, E if per_layer else E * L)), "policy": policy}
     if per_layer:
         gpu.update(partition="per_layer", allocation=draw(st.sampled_from(["uniform", "proportional", "optimal"])))
@@ -42,7 +43,7 @@ def fast_cases(draw):
         gpu["admission"] = "second_touch"
     if draw(st.booleans()):
         gpu["preload"] = "popular"
-    batch = {"size": draw(st.integers(1, R)), "dedup": draw(st.booleans())}
+    batch = {"size": draw(st.integers(1, R)), "dedup": draw(dedup)}
     if draw(st.booleans()):
         batch["scheduler"] = "continuous"
     if policy != "belady" and draw(st.booleans()):
@@ -78,6 +79,90 @@ def test_fast_path_equals_simpy_on_random_scenarios(case):
         sc = scenario(path, model=model, hardware=case["hw"], gpu=case["gpu"], batch=case["batch"],
                       seed=case["seed"])
         _assert_same(*_both(sc))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fast_cases(dedup=st.just(True)))
+def test_batched_layers_equal_simpy(case):
+    """With dedup the fast path takes FastPath._layers (one Tier.access_layer call per layer)."""
+    calls = []
+    orig = Tier.access_layer
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Tier, "access_layer", lambda self, *a: calls.append(1) or orig(self, *a))
+        path = write_routing(Path(tmp) / "t.parquet", case["routing"], prompt_len=case["prompt"],
+                             num_experts=case["E"])
+        model = {**TINY_MODEL, "num_experts": case["E"], "top_k": case["K"]}
+        sc = scenario(path, model=model, hardware=case["hw"], gpu=case["gpu"], batch=case["batch"],
+                      seed=case["seed"])
+        fast, ref = _both(sc)
+    assert calls
+    _assert_same(fast, ref)
+
+
+def _per_key_layer(tier, keys, pos, slots):
+    """What engine/fast.py's per-key path asks of the tier for one layer of distinct keys at
+    positions pos, pos + 1, ...: hit_pin or a reservation (the first `slots` misses at once, the
+    rest after the accesses, at the last position), then complete and unpin. Returns (miss
+    indices, bypassed, evicted)."""
+    misses, claimed, bypass, evicted = [], [], 0, 0
+
+    def claim(key, at):
+        nonlocal bypass, evicted
+        ev = tier.reserve(key, at)
+        if ev is None:
+            bypass += 1
+            return
+        evicted += len(ev)
+        tier.pin(key)
+        claimed.append(key)
+
+    hits = []
+    for i, key in enumerate(keys):
+        if tier.hit_pin(key, pos + i):
+            hits.append(key)
+            continue
+        misses.append(i)
+        if len(misses) <= slots:
+            claim(key, pos + i)
+    for i in misses[slots:]:
+        claim(keys[i], pos + len(keys) - 1)
+    for key in claimed:
+        tier.complete(key)
+    for key in hits + claimed:
+        tier.unpin(key)
+    return misses, bypass, evicted
+
+
+def _next_use(key, pos):
+    """A made-up next use after `pos` (any deterministic one will do for Belady's calls)."""
+    return pos + 1 + (key * 7919 + pos * 104729) % 13
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([*sorted(POLICIES), "lru+second_touch", None]), st.sampled_from(["global", "per_layer"]),
+       st.integers(0, 6), st.integers(1, 3), st.integers(0, 2**16))
+def test_access_layer_makes_the_per_key_calls(policy, partition, cap, slots, seed):
+    """Tier.access_layer against hit_pin / reserve / complete / unpin key by key (every policy, and
+    an unbounded tier): the same misses, bypasses and evictions, and the same tier afterwards
+    (contents, eviction order, counters), layer after layer."""
+    E, layers = 6, 3
+    rng = np.random.default_rng(seed)
+    a, b = (Tier("gpu", None if policy is None else cap, policy or "lru", partition, E, layers, _next_use,
+                 np.random.default_rng(seed)) for _ in range(2))
+    pos = 0
+    for _ in range(40):
+        layer = int(rng.integers(layers))
+        keys = (layer * E + rng.permutation(E)[:int(rng.integers(0, E + 1))]).tolist()
+        assert a.access_layer(keys, slots, pos) == _per_key_layer(b, keys, pos, slots)
+        pos += len(keys)
+        a.check()
+        assert a.resident_keys() == b.resident_keys() and not a.in_flight_keys()
+        for name in ("_occ", "_total", "reservations", "evictions", "completions"):
+            assert getattr(a, name) == getattr(b, name), name
+        for pa, pb in zip(a._policies, b._policies):
+            assert sorted(pa.keys()) == sorted(pb.keys())
+            if pa.keys():  # the same next victim: the same eviction order
+                assert pa.victim() == pb.victim()
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])

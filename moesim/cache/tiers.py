@@ -28,9 +28,10 @@ policy is kept at all).
 from __future__ import annotations
 
 import operator
+from itertools import chain, repeat
 from typing import Callable
 
-from .policies import Policy, get_policy, policy_class
+from .policies import LRU, Policy, get_policy, policy_class
 
 __all__ = ["Tier", "PARTITIONS"]
 
@@ -207,6 +208,140 @@ class Tier:
         pins[key] = pins.get(key, 0) + 1
         self._blocked.add(key)
         return True
+
+    # ---- one layer in one call (the contention-free engine) ---------------------------------
+
+    def access_layer(self, keys: list[int], slots: int, pos: int) -> tuple[list[int], int, int]:
+        """One layer's accesses as engine/fast.py makes them, in one call (its hot path): `keys`
+        are distinct keys of one layer at stream positions pos, pos + 1, ..., and nothing is
+        pinned or in flight before. A READY key is a hit (touched, pinned until the end). Any
+        other key is a miss whose slot is reserved (`reserve`) at once for the first `slots`
+        misses, and for the rest after all the accesses, in order, at the last position (as
+        their copies start); a miss with no evictable slot is not cached (bypass). At the end
+        every reserved key is READY and nothing is pinned: the policy sees the same calls, in the
+        same order, as hit_pin / reserve / complete / unpin would make. Returns (indices of the
+        misses in `keys`, bypassed, evicted)."""
+        if self._pins or self._flight:
+            raise ValueError(f"tier {self.name!r}: access_layer needs nothing pinned or in flight")
+        if not keys:
+            return [], 0, 0
+        layer = self._layer(keys[0])
+        part = layer if self._per_layer else 0
+        p, cap = self._policies[part], self._caps[part]
+        if cap is None:
+            misses, bypass, evicted = self._access_unbounded(keys, p, layer), 0, 0
+        elif type(p) is LRU:
+            misses, bypass, evicted = self._access_lru(keys, slots, p, cap, layer)
+        else:
+            misses, bypass, evicted = self._access_any(keys, slots, pos, p, cap, layer)
+        n = len(misses) - bypass
+        self._total += n - evicted
+        self.reservations += n
+        self.completions += n
+        self.evictions += evicted
+        return misses, bypass, evicted
+
+    def _access_unbounded(self, keys, p, layer) -> list[int]:
+        """`access_layer` without a capacity: every miss gets a slot."""
+        ready, misses = self._ready, []
+        for i, key in enumerate(keys):
+            if key not in ready:
+                misses.append(i)
+                ready[key] = p
+        self._occ[layer] += len(misses)
+        return misses
+
+    def _access_lru(self, keys, slots, p, cap, layer) -> tuple[list[int], int, int]:
+        """`access_layer` for plain LRU on its OrderedDict. Hits move to the newest end and new
+        keys enter there, so this layer's `held` keys (pinned or in flight) are the newest
+        entries: the victim is the oldest entry, unless every entry is held."""
+        ready, occ, E = self._ready, self._occ, self.num_experts
+        od = p._od
+        move, pop = od.move_to_end, od.popitem
+        used = occ[layer] if self._per_layer else self._total  # == len(od)
+        misses: list[int] = []
+        late: list[int] = []  # misses whose copies wait for a free link slot: reserved after the accesses
+        held = bypass = evicted = 0
+        for i, key in chain(enumerate(keys), zip(repeat(-1), late)):  # (`late` grows as it goes)
+            if i >= 0:
+                if key in ready:
+                    move(key)
+                    held += 1
+                    continue
+                misses.append(i)
+                if len(misses) > slots:
+                    late.append(key)
+                    continue
+            if used >= cap:
+                if used <= held:
+                    bypass += 1
+                    continue
+                v = pop(False)[0]
+                del ready[v]
+                occ[v // E] -= 1
+                used -= 1
+                evicted += 1
+            od[key] = None
+            ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
+            held += 1
+            used += 1
+            occ[layer] += 1
+        return misses, bypass, evicted
+
+    def _access_any(self, keys, slots, pos, p, cap, layer) -> tuple[list[int], int, int]:
+        """`access_layer` for any policy: its own touch / miss / victim / evict / insert calls
+        (Belady's next uses and expiry at each access's position), with this layer's held keys
+        as the excluded set."""
+        ready, nu, misses = self._ready, self._next_use, []
+        touch, blocked = p.touch, set()  # this layer's keys holding a slot (pinned or in flight)
+        late: list[int] = []
+        used, bypass, evicted = (self._occ[layer] if self._per_layer else self._total), 0, 0
+        for at, key in enumerate(keys, pos):
+            if key in ready:
+                if nu is None:
+                    touch(key)
+                else:
+                    touch(key, nu(key, at))
+                blocked.add(key)
+                continue
+            misses.append(at - pos)
+            if len(misses) > slots:
+                late.append(key)
+                continue
+            used, ok, ev = self._admit(key, at, p, cap, layer, used, blocked)
+            bypass += not ok
+            evicted += ev
+        last = pos + len(keys) - 1  # the queued copies start after the layer's last access
+        for key in late:
+            used, ok, ev = self._admit(key, last, p, cap, layer, used, blocked)
+            bypass += not ok
+            evicted += ev
+        return misses, bypass, evicted
+
+    def _admit(self, key, at, p, cap, layer, used, blocked) -> tuple[int, bool, int]:
+        """`reserve`'s policy calls for one of `_access_any`'s misses (`used`: the partition's
+        slots held); returns (used, whether it got a slot, evictions)."""
+        p.miss(key)
+        ev = 0
+        if used >= cap:
+            if cap == 0:
+                return used, False, 0
+            if self._belady:
+                p.expire(at, self._next_use)
+            v = p.victim(blocked)
+            if v is None:
+                return used, False, 0
+            p.evict(v)
+            del self._ready[v]
+            self._occ[v // self.num_experts] -= 1
+            used -= 1
+            ev = 1
+        nu = self._next_use
+        p.insert(key, nu(key, at) if nu is not None else None)
+        self._ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
+        blocked.add(key)
+        self._occ[layer] += 1
+        return used + 1, True, ev
 
     # ---- slots -----------------------------------------------------------------------------
 

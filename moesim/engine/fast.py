@@ -7,12 +7,18 @@ copy (`miss: wait`), and neither low-bit stand-ins nor the KV cache take part, e
 link is a demand load of the current layer and the layer waits for all of them. The link is idle
 at each gate, its FIFO copies start one after another on its slots, and each completion time is a
 running sum: copy ``i`` ends ``d`` after copy ``i - slots`` (or after the gate). The fast path
-makes the same cache-tier calls in the same order, and the same floating-point sums, as the
-SimPy engine (engine/sim.py), so it gives the same results bit for bit; the SimPy engine stays
-the reference and the path for everything else. tests/test_engine_fast.py checks the two agree
-on random scenarios.
+makes the same cache decisions, and the same floating-point sums, as the SimPy engine
+(engine/sim.py), so it gives the same results bit for bit; the SimPy engine stays the reference
+and the path for everything else. tests/test_engine_fast.py checks the two agree on random
+scenarios.
+
+With dedup (a layer's keys distinct) a layer is one `Tier.access_layer` call (`_layers`): the
+tier makes the policy calls that hit_pin / reserve / complete / unpin would, in the same order,
+without the per-key pin and in-flight bookkeeping. Without dedup `_layer` goes key by key.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from .channels import DEMAND
 from .plan import StepPlan
@@ -65,13 +71,14 @@ class FastPath:
         self.pos = sim.pos
         self._slots = sim.pcie.slots
         self._d = sim.cost.pcie_s(sim.eb)  # every copy is one expert: the same duration
-        self._ecs: dict[int, float] = {}   # tokens -> one expert kernel's time
+        self._ecs = _KernelTimes(sim.cost.expert_compute_s)  # tokens -> one expert kernel's time
 
     def run(self):
         """Every step, as Simulation.run does; returns the Recorder."""
         sim = self.sim
         now = 0  # an int, as SimPy's clock starts (it shows in the first arrival time's dtype)
         sched, rec, cost, m = sim.sched, self.rec, self.cost, sim.model
+        batched = self.cfg.dedup  # distinct keys per layer: one tier call per layer (_layers)
         while True:
             plan = sched.next_step(now)
             if plan is None:
@@ -89,8 +96,11 @@ class FastPath:
                 rec.compute_s += dense + 0.0
                 now = now + (dense + 0.0)
             attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
-            for layer in range(self.L):
-                now = self._layer(plan, layer, now, attn)
+            if batched:
+                now = self._layers(plan, now, attn)
+            else:
+                for layer in range(self.L):
+                    now = self._layer(plan, layer, now, attn)
             view.gated = self.L - 1
             sim.predictor.on_step_end(view)
             head = cost.lm_head_s(plan.tokens)
@@ -103,6 +113,91 @@ class FastPath:
         sim._release(None)
         rec.finish(sim)
         return rec
+
+    def _layers(self, plan: StepPlan, now: float, attn: float) -> float:
+        """Every MoE layer of a step from `now`, with one `Tier.access_layer` call per layer: what
+        `_layer` does, for distinct keys (dedup). The copies end in issue order (copy j ends d
+        after copy j - slots, or after the gate), so the misses' kernels run in issue order too.
+        Returns when the last layer ends."""
+        sim, rec, pcie, d, slots, eb = self.sim, self.rec, self.pcie, self._d, self._slots, self.eb
+        keys_l = plan.keys
+        flat = np.concatenate(keys_l)
+        sim.accessed.append(flat)
+        allk = flat.tolist()
+        allc = np.concatenate(plan.counts).tolist()
+        costs = list(map(self._ecs.__getitem__, allc))
+        shared = self.cost.shared_compute_s(plan.tokens)
+        access, layer_row, needed = self.gpu.access_layer, rec.layer_row, rec.pred_needed
+        pos = self.pos
+        log, name = pcie.log, pcie.name
+        bt = pcie.busy_time
+        copies = bypass = evicted = saved_all = 0
+        many_tokens = plan.tokens > 1
+        attn_row = attn + 0.0  # (attention + the pre-attention hook's time, which costs nothing here)
+        o = 0
+        for layer in range(self.L):
+            nk = len(keys_l[layer])
+            o2 = o + nk
+            ks, cs = allk[o:o2], costs[o:o2]
+            t0 = now
+            now = now + attn_row
+            t_gate = now
+            needed[layer] += nk
+            misses, byp, ev = access(ks, slots, pos + 1)
+            pos += nk
+            bypass += byp
+            evicted += ev
+            busy = shared
+            prev = 0
+            for i in misses:  # the hits' kernels, in access order
+                for c in cs[prev:i]:
+                    busy += c
+                prev = i + 1
+            for c in cs[prev:]:
+                busy += c
+            busy += 0.0  # the on_gate hook: not implemented, costs nothing
+            cursor = t_gate + busy
+            nm = len(misses)
+            if nm:
+                if slots == 1 and log is None:  # (the common case, without the list of ends)
+                    e = t_gate
+                    for i in misses:  # the copies, in issue order; each miss's kernel after it
+                        s, e = e, e + d
+                        bt += e - s
+                        c = cs[i]
+                        cursor = (e if e > cursor else cursor) + c
+                        busy += c
+                    now = e
+                else:
+                    ends: list[float] = []
+                    for j, i in enumerate(misses):
+                        s = t_gate if j < slots else ends[j - slots]
+                        e = s + d
+                        ends.append(e)
+                        bt += e - s
+                        c = cs[i]
+                        cursor = (e if e > cursor else cursor) + c
+                        busy += c
+                        if log is not None:
+                            log.append((name, ks[i], DEMAND, s, e))
+                    now = ends[-1]
+                copies += nm
+                if many_tokens:  # dedup saved each copied expert's further tokens' copies
+                    for i in misses:
+                        saved_all += allc[o + i] - 1
+            if cursor > now:
+                now = now + (cursor - now)
+            layer_row(plan, layer, t0, t_gate, now, attn_row, busy, now - t_gate - busy, nk - nm, 0, nm, nk)
+            o = o2
+        self.pos = pos
+        pcie.busy_time = bt
+        pcie.transfers += copies
+        pcie.bytes += eb * copies
+        rec.bypass += bypass
+        rec.gpu_evictions += evicted  # (sim._evicted: no prefetch was ever unused here)
+        rec.saved_loads += saved_all
+        sim.gated = (plan.index, self.L - 1)
+        return now
 
     def _layer(self, plan: StepPlan, layer: int, now: float, attn: float) -> float:
         """One MoE layer from `now` (its start): attention, gate, hits and demand copies, expert
@@ -149,7 +244,7 @@ class FastPath:
         order, misses, copies saved by dedup)."""
         gpu = self.gpu
         hit_pin, pin = gpu.hit_pin, gpu.pin
-        ecs, cache = self.cost.expert_compute_s, self._ecs
+        cache = self._ecs
         dedup, slots, rec = self.cfg.dedup, self._slots, self.rec
         pos = self.pos
         hit_keys: list[int] = []
@@ -159,9 +254,7 @@ class FastPath:
         misses = saved = 0
         for key, cnt in zip(keys.tolist(), counts.tolist()):
             pos += 1
-            c = cache.get(cnt)
-            if c is None:
-                c = cache[cnt] = ecs(cnt)
+            c = cache[cnt]
             if hit_pin(key, pos):
                 busy += c
                 hit_keys.append(key)
@@ -231,6 +324,18 @@ class FastPath:
             if i + slots < n:
                 self._claim(copies[i + slots], pos, None)
         return copies[-1].end
+
+
+class _KernelTimes(dict):
+    """tokens -> one expert kernel's time, computed on first use."""
+
+    def __init__(self, ecs):
+        super().__init__()
+        self._ecs = ecs
+
+    def __missing__(self, tokens: int) -> float:
+        c = self[tokens] = self._ecs(tokens)
+        return c
 
 
 def _done(p) -> float:

@@ -53,8 +53,8 @@ def _dedup(routing: np.ndarray, num_experts: int, dedup: bool) -> tuple[list[np.
         return list(keys), [np.ones(t * k, dtype=np.int64)] * layers
     # Keys of layer l lie in [l*E, (l+1)*E): one global unique, then split at layer boundaries.
     u, c = np.unique(keys, return_counts=True)
-    cuts = np.searchsorted(u, np.arange(1, layers, dtype=np.int64) * num_experts)
-    return np.split(u, cuts), np.split(c, cuts)
+    b = [0, *np.searchsorted(u, np.arange(1, layers, dtype=np.int64) * num_experts).tolist(), len(u)]
+    return [u[i:j] for i, j in zip(b, b[1:])], [c[i:j] for i, j in zip(b, b[1:])]  # (np.split, without its overhead)
 
 
 def batch_steps(requests: list, batch_no: int, first_index: int, num_experts: int,
