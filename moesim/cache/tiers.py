@@ -377,11 +377,7 @@ class Tier:
                 v = p.victim(self._blocked)
                 if v is None:
                     return None
-                p.evict(v)
-                del self._ready[v]
-                self._occ[v // self.num_experts] -= 1
-                self._total -= 1
-                self.evictions += 1
+                self._drop(p, v)
                 evicted.append(v)
         nu = self._next_use
         p.insert(key, nu(key, pos) if nu is not None else None)
@@ -451,13 +447,17 @@ class Tier:
             v = p.victim(self._blocked)
             if v is None:
                 break
-            p.evict(v)
-            del self._ready[v]
-            self._occ[v // self.num_experts] -= 1
-            self._total -= 1
-            self.evictions += 1
+            self._drop(p, v)
             evicted.append(v)
         return evicted
+
+    def _drop(self, p, v: int) -> None:
+        """Evict READY key `v` (the victim policy `p` chose) and count it."""
+        p.evict(v)
+        del self._ready[v]
+        self._occ[v // self.num_experts] -= 1
+        self._total -= 1
+        self.evictions += 1
 
     # ---- checking --------------------------------------------------------------------------
 

@@ -33,19 +33,10 @@ def unsupported(sim: Simulation) -> str | None:
     hooks = [h for h, own in sim._implements.items() if own]
     if hooks or sim.predictor.needs_future:
         return f"predictor {sim.predictor.name} prefetches"
-    if sim.dram is not None:
-        return "a DRAM tier (copies from the disk)"
-    if sim.host is not None:
-        return "a runtime with host costs"
-    if sim.cpu is not None:
-        return f"miss: {sim.cfg.miss}"
-    if sim.standin is not None:
-        return "low-bit stand-ins"
-    if sim.kv is not None:
-        return "the KV cache in the GPU budget"
-    if sim.writeback is not None:
-        return "the write-back of evicted experts"
-    return None
+    parts = ((sim.dram, "a DRAM tier (copies from the disk)"), (sim.host, "a runtime with host costs"),
+             (sim.cpu, f"miss: {sim.cfg.miss}"), (sim.standin, "low-bit stand-ins"),
+             (sim.kv, "the KV cache in the GPU budget"), (sim.writeback, "the write-back of evicted experts"))
+    return next((why for part, why in parts if part is not None), None)
 
 
 class _Clock:
