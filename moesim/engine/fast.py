@@ -31,6 +31,8 @@ def unsupported(sim: Simulation) -> str | None:
         return "a DRAM tier (copies from the disk)"
     if sim.host is not None:
         return "a runtime with host costs"
+    if sim.horizon is not None:
+        return "a runtime's load_slowdown"
     if sim.cpu is not None:
         return f"miss: {sim.cfg.miss}"
     if sim.standin is not None:

@@ -64,6 +64,9 @@ class RuntimeCosts(BaseModel):
     expert_dispatch_us: float = Field(0.0, ge=0, description="host time to dispatch one expert's kernels")
     copy_slowdown: float = Field(1.0, ge=1, description="expert kernels take this many times longer while a copy "
                                                         "of their layer is in flight (shared memory bandwidth)")
+    load_slowdown: float = Field(1.0, ge=1, description="expert loads (disk reads and copies) progress this many "
+                                                        "times slower while compute runs (the host thread and the "
+                                                        "loader share cores, memory bandwidth, the GPU's host side)")
     lm_head_ms: float | None = Field(None, ge=0, description="LM head per step (None: roofline)")
     lm_head_table: Table | None = Field(None, description="measured LM head by tokens in the step (wins over "
                                                           "lm_head_ms)")

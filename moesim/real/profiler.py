@@ -142,7 +142,7 @@ def _measure(r: SimpleNamespace, ddir: Path, io: str, log) -> None:
         r.roof = p.roofline_numbers()
     from .runtime_profiler import measure_runtime
 
-    r.rt_meas = measure_runtime(p, r.grid, log)
+    r.rt_meas = measure_runtime(p, r.grid, log, disk_dir=ddir, io=io)
     log("disk reads ...")
     r.disk = measure_disk(p, ddir, r.model.expert_bytes, io)
     log("link ...")
@@ -317,7 +317,8 @@ def _summary_lines(r: SimpleNamespace, rt_doc: dict, rt_path: Path, meas: dict) 
          f"{ver['cached_read_ms']:.3g} ms; bypass verified: {ver['bypass_works']}"),
         f"link          {r.link['kind']}: {fit_l['bandwidth_gbps']:.3g} GB/s + {fit_l['latency_us']:.3g} us",
         (f"runtime       step set-up {rt_doc['step_host_us']:.3g} us, layer bookkeeping {rt_doc['layer_host_us']:.3g} "
-         f"us, readback {rt_doc['readback_us']:.3g} us, copy slowdown {rt_doc['copy_slowdown']:.3g}x, dequant "
+         f"us, readback {rt_doc['readback_us']:.3g} us, copy slowdown {rt_doc['copy_slowdown']:.3g}x, load slowdown "
+         f"{rt_doc.get('load_slowdown', 1.0):.3g}x, dequant "
          + ", ".join(f"{k} {v:.3g} GB/s" for k, v in rt_doc['dequant_gbps'].items()) + f" -> {rt_path.name}"),
         f"took          {meas['moesim_profile_seconds']:.1f} s",
     ]
