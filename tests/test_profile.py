@@ -63,6 +63,12 @@ def test_profile_quick_writes_a_valid_measured_profile(tmp_path):
     for k in ("step_host_us", "layer_host_us", "readback_us", "copy_slowdown", "dequant_gbps", "lm_head_table"):
         assert rt.source[k].startswith("measured by moesim profile"), k
     assert side["runtime"]["copy_slowdown"]["copies"] > 0
+    # loads slowed while computing: both phases timed, the loader's file removed, the field sourced
+    ls = side["runtime"]["load_slowdown"]
+    assert ls["alone"]["load"]["n"] > 0 and ls["busy"]["load"]["n"] > 0 and ls["io"] in ("odirect", "fadvise")
+    assert ls["slowdown"] == pytest.approx(ls["busy"]["load"]["median"] / ls["alone"]["load"]["median"])
+    assert rt.load_slowdown == max(1.0, float(f"{ls['slowdown']:.4g}")) and not list(tmp_path.glob(".moesim-load-*"))
+    assert rt.load_slowdown == 1.0 or rt.source["load_slowdown"].startswith("measured by moesim profile")
     # `moesim hardware show` accepts it
     from moesim.cli import main
     r = CliRunner().invoke(main, ["hardware", "show", str(out)])

@@ -296,6 +296,9 @@ def test_load_slowdown_stretches_a_load_that_overlaps_a_kernel(tmp_path):
     for rt in ("none", {"load_slowdown": 1.0}):
         plain = simulate(scenario(trace, **kw, runtime=rt))
         assert plain.summary["makespan_s"] == pytest.approx(4 * L * (A + 2 * T_PCIE + C), rel=1e-9)
+    # the scenario echo names the field only where it is set (runtimes without it echo as before)
+    assert res.summary["scenario"]["runtime"]["load_slowdown"] == f
+    assert "load_slowdown" not in plain.summary["scenario"]["runtime"]
 
 
 def test_stretched_load_closed_form_and_horizon():

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from ..errors import InputError, build
 from .profile import Table
@@ -90,6 +90,15 @@ class RuntimeCosts(BaseModel):
             if getattr(self, name) != info.get_default(call_default_factory=True) and name not in self.source:
                 raise ValueError(f"{name} has no entry in source:")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """Leave `load_slowdown` out at its default, so that a run with a runtime that does not set
+        it echoes the same scenario in summary.json as before the field existed."""
+        d = handler(self)
+        if isinstance(d, dict) and d.get("load_slowdown") == 1.0:
+            del d["load_slowdown"]
+        return d
 
     @property
     def costs_host(self) -> bool:
