@@ -299,6 +299,8 @@ def test_load_slowdown_stretches_a_load_that_overlaps_a_kernel(tmp_path):
     # the scenario echo names the field only where it is set (runtimes without it echo as before)
     assert res.summary["scenario"]["runtime"]["load_slowdown"] == f
     assert "load_slowdown" not in plain.summary["scenario"]["runtime"]
+    measured = simulate(scenario(trace, **kw, runtime=_src(load_slowdown=1.0)))  # a measured 1 is echoed
+    assert measured.summary["scenario"]["runtime"]["load_slowdown"] == 1.0
 
 
 def test_stretched_load_closed_form_and_horizon():

@@ -93,10 +93,10 @@ class RuntimeCosts(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        """Leave `load_slowdown` out at its default, so that a run with a runtime that does not set
-        it echoes the same scenario in summary.json as before the field existed."""
+        """Leave `load_slowdown` out when it is unset (its default, no source), so that a run with a
+        runtime that does not set it echoes the same scenario in summary.json as before the field existed."""
         d = handler(self)
-        if isinstance(d, dict) and d.get("load_slowdown") == 1.0:
+        if isinstance(d, dict) and d.get("load_slowdown") == 1.0 and "load_slowdown" not in self.source:
             del d["load_slowdown"]
         return d
 
