@@ -323,3 +323,15 @@ def test_stretched_load_closed_form_and_horizon():
     ch.submit(Transfer(0, 1000, DEMAND, lambda t: ends.append(t.end)))  # 1 s alone
     env.run()
     assert ends == [pytest.approx(1.0 + 1.0 * 0.5)]
+
+
+def test_load_slowdown_is_simulated_on_simpy_only(tmp_path):
+    """The fast path does not model the term: auto takes SimPy and names why; fast refuses."""
+    from moesim.engine.run import simulate as run_engine
+    from moesim.errors import InputError
+
+    trace, model = _fresh(tmp_path, 3)
+    sc = scenario(trace, model=model, runtime=_src(load_slowdown=2.0))
+    assert run_engine(sc).engine == {"engine": "simpy", "reason": "a runtime's load_slowdown"}
+    with pytest.raises(InputError, match="load_slowdown"):
+        run_engine(sc, engine="fast")
