@@ -23,8 +23,8 @@ from .cpu_exec import CpuExecutor
 from .host import HostThread
 from .kv import KvBudget
 from .loads import Load, LoadChain
-from .overlap import ComputeHorizon
 from .metrics import KeyLog, Recorder
+from .overlap import ComputeHorizon
 from .plan import StepPlan
 from .standin import StandIns
 from .scheduler import PlanSource
