@@ -134,7 +134,9 @@ class Simulation(LoadChain):
             (self.horizon.slowed(cost.pcie_s), self.horizon.slowed(cost.disk_s))
         self.pcie = Channel(self.env, "pcie", cost.hw.pcie_h2d.copy_engines, pcie_s, self._dropped,
                             self.events_log)
-        self.disk = Channel(self.env, "disk", cost.hw.disk.queue_depth, disk_s, self._dropped, self.events_log)
+        idle = cost.hw.disk.idle_read_extra
+        self.disk = Channel(self.env, "disk", cost.hw.disk.queue_depth, disk_s, self._dropped, self.events_log,
+                            None if idle is None else idle.extra_s)
         self.rec = Recorder(model)
         self.loads: dict[int, Load] = {}
         self.prefetched_unused: set[int] = set()
