@@ -96,7 +96,7 @@ def measure_disk(p: Profiler, directory: Path, expert_bytes: int, io: str) -> di
         reader = open_reader(path, io)
         buf = aligned_buffer(sizes[-1])
         res, expert_alone = _read_points(p, reader, buf, sizes, file_bytes, eb)
-        idle = measure_idle_reads(reader, file_bytes, eb, IDLE_GAPS_MS, 6 if p.quick else 12, 15 if p.quick else 25)
+        idle = measure_idle_reads(reader, file_bytes, eb, IDLE_GAPS_MS, 10 if p.quick else 16, 15 if p.quick else 25)
         probe = min(eb, sizes[-1])
         ver = _verify_bypass(path, buf, file_bytes, probe)
         reader.close()
@@ -120,7 +120,7 @@ def measure_disk(p: Profiler, directory: Path, expert_bytes: int, io: str) -> di
             "idle_reads": idle}
 
 
-IDLE_GAPS_MS = (0.5, 2.0, 5.0, 20.0)
+IDLE_GAPS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 def measure_idle_reads(reader, file_bytes: int, eb: int, gaps_ms, rounds: int, reads: int, seed: int = 2) -> dict:
