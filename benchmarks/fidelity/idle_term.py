@@ -42,9 +42,10 @@ def main() -> None:
     out = Path(args.out)
     table = pd.read_csv(out / "fidelity.csv")
     cmd = moesim_cmd()
-    lines = ["| row | profile: extra us after 0.5 / 1 / 2 / 5 / 10 / 20 ms idle | error with the term (the table's sim) | "
-             "error without it | simulated reads that paid it | profile expert read ms: 30 in a row / interleaved back "
-             "to back | error, anchored at the interleaved |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | profile: extra us after 0.5 / 1 / 2 / 5 / 10 / 20 ms idle | error with the term (the "
+             "table's sim) | error without it | simulated reads that paid it | profile expert read ms: 30 in a "
+             "row / interleaved back to back | error, anchored at the interleaved |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for key, pred, cap, batch in row_ids(""):
         rid = rid_of(key, pred, cap, batch)
         hit = table[table["row"] == rid]
@@ -80,7 +81,8 @@ def main() -> None:
                       [*cmd, "compare", d / f"sim-{variant}", d / r["real_median_run"], "-o", d / f"compare-{variant}",
                        "--quiet"]):
                 subprocess.run([str(x) for x in a], cwd=ROOT, check=True, capture_output=True)
-            tot = {t["metric"]: t for t in json.loads((d / f"compare-{variant}" / "compare.json").read_text())["totals"]}
+            cmp = json.loads((d / f"compare-{variant}" / "compare.json").read_text())
+            tot = {t["metric"]: t for t in cmp["totals"]}
             err[variant] = tot["makespan_s"]["error"]
         us = " / ".join(f"{x:g}" for x in extra["extra_us"])
         lines.append(f"| {rid} | {us} | {100 * err['with-idle-extra']:+.1f}% | {100 * err['no-idle-extra']:+.1f}% | "
