@@ -66,7 +66,7 @@ def main() -> None:
         no_path = d / "profile-no-idle-extra.yaml"
         no_path.write_text(yaml.safe_dump(no, sort_keys=False))
         # the same profile with the disk anchored at the idle measurement's back-to-back median (150
-        # reads over ~10 s in 10 rounds) instead of the 30 expert reads in a row (~0.1 s) it is anchored at
+        # reads over ~8 s in 10 rounds) instead of the 30 expert reads in a row (0.05-0.08 s) it is anchored at
         meas = json.loads(prof_path.with_name(prof_path.stem + ".measurements.json").read_text())["disk"]
         b2b_ms, lat_us = meas["idle_reads"]["back_to_back"]["median"], prof["disk"]["latency_us"]
         rb = {**prof, "disk": {**prof["disk"], "read_bandwidth_gbps": meas["idle_reads"]["bytes"] / (
