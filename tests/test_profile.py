@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -63,6 +64,21 @@ def test_profile_quick_writes_a_valid_measured_profile(tmp_path):
     for k in ("step_host_us", "layer_host_us", "readback_us", "copy_slowdown", "dequant_gbps", "lm_head_table"):
         assert rt.source[k].startswith("measured by moesim profile"), k
     assert side["runtime"]["copy_slowdown"]["copies"] > 0
+    # loads slowed while computing: both phases timed, the loader's file removed, the field sourced
+    ls = side["runtime"]["load_slowdown"]
+    assert ls["alone"]["load"]["n"] > 0 and ls["busy"]["load"]["n"] > 0 and ls["io"] in ("odirect", "fadvise")
+    assert ls["slowdown"] == pytest.approx(ls["busy"]["load"]["median"] / ls["alone"]["load"]["median"])
+    assert rt.load_slowdown == max(1.0, float(f"{ls['slowdown']:.4g}")) and not list(tmp_path.glob(".moesim-load-*"))
+    assert rt.load_slowdown == 1.0 or rt.source["load_slowdown"].startswith("measured by moesim profile")
+    # a read after disk idle: each gap timed in interleaved rounds; the profile's table is what they
+    # measured (negative extras as 0)
+    idle = side["disk"]["idle_reads"]
+    assert p.disk.idle_read_extra.idle_ms == [g["idle_ms"] for g in idle["gaps"]] == [0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
+    assert p.disk.idle_read_extra.extra_us == [float(f"{max(g['extra_us'], 0):.3g}") for g in idle["gaps"]]
+    for g in idle["gaps"]:
+        assert g["n"] == idle["rounds"] * idle["reads_per_round"] and len(g["extra_us_rounds"]) == idle["rounds"]
+        assert g["extra_us"] == pytest.approx(float(np.median(g["extra_us_rounds"])))
+    assert "interleaved rounds" in p.disk.source["idle_read_extra"]
     # `moesim hardware show` accepts it
     from moesim.cli import main
     r = CliRunner().invoke(main, ["hardware", "show", str(out)])

@@ -158,6 +158,8 @@ def _write(tmp_path, runtime):
     ("no-such-runtime", "runtime"),
     ({"layer_host_us": 5}, "layer_host_us has no entry in source"),
     ({"expert_efficiency": 1.5, "source": {"expert_efficiency": "x"}}, "runtime.expert_efficiency"),
+    ({"load_slowdown": 0.5, "source": {"load_slowdown": "x"}}, "runtime.load_slowdown"),
+    ({"load_slowdown": 1.3}, "load_slowdown has no entry in source"),
 ])
 def test_bad_runtime_exits_2_naming_file_and_field(tmp_path, runtime, field):
     p = _write(tmp_path, runtime)
@@ -274,3 +276,62 @@ def test_attention_grid_times_decode_and_the_table_times_prefill():
     no_table = CostModel(ModelSpec.model_validate(TINY_MODEL),
                          HardwareProfile.model_validate({k: v for k, v in prof.items() if k != "measured"}), rt)
     assert no_table.attention_s(32, 32, 1) == pytest.approx(32 * 2.0e-3)  # no table: the grid, per token
+
+
+def test_load_slowdown_stretches_a_load_that_overlaps_a_kernel(tmp_path):
+    """Top-2, both miss, one copy engine: expert 2's copy starts as expert 1's kernel (C) starts
+    and progresses f times slower while it runs: T + C·(1 − 1/f) (T > f·C would end it inside:
+    not here), so a layer is A + T + T + C·(1 − 1/f) + C; f = 1 or runtime none: A + 2T + C."""
+    f = 2.0
+    model = {**TINY_MODEL, "top_k": 2, "num_experts": 256}
+    routing = np.empty((1, 4, L, 2), dtype=np.int16)
+    for t in range(4):
+        for layer in range(L):
+            routing[0, t, layer] = [(2 * (t * L + layer)) % 256, (2 * (t * L + layer) + 1) % 256]
+    trace = write_routing(tmp_path / "t.parquet", routing, prompt_len=1, num_experts=256)
+    kw = dict(model=model, gpu={"capacity_experts": 2})
+    res = simulate(scenario(trace, **kw, runtime=_src(load_slowdown=f)))
+    assert res.summary["misses"] == 4 * L * 2 and T_PCIE > C
+    assert res.summary["makespan_s"] == pytest.approx(4 * L * (A + 2 * T_PCIE + C * (1 - 1 / f) + C), rel=1e-9)
+    for rt in ("none", {"load_slowdown": 1.0}):
+        plain = simulate(scenario(trace, **kw, runtime=rt))
+        assert plain.summary["makespan_s"] == pytest.approx(4 * L * (A + 2 * T_PCIE + C), rel=1e-9)
+    # the scenario echo names the field only where it is set (runtimes without it echo as before)
+    assert res.summary["scenario"]["runtime"]["load_slowdown"] == f
+    assert "load_slowdown" not in plain.summary["scenario"]["runtime"]
+    measured = simulate(scenario(trace, **kw, runtime=_src(load_slowdown=1.0)))  # a measured 1 is echoed
+    assert measured.summary["scenario"]["runtime"]["load_slowdown"] == 1.0
+
+
+def test_stretched_load_closed_form_and_horizon():
+    """A transfer ends inside the compute (f·d) or after it (d + W·(1 − 1/f)); the horizon queues
+    committed compute after what is committed already, and a channel copy takes the stretched time."""
+    import simpy
+
+    from moesim.engine.channels import DEMAND, Channel, Transfer
+    from moesim.engine.overlap import ComputeHorizon, stretched_s
+
+    assert stretched_s(1.0, 5.0, 3.0) == pytest.approx(3.0)               # inside: 3 s < 5 s of compute
+    assert stretched_s(1.0, 1.5, 3.0) == pytest.approx(1.0 + 1.5 * 2 / 3)  # 0.5 done in 1.5 s, then 0.5
+    assert stretched_s(1.0, 0.0, 3.0) == 1.0 and stretched_s(1.0, 5.0, 1.0) == 1.0
+    env = simpy.Environment()
+    h = ComputeHorizon(env, 2.0)
+    h.busy(0.5)
+    h.busy(0.5)  # queued after the first: compute until 1.0
+    ends = []
+    ch = Channel(env, "disk", 1, h.slowed(lambda n: n * 1e-3), on_drop=None)
+    ch.submit(Transfer(0, 1000, DEMAND, lambda t: ends.append(t.end)))  # 1 s alone
+    env.run()
+    assert ends == [pytest.approx(1.0 + 1.0 * 0.5)]
+
+
+def test_load_slowdown_is_simulated_on_simpy_only(tmp_path):
+    """The fast path does not model the term: auto takes SimPy and names why; fast refuses."""
+    from moesim.engine.run import simulate as run_engine
+    from moesim.errors import InputError
+
+    trace, model = _fresh(tmp_path, 3)
+    sc = scenario(trace, model=model, runtime=_src(load_slowdown=2.0))
+    assert run_engine(sc).engine == {"engine": "simpy", "reason": "a runtime's load_slowdown"}
+    with pytest.raises(InputError, match="load_slowdown"):
+        run_engine(sc, engine="fast")

@@ -43,3 +43,22 @@ def test_cpu_runtime_doc_charges_per_expert_bookkeeping_and_validates():
     del m["layer_bookkeeping_batch"]
     rt1 = runtime_from_dict(runtime_doc(m, "measured by test", "t-runtime", cuda=False))
     assert rt1.layer_host_us == pytest.approx(30.0) and rt1.expert_dispatch_us == 0.0
+
+
+def _load(alone, busy):
+    part = lambda m: _st(m)  # noqa: E731
+    return {"bytes": 3 << 20, "io": "odirect", "phase_s": 0.4, "rounds": 3, "copy": "host memcpy (np.copyto)",
+            "alone": {"read": part(alone * 0.8), "copy": part(alone * 0.2), "load": part(alone)},
+            "busy": {"read": part(busy * 0.8), "copy": part(busy * 0.2), "load": part(busy)},
+            "slowdown": busy / alone, "mean_slowdown": busy / alone}
+
+
+def test_load_slowdown_is_written_with_its_source_and_clamped_at_1():
+    m = {**_meas(), "load_slowdown": _load(1.6, 2.4)}
+    rt = runtime_from_dict(runtime_doc(m, "measured by test", "t-runtime", cuda=False))
+    assert rt.load_slowdown == pytest.approx(1.5)
+    src = rt.source["load_slowdown"]
+    assert src.startswith("measured by test") and "2.4 ms" in src and "1.6 ms" in src and "odirect" in src
+    faster = runtime_from_dict(runtime_doc({**_meas(), "load_slowdown": _load(2.0, 1.8)}, "by", "t", cuda=False))
+    assert faster.load_slowdown == 1.0  # noise below 1 is no speed-up
+    assert runtime_from_dict(runtime_doc(_meas(), "by", "t", cuda=False)).load_slowdown == 1.0  # not measured

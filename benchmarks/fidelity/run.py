@@ -90,6 +90,8 @@ def calibrated_profile(prof: Path, sim_dir: Path, real_dir: Path, out: Path, run
                 key = "read_bandwidth_gbps" if sec == "disk" else "bandwidth_gbps"
                 p[sec][key] = float(eb / (t - lat * 1e-6) / 1e9)
                 p[sec]["source"][key] = f"calibrated: mean {res} transfer of {real_dir} ({t * 1e3:.3f} ms)"
+    p["disk"].pop("idle_read_extra", None)  # the real mean read already holds the reads after idle
+    p["disk"]["source"].pop("idle_read_extra", None)
     p["name"] = out.stem
     out.write_text(yaml.safe_dump(p, sort_keys=False))
     if runtime is not None:  # the runtime's attention grid wins over the table: scale it alike
@@ -264,6 +266,9 @@ def main() -> None:
         sp_real, sp_sim = component_speeds(med_dir), component_speeds(d / "sim")
         meas = json.loads(prof.with_name(prof.stem + ".measurements.json").read_text())
         row["profile_disk_read_ms"] = meas["disk"]["expert_read"]["median"]
+        idle = meas["disk"].get("idle_reads")
+        if idle:  # the profile's read after idle: extra us by idle ms
+            row["profile_idle_extra_us"] = {g["idle_ms"]: round(g["extra_us"], 1) for g in idle["gaps"]}
         row["real_disk_read_ms"] = sp_real.get("disk_ms")
         row["real_disk_read_ms_runs"] = [component_speeds(rd).get("disk_ms") for _, rd in reals]
         row["sim_disk_read_ms"] = sp_sim.get("disk_ms")

@@ -36,9 +36,12 @@ def layer_stalls(run_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "reports" / "fidelity"))
+    ap.add_argument("--rows", default="", help="comma-separated row ids (default: every row of fidelity.csv)")
     args = ap.parse_args()
     out = Path(args.out)
     df = pd.read_csv(out / "fidelity.csv")
+    if args.rows:
+        df = df[df["row"].isin(args.rows.split(","))]
     print("| row | error | profile expert read ms: alone / in sweep | real disk read ms (3 runs) | attention "
           "real/sim | expert compute real/sim | all-resident layer stall ms sim / real | miss layer stall ms "
           "sim / real (misses) | between steps ms sim / real |")

@@ -106,10 +106,15 @@ class Channel(Queues):
     """A link with `slots` parallel transfers and a two-level priority queue."""
 
     def __init__(self, env: simpy.Environment, name: str, slots: int, duration_s: Callable[[int], float],
-                 on_drop: Callable[[Transfer], None] | None = None, log: list | None = None):
+                 on_drop: Callable[[Transfer], None] | None = None, log: list | None = None,
+                 idle_extra_s: Callable[[float], float] | None = None):
+        """`idle_extra_s(idle)`: the extra seconds of a transfer that starts with the channel idle
+        (nothing in flight) for `idle` seconds, idle since the last transfer ended or the run began."""
         super().__init__(name, slots, on_drop, log)
         self.env = env
         self.duration_s = duration_s
+        self.idle_extra_s = idle_extra_s
+        self.idle_since = 0.0
 
     def _now(self) -> float:
         return self.env.now
@@ -119,9 +124,11 @@ class Channel(Queues):
             t = self._next()
             if t is None:
                 return
-            self.busy += 1
             now = self.env.now
             d = self.duration_s(t.nbytes)
+            if self.idle_extra_s is not None and self.busy == 0:
+                d += self.idle_extra_s(now - self.idle_since)
+            self.busy += 1
             t.start, t.end = now, now + d
             ev = self.env.timeout(d, t)
             ev.callbacks.append(self._finish)
@@ -129,5 +136,7 @@ class Channel(Queues):
     _wake = _dispatch
 
     def _finish(self, ev) -> None:
+        if self.busy == 1:  # the channel goes idle now (a copy its on_done submits starts after 0 idle)
+            self.idle_since = self.env.now
         self._finished(ev.value)
         self._dispatch()

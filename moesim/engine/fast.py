@@ -34,7 +34,8 @@ def unsupported(sim: Simulation) -> str | None:
     if hooks or sim.predictor.needs_future:
         return f"predictor {sim.predictor.name} prefetches"
     parts = ((sim.dram, "a DRAM tier (copies from the disk)"), (sim.host, "a runtime with host costs"),
-             (sim.cpu, f"miss: {sim.cfg.miss}"), (sim.standin, "low-bit stand-ins"),
+             (sim.horizon, "a runtime's load_slowdown"), (sim.cpu, f"miss: {sim.cfg.miss}"),
+             (sim.standin, "low-bit stand-ins"),
              (sim.kv, "the KV cache in the GPU budget"), (sim.writeback, "the write-back of evicted experts"))
     return next((why for part, why in parts if part is not None), None)
 

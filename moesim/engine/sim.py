@@ -26,6 +26,7 @@ from .host import HostThread
 from .kv import KvBudget
 from .loads import Load, LoadChain
 from .metrics import KeyLog, Recorder
+from .overlap import ComputeHorizon
 from .plan import StepPlan
 from .standin import StandIns
 from .writeback import WriteBack
@@ -130,9 +131,16 @@ class Simulation(LoadChain):
                           d_rng)
                      if cfg.has_dram else None)
         self.events_log: list | None = [] if cfg.record_events else None
-        self.pcie = Channel(self.env, "pcie", cost.hw.pcie_h2d.copy_engines, cost.pcie_s, self._dropped,
+        rt = cost.runtime
+        slow = rt.load_slowdown if rt is not None else 1.0
+        self.horizon = ComputeHorizon(self.env, slow) if slow != 1.0 else None  # loads slowed by compute
+        pcie_s, disk_s = (cost.pcie_s, cost.disk_s) if self.horizon is None else \
+            (self.horizon.slowed(cost.pcie_s), self.horizon.slowed(cost.disk_s))
+        self.pcie = Channel(self.env, "pcie", cost.hw.pcie_h2d.copy_engines, pcie_s, self._dropped,
                             self.events_log)
-        self.disk = Channel(self.env, "disk", cost.hw.disk.queue_depth, cost.disk_s, self._dropped, self.events_log)
+        idle = cost.hw.disk.idle_read_extra
+        self.disk = Channel(self.env, "disk", cost.hw.disk.queue_depth, disk_s, self._dropped, self.events_log,
+                            None if idle is None else idle.extra_s)
         self.rec = Recorder(model)
         self.loads: dict[int, Load] = {}
         self.prefetched_unused: set[int] = set()
@@ -147,7 +155,6 @@ class Simulation(LoadChain):
         self._implements = {h: getattr(type(predictor), h) is not getattr(Predictor, h)
                             for h in ("on_step_start", "on_pre_attention", "on_gate")}
         self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
-        rt = cost.runtime
         self.host = HostThread(rt) if rt is not None and rt.costs_host else None  # None: host never delays
         self.cpu = CpuExecutor(self, cfg.miss, self.host is not None) if cfg.miss != "wait" else None
         self.kv = KvBudget(model, cost.hw.gpu.memory_gb, cfg.gpu_capacity) if cfg.kv_cache else None
@@ -280,6 +287,8 @@ class Simulation(LoadChain):
         dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
                                         + cost.dense_ffn_s(plan.tokens))
         if dense + gpu_extra > 0:
+            if self.horizon is not None:
+                self.horizon.busy(dense + gpu_extra)
             rec.compute_s += dense + gpu_extra
             yield env.timeout(dense + gpu_extra)
         attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
@@ -289,6 +298,8 @@ class Simulation(LoadChain):
         pred.on_step_end(view)
         head = cost.lm_head_s(plan.tokens)
         if head > 0:
+            if self.horizon is not None:
+                self.horizon.busy(head)
             rec.compute_s += head
             yield env.timeout(head)
         if host is not None:  # the host reads the token back before the next step
@@ -304,6 +315,8 @@ class Simulation(LoadChain):
             yield from self._wait_host(host.work(host.layer_s))
         view.pre_attn_layer = layer
         pre = self._hook(self.predictor.on_pre_attention(view, layer), "on_pre_attention", plan.tokens)
+        if self.horizon is not None:
+            self.horizon.busy(pre + attn)
         yield env.timeout(pre + attn)
         if host is not None:  # loads and the gate hook wait for the routing to reach the host
             yield from self._wait_host(host.routing_known(env.now))
@@ -313,11 +326,17 @@ class Simulation(LoadChain):
         self.accessed.append(keys)
         if self.standin is not None:
             self.standin.layer(plan, layer)
+        if self.horizon is not None:
+            self._commit_gate_compute(plan, layer)
         counts = plan.counts[layer].tolist()  # the accesses (LoadChain._access_layer), kernel seconds as payloads
         (hits, late, misses), hit_costs, pending, pinned = self._access_layer(
             plan.index, layer, keys.tolist(), counts, list(map(self.cost.expert_compute_s, counts)), self._diverts)
         # shared experts (always resident), then each hit's kernel, summed in access order
         busy = reduce(add, hit_costs, self.cost.shared_compute_s(plan.tokens))
+        if self.horizon is not None:  # each loaded expert's kernel runs once its load lands
+            for ld, c in pending:
+                if ld.done_t < 0 and c > 0:
+                    ld.waiters.append(lambda c=c: self.horizon.busy(c))
         # The layer's own experts are pinned and their loads queued before the predictor's
         # prefetches for later layers, so a prefetch never evicts what this layer needs.
         post = self._hook(gate_reqs, "on_gate", plan.tokens)
@@ -348,6 +367,14 @@ class Simulation(LoadChain):
         if self.cpu is not None and self.cpu.prefers_cpu(key, cnt, c):
             return self.cpu.submit(key, cnt), 0.0
         return None
+
+    def _commit_gate_compute(self, plan: StepPlan, layer: int) -> None:
+        """The compute known at the gate, before the layer's loads start (engine/overlap.py): the
+        shared experts and the kernels of the experts resident now."""
+        gpu, ecs = self.gpu, self.cost.expert_compute_s
+        self.horizon.busy(self.cost.shared_compute_s(plan.tokens) + sum(
+            ecs(cnt) for key, cnt in zip(plan.keys[layer].tolist(), plan.counts[layer].tolist())
+            if key in gpu and not gpu.in_flight(key)))
 
     def _wait_loads(self, pending: list):
         """Yield until every load of `pending` has landed (one event, whichever lands last)."""

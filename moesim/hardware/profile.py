@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from ..errors import InputError, build
 from ..yamlsafe import safe_load
@@ -46,11 +46,50 @@ class Link(_Sourced):
     copy_engines: int = Field(1, ge=1)
 
 
+class IdleExtra(BaseModel):
+    """Extra time of a read that starts after the disk has been idle: `extra_us[i]` once the idle time
+    reaches `idle_ms[i]` (a step table: the largest `idle_ms` reached wins; below the first, none)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    idle_ms: list[float] = Field(min_length=1, description="idle thresholds, strictly increasing, > 0")
+    extra_us: list[float] = Field(min_length=1, description="a read's extra time once idle that long")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.idle_ms) != len(self.extra_us):
+            raise ValueError(f"idle_ms has {len(self.idle_ms)} points but extra_us has {len(self.extra_us)}")
+        if self.idle_ms[0] <= 0 or any(b <= a for a, b in zip(self.idle_ms, self.idle_ms[1:])):
+            raise ValueError("idle_ms must be > 0 and strictly increasing")
+        if any(x < 0 for x in self.extra_us):
+            raise ValueError("extra_us must be >= 0")
+        return self
+
+    def extra_s(self, idle_s: float) -> float:
+        """The extra seconds of a read that follows `idle_s` seconds of disk idle."""
+        idle_ms, extra = idle_s * 1e3, 0.0
+        for thr, x in zip(self.idle_ms, self.extra_us):
+            if idle_ms < thr:
+                break
+            extra = x
+        return extra * 1e-6
+
+
 class Disk(_Sourced):
     name: str = ""
     read_bandwidth_gbps: float = Field(gt=0)
     latency_us: float = Field(ge=0)
     queue_depth: int = Field(1, ge=1)
+    idle_read_extra: IdleExtra | None = Field(None, description="a read after disk idle costs more (measured); "
+                                                                "None: every read costs latency + bytes/bandwidth")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """Leave an unset `idle_read_extra` out, so that a profile without it echoes in summary.json as
+        it did before the field existed."""
+        d = handler(self)
+        if isinstance(d, dict) and d.get("idle_read_extra", 0) is None:
+            del d["idle_read_extra"]
+        return d
 
 
 class HostDRAM(_Sourced):

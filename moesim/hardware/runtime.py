@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from ..errors import InputError, build
 from .profile import Table
@@ -69,6 +69,9 @@ class RuntimeCosts(BaseModel):
                             "link while the load's copy runs (full duplex). The load is usable when both are done")
     copy_slowdown: float = Field(1.0, ge=1, description="expert kernels take this many times longer while a copy "
                                                         "of their layer is in flight (shared memory bandwidth)")
+    load_slowdown: float = Field(1.0, ge=1, description="expert loads (disk reads and copies) progress this many "
+                                                        "times slower while compute runs (the host thread and the "
+                                                        "loader share cores, memory bandwidth, the GPU's host side)")
     lm_head_ms: float | None = Field(None, ge=0, description="LM head per step (None: roofline)")
     lm_head_table: Table | None = Field(None, description="measured LM head by tokens in the step (wins over "
                                                           "lm_head_ms)")
@@ -92,6 +95,15 @@ class RuntimeCosts(BaseModel):
             if getattr(self, name) != info.get_default(call_default_factory=True) and name not in self.source:
                 raise ValueError(f"{name} has no entry in source:")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """Leave `load_slowdown` out when it is unset (its default, no source), so that a run with a
+        runtime that does not set it echoes the same scenario in summary.json as before the field existed."""
+        d = handler(self)
+        if isinstance(d, dict) and d.get("load_slowdown") == 1.0 and "load_slowdown" not in self.source:
+            del d["load_slowdown"]
+        return d
 
     @property
     def costs_host(self) -> bool:

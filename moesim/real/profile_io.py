@@ -96,6 +96,7 @@ def measure_disk(p: Profiler, directory: Path, expert_bytes: int, io: str) -> di
         reader = open_reader(path, io)
         buf = aligned_buffer(sizes[-1])
         res, expert_alone = _read_points(p, reader, buf, sizes, file_bytes, eb)
+        idle = measure_idle_reads(reader, file_bytes, eb, IDLE_GAPS_MS, 10 if p.quick else 16, 15 if p.quick else 25)
         probe = min(eb, sizes[-1])
         ver = _verify_bypass(path, buf, file_bytes, probe)
         reader.close()
@@ -115,7 +116,41 @@ def measure_disk(p: Profiler, directory: Path, expert_bytes: int, io: str) -> di
             "model": {"latency_us": lat_us, "bandwidth_gbps": model_bw, "anchored_at_bytes": eb},
             "verification": ver,
             "expert_read": {"bytes": eb, "alone": True, **expert_alone.as_dict()},
-            "expert_read_in_sweep": {"bytes": probe, **res[probe].as_dict()}}
+            "expert_read_in_sweep": {"bytes": probe, **res[probe].as_dict()},
+            "idle_reads": idle}
+
+
+IDLE_GAPS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+
+
+def measure_idle_reads(reader, file_bytes: int, eb: int, gaps_ms, rounds: int, reads: int, seed: int = 2) -> dict:
+    """Expert-sized reads right after another ("back to back") and after each idle gap in `gaps_ms`
+    (the disk left idle that long before each read, as a decode layer's first read follows its
+    attention), in `rounds` interleaved rounds of `reads` per case so that drift hits every case.
+    Returns each case's median, p10, p90 (ms) and n, and each gap's extra over back to back (us)."""
+    rng = np.random.default_rng(seed)
+    buf = aligned_buffer(eb)
+    cases = (0.0, *gaps_ms)
+    times: dict[float, list[float]] = {g: [] for g in cases}
+    n_exp = file_bytes // eb
+    for _ in range(rounds):
+        for g in cases:
+            reader.read(buf, int(rng.integers(0, n_exp)) * eb, eb)  # the case's first read: not timed
+            for off in (rng.integers(0, n_exp, reads) * eb).tolist():
+                if g:
+                    time.sleep(g * 1e-3)
+                t = time.perf_counter()
+                reader.read(buf, off, eb)
+                times[g].append(time.perf_counter() - t)
+    stats = {g: {"median": float(np.median(x)) * 1e3, "p10": float(np.percentile(x, 10)) * 1e3,
+                 "p90": float(np.percentile(x, 90)) * 1e3, "n": len(x)} for g, x in times.items()}
+    by_round = {g: np.median(np.reshape(x, (rounds, reads)), axis=1) for g, x in times.items()}
+    return {"bytes": eb, "rounds": rounds, "reads_per_round": reads, "back_to_back": stats[0.0],
+            "gaps": [{"idle_ms": g, **stats[g],
+                      # each round's median over back to back's in the same round, the median over rounds
+                      "extra_us": float(np.median(by_round[g] - by_round[0.0])) * 1e6,
+                      "extra_us_rounds": [float(x) * 1e6 for x in by_round[g] - by_round[0.0]]}
+                     for g in gaps_ms]}
 
 
 def _read_points(p: Profiler, reader, buf, sizes: list[int], file_bytes: int, eb: int):

@@ -142,7 +142,7 @@ def _measure(r: SimpleNamespace, ddir: Path, io: str, log) -> None:
         r.roof = p.roofline_numbers()
     from .runtime_profiler import measure_runtime
 
-    r.rt_meas = measure_runtime(p, r.grid, log)
+    r.rt_meas = measure_runtime(p, r.grid, log, disk_dir=ddir, io=io)
     log("disk reads ...")
     r.disk = measure_disk(p, ddir, r.model.expert_bytes, io)
     log("link ...")
@@ -252,8 +252,22 @@ def _disk_section(r: SimpleNamespace) -> dict:
                                    f" (mincore), a cached read of the same size takes {ver['cached_read_ms']:.3g} ms",
             "latency_us": f"{by}: intercept of the least-squares fit",
             "queue_depth": "one read outstanding at a time: moesim replay --real reads with one thread",
+            "idle_read_extra": _idle_source(by, disk["idle_reads"]),
         },
+        "idle_read_extra": {"idle_ms": [g["idle_ms"] for g in disk["idle_reads"]["gaps"]],
+                            "extra_us": [_sig(max(g["extra_us"], 0.0), 3) for g in disk["idle_reads"]["gaps"]]},
     }
+
+
+def _idle_source(by: str, idle: dict) -> str:
+    """The source of `disk.idle_read_extra`: how it was measured and every case's numbers."""
+    b = idle["back_to_back"]
+    gaps = "; ".join(f"{g['idle_ms']:g} ms idle: {g['median']:.3g} ms (p10-p90 {g['p10']:.3g}-{g['p90']:.3g}), "
+                     f"extra {g['extra_us']:.3g} us" for g in idle["gaps"])
+    return (f"{by}: {idle['bytes']}-byte reads at random offsets of the same file, back to back and after each "
+            f"idle gap, in {idle['rounds']} interleaved rounds of {idle['reads_per_round']} per case; extra = the "
+            f"median over rounds of (the round's median after the gap - its median back to back), negative "
+            f"ones written as 0. Back to back {b['median']:.3g} ms (p10-p90 {b['p10']:.3g}-{b['p90']:.3g}); {gaps}")
 
 
 def _measured_section(r: SimpleNamespace) -> dict:
@@ -315,9 +329,12 @@ def _summary_lines(r: SimpleNamespace, rt_doc: dict, rt_path: Path, meas: dict) 
          f"read ({er['bytes'] / MiB:.2f} MiB) {er['median']:.3g} ms "
          f"(p10-p90 {er['p10']:.3g}-{er['p90']:.3g}); cached "
          f"{ver['cached_read_ms']:.3g} ms; bypass verified: {ver['bypass_works']}"),
+        ("disk idle     " + "  ".join(f"{g['idle_ms']:g}ms:{g['extra_us']:+.0f}us" for g in disk["idle_reads"]["gaps"])
+         + " (a read's extra time after that much disk idle)"),
         f"link          {r.link['kind']}: {fit_l['bandwidth_gbps']:.3g} GB/s + {fit_l['latency_us']:.3g} us",
         (f"runtime       step set-up {rt_doc['step_host_us']:.3g} us, layer bookkeeping {rt_doc['layer_host_us']:.3g} "
-         f"us, readback {rt_doc['readback_us']:.3g} us, copy slowdown {rt_doc['copy_slowdown']:.3g}x, dequant "
+         f"us, readback {rt_doc['readback_us']:.3g} us, copy slowdown {rt_doc['copy_slowdown']:.3g}x, load slowdown "
+         f"{rt_doc.get('load_slowdown', 1.0):.3g}x, dequant "
          + ", ".join(f"{k} {v:.3g} GB/s" for k, v in rt_doc['dequant_gbps'].items()) + f" -> {rt_path.name}"),
         f"took          {meas['moesim_profile_seconds']:.1f} s",
     ]

@@ -9,12 +9,17 @@ Measured with the profiler's timing helpers, on the profile's model shapes and d
   them); on the CPU the kernels run on the host thread, so the dispatch is inside the expert table;
 - the LM head by tokens; attention by (sequences, context);
 - expert FFN time alone and while a background thread copies expert-sized blocks (the slowdown);
+- the converse: an expert load (a page-cache-bypassing read, then the copy into a cache slot) on a
+  loader thread alone and while the main thread computes decode layers back to back;
 - dequantisation throughput of the formats torch runs here (int8 and packed int4 to the dtype).
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -184,6 +189,137 @@ def copy_slowdown(p) -> dict:
             "copy_bytes": s.slot_bytes, "slowdown": busy.median / alone.median}
 
 
+def _load_calls(p, directory: Path, io: str, eb: int, rng: np.random.Generator):
+    """(load() -> (read s, copy s), cleanup()) for one expert load as the replay does it: an
+    expert-sized read at a random aligned offset of a fresh file, page cache bypassed, into a
+    staging buffer (pinned on CUDA), then the copy into a cache slot (memcpy on the CPU, a
+    host-to-device copy on a copy stream on CUDA)."""
+    from .store import aligned_buffer, open_reader, write_random_file
+
+    torch = p.torch
+    n_exp = max(16, ((64 if p.quick else 256) * MiB) // eb)
+    block = 4 * MiB
+    n_blocks = -(-n_exp * eb // block)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".moesim-load-", suffix=".bin", dir=directory)
+    os.close(fd)
+    path = Path(tmp)
+    rnd = rng.integers(0, 256, block, dtype=np.uint8)
+    write_random_file(path, n_blocks, block, lambda i: rnd)
+    reader = open_reader(path, io)
+    offs = iter((rng.integers(0, n_exp, 10 ** 6) * eb).tolist())
+    if p.cuda:
+        stage_t = torch.empty(eb, dtype=torch.uint8, pin_memory=True)
+        stage, slot = stage_t.numpy(), torch.empty(eb, dtype=torch.uint8, device=p.device)
+        stream = torch.cuda.Stream(device=p.device)
+
+        def copy():
+            with torch.cuda.stream(stream):
+                slot.copy_(stage_t, non_blocking=True)
+            stream.synchronize()
+    else:
+        stage, slot = aligned_buffer(eb), aligned_buffer(eb)
+
+        def copy():
+            np.copyto(slot, stage)
+
+    def load():
+        t0 = time.perf_counter()
+        reader.read(stage, next(offs), eb)
+        t1 = time.perf_counter()
+        copy()
+        return t1 - t0, time.perf_counter() - t1
+
+    def cleanup():
+        reader.close()
+        path.unlink(missing_ok=True)
+    return load, cleanup, reader.method
+
+
+def _decode_layer_call(p):
+    """One decode layer's compute, one sequence at context 64: attention, a sync (the replay reads
+    the routing back), then top-k one-token expert FFNs cycling through a pool, then a sync."""
+    from .kernels import Shapes, expert_forward
+
+    torch, m = p.torch, p.model
+    s = Shapes(m, p.dtype_name)
+    pool = p._expert_pool(s, (128 if p.quick else 256) * MiB)
+    attn_pool = p._attention_pool(s, 3)
+    ait = iter(range(10 ** 12))
+    attn = p._attention_call(s, attn_pool, ait, 1, 64)
+    h = torch.randn(1, s.H, dtype=p.dtype, device=p.device)
+    x = torch.zeros(1, s.H, dtype=p.dtype, device=p.device)
+    idx = torch.arange(1, device=p.device)
+    it = iter(range(10 ** 12))
+
+    def layer():
+        attn()
+        p.sync()
+        for _ in range(m.top_k):
+            expert_forward(h, idx, pool[next(it) % len(pool)], x, 0.125)
+        p.sync()
+    return layer
+
+
+def load_slowdown(p, directory: Path, io: str = "auto") -> dict:
+    """Expert loads on a loader thread, back to back, while the main thread alternately sleeps
+    (alone) and computes decode layers back to back (busy), in alternating phases so that a
+    change in the machine's speed hits both; a load counts for the phase it started and ended in.
+    The slowdown is the busy median of a whole load (read + copy) over the alone median."""
+    from .kernels import padded
+    from .torchutil import Stats
+
+    torch = p.torch
+    eb = padded(p.model.expert_bytes)
+    load, cleanup, method = _load_calls(p, directory, io, eb, np.random.default_rng(7))
+    layer = _decode_layer_call(p)
+    phase_s, rounds = (0.4, 3) if p.quick else (1.0, 4)
+    phase, stop = ["warm"], threading.Event()
+    samples = {"alone": [], "busy": []}
+
+    def loader():  # a thread of its own: inference mode is per thread
+        with torch.inference_mode():
+            while not stop.is_set():
+                before = phase[0]
+                r, c = load()
+                if phase[0] == before and before in samples:
+                    samples[before].append((r, c))
+    try:
+        for _ in range(3):
+            load()
+            layer()
+        th = threading.Thread(target=loader, daemon=True)
+        th.start()
+        try:
+            for _ in range(rounds):
+                phase[0] = "alone"
+                time.sleep(phase_s)
+                phase[0] = "busy"
+                t_end = time.perf_counter() + phase_s
+                layers = 0
+                while time.perf_counter() < t_end:
+                    layer()
+                    layers += 1
+        finally:
+            phase[0] = "done"
+            stop.set()
+            th.join()
+    finally:
+        cleanup()
+    if not samples["alone"] or not samples["busy"]:
+        raise RuntimeError("the loader thread finished no load in one of the phases")
+    out = {"bytes": eb, "io": method, "phase_s": phase_s, "rounds": rounds,
+           "copy": "host-to-device copy on a copy stream" if p.cuda else "host memcpy (np.copyto)"}
+    for ph, rows in samples.items():
+        out[ph] = {part: Stats(col).as_dict() for part, col in
+                   (("read", [r for r, _ in rows]), ("copy", [c for _, c in rows]),
+                    ("load", [r + c for r, c in rows]))}
+    out["slowdown"] = out["busy"]["load"]["median"] / out["alone"]["load"]["median"]
+    mean = {ph: float(np.mean([r + c for r, c in rows])) for ph, rows in samples.items()}
+    out["mean_slowdown"] = mean["busy"] / mean["alone"]  # for the record: the tail is heavier while busy
+    return out
+
+
 def dequant(p, nbytes: int) -> dict:
     """Throughput (1e9 packed bytes/s) of int8 and packed-int4 weights to the dtype, with one
     scale (and zero) per group of 64, as torch computes it here."""
@@ -206,8 +342,10 @@ def dequant(p, nbytes: int) -> dict:
     return out
 
 
-def measure_runtime(p, contexts_grid: list[dict], log=lambda m: None) -> dict:
-    """Every runtime measurement of this machine (a dict for the .measurements.json)."""
+def measure_runtime(p, contexts_grid: list[dict], log=lambda m: None, disk_dir: Path | None = None,
+                    io: str = "auto") -> dict:
+    """Every runtime measurement of this machine (a dict for the .measurements.json); the load
+    slowdown reads a file it writes in `disk_dir` (not measured without one)."""
     log("runtime: host bookkeeping, readback, LM head, copy slowdown, dequant ...")
     with p.torch.inference_mode():
         meas = {
@@ -221,6 +359,9 @@ def measure_runtime(p, contexts_grid: list[dict], log=lambda m: None) -> dict:
             "copy_slowdown": copy_slowdown(p),
             "dequant": dequant(p, (8 if p.quick else 32) * MiB),
         }
+    if disk_dir is not None:
+        log("runtime: expert loads alone and while computing ...")
+        meas["load_slowdown"] = load_slowdown(p, Path(disk_dir), io)
     grid = list(contexts_grid)
     have = {(r["batch"], r["context"]) for r in grid}
     batches = sorted({r["batch"] for r in grid})
@@ -255,6 +396,7 @@ def runtime_doc(meas: dict, by: str, name: str, cuda: bool) -> dict:
         "synchronous_compute": not cuda,
         "expert_dispatch_us": _sig(meas["expert_dispatch"]["median"] if cuda else per_expert_us),
         "copy_slowdown": _sig(max(1.0, cs["slowdown"])),
+        **({"load_slowdown": _sig(max(1.0, meas["load_slowdown"]["slowdown"]))} if "load_slowdown" in meas else {}),
         "dequant_gbps": {k: _sig(v["gbps"]) for k, v in dq.items()},
     }
     if meas["lm_head"]:
@@ -283,6 +425,8 @@ def runtime_doc(meas: dict, by: str, name: str, cuda: bool) -> dict:
                         + "; ".join(f"{k} {v['packed_bytes'] / MiB:.0f} MiB in {v['median']:.3g} ms" for k, v in dq.items()),
         "attention_grid": f"{by}: one attention block of a decode step (sequences x cached positions), medians",
     }
+    if "load_slowdown" in meas:
+        src["load_slowdown"] = _load_source(meas["load_slowdown"], by)
     if cuda:
         src["expert_dispatch_us"] = (f"{by}: host time to launch one 1-token expert's kernels without waiting, "
                                      f"median of {meas['expert_dispatch']['n']}")
@@ -293,6 +437,17 @@ def runtime_doc(meas: dict, by: str, name: str, cuda: bool) -> dict:
         src["lm_head_table"] = f"{by}: final norm + vocabulary projection by tokens, medians"
     doc["source"] = src
     return doc
+
+
+def _load_source(ls: dict, by: str) -> str:
+    a, b = ls["alone"], ls["busy"]
+    return (f"{by}: one expert load ({ls['bytes'] / MiB:.2f} MiB {ls['io']} read into a staging buffer, then "
+            f"{ls['copy']} into a cache slot) on a loader thread while the main thread computes one-sequence "
+            f"decode layers back to back (attention, sync, top-k expert FFNs), over alone; {ls['rounds']} "
+            f"alternating {ls['phase_s']:g} s phases: load {b['load']['median']:.3g} ms (n={b['load']['n']}) vs "
+            f"{a['load']['median']:.3g} ms (n={a['load']['n']}); read {b['read']['median']:.3g} vs "
+            f"{a['read']['median']:.3g} ms, copy {b['copy']['median']:.3g} vs {a['copy']['median']:.3g} ms "
+            "(below 1 is written as 1)")
 
 
 def _sig(x: float, n: int = 4) -> float:
