@@ -36,7 +36,7 @@ def rate(f: Path, out: Path, workers: int) -> tuple[float, float]:
     res = run_sweep(spec, out, get_executor("local", workers=workers), progress=False, echo=lambda m: None)
     wall, cpu, pool = time.perf_counter() - t, time.process_time() - c, pool_cpu_s() - p
     assert not res.failed, res.failed
-    print_workers(out, os.getpid(), wall, cpu, pool)
+    print_workers(out, os.getpid(), wall, cpu, pool if workers > 1 else None)
     return len(res.ran) / wall * 60, wall
 
 
@@ -54,7 +54,7 @@ def pool_cpu_s() -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
 
 
-def print_workers(out: Path, driver: int, wall_all: float, cpu_driver: float, cpu_pool: float) -> None:
+def print_workers(out: Path, driver: int, wall_all: float, cpu_driver: float, cpu_pool: float | None) -> None:
     """Per process that ran points: points, wall s, CPU s and CPU/wall (from each status.json);
     then the cores the sweep got in all and the sweep's own overhead: the sweep process's wall and
     CPU time outside its points, and the pool's CPU time outside its points (start-up, IPC)."""
@@ -72,7 +72,7 @@ def print_workers(out: Path, driver: int, wall_all: float, cpu_driver: float, cp
     own_wall, own = by_pid.get(driver, [0, 0.0, 0.0])[1:]
     print(f"    points' CPU time / sweep wall time = {total / wall_all:.2f} cores; sweep process outside "
           f"its points: {wall_all - own_wall:.2f} s wall, {cpu_driver - own:.2f} s CPU")
-    if len(by_pid) > 1 or driver not in by_pid:
+    if cpu_pool is not None:  # (the forkserver's imports count once per benchmark: its first pool)
         print(f"    pool processes' CPU outside their points (start-up, IPC): {cpu_pool - (total - own):.2f} s")
 
 
