@@ -65,7 +65,20 @@ def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str,
     s = res.summary
     return {"wall_s": wall, "cpu_s": cpu, "engine_cpu_s": sum(engine_cpu), "pairs": s["token_expert_pairs"],
             "accesses": s["accesses"], "misses": s["misses"], "engine": res.engine["engine"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started: VmHWM of its own address space. (ru_maxrss is kept
+    across exec, so a child would report its parent's peak at fork time if that were larger: here
+    the parent's, after it generated the 4M trace.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: ru_maxrss
 
 
 def make_trace(path: Path, preset: str, requests: int, decode: int) -> None:

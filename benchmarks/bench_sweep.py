@@ -32,17 +32,32 @@ def rate(f: Path, out: Path, workers: int) -> tuple[float, float]:
     from moesim.sweep import get_executor, load_sweep, run_sweep
 
     spec = load_sweep(f)
-    t, c = time.perf_counter(), time.process_time()
+    t, c, p = time.perf_counter(), time.process_time(), pool_cpu_s()
     res = run_sweep(spec, out, get_executor("local", workers=workers), progress=False, echo=lambda m: None)
-    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    wall, cpu, pool = time.perf_counter() - t, time.process_time() - c, pool_cpu_s() - p
     assert not res.failed, res.failed
-    print_workers(out, os.getpid(), wall, cpu)
+    print_workers(out, os.getpid(), wall, cpu, pool if workers > 1 else None)
     return len(res.ran) / wall * 60, wall
 
 
-def print_workers(out: Path, driver: int, wall_all: float, cpu_driver: float) -> None:
+def pool_cpu_s() -> float:
+    """CPU seconds of the local executor's forkserver so far, with the pool workers it has reaped
+    (its children): the pool's start-up (the server's imports), its points and its IPC. 0 before
+    the first pool, or without a forkserver (not Linux)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+
+
+def print_workers(out: Path, driver: int, wall_all: float, cpu_driver: float, cpu_pool: float | None) -> None:
     """Per process that ran points: points, wall s, CPU s and CPU/wall (from each status.json);
-    then the cores the sweep got in all, and the sweep process's CPU time outside its points."""
+    then the cores the sweep got in all and the sweep's own overhead: the sweep process's wall and
+    CPU time outside its points, and the pool's CPU time outside its points (start-up, IPC)."""
     by_pid: dict[int, list[float]] = {}
     for f in sorted((out / "points").glob("*/status.json")):
         st = json.loads(f.read_text())
@@ -54,9 +69,11 @@ def print_workers(out: Path, driver: int, wall_all: float, cpu_driver: float) ->
         who = "sweep process" if pid == driver else f"pool worker {pid}"
         print(f"    {who:<18} {n:2d} points, {wall:6.2f} s wall, {cpu:6.2f} s CPU (CPU/wall {cpu / wall:.2f})")
     total = sum(v[2] for v in by_pid.values())
-    own = by_pid.get(driver, [0, 0.0, 0.0])[2]
-    print(f"    points' CPU time / sweep wall time = {total / wall_all:.2f} cores; sweep process CPU outside "
-          f"its points {cpu_driver - own:.2f} s")
+    own_wall, own = by_pid.get(driver, [0, 0.0, 0.0])[1:]
+    print(f"    points' CPU time / sweep wall time = {total / wall_all:.2f} cores; sweep process outside "
+          f"its points: {wall_all - own_wall:.2f} s wall, {cpu_driver - own:.2f} s CPU")
+    if cpu_pool is not None:  # (the forkserver's imports count once per benchmark: its first pool)
+        print(f"    pool processes' CPU outside their points (start-up, IPC): {cpu_pool - (total - own):.2f} s")
 
 
 def autogroup() -> str:

@@ -2,6 +2,7 @@
 whole table in memory, however the rows are chunked."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +58,47 @@ def test_spill_file_is_removed_with_the_result():
 
 
 def test_key_log_keeps_every_key_in_order():
-    log = metrics.KeyLog()
+    log = metrics.KeyLog(chunk=1000)  # most keys spilled to the file, some appends larger than the buffer
     rng = np.random.default_rng(0)
-    parts = [rng.integers(0, 10_000, size=int(n)) for n in rng.integers(0, 3000, size=20)]
+    parts = [rng.integers(0, 10_000, size=int(n)) for n in rng.integers(0, 3000, size=20)] + [np.arange(7)]
     for p in parts:
         log.append(p)
-    assert np.array_equal(log.array(), np.concatenate(parts)) and len(log) == sum(map(len, parts))
+    whole = np.concatenate(parts)
+    assert np.array_equal(log.array(), whole) and len(log) == len(whole)
+    assert log._spilled > 0 and log._n > 0
+    for a, b in [(0, 1), (0, log._spilled), (log._spilled - 3, log._spilled + 5), (log._spilled, len(log)),
+                 (len(log) - 1, len(log) + 10), (7, 7), (5, 2)] + [tuple(sorted(rng.integers(0, len(log), 2)))
+                                                                  for _ in range(20)]:
+        got = log[a:b]
+        assert got.dtype == np.int32 and np.array_equal(got, whole[a:b]), (a, b)
+    log.close()
+    assert log._file is None
+
+
+def test_key_log_slices_are_copies_of_the_buffer():
+    log = metrics.KeyLog(chunk=8)
+    log.append(np.arange(5))
+    head = log[0:5]
+    log.append(np.arange(100, 106))  # spills the buffer and refills it
+    assert head.tolist() == [0, 1, 2, 3, 4] and log[:].tolist() == list(range(5)) + list(range(100, 106))
+
+
+def test_key_log_leaves_no_file_behind(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    log = metrics.KeyLog(chunk=16)
+    log.append(np.arange(100))
+    assert log._file is not None and list(tmp_path.iterdir()) == []  # unlinked from the start
+    log.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gap_report_from_a_spilled_key_log_is_the_same(monkeypatch):
+    """A run whose key log spills every few keys reports the same policy gap (and summary)."""
+    sc = load_scenario(ROOT / "scenarios" / "quickstart.yaml", ["batch.size=3", "cache.gpu.capacity_gb=2"])
+    whole = simulate(sc)
+    monkeypatch.setattr(metrics, "_KEY_CHUNK", 50)
+    spilled = simulate(sc)
+    gap = whole.summary["policy_gap"]
+    assert gap is not None and gap["lru_misses"] > gap["belady_misses"] > 0
+    assert gap["accesses"] == whole.summary["accesses"] > 50 * 10
+    assert spilled.summary == whole.summary

@@ -260,6 +260,49 @@ def test_small_points_feed_the_pool_no_more(tiny, tmp_path):
     assert all(0 < s["cpu_s"] for s in st)
 
 
+def test_points_run_here_while_the_pool_starts(tiny, tmp_path, monkeypatch):
+    """The pool's first submit blocks until its forkserver has imported moesim: the pool starts from
+    a thread, so this process computes points meanwhile (and every point still finishes)."""
+    import os
+    import threading
+
+    import moesim.sweep.executors as executors
+
+    monkeypatch.setattr(executors, "MIN_POOL_WORK_S", 0.0)  # feed the pool however small the points
+    booting = threading.Event()   # set by on_done: the pool "finishes booting" only after 2 points ran here
+    waited_out = []
+    real = executors.LocalExecutor._pool
+
+    def slow_pool(size):
+        pool = real(size)
+        submit = pool.submit
+
+        def slow_submit(*a, **kw):
+            if not booting.is_set():
+                waited_out.append(not booting.wait(60))  # True: nothing ran here while it "booted"
+            return submit(*a, **kw)
+        pool.submit = slow_submit
+        return pool
+
+    monkeypatch.setattr(executors.LocalExecutor, "_pool", staticmethod(slow_pool))
+    d, base = tiny
+    f = write_sweep(tmp_path / "s.yaml", base, grid={"cache.gpu.capacity_experts": [2, 3, 4, 5, 6, 7, 8, 9]})
+    done = []
+
+    def on_done(st):
+        done.append(st)
+        if len(done) == 2:
+            booting.set()
+
+    from moesim.sweep.runner import make_tasks
+
+    spec = load_sweep(f)
+    (tmp_path / "o").mkdir()
+    executors.LocalExecutor(workers=2).run(make_tasks(spec, spec.points(), "r"), tmp_path / "o", on_done)
+    assert waited_out == [False] and len(done) == 8 and all(s["status"] == "done" for s in done)
+    assert [s["pid"] for s in done[:2]] == [os.getpid()] * 2
+
+
 def test_parallel_points_are_byte_identical_to_serial(tiny, tmp_path, monkeypatch):
     import moesim.sweep.executors as executors
 

@@ -58,9 +58,9 @@ def gap_report(stream, policy: str, partition: str, capacity, num_experts: int, 
     """The report for one bounded tier: per-layer misses of lru, belady and ``policy`` and the
     fraction of the gap captured, plus the totals. ``capacity``: an int (shared, or the same for
     every layer) or one int per layer. ``stream``: any sliceable sequence of int keys (a numpy
-    array of any int dtype is read without a whole-stream copy)."""
+    array of any int dtype, or the engine's on-disk KeyLog, is read without a whole-stream copy)."""
     policy_class(policy)  # raises the KeyError listing the known names
-    s = stream if isinstance(stream, np.ndarray) else np.asarray(stream, dtype=np.int64)
+    s = np.asarray(stream, dtype=np.int64) if isinstance(stream, (list, tuple, range)) else stream
     E, L = num_experts, num_layers
     if partition == "global":
         caps = [int(capacity)]

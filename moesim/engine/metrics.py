@@ -5,6 +5,7 @@ the summary's step statistics are running sums, so it never needs the whole tabl
 from __future__ import annotations
 
 import math
+import tempfile
 from array import array
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd
 from ..models import ModelSpec
 
 _CHUNK = 16384
+_KEY_CHUNK = 1 << 16  # keys the KeyLog holds in memory before it appends them to its file
 # batch: static batch number (-1 under continuous batching); seqs: sequences in the step;
 # prefill_tokens: prompt tokens among `tokens` (a step with any is phase "prefill").
 STEP_COLUMNS = ("step", "batch", "phase", "layer", "tokens", "start_s", "gate_s", "end_s", "attention_s",
@@ -37,27 +39,65 @@ def percentiles(values, scale: float = 1.0) -> dict:
 
 
 class KeyLog:
-    """Every layer's accessed keys in order (the gap report's stream), packed into one growing
-    int32 buffer: 4 bytes per access, no per-layer array objects."""
+    """Every layer's accessed keys in order (the gap report's stream), 4 bytes per access: a fixed
+    buffer of _KEY_CHUNK keys, appended to an anonymous temporary file whenever it fills, so memory
+    stays flat in trace length. Reads back as a sequence: ``len()`` and slices (int32 arrays)."""
 
-    def __init__(self):
-        self._buf = np.empty(4096, dtype=np.int32)
-        self._n = 0
+    def __init__(self, chunk: int | None = None):
+        self._buf = np.empty(chunk or _KEY_CHUNK, dtype=np.int32)
+        self._n = 0            # keys in _buf (the newest)
+        self._file = None      # TemporaryFile (unlinked at creation), opened at the first spill
+        self._spilled = 0      # keys in _file (the oldest)
 
     def append(self, keys: np.ndarray) -> None:
         n, k = self._n, len(keys)
         if n + k > len(self._buf):
-            buf = np.empty(max(2 * len(self._buf), n + k), dtype=np.int32)
-            buf[:n] = self._buf[:n]
-            self._buf = buf
+            self._spill(self._buf[:n])
+            n = 0
+            if k > len(self._buf):
+                self._spill(np.asarray(keys, dtype=np.int32))
+                self._n = 0
+                return
         self._buf[n:n + k] = keys
         self._n = n + k
 
+    def _spill(self, keys: np.ndarray) -> None:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="moesim-keys-")
+        self._file.seek(self._spilled * 4)
+        keys.astype("<i4", copy=False).tofile(self._file)
+        self._spilled += len(keys)
+
     def __len__(self) -> int:
-        return self._n
+        return self._spilled + self._n
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        """Keys [start, stop) as int32 (read from the file as far as they were spilled)."""
+        if not isinstance(sl, slice):
+            raise TypeError("KeyLog reads slices only")
+        start, stop, step = sl.indices(len(self))
+        if step != 1:
+            raise ValueError("KeyLog reads contiguous slices only")
+        stop = max(start, stop)
+        parts = []
+        if start < self._spilled:
+            self._file.seek(start * 4)
+            parts.append(np.fromfile(self._file, dtype="<i4", count=min(stop, self._spilled) - start))
+        if stop > self._spilled:  # a copy: the buffer is overwritten after the next spill
+            parts.append(self._buf[max(start - self._spilled, 0):stop - self._spilled].copy())
+        if not parts:
+            return np.zeros(0, dtype=np.int32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def array(self) -> np.ndarray:
-        return self._buf[:self._n].astype(np.int64)
+        """The whole log as one int64 array (in memory: for small logs and tests)."""
+        return self[:].astype(np.int64)
+
+    def close(self) -> None:
+        """Drop the temporary file (it is unlinked already; closing frees its disk space)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class Recorder:

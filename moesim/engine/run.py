@@ -310,6 +310,7 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None, engine: s
             rec = FastPath(sim).run() if why is None else sim.run()
         except BaseException:
             _unlink(spill)
+            sim.accessed.close()
             raise
         summary = {"moesim_version": __version__, "scenario": scenario_echo(sc),
                    **rec.summary(slo=sc.batch.slo),
@@ -320,6 +321,7 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None, engine: s
                    "timing_source": {k: ("measured" if v else "roofline") for k, v in cost.uses_measured.items()},
                    "expert_bytes": sc.model.expert_bytes,
                    "gpu_cache_experts": sc.cache.gpu.experts(sc.model.expert_bytes)}
+        sim.accessed.close()  # its temporary file (unlinked already) is freed now, not at collection
         if sim.cpu is not None:
             summary["miss"] = {"mode": sc.miss, **sim.cpu.summary(summary["makespan_s"])}
         if sim.standin is not None:
@@ -373,10 +375,8 @@ def policy_gap(accessed, sc: Scenario, cfg: EngineConfig) -> dict | None:
 
     if cfg.gpu_capacity is None:
         return None
-    if hasattr(accessed, "_buf"):   # a KeyLog: its int32 buffer as is; the report reads it chunk by chunk
-        stream = accessed._buf[:len(accessed)]
-    elif hasattr(accessed, "array"):
-        stream = accessed.array()
+    if hasattr(accessed, "array"):  # a KeyLog: read chunk by chunk from its file (never whole)
+        stream = accessed
     else:
         stream = np.concatenate(accessed) if accessed else np.zeros(0, dtype=np.int64)
     return gap_report(stream, cfg.gpu_policy, cfg.gpu_partition, cfg.gpu_capacity,

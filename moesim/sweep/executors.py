@@ -3,11 +3,11 @@
 - `local` (default): N workers over the cores of this machine (`--workers N`, default all): this
   process runs points itself while a pool of N-1 processes (reused across points, started from
   a forkserver that has moesim imported already) runs the others, so a sweep starts computing at
-  once and N workers are never slower than one on small points; a point queued to the pool but
-  not started when this process runs out of work is taken back (no idle tail). The pool starts
-  at once with one point per worker while this process runs the first point (so its start-up is
-  off the critical path); when the rest would take under MIN_POOL_WORK_S one after another, it
-  gets no more. With one worker the points run in this process, one after another. Workers exit
+  once; a point queued to the pool but not started when this process runs out of work is taken
+  back (no idle tail). The pool starts from a thread while this process runs points (so its
+  start-up is off the critical path) and gets one point per worker once its workers are up; when
+  the first point shows the rest would take under MIN_POOL_WORK_S one after another, it gets no
+  more. With one worker the points run in this process, one after another. Workers exit
   when the sweep's main process dies, even by kill -9 (lifeline.py).
 - `ray`: Ray remote tasks (`ray.init(address=...)`: none starts a local Ray, `auto` joins the
   running cluster, `ray://host:port` a remote one). Ray is imported only when this executor is
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -102,8 +103,9 @@ class LocalExecutor(Executor):
                 on_done(run_point(t, str(points_dir)))
             return
         pool = self._pool(n - 1)
+        warm = _PoolStart(pool, n - 1)
         try:
-            self._drive(pool, n, list(tasks), points_dir, on_done)
+            self._drive(pool, warm, n, list(tasks), points_dir, on_done)
         except BaseException:
             # Ctrl-C: cancel what has not started (explicitly: a collected pool would go on through
             # its queue). Points already running die with the signal or finish, and either way leave
@@ -113,7 +115,8 @@ class LocalExecutor(Executor):
             except KeyboardInterrupt:
                 pool.shutdown(wait=False, cancel_futures=True)
             raise
-        pool.shutdown(wait=True)
+        if warm.close_later():
+            pool.shutdown(wait=True)
 
     @staticmethod
     def _pool(size: int) -> ProcessPoolExecutor:
@@ -123,11 +126,12 @@ class LocalExecutor(Executor):
         return ProcessPoolExecutor(max_workers=size, mp_context=ctx, initializer=watch_driver,
                                    initargs=(os.getpid(),))
 
-    def _drive(self, pool: ProcessPoolExecutor, n: int, tasks: list[PointTask], points_dir: Path,
-               on_done: OnDone) -> None:
-        """The pool gets one point per worker at once (its start-up overlaps this process's first
-        point); once that first point's time is known, the pool is kept fed (two points queued per
-        worker) only if the rest would take MIN_POOL_WORK_S or more one after another."""
+    def _drive(self, pool: ProcessPoolExecutor, warm: "_PoolStart", n: int, tasks: list[PointTask],
+               points_dir: Path, on_done: OnDone) -> None:
+        """This process runs points while the pool starts; once its workers are up the pool gets one
+        point per worker, and once this process's first point's time is known, the pool is kept fed
+        (two points queued per worker) only if the rest would take MIN_POOL_WORK_S or more one
+        after another. No point waits behind the pool's start-up."""
         queue = tasks[::-1]  # pop() takes the next point in order
         futures: dict = {}
         pending: set = set()
@@ -146,7 +150,7 @@ class LocalExecutor(Executor):
 
         try:
             while queue or pending:
-                while parallel and queue and len(pending) < ahead:
+                while parallel and queue and len(pending) < ahead and warm.ready:
                     t = queue.pop()
                     f = pool.submit(run_point, t, str(points_dir))
                     futures[f] = t
@@ -180,6 +184,42 @@ class LocalExecutor(Executor):
                 pending.discard(f)
                 return futures.pop(f)
         return None
+
+
+class _PoolStart:
+    """Starts the pool's workers from a thread: a pool's first submit blocks until the forkserver
+    has imported moesim (about 0.6 s of CPU, seconds on a loaded machine), and this process runs
+    points meanwhile. `ready` once every worker has answered; a pool that fails to start is never
+    used (this process runs every point)."""
+
+    def __init__(self, pool: ProcessPoolExecutor, workers: int):
+        self.pool, self.ready = pool, False
+        self._lock = threading.Lock()
+        self._over = self._closing = False
+        threading.Thread(target=self._start, args=(workers,), name="moesim-pool-start", daemon=True).start()
+
+    def _start(self, workers: int) -> None:
+        ok = False
+        try:
+            for f in [self.pool.submit(os.getpid) for _ in range(workers)]:  # one process spawned per submit
+                f.result()
+            ok = True
+        except BaseException:  # noqa: BLE001 (a broken or shut-down pool: the sweep runs without it)
+            pass
+        with self._lock:
+            self.ready, self._over, closing = ok, True, self._closing
+        if closing:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def close_later(self) -> bool:
+        """True: the start is over and the caller shuts the pool down. False: it is still starting
+        (the sweep needed none of it) and this thread shuts it down once it is up, so the sweep
+        does not wait for it."""
+        with self._lock:
+            if self._over:
+                return True
+            self._closing = True
+            return False
 
 
 _PRELOAD = ["moesim.sweep.worker", "moesim.engine.run", "moesim.results"]
