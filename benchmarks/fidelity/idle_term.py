@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from run import MODELS, SCALE, moesim_cmd, row_ids, rid_of  # noqa: E402
+from run import resim_error, table_rows  # noqa: E402
 
 
 def paid(sim_dir: Path, prof: dict) -> str:
@@ -40,26 +39,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "reports" / "fidelity"))
     args = ap.parse_args()
     out = Path(args.out)
-    table = pd.read_csv(out / "fidelity.csv")
-    cmd = moesim_cmd()
     lines = ["| row | profile: extra us after 0.5 / 1 / 2 / 5 / 10 / 20 ms idle | error with the term (the "
              "table's sim) | error without it | simulated reads that paid it | profile expert read ms: 30 in a "
              "row / interleaved back to back | error, anchored at the interleaved |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for key, pred, cap, batch in row_ids(""):
-        rid = rid_of(key, pred, cap, batch)
-        hit = table[table["row"] == rid]
-        if not len(hit):
-            continue
-        r = hit.iloc[0]
+    for rid, r, common in table_rows(out):
         prof_path = ROOT / r["profile"]
         prof = yaml.safe_load(prof_path.read_text())
         extra = prof["disk"].get("idle_read_extra")
         if extra is None:
             continue
         d = out / rid
-        common = [HERE / MODELS[key][0], "--scale", SCALE, "--set", f"predictor.name={pred}",
-                  "--set", f"cache.gpu.capacity_experts={cap}", "--set", f"batch.size={batch}", "--quiet"]
         rt = prof_path.with_name(prof_path.stem + ".runtime.yaml")
         no = {**prof, "disk": {k: v for k, v in prof["disk"].items() if k != "idle_read_extra"}}
         no["disk"]["source"] = {k: v for k, v in prof["disk"]["source"].items() if k != "idle_read_extra"}
@@ -76,14 +66,7 @@ def main() -> None:
         rb_path.write_text(yaml.safe_dump(rb, sort_keys=False))
         err = {}
         for variant, hw in (("with-idle-extra", prof_path), ("no-idle-extra", no_path), ("b2b-anchor", rb_path)):
-            for a in ([*cmd, "replay", *common, "--set", f"runtime={rt.resolve()}", "--hardware", hw,
-                       "-o", d / f"sim-{variant}", "--events"],
-                      [*cmd, "compare", d / f"sim-{variant}", d / r["real_median_run"], "-o", d / f"compare-{variant}",
-                       "--quiet"]):
-                subprocess.run([str(x) for x in a], cwd=ROOT, check=True, capture_output=True)
-            cmp = json.loads((d / f"compare-{variant}" / "compare.json").read_text())
-            tot = {t["metric"]: t for t in cmp["totals"]}
-            err[variant] = tot["makespan_s"]["error"]
+            err[variant] = resim_error(d, variant, common, rt, hw, r["real_median_run"], events=True)
         us = " / ".join(f"{x:g}" for x in extra["extra_us"])
         lines.append(f"| {rid} | {us} | {100 * err['with-idle-extra']:+.1f}% | {100 * err['no-idle-extra']:+.1f}% | "
                      f"{paid(d / 'sim-with-idle-extra', prof)} | {meas['expert_read']['median']:.3g} / {b2b_ms:.3g} | "

@@ -140,6 +140,32 @@ def rid_of(key: str, pred: str, cap: int, batch: int) -> str:
     return f"{key}-{pred}-c{cap}-b{batch}"
 
 
+def table_rows(out: Path):
+    """(row id, fidelity.csv record, the row's replay arguments) for each row of out/fidelity.csv."""
+    import pandas as pd
+    table = pd.read_csv(out / "fidelity.csv")
+    for key, pred, cap, batch in row_ids(""):
+        rid = rid_of(key, pred, cap, batch)
+        hit = table[table["row"] == rid]
+        if len(hit):
+            yield rid, hit.iloc[0], [HERE / MODELS[key][0], "--scale", SCALE, "--set", f"predictor.name={pred}",
+                                     "--set", f"cache.gpu.capacity_experts={cap}", "--set", f"batch.size={batch}",
+                                     "--quiet"]
+
+
+def resim_error(d: Path, variant: str, common: list, runtime: Path, hardware: Path, real_run: str,
+                events: bool = False) -> float:
+    """Simulate a row again as `variant` (its own runtime and profile) into d/sim-<variant>, compare it
+    with the row's median real run, and return the makespan error."""
+    cmd = moesim_cmd()
+    for a in ([*cmd, "replay", *common, "--set", f"runtime={Path(runtime).resolve()}", "--hardware", hardware,
+               "-o", d / f"sim-{variant}", *(["--events"] if events else [])],
+              [*cmd, "compare", d / f"sim-{variant}", d / real_run, "-o", d / f"compare-{variant}", "--quiet"]):
+        subprocess.run([str(x) for x in a], cwd=ROOT, check=True, capture_output=True)
+    tot = {t["metric"]: t for t in json.loads((d / f"compare-{variant}" / "compare.json").read_text())["totals"]}
+    return tot["makespan_s"]["error"]
+
+
 def component_speeds(run_dir: Path) -> dict:
     """A run's own component times: mean disk read and link copy per expert (events.parquet, real runs),
     attention and expert compute per layer (steps.parquet)."""
