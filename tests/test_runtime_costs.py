@@ -126,17 +126,23 @@ def test_synchronous_compute_serialises_host_and_kernels(tmp_path):
     assert asyn.summary["makespan_s"] < res.summary["makespan_s"]
 
 
-def test_copy_slowdown_stretches_kernels_that_overlap_a_copy(tmp_path, rng=np.random.default_rng(2)):
-    """Top-2, both miss, one copy engine: expert 1 computes while expert 2 copies, f times slower;
-    with f·C > T expert 2 waits for it, so a layer is A + T + f·C + C (A + 2T + C at f = 1)."""
-    f = 5.0
-    assert f * C > T_PCIE
+def _two_fresh_per_layer(tmp_path):
+    """Top-2 over 256 experts, 4 tokens: every layer of every token routes to two experts never seen
+    before, so with a 2-expert cache both miss. Returns (trace, model)."""
     model = {**TINY_MODEL, "top_k": 2, "num_experts": 256}
     routing = np.empty((1, 4, L, 2), dtype=np.int16)
     for t in range(4):
         for layer in range(L):
             routing[0, t, layer] = [(2 * (t * L + layer)) % 256, (2 * (t * L + layer) + 1) % 256]
-    trace = write_routing(tmp_path / "t.parquet", routing, prompt_len=1, num_experts=256)
+    return write_routing(tmp_path / "t.parquet", routing, prompt_len=1, num_experts=256), model
+
+
+def test_copy_slowdown_stretches_kernels_that_overlap_a_copy(tmp_path, rng=np.random.default_rng(2)):
+    """Top-2, both miss, one copy engine: expert 1 computes while expert 2 copies, f times slower;
+    with f·C > T expert 2 waits for it, so a layer is A + T + f·C + C (A + 2T + C at f = 1)."""
+    f = 5.0
+    assert f * C > T_PCIE
+    trace, model = _two_fresh_per_layer(tmp_path)
     res = simulate(scenario(trace, model=model, gpu={"capacity_experts": 2}, runtime=_src(copy_slowdown=f)))
     assert res.summary["misses"] == 4 * L * 2
     assert res.summary["makespan_s"] == pytest.approx(4 * L * (A + T_PCIE + f * C + C), rel=1e-9)
@@ -283,12 +289,7 @@ def test_load_slowdown_stretches_a_load_that_overlaps_a_kernel(tmp_path):
     and progresses f times slower while it runs: T + C·(1 − 1/f) (T > f·C would end it inside:
     not here), so a layer is A + T + T + C·(1 − 1/f) + C; f = 1 or runtime none: A + 2T + C."""
     f = 2.0
-    model = {**TINY_MODEL, "top_k": 2, "num_experts": 256}
-    routing = np.empty((1, 4, L, 2), dtype=np.int16)
-    for t in range(4):
-        for layer in range(L):
-            routing[0, t, layer] = [(2 * (t * L + layer)) % 256, (2 * (t * L + layer) + 1) % 256]
-    trace = write_routing(tmp_path / "t.parquet", routing, prompt_len=1, num_experts=256)
+    trace, model = _two_fresh_per_layer(tmp_path)
     kw = dict(model=model, gpu={"capacity_experts": 2})
     res = simulate(scenario(trace, **kw, runtime=_src(load_slowdown=f)))
     assert res.summary["misses"] == 4 * L * 2 and T_PCIE > C
