@@ -119,7 +119,8 @@ class FastPath:
         allc = np.concatenate(plan.counts).tolist()
         costs = list(map(self._ecs.__getitem__, allc))
         shared = self.cost.shared_compute_s(plan.tokens)
-        access, layer_row, needed = self.gpu.access_layer, rec.layer_row, rec.pred_needed
+        access, needed = self.gpu.access_layer, rec.pred_needed
+        t0s, gates, ends_l, busys, stalls, nms, nks = [], [], [], [], [], [], []  # the step's rows (layer_rows)
         pos = self.pos
         log, name = pcie.log, pcie.name
         bt = pcie.busy_time
@@ -179,8 +180,15 @@ class FastPath:
                         saved_all += allc[o + i] - 1
             if cursor > now:
                 now = now + (cursor - now)
-            layer_row(plan, layer, t0, t_gate, now, attn_row, busy, now - t_gate - busy, nk - nm, 0, nm, nk)
+            t0s.append(t0)
+            gates.append(t_gate)
+            ends_l.append(now)
+            busys.append(busy)
+            stalls.append(now - t_gate - busy)
+            nms.append(nm)
+            nks.append(nk)
             o = o2
+        rec.layer_rows(plan, t0s, gates, ends_l, attn_row, busys, stalls, nms, nks)
         self.pos = pos
         pcie.busy_time = bt
         pcie.transfers += copies

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import tempfile
 from array import array
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,51 @@ class Recorder:
                     cur[1] = t0
                 if t_end > cur[2]:
                     cur[2] = t_end
+        if len(self.rows) >= _CHUNK:
+            self._compact()
+
+    def layer_rows(self, plan, t0s, gates, ends, attn, busys, stalls, misses, n_keys) -> None:
+        """Every layer's row of one step at once (the fast path, where no prefetch is issued during
+        the layers): the same rows and running sums as ``layer_row`` per layer, in layer order."""
+        n = len(t0s)
+        nm, nk = sum(misses), sum(n_keys)
+        self.hits += nk - nm
+        self.misses += nm
+        c, st = self.compute_s, self.stall_s
+        for b in busys:  # (one float at a time, in layer order: the same sums as layer_row's)
+            c += attn + b
+        for x in stalls:
+            st += x
+        self.compute_s, self.stall_s = c, st
+        pf = self.prefetch_issued - self._last_prefetch
+        self._last_prefetch = self.prefetch_issued
+        seqs = len(plan.request_ids)
+        hits = [k - m for k, m in zip(n_keys, misses)]
+        self.rows.extend(zip(repeat(plan.index, n), repeat(plan.batch), repeat(plan.phase), range(n),
+                             repeat(plan.tokens), t0s, gates, ends, repeat(attn), busys, stalls, hits, repeat(0),
+                             misses, n_keys, [pf] + [0] * (n - 1), repeat(seqs), repeat(plan.prefill_tokens)))
+        self._rows_n += n
+        self._uniq_sum += nk
+        if plan.phase == "decode" and n:
+            self._dec_rows += n
+            self._dec_uniq += nk
+            b = self._dec_by_seqs.get(seqs)
+            if b is None:
+                self._dec_by_seqs[seqs] = [nk, n]
+            else:
+                b[0] += nk
+                b[1] += n
+            lo, hi = min(t0s), max(ends)
+            cur = self._cur
+            if cur is None or cur[0] != plan.index:
+                self._close_step()
+                self._cur = [plan.index, lo, hi]
+                self._dec_seqs_sum += seqs
+            else:
+                if lo < cur[1]:
+                    cur[1] = lo
+                if hi > cur[2]:
+                    cur[2] = hi
         if len(self.rows) >= _CHUNK:
             self._compact()
 
