@@ -165,24 +165,7 @@ class Recorder:
         self._rows_n += 1
         self._uniq_sum += n_keys
         if plan.phase == "decode":
-            self._dec_rows += 1
-            self._dec_uniq += n_keys
-            b = self._dec_by_seqs.get(seqs)
-            if b is None:
-                self._dec_by_seqs[seqs] = [n_keys, 1]
-            else:
-                b[0] += n_keys
-                b[1] += 1
-            cur = self._cur
-            if cur is None or cur[0] != plan.index:
-                self._close_step()
-                self._cur = [plan.index, t0, t_end]
-                self._dec_seqs_sum += seqs
-            else:
-                if t0 < cur[1]:
-                    cur[1] = t0
-                if t_end > cur[2]:
-                    cur[2] = t_end
+            self._decode_rows(plan.index, seqs, 1, n_keys, t0, t_end)
         if len(self.rows) >= _CHUNK:
             self._compact()
 
@@ -209,27 +192,31 @@ class Recorder:
         self._rows_n += n
         self._uniq_sum += nk
         if plan.phase == "decode" and n:
-            self._dec_rows += n
-            self._dec_uniq += nk
-            b = self._dec_by_seqs.get(seqs)
-            if b is None:
-                self._dec_by_seqs[seqs] = [nk, n]
-            else:
-                b[0] += nk
-                b[1] += n
-            lo, hi = min(t0s), max(ends)
-            cur = self._cur
-            if cur is None or cur[0] != plan.index:
-                self._close_step()
-                self._cur = [plan.index, lo, hi]
-                self._dec_seqs_sum += seqs
-            else:
-                if lo < cur[1]:
-                    cur[1] = lo
-                if hi > cur[2]:
-                    cur[2] = hi
+            self._decode_rows(plan.index, seqs, n, nk, min(t0s), max(ends))
         if len(self.rows) >= _CHUNK:
             self._compact()
+
+    def _decode_rows(self, step: int, seqs: int, n: int, n_keys: int, lo: float, hi: float) -> None:
+        """Count `n` decode layer rows of step `step` (`n_keys` unique experts in all, spanning
+        [lo, hi]) into the per-batch-size means and the step's span."""
+        self._dec_rows += n
+        self._dec_uniq += n_keys
+        b = self._dec_by_seqs.get(seqs)
+        if b is None:
+            self._dec_by_seqs[seqs] = [n_keys, n]
+        else:
+            b[0] += n_keys
+            b[1] += n
+        cur = self._cur
+        if cur is None or cur[0] != step:
+            self._close_step()
+            self._cur = [step, lo, hi]
+            self._dec_seqs_sum += seqs
+        else:
+            if lo < cur[1]:
+                cur[1] = lo
+            if hi > cur[2]:
+                cur[2] = hi
 
     def _close_step(self) -> None:
         if self._cur is not None:
