@@ -44,6 +44,19 @@ class StepPlan:
             self.prefill_tokens = self.tokens if self.phase == "prefill" else 0
 
 
+_BINCOUNT_KEYS = 1 << 16  # layers × experts up to which a count table beats np.unique's sort
+
+
+def _counts(keys: np.ndarray, n_keys: int, table: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(keys, return_counts=True), exactly: from a count table over the `n_keys` possible
+    keys when it is small (a decode step has few keys, and the sort was most of step planning)."""
+    if not table or n_keys > _BINCOUNT_KEYS:
+        return np.unique(keys, return_counts=True)
+    c = np.bincount(keys.ravel(), minlength=n_keys)
+    u = np.flatnonzero(c)
+    return u, c[u]
+
+
 def _dedup(routing: np.ndarray, num_experts: int, dedup: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per layer: sorted unique cache keys and their token counts (or one key per pair)."""
     t, layers, k = routing.shape
@@ -51,8 +64,8 @@ def _dedup(routing: np.ndarray, num_experts: int, dedup: bool) -> tuple[list[np.
     keys = (routing.astype(np.int64) + offs).transpose(1, 0, 2).reshape(layers, t * k)
     if not dedup:
         return list(keys), [np.ones(t * k, dtype=np.int64)] * layers
-    # Keys of layer l lie in [l*E, (l+1)*E): one global unique, then split at layer boundaries.
-    u, c = np.unique(keys, return_counts=True)
+    # Keys of layer l lie in [l*E, (l+1)*E): one global count, then split at layer boundaries.
+    u, c = _counts(keys, layers * num_experts)
     b = [0, *np.searchsorted(u, np.arange(1, layers, dtype=np.int64) * num_experts).tolist(), len(u)]
     return [u[i:j] for i, j in zip(b, b[1:])], [c[i:j] for i, j in zip(b, b[1:])]  # (np.split, without its overhead)
 

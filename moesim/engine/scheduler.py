@@ -363,7 +363,7 @@ class Scheduler:
             if e is not None:
                 running.append(s)
                 done.append(e)
-        keys, counts = _dedup_counts(routing, self.E) if self.dedup else _dedup(routing, self.E, False)
+        keys, counts = _dedup(routing, self.E, self.dedup)
         plan = StepPlan(index, phase, batch_no, ids, tokens, ctx, routing, keys, counts,
                         tokens * routing.shape[2],
                         np.array(first, dtype=np.int64) if first else None,
@@ -443,21 +443,3 @@ class PlanSource:
 
     def peek(self, i: int, now: float) -> StepPlan | None:
         return self._steps.peek(i)
-
-
-_BINCOUNT_KEYS = 1 << 16  # layers × experts up to which a count table beats np.unique's sort
-
-
-def _dedup_counts(routing: np.ndarray, num_experts: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``plan._dedup(routing, E, True)``, exactly (the same sorted keys and counts), from a count
-    table over every layer's keys instead of a sort: a decode step has few keys and np.unique's
-    sort and overhead were most of the step planning."""
-    t, layers, k = routing.shape
-    if layers * num_experts > _BINCOUNT_KEYS:
-        return _dedup(routing, num_experts, True)
-    keys = routing.astype(np.int64) + np.arange(0, layers * num_experts, num_experts, dtype=np.int64)[None, :, None]
-    c = np.bincount(keys.ravel(), minlength=layers * num_experts)
-    u = np.flatnonzero(c)
-    cnt = c[u]
-    b = [0, *np.searchsorted(u, np.arange(1, layers, dtype=np.int64) * num_experts).tolist(), len(u)]
-    return [u[i:j] for i, j in zip(b, b[1:])], [cnt[i:j] for i, j in zip(b, b[1:])]
