@@ -1,10 +1,11 @@
 """Sweep throughput: points per minute with 1 worker and with all cores, and the scaling ratio,
 on small points (about a second each) and large ones (several seconds), measured in one run.
 
-    python benchmarks/bench_sweep.py [--points 8] [--small 4] [--large 32]
+    python benchmarks/bench_sweep.py [--points 8] [--small 4] [--large 32] [--workers N]
 
 `--small`/`--large`: requests of the synthetic trace of each point (olmoe-1b-7b, 16 prompt +
 64 decode tokens each); the mean seconds per point with one worker are printed beside.
+`--workers`: the parallel run's workers (default: every core), e.g. 2 for the 2-vs-1 target.
 
 The machine may be shared, so each run also prints the load average and, per process that ran
 points, the points, their wall time and the CPU time the process got for them (each point's
@@ -91,10 +92,11 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=8, help="grid points (cache sizes × predictors)")
     ap.add_argument("--small", type=int, default=4, help="requests per point, small points")
     ap.add_argument("--large", type=int, default=32, help="requests per point, large points")
+    ap.add_argument("--workers", type=int, default=None, help="workers of the parallel run (default: every core)")
     a = ap.parse_args()
     caps = [1.0 + 0.5 * i for i in range(max(1, a.points // 2))]
-    cores = os.cpu_count() or 1
-    print(f"{cores} cores, load average {os.getloadavg()[0]:.2f} at the start; {autogroup()}")
+    cores = a.workers or os.cpu_count() or 1
+    print(f"{os.cpu_count()} cores ({cores} workers in the parallel run), load average {os.getloadavg()[0]:.2f} at the start; {autogroup()}")
     with tempfile.TemporaryDirectory() as tmp:
         for label, req in (("small", a.small), ("large", a.large)):
             f = Path(tmp) / f"{label}.yaml"

@@ -2,7 +2,7 @@
 # The GPU measurements of this repo, in one script (run on a lent CUDA machine by the `device` tool;
 # DEV=cpu QUICK=1 runs the same steps on a CPU as a smoke test). Every step has its own time limit
 # and logs to $OUT/log.txt; all outputs are packed into $OUT/gpu-results.tar.gz.
-#   OUT=/tmp/out bash benchmarks/gpu/run.sh
+#   OUT=/tmp/out bash benchmarks/gpu/run.sh   (STEPS=..., ROWS=..., SIMS=0, DEADLINE=s)
 set -u
 OUT=${OUT:-/tmp/gpu-out}; DEV=${DEV:-cuda}; QUICK=${QUICK:-0}; STEPS=${STEPS:-env,profile,neural,rows}; ROWS=${ROWS:-on_demand:64:1 oracle:64:1 on_demand:512:8}
 W=${WORK:-/tmp/moesim-gpu}; mkdir -p "$OUT" "$W"
@@ -16,7 +16,12 @@ fi
 M="python3 -m moesim.cli"
 LOG=$OUT/log.txt
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
-step() { local lim=$1; shift; say "$*"; timeout "$lim" "$@" >>"$LOG" 2>&1; local rc=$?; say "rc=$rc"; return $rc; }
+# DEADLINE (s since the start): no step runs past it (a step's limit is cut to what is left, and one
+# that would start later is skipped), so the results are packed in time
+DEADLINE=${DEADLINE:-100000}
+step() { local lim=$1 left=$((DEADLINE - SECONDS)); shift; [ "$lim" -gt "$left" ] && lim=$left
+  if [ "$lim" -le 5 ]; then say "skipped (deadline): $*"; return 124; fi
+  say "$*"; timeout "$lim" "$@" >>"$LOG" 2>&1; local rc=$?; say "rc=$rc"; return $rc; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 Q=(); [ "$QUICK" = 1 ] && Q=(--quick)
 PROF=$W/h200-olmoe-1b-7b-x0.25.yaml
@@ -44,6 +49,7 @@ if has rows; then
       step 120 $M replay --real "$SC" "${S[@]}" --device "$DEV" --hardware "$PROF" -o "$d/real$i" --events \
         --workdir "$W/work" --keep-files || break
     done
+    [ "${SIMS:-1}" = 1 ] || continue  # SIMS=0: only the real runs here (simulations need no GPU)
     step 60 $M replay "$SC" "${S[@]}" --hardware "$PROF" -o "$d/sim"
     step 60 $M replay "$SC" "${S[@]}" --hardware "$PROF" --set "runtime=${PROF%.yaml}.runtime.yaml" -o "$d/sim-rt"
     for s in sim sim-rt; do step 60 $M compare "$d/$s" "$d/real1" -o "$d/compare-$s" --quiet; done
@@ -60,6 +66,9 @@ if has preattn; then  # replay --real with the pre-attention predictor: scaled t
   step 120 $M replay --real "$SC" --scale 0.25 --device "$DEV" "${PA[@]}" -o "$P/real" --quiet &&
   step 60 $M replay "$SC" --scale 0.25 "${PA[@]}" -o "$P/sim" --quiet
   rm -f "$P"/*/trace.parquet
+fi
+if has sweep2; then  # the 2-workers-vs-1 sweep target on quiet cores (points of >= 3 s with one worker)
+  step 200 python3 benchmarks/bench_sweep.py --workers 2 --large ${LARGE:-48}
 fi
 if has benches; then  # the CPU benchmarks on this quiet machine (ratios against baselines in the same run)
   step 120 python3 benchmarks/bench_cache.py --universe 3000 --alpha 1.2
