@@ -256,7 +256,9 @@ def runtime_yaml(cal: Calibration) -> str:
 
     d = cal.runtime.model_dump(mode="json")
     default = RuntimeCosts().model_dump(mode="json")
-    out = {k: v for k, v in d.items() if k in ("name", "description") or (k != "source" and v != default[k])}
+    # (a field the serializer leaves out at its default, e.g. load_slowdown, is absent from `default`)
+    out = {k: v for k, v in d.items()
+           if k in ("name", "description") or (k != "source" and (k not in default or v != default[k]))}
     out["source"] = {k: v for k, v in d["source"].items() if k in out}
     head = "# written by `moesim calibrate`; each fitted field's source names the points it was fitted to\n"
     return head + yaml.safe_dump(out, sort_keys=False, allow_unicode=True, width=100)

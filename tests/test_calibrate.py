@@ -60,6 +60,22 @@ def test_calibrate_recovers_the_costs_and_writes_a_sourced_runtime(points, tmp_p
     assert load_runtime(str(out)).layer_host_us == pytest.approx(TRUE["layer_host_us"], rel=0.02)
 
 
+def test_the_written_runtime_keeps_every_base_field(points, tmp_path):
+    """Fields of the base runtime that the fit does not touch (load_slowdown, which the serializer
+    omits at its default, and evict_writeback) are written with their sources."""
+    doc = yaml.safe_load(points.read_text())
+    doc["base_runtime"].update(load_slowdown=1.5, evict_writeback="same_stream")
+    doc["base_runtime"]["source"].update(load_slowdown="test ls", evict_writeback="test wb")
+    doc["free"] = {"layer_host_us": [0, 5000]}
+    points.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "rt.yaml"
+    r = CliRunner().invoke(main, ["calibrate", str(points), "-o", str(out), "--max-evals", "3", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rt = yaml.safe_load(out.read_text())
+    assert rt["load_slowdown"] == 1.5 and rt["source"]["load_slowdown"] == "test ls"
+    assert rt["evict_writeback"] == "same_stream" and rt["source"]["evict_writeback"] == "test wb"
+
+
 @pytest.mark.parametrize("edit, field", [
     (lambda d: d["free"].update({"bogus_us": [0, 1]}), "free.bogus_us"),
     (lambda d: d["free"].update({"layer_host_us": [5, 1]}), "free.layer_host_us"),
