@@ -79,6 +79,13 @@ def test_profile_quick_writes_a_valid_measured_profile(tmp_path):
         assert g["n"] == idle["rounds"] * idle["reads_per_round"] and len(g["extra_us_rounds"]) == idle["rounds"]
         assert g["extra_us"] == pytest.approx(float(np.median(g["extra_us_rounds"])))
     assert "interleaved rounds" in p.disk.source["idle_read_extra"]
+    # every set of expert-sized reads, side by side: the disk's speed in each context
+    ctx = side["disk"]["expert_read_contexts"]
+    assert ctx["back to back"] == side["disk"]["expert_read"]["median"]
+    assert ctx["interleaved with idle gaps, back to back"] == idle["back_to_back"]["median"]
+    assert ctx["loader thread, alone"] == ls["alone"]["read"]["median"]
+    assert "the same read elsewhere in this profile" in p.disk.source["read_bandwidth_gbps"]
+    assert "max/min" in p.disk.source["read_bandwidth_gbps"]
     # `moesim hardware show` accepts it
     from moesim.cli import main
     r = CliRunner().invoke(main, ["hardware", "show", str(out)])

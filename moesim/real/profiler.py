@@ -87,6 +87,7 @@ def run_profile(spec: ModelSpec, out: Path, *, scale: float = 1.0, device: str =
     r = _describe(p, model, dtype, quick, context)
     log(f"profiling {r.dev_words}, {model.name}, {dtype}, {p.threads} torch threads{' (quick)' if quick else ''}")
     _measure(r, Path(disk_dir) if disk_dir else (out.parent if str(out.parent) else Path(".")), io, log)
+    r.disk["expert_read_contexts"] = _expert_read_contexts(r)
     prof = _profile_doc(r, name or out.stem)
     from .cpu_profile import measure_host_cpu
 
@@ -249,7 +250,9 @@ def _disk_section(r: SimpleNamespace) -> dict:
                                    f"{er['p10']:.3g}-{er['p90']:.3g}); page cache "
                                    f"after the reads: "
                                    f"{'?' if frac is None else format(frac, '.1%')}"
-                                   f" (mincore), a cached read of the same size takes {ver['cached_read_ms']:.3g} ms",
+                                   f" (mincore), a cached read of the same size takes {ver['cached_read_ms']:.3g} ms; "
+                                   f"the same read elsewhere in this profile (medians): "
+                                   f"{_contexts_words(disk['expert_read_contexts'])}",
             "latency_us": f"{by}: intercept of the least-squares fit",
             "queue_depth": "one read outstanding at a time: moesim replay --real reads with one thread",
             "idle_read_extra": _idle_source(by, disk["idle_reads"]),
@@ -257,6 +260,26 @@ def _disk_section(r: SimpleNamespace) -> dict:
         "idle_read_extra": {"idle_ms": [g["idle_ms"] for g in disk["idle_reads"]["gaps"]],
                             "extra_us": [_sig(max(g["extra_us"], 0.0), 3) for g in disk["idle_reads"]["gaps"]]},
     }
+
+
+def _expert_read_contexts(r: SimpleNamespace) -> dict[str, float]:
+    """The median ms of each set of expert-sized reads this profile made. On virtio disks they
+    differed by up to 2x within a minute (benchmarks/gpu/README.md), and a disk-bound simulation
+    inherits that spread: the profile says so beside the one it is anchored at."""
+    d = r.disk
+    out = {"back to back": d["expert_read"]["median"]}
+    if d["expert_read_in_sweep"]["bytes"] == d["expert_read"]["bytes"]:
+        out["in the size sweep"] = d["expert_read_in_sweep"]["median"]
+    out["interleaved with idle gaps, back to back"] = d["idle_reads"]["back_to_back"]["median"]
+    ls = (getattr(r, "rt_meas", None) or {}).get("load_slowdown")
+    if ls:
+        out["loader thread, alone"] = ls["alone"]["read"]["median"]
+    return out
+
+
+def _contexts_words(ctx: dict[str, float]) -> str:
+    return (", ".join(f"{k} {v:.3g} ms" for k, v in ctx.items())
+            + f" (max/min {max(ctx.values()) / min(ctx.values()):.2f}x)")
 
 
 def _idle_source(by: str, idle: dict) -> str:
@@ -331,6 +354,7 @@ def _summary_lines(r: SimpleNamespace, rt_doc: dict, rt_path: Path, meas: dict) 
          f"{ver['cached_read_ms']:.3g} ms; bypass verified: {ver['bypass_works']}"),
         ("disk idle     " + "  ".join(f"{g['idle_ms']:g}ms:{g['extra_us']:+.0f}us" for g in disk["idle_reads"]["gaps"])
          + " (a read's extra time after that much disk idle)"),
+        f"disk spread   one expert's read: {_contexts_words(disk['expert_read_contexts'])}",
         f"link          {r.link['kind']}: {fit_l['bandwidth_gbps']:.3g} GB/s + {fit_l['latency_us']:.3g} us",
         (f"runtime       step set-up {rt_doc['step_host_us']:.3g} us, layer bookkeeping {rt_doc['layer_host_us']:.3g} "
          f"us, readback {rt_doc['readback_us']:.3g} us, copy slowdown {rt_doc['copy_slowdown']:.3g}x, load slowdown "
