@@ -18,10 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import Scenario, read_yaml, scenario_from_dict, set_fields
 from .errors import InputError, pydantic_message
+from .hardware.profile import HardwareProfile
 from .hardware.runtime import RuntimeCosts, load_runtime
 
 FITTABLE = ("step_host_us", "layer_host_us", "readback_us", "expert_dispatch_us", "lm_head_ms",
             "expert_efficiency", "attention_efficiency", "lm_head_efficiency")
+# Hardware fields a fit may set as well, when the profile's own measurement of them is not what the
+# runs saw (a disk whose speed drifts between the profile and the runs: benchmarks/gpu/README.md).
+# They are fitted for one machine: every point must use the same hardware profile.
+FITTABLE_HARDWARE = ("hardware.disk.read_bandwidth_gbps", "hardware.disk.latency_us",
+                     "hardware.pcie_h2d.bandwidth_gbps", "hardware.pcie_h2d.latency_us")
 
 
 class _Strict(BaseModel):
@@ -61,7 +67,8 @@ class PointsFile(_Strict):
     name: str
     description: str = ""
     base_runtime: Any = Field("none", description="runtime preset, path or mapping the fit starts from")
-    free: dict[str, tuple[float, float]] = Field(description="runtime fields to fit, with bounds [lo, hi]")
+    free: dict[str, tuple[float, float]] = Field(description="runtime fields (and hardware.disk/pcie_h2d "
+                                                             "speeds) to fit, with bounds [lo, hi]")
     points: list[PointSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -69,8 +76,8 @@ class PointsFile(_Strict):
         if not self.free:
             raise ValueError("free: name at least one runtime field to fit")
         for k, (lo, hi) in self.free.items():
-            if k not in FITTABLE:
-                raise ValueError(f"free.{k}: not a fittable runtime field (fittable: {', '.join(FITTABLE)})")
+            if k not in FITTABLE + FITTABLE_HARDWARE:
+                raise ValueError(f"free.{k}: not a fittable field (fittable: {', '.join(FITTABLE + FITTABLE_HARDWARE)})")
             if not lo < hi:
                 raise ValueError(f"free.{k}: bounds must have lo < hi, got [{lo}, {hi}]")
         if len({p.name for p in self.points}) != len(self.points):
@@ -150,6 +157,7 @@ class Calibration:
 
     runtime: RuntimeCosts
     values: dict[str, float]
+    hardware: HardwareProfile | None = None  # with fitted hardware fields, else None
     rows: list[dict] = field(default_factory=list)
     evaluations: int = 0
     cost: float = 0.0
@@ -167,9 +175,12 @@ def measure(summary: dict, point: Point) -> float:
 class _Fitter:
     """Simulates points under trial runtimes (cached) and runs the bounded least squares."""
 
-    def __init__(self, base: RuntimeCosts | None, free: dict[str, tuple[float, float]], max_evals: int):
+    def __init__(self, base: RuntimeCosts | None, free: dict[str, tuple[float, float]], max_evals: int,
+                 hardware: HardwareProfile | None = None):
         self.base = base.model_dump() if base is not None else RuntimeCosts().model_dump()
         self.names = list(free)
+        self.hw_names = [k for k in self.names if k in FITTABLE_HARDWARE]
+        self.hw = hardware  # the points' one profile, when hardware fields are free
         self.lo = [free[k][0] for k in self.names]
         self.hi = [free[k][1] for k in self.names]
         self.max_evals = max_evals
@@ -178,11 +189,24 @@ class _Fitter:
 
     def runtime(self, x, source: dict[str, str] | None = None) -> RuntimeCosts:
         vals = dict(self.base)
-        vals.update({k: float(v) for k, v in zip(self.names, x)})
+        vals.update({k: float(v) for k, v in zip(self.names, x) if k not in self.hw_names})
         src = dict(vals.get("source") or {})
-        src.update(source or {k: "calibration trial" for k in self.names})
+        src.update(source or {k: "calibration trial" for k in self.names if k not in self.hw_names})
         vals["source"] = src
         return RuntimeCosts(**vals)
+
+    def hardware(self, x, source: str = "calibration trial") -> HardwareProfile | None:
+        """The points' profile with the fitted hardware fields set (None when none is free)."""
+        if not self.hw_names:
+            return None
+        hp = self.hw
+        for k, v in zip(self.names, x):
+            if k in self.hw_names:
+                _, sec, fld = k.split(".")
+                part = getattr(hp, sec)
+                part = part.model_copy(update={fld: float(v), "source": {**part.source, fld: source}})
+                hp = hp.model_copy(update={sec: part})
+        return hp
 
     def predict(self, point: Point, x) -> float:
         from .engine.run import simulate
@@ -190,7 +214,10 @@ class _Fitter:
         key = (point.spec.name, tuple(round(float(v), 9) for v in x))
         if key not in self.cache:
             self.evaluations += 1
-            sc = point.scenario.model_copy(update={"runtime": self.runtime(x)})
+            upd = {"runtime": self.runtime(x)}
+            if self.hw_names:
+                upd["hardware"] = self.hardware(x)
+            sc = point.scenario.model_copy(update=upd)
             self.cache[key] = measure(simulate(sc).summary, point)
         return self.cache[key]
 
@@ -214,7 +241,8 @@ class _Fitter:
         """The base runtime's values where they lie strictly inside the bounds, else mid-range."""
         u = []
         for k, lo, hi in zip(self.names, self.lo, self.hi):
-            v = self.base.get(k)
+            v = self.base.get(k) if k not in self.hw_names else getattr(getattr(self.hw, k.split(".")[1]),
+                                                                          k.split(".")[2])
             u.append((v - lo) / (hi - lo) if v is not None and lo < v < hi else 0.5)
         return u
 
@@ -222,7 +250,7 @@ class _Fitter:
 def calibrate(pf: PointsFile, points: list[Point], base: RuntimeCosts | None, points_path: str,
               max_evals: int = 30) -> Calibration:
     """Fit on the non-held-out points, then leave each group out in turn and predict it."""
-    fitter = _Fitter(base, pf.free, max_evals)
+    fitter = _Fitter(base, pf.free, max_evals, _shared_hardware(pf, points, points_path))
     fit_pts = [p for p in points if not p.spec.holdout]
     _, x, cost = fitter.fit(fit_pts, fitter.start())
     groups = sorted({p.group for p in fit_pts})
@@ -242,12 +270,39 @@ def calibrate(pf: PointsFile, points: list[Point], base: RuntimeCosts | None, po
                      "measured": p.measured, "predicted": pred, "error": pred / p.measured - 1.0,
                      "loo_error": None if p.spec.holdout else loo.get(p.spec.name), "source": p.spec.source})
     used = ", ".join(f"{p.spec.name} ({p.spec.source or 'no source given'})" for p in fit_pts)
-    src = {k: f"fitted by moesim calibrate {Path(points_path).name} to {len(fit_pts)} point(s): {used}"
-           for k in fitter.names}
+    words = f"fitted by moesim calibrate {Path(points_path).name} to {len(fit_pts)} point(s): {used}"
+    src = {k: words for k in fitter.names if k not in fitter.hw_names}
+    hw = fitter.hardware(x, words)
+    if hw is not None:
+        hw = hw.model_copy(update={"name": f"{pf.name}-hardware",
+                                   "description": f"{hw.name} with {', '.join(fitter.hw_names)} fitted by moesim "
+                                                  f"calibrate on {Path(points_path).name}"})
     rt = fitter.runtime(x, src).model_copy(update={
         "name": pf.name,
         "description": pf.description or f"calibrated by moesim calibrate on {Path(points_path).name}"})
-    return Calibration(rt, dict(zip(fitter.names, x)), rows, fitter.evaluations, cost)
+    return Calibration(rt, dict(zip(fitter.names, x)), hw, rows, fitter.evaluations, cost)
+
+
+def _shared_hardware(pf: PointsFile, points: list[Point], file: str) -> HardwareProfile | None:
+    """The one hardware profile of every point, when hardware fields are free (else None)."""
+    if not any(k in FITTABLE_HARDWARE for k in pf.free):
+        return None
+    hw = points[0].scenario.hardware
+    for p in points[1:]:
+        if p.scenario.hardware != hw:
+            raise InputError(f"hardware fields are fitted for one machine, but point {p.spec.name!r} uses profile "
+                             f"{p.scenario.hardware.name!r} and {points[0].spec.name!r} uses {hw.name!r}",
+                             file=file, field="free")
+    return hw
+
+
+def hardware_yaml(cal: Calibration) -> str:
+    """The points' hardware profile with the fitted fields (each sourced to the points)."""
+    import yaml
+
+    head = "# written by `moesim calibrate`: the points' hardware profile, its fitted fields sourced to the points\n"
+    return head + yaml.safe_dump(cal.hardware.model_dump(mode="json", exclude_none=True), sort_keys=False,
+                                 allow_unicode=True, width=100)
 
 
 def runtime_yaml(cal: Calibration) -> str:

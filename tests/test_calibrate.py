@@ -118,3 +118,39 @@ def test_tokens_per_s_is_the_decode_rate_unless_end_to_end(points):
     _, pts = load_points(points)
     summary = {"tpot_ms": {"mean": 40.0}, "tokens_per_s": 7.0}
     assert measure(summary, pts[0]) == 25.0 and measure(summary, pts[1]) == 7.0
+
+
+def test_a_hardware_speed_is_fitted_and_written_as_a_profile(points, tmp_path):
+    """`hardware.pcie_h2d.bandwidth_gbps` free: the fit recovers the link speed the points were
+    simulated with (the scenario's profile says 1.0 GB/s, the truth is 2.5), and writes the points'
+    profile with it, sourced to the fitted points; the runtime stays the base."""
+    doc = yaml.safe_load(points.read_text())
+    sc = yaml.safe_load((tmp_path / "sc.yaml").read_text())
+    for p in doc["points"]:
+        over = [f"{k}={v}" for k, v in p["set"].items()] + ["hardware.pcie_h2d.bandwidth_gbps=2.5"]
+        rt = yaml.safe_dump(doc["base_runtime"], default_flow_style=True).strip()
+        p["tpot_ms"] = simulate(load_scenario(tmp_path / "sc.yaml", over + [f"runtime={rt}"])).summary["tpot_ms"]["mean"]
+    doc["free"] = {"hardware.pcie_h2d.bandwidth_gbps": [0.2, 10]}
+    points.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert sc["hardware"]["pcie_h2d"]["bandwidth_gbps"] == 1.0
+    out = tmp_path / "rt.yaml"
+    r = CliRunner().invoke(main, ["calibrate", str(points), "-o", str(out), "--max-evals", "30"])
+    assert r.exit_code == 0, r.output
+    hw = yaml.safe_load((tmp_path / "rt.hardware.yaml").read_text())
+    assert hw["pcie_h2d"]["bandwidth_gbps"] == pytest.approx(2.5, rel=0.02)
+    assert "small-cache" in hw["pcie_h2d"]["source"]["bandwidth_gbps"] and "oracle" not in hw["pcie_h2d"]["source"]["bandwidth_gbps"]
+    assert hw["disk"] == sc["hardware"]["disk"] and hw["name"] == "fitted-hardware"
+    assert yaml.safe_load(out.read_text())["blocking_loads"] is True  # the base runtime, unchanged
+    from moesim.hardware.profile import load_profile
+
+    assert load_profile(str(tmp_path / "rt.hardware.yaml")).pcie_h2d.bandwidth_gbps == pytest.approx(2.5, rel=0.02)
+
+
+def test_hardware_fields_need_one_profile_for_every_point(points, tmp_path):
+    doc = yaml.safe_load(points.read_text())
+    doc["free"] = {"hardware.disk.read_bandwidth_gbps": [0.1, 5]}
+    doc["points"][1]["set"] = {**doc["points"][1]["set"], "hardware.pcie_h2d.bandwidth_gbps": 3.0}
+    points.write_text(yaml.safe_dump(doc, sort_keys=False))
+    r = CliRunner().invoke(main, ["calibrate", str(points), "-o", str(tmp_path / "rt.yaml")])
+    assert r.exit_code == 2 and "one machine" in r.output and "free" in r.output
+    assert not (tmp_path / "rt.yaml").exists()

@@ -39,8 +39,11 @@ def test_gpu_runtime_loads_with_sources(path):
     assert rt.layer_host_us > 0 and rt.source.get("layer_host_us")
 
 
-def test_gpu_rows_points_load_each_real_run():
-    pf, pts = load_points(GPU / "call3" / "gpu-rows.points.yaml")
+@pytest.mark.parametrize("name, free", [("gpu-rows", "layer_host_us"),
+                                        ("gpu-rows-disk", "hardware.disk.read_bandwidth_gbps")])
+def test_gpu_rows_points_load_each_real_run(name, free):
+    pf, pts = load_points(GPU / "call3" / f"{name}.points.yaml")
+    assert list(pf.free) == [free]
     assert [p.spec.holdout for p in pts] == [False, True, True]
     for p in pts:  # the measurement is the real run's own TPOT, the scenario the one it ran
         assert p.metric == "tpot_ms" and p.measured > 0

@@ -36,17 +36,21 @@ def print_calibration(cal, width: int | None = 120) -> None:
 @click.option("--base", default=None, help="runtime preset or path to start from (default: the file's base_runtime)")
 @click.option("--max-evals", type=int, default=30, show_default=True,
               help="most residual evaluations per fit (each simulates every fitted point)")
+@click.option("--hardware-output", type=click.Path(dir_okay=False), default=None,
+              help="hardware profile YAML to write when hardware.* fields are free (default: OUTPUT's stem + "
+                   ".hardware.yaml)")
 @click.option("--quiet", is_flag=True)
 @_guard
-def calibrate(points, output, base, max_evals, quiet):
+def calibrate(points, output, base, max_evals, hardware_output, quiet):
     """Fit a runtime's free costs to the measured operating points in POINTS (YAML).
 
     Bounded least squares (scipy) on relative errors of each point's tpot_ms or tokens_per_s; each
     point is also predicted by a fit without its group (leave-one-group-out), and `holdout: true`
-    points are never fitted and are reported last. Writes a runtime YAML whose source names the points.
+    points are never fitted and are reported last. Writes a runtime YAML whose source names the points,
+    and, when hardware.disk/pcie_h2d fields are free, the points' hardware profile with them fitted.
     """
     from moesim.calibrate import calibrate as run_calibration
-    from moesim.calibrate import load_base, load_points, runtime_yaml
+    from moesim.calibrate import hardware_yaml, load_base, load_points, runtime_yaml
 
     pf, pts = load_points(points)
     start = load_base(base if base is not None else pf.base_runtime, points)
@@ -54,9 +58,13 @@ def calibrate(points, output, base, max_evals, quiet):
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(runtime_yaml(cal))
+    hw_out = None
+    if cal.hardware is not None:
+        hw_out = Path(hardware_output) if hardware_output else out.with_name(out.stem + ".hardware.yaml")
+        hw_out.write_text(hardware_yaml(cal))
     if not quiet:
         print_calibration(cal)
-        click.echo(f"runtime written to {out}")
+        click.echo(f"runtime written to {out}" + (f"; hardware profile written to {hw_out}" if hw_out else ""))
 
 
 @click.group("runtime")
