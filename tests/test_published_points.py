@@ -1,5 +1,5 @@
 """benchmarks/published: every scenario and points file loads, every point is sourced, and the
-fit/hold-out design holds (one fitted point per GPU/stack, one whole source never fitted)."""
+fit/hold-out design holds (one fitted point per GPU/stack, one whole source never fitted per stack)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -96,15 +96,46 @@ def test_fitted_points_are_the_same_cells_everywhere():
             assert seen.setdefault(p["name"], key) == key, p["name"]
 
 
-def test_exactly_one_whole_source_is_held_out():
-    """One source's points are held out in every file they appear in; every other source has a
-    fitted point somewhere."""
-    by_source = defaultdict(list)
-    for _, p in _all_points():
-        by_source[_source_name(p)].append(p["holdout"])
-    held_out = [s for s, flags in by_source.items() if all(flags)]
-    assert len(held_out) == 1, list(by_source)
-    assert len(by_source) >= 3
+def _stack(path: Path) -> str:
+    """The software stack a points file calibrates: its base runtime."""
+    return str(_spec(path)["base_runtime"])
+
+
+def _sources_by_stack() -> dict[str, dict[str, list[bool]]]:
+    """stack -> source -> the holdout flags of its points in that stack's files."""
+    by_stack: dict = defaultdict(lambda: defaultdict(list))
+    for pf, p in _all_points():
+        by_stack[_stack(pf)][_source_name(p)].append(p["holdout"])
+    return by_stack
+
+
+def test_exactly_one_whole_source_is_held_out_per_stack():
+    """The hold-out checks a stack (a base runtime), not a publication: a stack fitted on several
+    sources keeps exactly one of them out of every fit; every stack fits something and predicts
+    something. A source held out whole from one stack may be fitted by another stack's own file."""
+    by_stack = _sources_by_stack()
+    several = {st: srcs for st, srcs in by_stack.items() if len(srcs) > 1}
+    assert several, "no stack is checked on a source it was never fitted on"
+    for st, srcs in several.items():
+        held_out = [s for s, flags in srcs.items() if all(flags)]
+        assert len(held_out) == 1, (st, list(srcs))
+    for st, srcs in by_stack.items():
+        flags = [f for fl in srcs.values() for f in fl]
+        assert any(flags) and not all(flags), st
+    assert len({s for srcs in by_stack.values() for s in srcs}) >= 3
+
+
+def test_the_mixtral_offloading_stack_never_fits_the_moe_infinity_readme():
+    """The held-out design of README "Results": every MoE-Infinity README cell stays out of the
+    pytorch-offload-loop fits, even though moeinfinity-a5000 fits one of them for MoE-Infinity."""
+    seen = 0
+    for pf, p in _all_points():
+        if _source_name(p) == "MoE-Infinity README" and _stack(pf) == "pytorch-offload-loop":
+            assert p["holdout"], (pf.name, p["name"])
+            seen += 1
+    assert seen >= 3
+    assert {_stack(pf) for pf, p in _all_points() if _source_name(p) == "MoE-Infinity README"} >= \
+        {"pytorch-offload-loop", "moe-infinity"}
 
 
 def test_three_named_gpus_and_a_prefetch_ablation():
@@ -136,16 +167,19 @@ def test_every_point_loads_with_its_overrides(path):
             assert node == value, f"{p['name']}: {key}"
 
 
-def test_each_group_has_exactly_one_fitted_cell():
-    """A group is one source on one GPU/stack: exactly one cell of it is fitted (the held-out
-    source's group: none)."""
-    fitted, groups = defaultdict(set), set()
-    for _, p in _all_points():
-        groups.add(p["group"])
+def test_each_group_has_at_most_one_fitted_cell():
+    """A group is one source on one GPU within a stack: at most one cell of it is fitted; in a
+    stack fitted on several sources exactly one group (the held-out source's) has none."""
+    fitted, groups = defaultdict(set), defaultdict(set)
+    for pf, p in _all_points():
+        groups[_stack(pf)].add(p["group"])
         if not p["holdout"]:
-            fitted[p["group"]].add(p["name"])
-    assert sorted(len(fitted[g]) for g in groups).count(0) == 1
-    assert all(len(fitted[g]) <= 1 for g in groups)
+            fitted[(_stack(pf), p["group"])].add(p["name"])
+    several = {st for st, srcs in _sources_by_stack().items() if len(srcs) > 1}
+    for st, gs in groups.items():
+        assert all(len(fitted[(st, g)]) <= 1 for g in gs), st
+        if st in several:
+            assert sorted(len(fitted[(st, g)]) for g in gs).count(0) == 1, st
 
 
 @pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)

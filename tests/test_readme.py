@@ -177,6 +177,14 @@ COMMANDS: dict[str, Cmd] = {
         _q(run=("moesim calibrate calibrate-this-machine.yaml -o reports/this-machine.runtime.yaml",),
            why="the shipped points file starts from the skipped profile's runtime: a copy starting from "
                "none, on the replay above", needs="torch", check="check_calibrate"),
+    # -- A C++ runtime preset: MoE-Infinity
+    "moesim calibrate benchmarks/published/moeinfinity-a5000.points.yaml -o /tmp/moeinfinity-a5000.runtime.yaml":
+        _q(run=("moesim run benchmarks/published/scenarios/moeinfinity-a5000-deepseek.yaml -o moeinfinity-ds --quiet "
+                "--no-report --set predictor.name=on_demand --set cache.gpu.policy=lfu_history "
+                "--set runtime=benchmarks/published/fitted/moeinfinity-a5000.runtime.yaml",),
+           why="~45 s as written: the held-out point runs with the runtime that command wrote "
+               "(benchmarks/published/fitted/), and the quoted fit and prediction are checked",
+           check="check_moeinfinity"),
     # -- Advice
     "moesim advise scenarios/advise-mixtral.yaml": _q(check="check_advise"),
     "moesim advise ADVISE.yaml --executor ray --address auto":
@@ -419,6 +427,17 @@ def check_calibrate(outputs, workdir):
     doc = yaml.safe_load((workdir / "reports/this-machine.runtime.yaml").read_text())
     assert "layer_host_us" in doc and "layer_host_us" in doc["source"]
     assert "layer_host_us" in outputs[0]
+
+
+def check_moeinfinity(outputs, workdir):
+    """fits `layer_host_us = 1040` ... predicts its DeepSeek-V2-Lite point at 52.27 ms against 155 ms (−66.3 %)"""
+    m = _readme_after(r"fits `layer_host_us = ([\d.]+)` on the MoE-Infinity README's Mixtral-8x7B A5000 point .*? "
+                      r"predicts its DeepSeek-V2-Lite point at ([\d.]+) ms against ([\d.]+) ms \(([−+-][\d.]+) %\)")
+    fitted = yaml.safe_load((ROOT / "benchmarks/published/fitted/moeinfinity-a5000.runtime.yaml").read_text())
+    assert _near(m.group(1), fitted["layer_host_us"]) and fitted["name"] == "moeinfinity-a5000"
+    tpot = json.loads((workdir / "moeinfinity-ds/summary.json").read_text())["tpot_ms"]["mean"]
+    assert _near(m.group(2), tpot), tpot
+    assert _near(m.group(4).replace("−", "-"), 100 * (tpot / float(m.group(3)) - 1))
 
 
 def check_advise(outputs, workdir):
