@@ -8,7 +8,10 @@
   start-up is off the critical path) and gets one point per worker once its workers are up; when
   the first point shows the rest would take under MIN_POOL_WORK_S one after another, it gets no
   more. With one worker the points run in this process, one after another. Workers exit
-  when the sweep's main process dies, even by kill -9 (lifeline.py).
+  when the sweep's main process dies, even by kill -9 (lifeline.py). With N > 1 workers each
+  process that runs points (this one too, while the sweep runs) caps its inner thread pools (BLAS,
+  OpenMP, Arrow, torch) at cores // N threads, so workers × threads ≤ cores; `OMP_NUM_THREADS`,
+  when set, is that cap instead (moesim/threads.py).
 - `ray`: Ray remote tasks (`ray.init(address=...)`: none starts a local Ray, `auto` joins the
   running cluster, `ray://host:port` a remote one). Ray is imported only when this executor is
   used. A task returns its result files to the driver, which writes them, so workers need no
@@ -28,6 +31,8 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from ..errors import InputError
+from ..threads import ENV as THREADS_ENV
+from ..threads import inner_threads, limit, limited
 from .lifeline import watch_driver
 from .worker import PointTask, commit_bundle, record_failure, run_point
 
@@ -86,13 +91,17 @@ class LocalExecutor(Executor):
         if address is not None:
             raise InputError("--address applies to --executor ray only", field="--address")
         super().__init__(workers, None)
+        inner_threads(1)  # a bad OMP_NUM_THREADS is an input error now, not once points run
 
     def pool_size(self, n_tasks: int) -> int:
         return max(1, min(self.workers or os.cpu_count() or 1, n_tasks))
 
     def describe(self, n_tasks: int) -> str:
         n = self.pool_size(n_tasks)
-        return f"local, {n} worker{'s' if n != 1 else ''}" + (" (in-process)" if n == 1 else "")
+        if n == 1:
+            return "local, 1 worker (in-process)"
+        t = inner_threads(n)
+        return f"local, {n} workers × {t} inner thread{'s' if t != 1 else ''} ({THREADS_ENV} to change)"
 
     def run(self, tasks: list[PointTask], points_dir: Path, on_done: OnDone) -> None:
         if not tasks:
@@ -102,29 +111,33 @@ class LocalExecutor(Executor):
             for t in tasks:
                 on_done(run_point(t, str(points_dir)))
             return
-        pool = self._pool(n - 1)
-        warm = _PoolStart(pool, n - 1)
-        try:
-            self._drive(pool, warm, n, list(tasks), points_dir, on_done)
-        except BaseException:
-            # Ctrl-C: cancel what has not started (explicitly: a collected pool would go on through
-            # its queue). Points already running die with the signal or finish, and either way leave
-            # a complete directory or none; wait for them unless interrupted again.
+        threads = inner_threads(n)
+        # The points this process runs share the cores too; a forkserver started now inherits the
+        # limit's environment, so its BLAS starts no more threads than its workers may use.
+        with limited(threads):
+            pool = self._pool(n - 1, threads)
+            warm = _PoolStart(pool, n - 1)
             try:
-                pool.shutdown(wait=True, cancel_futures=True)
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        if warm.close_later():
-            pool.shutdown(wait=True)
+                self._drive(pool, warm, n, list(tasks), points_dir, on_done)
+            except BaseException:
+                # Ctrl-C: cancel what has not started (explicitly: a collected pool would go on through
+                # its queue). Points already running die with the signal or finish, and either way leave
+                # a complete directory or none; wait for them unless interrupted again.
+                try:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            if warm.close_later():
+                pool.shutdown(wait=True)
 
     @staticmethod
-    def _pool(size: int) -> ProcessPoolExecutor:
+    def _pool(size: int, threads: int) -> ProcessPoolExecutor:
         ctx = mp.get_context(_start_method())
         if ctx.get_start_method() == "forkserver":  # workers fork from a server with moesim imported
             ctx.set_forkserver_preload(_PRELOAD)
-        return ProcessPoolExecutor(max_workers=size, mp_context=ctx, initializer=watch_driver,
-                                   initargs=(os.getpid(),))
+        return ProcessPoolExecutor(max_workers=size, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(os.getpid(), threads))
 
     def _drive(self, pool: ProcessPoolExecutor, warm: "_PoolStart", n: int, tasks: list[PointTask],
                points_dir: Path, on_done: OnDone) -> None:
@@ -184,6 +197,12 @@ class LocalExecutor(Executor):
                 pending.discard(f)
                 return futures.pop(f)
         return None
+
+
+def _init_worker(driver: int, threads: int) -> None:
+    """A pool worker: exit with the driver; cap its inner thread pools for its lifetime."""
+    watch_driver(driver)
+    limit(threads)
 
 
 class _PoolStart:
