@@ -88,3 +88,18 @@ def one_blas_thread() -> Iterator[None]:
         _blas = ThreadpoolController().select(user_api="blas")
     with _blas.limit(limits=1):
         yield
+
+
+def current() -> dict[str, int]:
+    """This process's inner thread limits now: per native API (blas, openmp) the largest of its
+    libraries', Arrow's CPU pool, and torch's intra-op pool if torch is loaded."""
+    from threadpoolctl import threadpool_info  # noqa: PLC0415
+
+    out: dict[str, int] = {}
+    for lib in threadpool_info():
+        out[lib["user_api"]] = max(out.get(lib["user_api"], 0), lib["num_threads"])
+    if "pyarrow" in sys.modules:
+        out["arrow"] = sys.modules["pyarrow"].cpu_count()
+    if "torch" in sys.modules:
+        out["torch"] = sys.modules["torch"].get_num_threads()
+    return out
