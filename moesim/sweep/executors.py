@@ -3,11 +3,11 @@
 - `local` (default): N workers over the cores of this machine (`--workers N`, default all): this
   process runs points itself while a pool of N-1 processes (reused across points, started from
   a forkserver that has moesim imported already) runs the others, so a sweep starts computing at
-  once; a point queued to the pool but not started when this process runs out of work is taken
-  back (no idle tail). The pool starts from a thread while this process runs points (so its
-  start-up is off the critical path) and gets one point per worker once its workers are up; when
-  the first point shows the rest would take under MIN_POOL_WORK_S one after another, it gets no
-  more. With one worker the points run in this process, one after another. Workers exit
+  once. The pool starts from a thread while this process runs points (so its start-up is off the
+  critical path) and gets one point per worker once its workers are up; each is replaced as it
+  finishes, from the pool's result thread (feed.py), so no worker waits for this process and none
+  holds a queued point that this process, out of work, could have run (no idle tail). When the
+  first point shows the rest would take under MIN_POOL_WORK_S one after another, it gets no more. With one worker the points run in this process, one after another. Workers exit
   when the sweep's main process dies, even by kill -9 (lifeline.py). With N > 1 workers each
   process that runs points (this one too, while the sweep runs) caps its inner thread pools (BLAS,
   OpenMP, Arrow, torch) at cores // N threads, so workers × threads ≤ cores; `OMP_NUM_THREADS`,
@@ -26,13 +26,14 @@ import multiprocessing as mp
 import os
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, ClassVar
 
 from ..errors import InputError
 from ..threads import ENV as THREADS_ENV
 from ..threads import inner_threads, limit, limited
+from .feed import Feed
 from .lifeline import watch_driver
 from .worker import PointTask, commit_bundle, record_failure, run_point
 
@@ -116,9 +117,10 @@ class LocalExecutor(Executor):
         # limit's environment, so its BLAS starts no more threads than its workers may use.
         with limited(threads):
             pool = self._pool(n - 1, threads)
-            warm = _PoolStart(pool, n - 1)
+            feed = Feed(pool, list(tasks), str(points_dir))
+            warm = _PoolStart(pool, n - 1, feed.start)
             try:
-                self._drive(pool, warm, n, list(tasks), points_dir, on_done)
+                self._drive(feed, points_dir, on_done)
             except BaseException:
                 # Ctrl-C: cancel what has not started (explicitly: a collected pool would go on through
                 # its queue). Points already running die with the signal or finish, and either way leave
@@ -139,64 +141,39 @@ class LocalExecutor(Executor):
         return ProcessPoolExecutor(max_workers=size, mp_context=ctx, initializer=_init_worker,
                                    initargs=(os.getpid(), threads))
 
-    def _drive(self, pool: ProcessPoolExecutor, warm: "_PoolStart", n: int, tasks: list[PointTask],
-               points_dir: Path, on_done: OnDone) -> None:
+    @staticmethod
+    def _drive(feed: Feed, points_dir: Path, on_done: OnDone) -> None:
         """This process runs points while the pool starts; once its workers are up the pool gets one
-        point per worker, and once this process's first point's time is known, the pool is kept fed
-        (two points queued per worker) only if the rest would take MIN_POOL_WORK_S or more one
-        after another. No point waits behind the pool's start-up."""
-        queue = tasks[::-1]  # pop() takes the next point in order
-        futures: dict = {}
-        pending: set = set()
-        ahead, parallel, timed = n - 1, True, False
-
-        def finished(done) -> None:
-            for f in sorted(done, key=lambda f: futures[f].index):
-                t = futures.pop(f)
-                try:
-                    st = f.result()
-                except Exception as e:  # BrokenProcessPool: a worker died; the pool is gone
-                    st = record_failure(points_dir, t, f"worker process failed ({type(e).__name__}: {e}); "
-                                        "killed or out of memory? (a script that starts a sweep needs "
-                                        "`if __name__ == '__main__':`) — rerun to retry")
-                on_done(st)
-
+        point per worker, each replaced as it finishes (feed.py). Once this process's first point's
+        time is known, the pool gets points beyond its first only if the rest would take
+        MIN_POOL_WORK_S or more one after another. No point waits behind the pool's start-up."""
+        timed = False
         try:
-            while queue or pending:
-                while parallel and queue and len(pending) < ahead and warm.ready:
-                    t = queue.pop()
-                    f = pool.submit(run_point, t, str(points_dir))
-                    futures[f] = t
-                    pending.add(f)
-                done = {f for f in pending if f.done()}
-                if done:
-                    pending -= done
-                    finished(done)
-                    continue
-                mine = queue.pop() if queue else self._take_back(pending, futures)
+            while True:
+                for t, f in feed.finished():
+                    on_done(_pool_outcome(points_dir, t, f))
+                mine = feed.take()
                 if mine is not None:  # this process computes too
                     t0 = time.perf_counter()
                     on_done(run_point(mine, str(points_dir)))
                     if not timed:
                         timed = True
-                        parallel = (time.perf_counter() - t0) * len(queue) >= MIN_POOL_WORK_S
-                        ahead = 2 * (n - 1)
-                    continue
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                finished(done)
+                        feed.keep_feeding((time.perf_counter() - t0) * feed.left() >= MIN_POOL_WORK_S)
+                elif not feed.wait():
+                    return
         except BaseException:
-            for f in futures:
-                f.cancel()
+            feed.stop()
             raise
 
-    @staticmethod
-    def _take_back(pending: set, futures: dict) -> PointTask | None:
-        """The last point queued to the pool that has not started (cancelled there, to run here)."""
-        for f in sorted(pending, key=lambda f: -futures[f].index):
-            if f.cancel():
-                pending.discard(f)
-                return futures.pop(f)
-        return None
+
+def _pool_outcome(points_dir: Path, task: PointTask, f) -> dict:
+    """A pool point's status, or its failure recorded when the worker died (the pool is gone)."""
+    try:
+        return f.result()
+    except Exception as e:  # BrokenProcessPool: a worker died
+        return record_failure(points_dir, task, f"worker process failed ({type(e).__name__}: {e}); "
+                              "killed or out of memory? (a script that starts a sweep needs "
+                              "`if __name__ == '__main__':`) — rerun to retry")
 
 
 def _init_worker(driver: int, threads: int) -> None:
@@ -208,11 +185,11 @@ def _init_worker(driver: int, threads: int) -> None:
 class _PoolStart:
     """Starts the pool's workers from a thread: a pool's first submit blocks until the forkserver
     has imported moesim (about 0.6 s of CPU, seconds on a loaded machine), and this process runs
-    points meanwhile. `ready` once every worker has answered; a pool that fails to start is never
-    used (this process runs every point)."""
+    points meanwhile. Once every worker has answered, `on_ready(workers)` (the feed gives each a
+    point); a pool that fails to start is never used (this process runs every point)."""
 
-    def __init__(self, pool: ProcessPoolExecutor, workers: int):
-        self.pool, self.ready = pool, False
+    def __init__(self, pool: ProcessPoolExecutor, workers: int, on_ready: Callable[[int], None]):
+        self.pool, self.on_ready = pool, on_ready
         self._lock = threading.Lock()
         self._over = self._closing = False
         threading.Thread(target=self._start, args=(workers,), name="moesim-pool-start", daemon=True).start()
@@ -226,9 +203,11 @@ class _PoolStart:
         except BaseException:  # noqa: BLE001 (a broken or shut-down pool: the sweep runs without it)
             pass
         with self._lock:
-            self.ready, self._over, closing = ok, True, self._closing
+            self._over, closing = True, self._closing
         if closing:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        elif ok:
+            self.on_ready(workers)
 
     def close_later(self) -> bool:
         """True: the start is over and the caller shuts the pool down. False: it is still starting
