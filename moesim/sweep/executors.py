@@ -6,8 +6,9 @@
   once. The pool starts from a thread while this process runs points (so its start-up is off the
   critical path) and gets one point per worker once its workers are up; each is replaced as it
   finishes, from the pool's result thread (feed.py), so no worker waits for this process and none
-  holds a queued point that this process, out of work, could have run (no idle tail). When the
-  first point shows the rest would take under MIN_POOL_WORK_S one after another, it gets no more. With one worker the points run in this process, one after another. Workers exit
+  holds a queued point that this process, out of work, could have run (no idle tail). While the
+  points this process has run show the rest would take under MIN_POOL_WORK_S one after another
+  (at their mean time), it gets no more. With one worker the points run in this process, one after another. Workers exit
   when the sweep's main process dies, even by kill -9 (lifeline.py). With N > 1 workers each
   process that runs points (this one too, while the sweep runs) caps its inner thread pools (BLAS,
   OpenMP, Arrow, torch) at cores // N threads, so workers × threads ≤ cores; `OMP_NUM_THREADS`,
@@ -144,10 +145,11 @@ class LocalExecutor(Executor):
     @staticmethod
     def _drive(feed: Feed, points_dir: Path, on_done: OnDone) -> None:
         """This process runs points while the pool starts; once its workers are up the pool gets one
-        point per worker, each replaced as it finishes (feed.py). Once this process's first point's
-        time is known, the pool gets points beyond its first only if the rest would take
-        MIN_POOL_WORK_S or more one after another. No point waits behind the pool's start-up."""
-        timed = False
+        point per worker, each replaced as it finishes (feed.py) while the rest would take
+        MIN_POOL_WORK_S or more one after another at the mean time of the points this process has
+        run so far (re-estimated after each: points may differ tenfold in cost). No point waits
+        behind the pool's start-up."""
+        ran, ran_s = 0, 0.0
         try:
             while True:
                 for t, f in feed.finished():
@@ -156,9 +158,8 @@ class LocalExecutor(Executor):
                 if mine is not None:  # this process computes too
                     t0 = time.perf_counter()
                     on_done(run_point(mine, str(points_dir)))
-                    if not timed:
-                        timed = True
-                        feed.keep_feeding((time.perf_counter() - t0) * feed.left() >= MIN_POOL_WORK_S)
+                    ran, ran_s = ran + 1, ran_s + time.perf_counter() - t0
+                    feed.keep_feeding(ran_s / ran * feed.left() >= MIN_POOL_WORK_S)
                 elif not feed.wait():
                     return
         except BaseException:

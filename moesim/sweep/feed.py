@@ -37,7 +37,7 @@ class Feed:
                 self._top_up()
 
     def keep_feeding(self, refill: bool) -> None:
-        """Whether a pool point that finishes is replaced (decided once the first point is timed)."""
+        """Whether a pool point that finishes is replaced (re-decided as points are timed)."""
         with self._changed:
             self._refill = refill
             if refill:
