@@ -10,9 +10,11 @@ on small points (about a second each) and large ones (several seconds), measured
 The machine may be shared, so each run also prints the load average and, per process that ran
 points, the points, their wall time and the CPU time the process got for them (each point's
 status.json records both): CPU/wall well under 1 means other jobs took the cores (contention),
-CPU/wall near 1 with a low ratio of points/min means a scaling defect. Where Linux's scheduler
-autogroup is on (printed), the CPU is shared per session: on a busy machine the sweep's processes
-together get about one session's share, however many workers it starts.
+CPU/wall near 1 with a low ratio of points/min means a scaling defect, and CPU/wall over 1 means
+threads inside a point (the inner thread pools' limits each process ran under are printed beside:
+with N workers, cores // N each, moesim/threads.py). Where Linux's scheduler autogroup is on
+(printed), the CPU is shared per session: on a busy machine the sweep's processes together get
+about one session's share, however many workers it starts.
 """
 from __future__ import annotations
 
@@ -59,18 +61,20 @@ def print_workers(out: Path, driver: int, wall_all: float, cpu_driver: float, cp
     """Per process that ran points: points, wall s, CPU s and CPU/wall (from each status.json);
     then the cores the sweep got in all and the sweep's own overhead: the sweep process's wall and
     CPU time outside its points, and the pool's CPU time outside its points (start-up, IPC)."""
-    by_pid: dict[int, list[float]] = {}
+    by_pid: dict[int, list] = {}
     for f in sorted((out / "points").glob("*/status.json")):
         st = json.loads(f.read_text())
-        acc = by_pid.setdefault(st["pid"], [0, 0.0, 0.0])
+        acc = by_pid.setdefault(st["pid"], [0, 0.0, 0.0, set()])
         acc[0] += 1
         acc[1] += st["wall_s"]
         acc[2] += st["cpu_s"]
-    for pid, (n, wall, cpu) in sorted(by_pid.items(), key=lambda kv: kv[0] != driver):
+        acc[3].add(", ".join(f"{k} {v}" for k, v in sorted(st.get("threads", {}).items())))
+    for pid, (n, wall, cpu, threads) in sorted(by_pid.items(), key=lambda kv: kv[0] != driver):
         who = "sweep process" if pid == driver else f"pool worker {pid}"
-        print(f"    {who:<18} {n:2d} points, {wall:6.2f} s wall, {cpu:6.2f} s CPU (CPU/wall {cpu / wall:.2f})")
+        print(f"    {who:<18} {n:2d} points, {wall:6.2f} s wall, {cpu:6.2f} s CPU (CPU/wall {cpu / wall:.2f}); "
+              f"inner threads: {' | '.join(sorted(threads)) or 'not recorded'}")
     total = sum(v[2] for v in by_pid.values())
-    own_wall, own = by_pid.get(driver, [0, 0.0, 0.0])[1:]
+    own_wall, own = by_pid.get(driver, [0, 0.0, 0.0])[1:3]
     print(f"    points' CPU time / sweep wall time = {total / wall_all:.2f} cores; sweep process outside "
           f"its points: {wall_all - own_wall:.2f} s wall, {cpu_driver - own:.2f} s CPU")
     if cpu_pool is not None:  # (the forkserver's imports count once per benchmark: its first pool)

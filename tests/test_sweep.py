@@ -273,8 +273,8 @@ def test_points_run_here_while_the_pool_starts(tiny, tmp_path, monkeypatch):
     waited_out = []
     real = executors.LocalExecutor._pool
 
-    def slow_pool(size):
-        pool = real(size)
+    def slow_pool(size, threads):
+        pool = real(size, threads)
         submit = pool.submit
 
         def slow_submit(*a, **kw):
@@ -301,6 +301,50 @@ def test_points_run_here_while_the_pool_starts(tiny, tmp_path, monkeypatch):
     executors.LocalExecutor(workers=2).run(make_tasks(spec, spec.points(), "r"), tmp_path / "o", on_done)
     assert waited_out == [False] and len(done) == 8 and all(s["status"] == "done" for s in done)
     assert [s["pid"] for s in done[:2]] == [os.getpid()] * 2
+
+
+def test_every_process_that_runs_points_gets_the_thread_cap(tiny, tmp_path, monkeypatch):
+    """With 2 workers, the pool's workers and this process run their points under the inner-thread
+    cap (here OMP_NUM_THREADS=3: no library's default), and this process gets its own limits back."""
+    import os
+
+    import moesim.sweep.executors as executors
+    from moesim.sweep.runner import make_tasks
+    from moesim.sweep.worker import run_point
+    from moesim.threads import current
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    before, env = current(), {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    pools, real = [], executors.LocalExecutor._pool
+
+    def spy(size, threads):
+        pools.append((size, threads))
+        return real(size, threads)
+
+    monkeypatch.setattr(executors.LocalExecutor, "_pool", staticmethod(spy))
+    d, base = tiny
+    f = write_sweep(tmp_path / "cap.yaml", base, grid={"cache.gpu.capacity_experts": [2, 3, 4, 5]})
+    msgs = []
+    r = run_sweep(load_sweep(f), tmp_path / "o", get_executor("local", workers=2), progress=False, echo=msgs.append)
+    st = list(statuses(tmp_path / "o").values())
+    assert not r.failed and len(st) == 4 and pools == [(1, 3)]
+    assert any("2 workers × 3 inner threads" in m for m in msgs)
+    assert any(s["pid"] == os.getpid() for s in st)  # this process runs the first point itself
+    for s in st:  # here or in the pool
+        assert s["threads"]["blas"] == 3 and s["threads"]["arrow"] == 3, s
+    assert current() == before
+    assert {k: os.environ.get(k) for k in env} == env
+    # a pool worker, given a point for certain
+    spec = load_sweep(f)
+    task = make_tasks(spec, spec.points(), "r")[0]
+    (tmp_path / "p").mkdir()
+    pool = real(1, 3)
+    try:
+        st = pool.submit(run_point, task, str(tmp_path / "p")).result()
+    finally:
+        pool.shutdown()
+    assert st["status"] == "done" and st["pid"] != os.getpid()
+    assert st["threads"]["blas"] == 3 and st["threads"]["arrow"] == 3, st
 
 
 def test_parallel_points_are_byte_identical_to_serial(tiny, tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ from moesim.sweep.executors import executor_names
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="sweep dir (default: the file's output:, else reports/<sweep name>/)")
 @executor_options(executor_names(), "points run",
-                  "local: worker processes (default: all cores); ray: most tasks in flight")
+                  "local: worker processes (default: all cores), each with cores // N inner "
+                  "threads (OMP_NUM_THREADS sets them); ray: most tasks in flight")
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE", help="override a field of the base scenario")
 @click.option("--events", is_flag=True, help="also write events.parquet for every point")
 @click.option("--list", "list_only", is_flag=True, help="print the points (id and overrides) and exit")

@@ -16,6 +16,7 @@ from ..config import Scenario
 from ..errors import InputError
 from ..hardware.costs import CostModel
 from ..predictors import registry
+from ..threads import one_blas_thread
 from .scheduler import ArrivalSource, Scheduler, collect_keys
 from .fast import ENGINES, FastPath, unsupported
 from .sim import EngineConfig, Simulation
@@ -273,7 +274,7 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None, engine: s
     simpy (the reference engine); the results are the same either way."""
     if engine not in ENGINES:
         raise InputError(f"expected one of {', '.join(ENGINES)}, found {engine!r}", field="engine")
-    with tempfile.TemporaryDirectory(prefix="moesim-") as tmp:
+    with one_blas_thread(), tempfile.TemporaryDirectory(prefix="moesim-") as tmp:  # (moesim/threads.py)
         reader = open_trace(sc, Path(tmp), record_events)
         capacities, allocation = plan_capacities(reader, sc)
         cfg = engine_config(sc, record_events, capacities)

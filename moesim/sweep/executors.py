@@ -3,12 +3,16 @@
 - `local` (default): N workers over the cores of this machine (`--workers N`, default all): this
   process runs points itself while a pool of N-1 processes (reused across points, started from
   a forkserver that has moesim imported already) runs the others, so a sweep starts computing at
-  once; a point queued to the pool but not started when this process runs out of work is taken
-  back (no idle tail). The pool starts from a thread while this process runs points (so its
-  start-up is off the critical path) and gets one point per worker once its workers are up; when
-  the first point shows the rest would take under MIN_POOL_WORK_S one after another, it gets no
-  more. With one worker the points run in this process, one after another. Workers exit
-  when the sweep's main process dies, even by kill -9 (lifeline.py).
+  once. The pool starts from a thread while this process runs points (so its start-up is off the
+  critical path) and gets one point per worker once its workers are up; each is replaced as it
+  finishes, from the pool's result thread (feed.py), so no worker waits for this process and none
+  holds a queued point that this process, out of work, could have run (no idle tail). While the
+  points this process has run show the rest would take under MIN_POOL_WORK_S one after another
+  (at their mean time), it gets no more. With one worker the points run in this process, one after another. Workers exit
+  when the sweep's main process dies, even by kill -9 (lifeline.py). With N > 1 workers each
+  process that runs points (this one too, while the sweep runs) caps its inner thread pools (BLAS,
+  OpenMP, Arrow, torch) at cores // N threads, so workers × threads ≤ cores; `OMP_NUM_THREADS`,
+  when set, is that cap instead (moesim/threads.py).
 - `ray`: Ray remote tasks (`ray.init(address=...)`: none starts a local Ray, `auto` joins the
   running cluster, `ray://host:port` a remote one). Ray is imported only when this executor is
   used. A task returns its result files to the driver, which writes them, so workers need no
@@ -23,11 +27,14 @@ import multiprocessing as mp
 import os
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, ClassVar
 
 from ..errors import InputError
+from ..threads import ENV as THREADS_ENV
+from ..threads import inner_threads, limit, limited
+from .feed import Feed
 from .lifeline import watch_driver
 from .worker import PointTask, commit_bundle, record_failure, run_point
 
@@ -86,13 +93,17 @@ class LocalExecutor(Executor):
         if address is not None:
             raise InputError("--address applies to --executor ray only", field="--address")
         super().__init__(workers, None)
+        inner_threads(1)  # a bad OMP_NUM_THREADS is an input error now, not once points run
 
     def pool_size(self, n_tasks: int) -> int:
         return max(1, min(self.workers or os.cpu_count() or 1, n_tasks))
 
     def describe(self, n_tasks: int) -> str:
         n = self.pool_size(n_tasks)
-        return f"local, {n} worker{'s' if n != 1 else ''}" + (" (in-process)" if n == 1 else "")
+        if n == 1:
+            return "local, 1 worker (in-process)"
+        t = inner_threads(n)
+        return f"local, {n} workers × {t} inner thread{'s' if t != 1 else ''} ({THREADS_ENV} to change)"
 
     def run(self, tasks: list[PointTask], points_dir: Path, on_done: OnDone) -> None:
         if not tasks:
@@ -102,98 +113,84 @@ class LocalExecutor(Executor):
             for t in tasks:
                 on_done(run_point(t, str(points_dir)))
             return
-        pool = self._pool(n - 1)
-        warm = _PoolStart(pool, n - 1)
-        try:
-            self._drive(pool, warm, n, list(tasks), points_dir, on_done)
-        except BaseException:
-            # Ctrl-C: cancel what has not started (explicitly: a collected pool would go on through
-            # its queue). Points already running die with the signal or finish, and either way leave
-            # a complete directory or none; wait for them unless interrupted again.
+        threads = inner_threads(n)
+        # The points this process runs share the cores too; a forkserver started now inherits the
+        # limit's environment, so its BLAS starts no more threads than its workers may use.
+        with limited(threads):
+            pool = self._pool(n - 1, threads)
+            feed = Feed(pool, list(tasks), str(points_dir))
+            warm = _PoolStart(pool, n - 1, feed.start)
             try:
-                pool.shutdown(wait=True, cancel_futures=True)
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        if warm.close_later():
-            pool.shutdown(wait=True)
+                self._drive(feed, points_dir, on_done)
+            except BaseException:
+                # Ctrl-C: cancel what has not started (explicitly: a collected pool would go on through
+                # its queue). Points already running die with the signal or finish, and either way leave
+                # a complete directory or none; wait for them unless interrupted again.
+                try:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            if warm.close_later():
+                pool.shutdown(wait=True)
 
     @staticmethod
-    def _pool(size: int) -> ProcessPoolExecutor:
+    def _pool(size: int, threads: int) -> ProcessPoolExecutor:
         ctx = mp.get_context(_start_method())
         if ctx.get_start_method() == "forkserver":  # workers fork from a server with moesim imported
             ctx.set_forkserver_preload(_PRELOAD)
-        return ProcessPoolExecutor(max_workers=size, mp_context=ctx, initializer=watch_driver,
-                                   initargs=(os.getpid(),))
+        return ProcessPoolExecutor(max_workers=size, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(os.getpid(), threads))
 
-    def _drive(self, pool: ProcessPoolExecutor, warm: "_PoolStart", n: int, tasks: list[PointTask],
-               points_dir: Path, on_done: OnDone) -> None:
+    @staticmethod
+    def _drive(feed: Feed, points_dir: Path, on_done: OnDone) -> None:
         """This process runs points while the pool starts; once its workers are up the pool gets one
-        point per worker, and once this process's first point's time is known, the pool is kept fed
-        (two points queued per worker) only if the rest would take MIN_POOL_WORK_S or more one
-        after another. No point waits behind the pool's start-up."""
-        queue = tasks[::-1]  # pop() takes the next point in order
-        futures: dict = {}
-        pending: set = set()
-        ahead, parallel, timed = n - 1, True, False
-
-        def finished(done) -> None:
-            for f in sorted(done, key=lambda f: futures[f].index):
-                t = futures.pop(f)
-                try:
-                    st = f.result()
-                except Exception as e:  # BrokenProcessPool: a worker died; the pool is gone
-                    st = record_failure(points_dir, t, f"worker process failed ({type(e).__name__}: {e}); "
-                                        "killed or out of memory? (a script that starts a sweep needs "
-                                        "`if __name__ == '__main__':`) — rerun to retry")
-                on_done(st)
-
+        point per worker, each replaced as it finishes (feed.py) while the rest would take
+        MIN_POOL_WORK_S or more one after another at the mean time of the points this process has
+        run so far (re-estimated after each: points may differ tenfold in cost). No point waits
+        behind the pool's start-up."""
+        ran, ran_s = 0, 0.0
         try:
-            while queue or pending:
-                while parallel and queue and len(pending) < ahead and warm.ready:
-                    t = queue.pop()
-                    f = pool.submit(run_point, t, str(points_dir))
-                    futures[f] = t
-                    pending.add(f)
-                done = {f for f in pending if f.done()}
-                if done:
-                    pending -= done
-                    finished(done)
-                    continue
-                mine = queue.pop() if queue else self._take_back(pending, futures)
+            while True:
+                for t, f in feed.finished():
+                    on_done(_pool_outcome(points_dir, t, f))
+                mine = feed.take()
                 if mine is not None:  # this process computes too
                     t0 = time.perf_counter()
                     on_done(run_point(mine, str(points_dir)))
-                    if not timed:
-                        timed = True
-                        parallel = (time.perf_counter() - t0) * len(queue) >= MIN_POOL_WORK_S
-                        ahead = 2 * (n - 1)
-                    continue
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                finished(done)
+                    ran, ran_s = ran + 1, ran_s + time.perf_counter() - t0
+                    feed.keep_feeding(ran_s / ran * feed.left() >= MIN_POOL_WORK_S)
+                elif not feed.wait():
+                    return
         except BaseException:
-            for f in futures:
-                f.cancel()
+            feed.stop()
             raise
 
-    @staticmethod
-    def _take_back(pending: set, futures: dict) -> PointTask | None:
-        """The last point queued to the pool that has not started (cancelled there, to run here)."""
-        for f in sorted(pending, key=lambda f: -futures[f].index):
-            if f.cancel():
-                pending.discard(f)
-                return futures.pop(f)
-        return None
+
+def _pool_outcome(points_dir: Path, task: PointTask, f) -> dict:
+    """A pool point's status, or its failure recorded when the worker died (the pool is gone)."""
+    try:
+        return f.result()
+    except Exception as e:  # BrokenProcessPool: a worker died
+        return record_failure(points_dir, task, f"worker process failed ({type(e).__name__}: {e}); "
+                              "killed or out of memory? (a script that starts a sweep needs "
+                              "`if __name__ == '__main__':`) — rerun to retry")
+
+
+def _init_worker(driver: int, threads: int) -> None:
+    """A pool worker: exit with the driver; cap its inner thread pools for its lifetime."""
+    watch_driver(driver)
+    limit(threads)
 
 
 class _PoolStart:
     """Starts the pool's workers from a thread: a pool's first submit blocks until the forkserver
     has imported moesim (about 0.6 s of CPU, seconds on a loaded machine), and this process runs
-    points meanwhile. `ready` once every worker has answered; a pool that fails to start is never
-    used (this process runs every point)."""
+    points meanwhile. Once every worker has answered, `on_ready(workers)` (the feed gives each a
+    point); a pool that fails to start is never used (this process runs every point)."""
 
-    def __init__(self, pool: ProcessPoolExecutor, workers: int):
-        self.pool, self.ready = pool, False
+    def __init__(self, pool: ProcessPoolExecutor, workers: int, on_ready: Callable[[int], None]):
+        self.pool, self.on_ready = pool, on_ready
         self._lock = threading.Lock()
         self._over = self._closing = False
         threading.Thread(target=self._start, args=(workers,), name="moesim-pool-start", daemon=True).start()
@@ -207,9 +204,11 @@ class _PoolStart:
         except BaseException:  # noqa: BLE001 (a broken or shut-down pool: the sweep runs without it)
             pass
         with self._lock:
-            self.ready, self._over, closing = ok, True, self._closing
+            self._over, closing = True, self._closing
         if closing:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        elif ok:
+            self.on_ready(workers)
 
     def close_later(self) -> bool:
         """True: the start is over and the caller shuts the pool down. False: it is still starting

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..results import dump_json
+from ..threads import current as current_threads
 from .spec import override_strings
 from .tables import STATUS, read_status  # noqa: F401  (read_status re-exported)
 
@@ -54,8 +55,9 @@ def _simulate_into(task: PointTask, tmp: Path) -> dict:
     """Run the point and write its result files into `tmp`; the status dict (done or failed)."""
     started, cpu0 = time.time(), time.process_time()
 
-    def cpu() -> dict:   # CPU time this process spent on the point: wall_s / cpu_s tells contention
-        return {"cpu_s": round(time.process_time() - cpu0, 6)}
+    def cpu() -> dict:   # CPU time this process spent on the point: wall_s / cpu_s tells contention;
+        # and the inner thread pools' limits it ran under (the executor's cap, moesim/threads.py)
+        return {"cpu_s": round(time.process_time() - cpu0, 6), "threads": current_threads()}
 
     try:
         from ..config import apply_overrides, scenario_from_dict
