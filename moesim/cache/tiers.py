@@ -262,16 +262,15 @@ class Tier:
         misses: list[int] = []
         late: list[int] = []  # misses whose copies wait for a free link slot: reserved after the accesses
         held = bypass = evicted = 0
-        for i, key in chain(enumerate(keys), zip(repeat(-1), late)):  # (`late` grows as it goes)
-            if i >= 0:
-                if key in ready:
-                    move(key)
-                    held += 1
-                    continue
-                misses.append(i)
-                if len(misses) > slots:
-                    late.append(key)
-                    continue
+        for i, key in enumerate(keys):
+            if key in ready:
+                move(key)
+                held += 1
+                continue
+            misses.append(i)
+            if len(misses) > slots:
+                late.append(key)
+                continue
             if used >= cap:
                 if used <= held:
                     bypass += 1
@@ -285,7 +284,21 @@ class Tier:
             ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
             held += 1
             used += 1
-            occ[layer] += 1
+        for key in late:  # then the queued copies, in order, as each starts
+            if used >= cap:
+                if used <= held:
+                    bypass += 1
+                    continue
+                v = pop(False)[0]
+                del ready[v]
+                occ[v // E] -= 1
+                used -= 1
+                evicted += 1
+            od[key] = None
+            ready[key] = p
+            held += 1
+            used += 1
+        occ[layer] += len(misses) - bypass
         return misses, bypass, evicted
 
     def _access_any(self, keys, slots, pos, p, cap, layer) -> tuple[list[int], int, int]:
