@@ -113,10 +113,12 @@ class FastPath:
         Returns when the last layer ends."""
         sim, rec, pcie, d, slots, eb = self.sim, self.rec, self.pcie, self._d, self._slots, self.eb
         keys_l = plan.keys
-        flat = np.concatenate(keys_l)
+        flat, fc = plan.flat_keys, plan.flat_counts
+        if flat is None:  # (a plan not from the scheduler)
+            flat, fc = np.concatenate(keys_l), np.concatenate(plan.counts)
         sim.accessed.append(flat)
         allk = flat.tolist()
-        allc = np.concatenate(plan.counts).tolist()
+        allc = fc.tolist()
         costs = list(map(self._ecs.__getitem__, allc))
         shared = self.cost.shared_compute_s(plan.tokens)
         access, needed = self.gpu.access_layer, rec.pred_needed

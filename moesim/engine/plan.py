@@ -38,6 +38,8 @@ class StepPlan:
     prefill_tokens: int = -1                        # prompt tokens among `tokens` (-1: all if prefill)
     admitted: np.ndarray | None = None              # requests whose first step this is
     admitted_arrivals: np.ndarray | None = None     # their arrival times (NaN: closed, = step start)
+    flat_keys: np.ndarray | None = None             # `keys` concatenated in layer order (None: not kept)
+    flat_counts: np.ndarray | None = None           # `counts` the same way
 
     def __post_init__(self):
         if self.prefill_tokens < 0:
@@ -59,15 +61,22 @@ def _counts(keys: np.ndarray, n_keys: int, table: bool = True) -> tuple[np.ndarr
 
 def _dedup(routing: np.ndarray, num_experts: int, dedup: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per layer: sorted unique cache keys and their token counts (or one key per pair)."""
+    return _dedup_flat(routing, num_experts, dedup)[:2]
+
+
+def _dedup_flat(routing: np.ndarray, num_experts: int, dedup: bool):
+    """`_dedup`'s per-layer keys and counts, and the same keys and counts as two flat arrays in
+    layer order (what the fast path walks; each layer's arrays are views of them)."""
     t, layers, k = routing.shape
     offs = (np.arange(layers, dtype=np.int64) * num_experts)[None, :, None]
     keys = (routing.astype(np.int64) + offs).transpose(1, 0, 2).reshape(layers, t * k)
     if not dedup:
-        return list(keys), [np.ones(t * k, dtype=np.int64)] * layers
+        ones = np.ones(t * k, dtype=np.int64)
+        return list(keys), [ones] * layers, keys.ravel(), np.ones(layers * t * k, dtype=np.int64)
     # Keys of layer l lie in [l*E, (l+1)*E): one global count, then split at layer boundaries.
     u, c = _counts(keys, layers * num_experts)
     b = [0, *np.searchsorted(u, np.arange(1, layers, dtype=np.int64) * num_experts).tolist(), len(u)]
-    return [u[i:j] for i, j in zip(b, b[1:])], [c[i:j] for i, j in zip(b, b[1:])]  # (np.split, without its overhead)
+    return [u[i:j] for i, j in zip(b, b[1:])], [c[i:j] for i, j in zip(b, b[1:])], u, c  # (np.split, without its overhead)
 
 
 def batch_steps(requests: list, batch_no: int, first_index: int, num_experts: int,
