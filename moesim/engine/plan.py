@@ -38,8 +38,8 @@ class StepPlan:
     prefill_tokens: int = -1                        # prompt tokens among `tokens` (-1: all if prefill)
     admitted: np.ndarray | None = None              # requests whose first step this is
     admitted_arrivals: np.ndarray | None = None     # their arrival times (NaN: closed, = step start)
-    flat_keys: np.ndarray | None = None             # `keys` concatenated in layer order (None: not kept)
-    flat_counts: np.ndarray | None = None           # `counts` the same way
+    flat: tuple | None = None                       # (keys, counts) concatenated in layer order, and each
+                                                    # layer's start in them (+ the end): None if not kept
 
     def __post_init__(self):
         if self.prefill_tokens < 0:
@@ -65,18 +65,19 @@ def _dedup(routing: np.ndarray, num_experts: int, dedup: bool) -> tuple[list[np.
 
 
 def _dedup_flat(routing: np.ndarray, num_experts: int, dedup: bool):
-    """`_dedup`'s per-layer keys and counts, and the same keys and counts as two flat arrays in
-    layer order (what the fast path walks; each layer's arrays are views of them)."""
+    """`_dedup`'s per-layer keys and counts, and (the same keys and counts as two flat arrays in
+    layer order, each layer's start in them and the end): what the fast path walks."""
     t, layers, k = routing.shape
     offs = (np.arange(layers, dtype=np.int64) * num_experts)[None, :, None]
     keys = (routing.astype(np.int64) + offs).transpose(1, 0, 2).reshape(layers, t * k)
     if not dedup:
         ones = np.ones(t * k, dtype=np.int64)
-        return list(keys), [ones] * layers, keys.ravel(), np.ones(layers * t * k, dtype=np.int64)
+        flat = (keys.ravel(), np.ones(layers * t * k, dtype=np.int64), [i * t * k for i in range(layers + 1)])
+        return list(keys), [ones] * layers, flat
     # Keys of layer l lie in [l*E, (l+1)*E): one global count, then split at layer boundaries.
     u, c = _counts(keys, layers * num_experts)
     b = [0, *np.searchsorted(u, np.arange(1, layers, dtype=np.int64) * num_experts).tolist(), len(u)]
-    return [u[i:j] for i, j in zip(b, b[1:])], [c[i:j] for i, j in zip(b, b[1:])], u, c  # (np.split, without its overhead)
+    return [u[i:j] for i, j in zip(b, b[1:])], [c[i:j] for i, j in zip(b, b[1:])], (u, c, b)  # (np.split, without its overhead)
 
 
 def batch_steps(requests: list, batch_no: int, first_index: int, num_experts: int,
