@@ -82,12 +82,11 @@ class FastPath:
             view = sim.view = _View(sim, plan)
             t_step = now
             rec.step_start(plan, t_step)
-            dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
-                                            + cost.dense_ffn_s(plan.tokens))
+            attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))  # (every layer's)
+            dense = m.first_dense_layers * (attn + cost.dense_ffn_s(plan.tokens))
             if dense + 0.0 > 0:  # (+ 0.0: the on_step_start hook's time, as the SimPy driver adds it)
                 rec.compute_s += dense + 0.0
                 now = now + (dense + 0.0)
-            attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
             if batched:
                 now = self._layers(plan, now, attn)
             else:

@@ -269,8 +269,9 @@ class Recorder:
             return
         import pyarrow.parquet as pq
 
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.spill, table.schema)
+        if self._writer is None:  # (times are all distinct: a dictionary page for them is tried and dropped)
+            self._writer = pq.ParquetWriter(self.spill, table.schema,
+                                            use_dictionary=[c for c in STEP_COLUMNS if not c.endswith("_s")])
         self._writer.write_table(table)
         self._spilled += table.num_rows
 

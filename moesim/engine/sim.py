@@ -284,14 +284,13 @@ class Simulation(LoadChain):
             yield from self._wait_host(host.work(host.step_s + m.first_dense_layers * host.layer_s))
         gpu_extra = self._hook(pred.on_step_start(view), "on_step_start", plan.tokens)
         # dense blocks before the first MoE block: resident weights, compute only
-        dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
-                                        + cost.dense_ffn_s(plan.tokens))
+        attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))  # (every layer's)
+        dense = m.first_dense_layers * (attn + cost.dense_ffn_s(plan.tokens))
         if dense + gpu_extra > 0:
             if self.horizon is not None:
                 self.horizon.busy(dense + gpu_extra)
             rec.compute_s += dense + gpu_extra
             yield env.timeout(dense + gpu_extra)
-        attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
         for layer in range(self.L):
             yield from self._layer(plan, layer, attn)
         view.gated = self.L - 1
