@@ -84,11 +84,11 @@ def test_fast_path_equals_simpy_on_random_scenarios(case):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(fast_cases(dedup=st.just(True)))
 def test_batched_layers_equal_simpy(case):
-    """With dedup the fast path takes FastPath._layers (one Tier.access_layer call per layer)."""
+    """With dedup the fast path takes FastPath._layers (one Tier.access_step call per step)."""
     calls = []
-    orig = Tier.access_layer
+    orig = Tier.access_step
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Tier, "access_layer", lambda self, *a: calls.append(1) or orig(self, *a))
+        mp.setattr(Tier, "access_step", lambda self, *a: calls.append(1) or orig(self, *a))
         path = write_routing(Path(tmp) / "t.parquet", case["routing"], prompt_len=case["prompt"],
                              num_experts=case["E"])
         model = {**TINY_MODEL, "num_experts": case["E"], "top_k": case["K"]}
@@ -163,6 +163,34 @@ def test_access_layer_makes_the_per_key_calls(policy, partition, cap, slots, see
             assert sorted(pa.keys()) == sorted(pb.keys())
             if pa.keys():  # the same next victim: the same eviction order
                 assert pa.victim() == pb.victim()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["lru", "fifo", "belady", None]), st.sampled_from(["global", "per_layer"]),
+       st.integers(0, 12), st.integers(1, 3), st.integers(0, 2**16))
+def test_access_step_equals_access_layer_per_layer(policy, partition, cap, slots, seed):
+    """Tier.access_step (one call per step; its own loop for a global LRU tier) against
+    access_layer layer by layer: the same misses per layer, bypasses, evictions and tier after."""
+    E, layers = 6, 3
+    rng = np.random.default_rng(seed)
+    a, b = (Tier("gpu", None if policy is None else cap, policy or "lru", partition, E, layers, _next_use)
+            for _ in range(2))
+    pos = 0
+    for _ in range(30):
+        per = [(layer * E + np.sort(rng.permutation(E)[:int(rng.integers(0, E + 1))])).tolist()
+               for layer in range(layers)]
+        bounds = np.cumsum([0] + [len(k) for k in per]).tolist()
+        keys = [k for ks in per for k in ks]
+        want = [b.access_layer(ks, slots, pos + lo) for ks, lo in zip(per, bounds)]
+        got = a.access_step(keys, bounds, slots, pos)
+        assert got == ([w[0] for w in want], sum(w[1] for w in want), sum(w[2] for w in want))
+        pos += len(keys)
+        a.check()
+        assert a.resident_keys() == b.resident_keys()
+        for name in ("_occ", "_total", "reservations", "evictions", "completions"):
+            assert getattr(a, name) == getattr(b, name), name
+        for pa, pb in zip(a._policies, b._policies):
+            assert list(pa.keys()) == list(pb.keys())
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -231,15 +231,27 @@ class Tier:
         if cap is None:
             misses, bypass, evicted = self._access_unbounded(keys, p, layer), 0, 0
         elif type(p) is LRU:
-            misses, bypass, evicted = self._access_lru(keys, slots, p, cap, layer)
+            (misses,), bypass, evicted = self._access_lru(keys, (0, len(keys)), layer, slots, p, cap)
         else:
             misses, bypass, evicted = self._access_any(keys, slots, pos, p, cap, layer)
-        n = len(misses) - bypass
-        self._total += n - evicted
-        self.reservations += n
-        self.completions += n
-        self.evictions += evicted
+        self._count(len(misses) - bypass, evicted)
         return misses, bypass, evicted
+
+    def access_step(self, keys: list[int], bounds, slots: int, pos: int) -> tuple[list[list[int]], int, int]:
+        """`access_layer` for each layer l of a step, in one call: keys[bounds[l]:bounds[l + 1]], at
+        positions from pos + bounds[l]."""
+        p = self._policies[0]
+        if self._per_layer or self._caps[0] is None or type(p) is not LRU or self._pins or self._flight or not keys:
+            res = [self.access_layer(keys[lo:hi], slots, pos + lo) for lo, hi in zip(bounds, bounds[1:])]
+            return [r[0] for r in res], sum(r[1] for r in res), sum(r[2] for r in res)
+        self._layer(keys[0]), self._layer(keys[-1])  # (ValueError for a key outside the model)
+        res = self._access_lru(keys, bounds, 0, slots, p, self._caps[0])
+        self._count(sum(map(len, res[0])) - res[1], res[2])
+        return res
+
+    def _count(self, reserved: int, evicted: int) -> None:
+        self._total, self.evictions = self._total + reserved - evicted, self.evictions + evicted
+        self.reservations, self.completions = self.reservations + reserved, self.completions + reserved
 
     def _access_unbounded(self, keys, p, layer) -> list[int]:
         """`access_layer` without a capacity: every miss gets a slot."""
@@ -251,42 +263,43 @@ class Tier:
         self._occ[layer] += len(misses)
         return misses
 
-    def _access_lru(self, keys, slots, p, cap, layer) -> tuple[list[int], int, int]:
-        """`access_layer` for plain LRU on its OrderedDict. Hits move to the newest end and new
-        keys enter there, so this layer's `held` keys (pinned or in flight) are the newest
-        entries: the victim is the oldest entry, unless every entry is held."""
-        ready, occ, E = self._ready, self._occ, self.num_experts
-        od = p._od
+    def _access_lru(self, keys, bounds, layer, slots, p, cap) -> tuple[list[list[int]], int, int]:
+        """`access_layer` for plain LRU on its OrderedDict, for keys[bounds[j]:bounds[j + 1]] (layer `layer` + j)
+        in turn. Hits move to the newest end and new keys enter there, so a layer's `held` keys (pinned or in
+        flight) are the newest entries: the victim is the oldest entry, unless every entry is held."""
+        ready, occ, E, od = self._ready, self._occ, self.num_experts, p._od
         move, pop = od.move_to_end, od.popitem
         used = occ[layer] if self._per_layer else self._total  # == len(od)
-        misses: list[int] = []
-        late: list[int] = []  # misses whose copies wait for a free link slot: reserved after the accesses
-        held = bypass = evicted = 0
-        for i, key in chain(enumerate(keys), zip(repeat(-1), late)):  # (`late` grows as it goes)
-            if i >= 0:
-                if key in ready:
-                    move(key)
-                    held += 1
-                    continue
-                misses.append(i)
-                if len(misses) > slots:
-                    late.append(key)
-                    continue
-            if used >= cap:
-                if used <= held:
-                    bypass += 1
-                    continue
-                v = pop(False)[0]
-                del ready[v]
-                occ[v // E] -= 1
-                used -= 1
-                evicted += 1
-            od[key] = None
-            ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
-            held += 1
-            used += 1
-            occ[layer] += 1
-        return misses, bypass, evicted
+        out, bypass, evicted = [], 0, 0
+        for lo, hi in zip(bounds, bounds[1:]):
+            misses, late, held, n, bypass0 = [], [], 0, hi - lo, bypass  # late: queued copies, reserved after
+            for i, key in enumerate(chain(keys[lo:hi], late)):  # (`late` grows as it goes)
+                if i < n:
+                    if key in ready:
+                        move(key)
+                        held += 1
+                        continue
+                    misses.append(i)
+                    if len(misses) > slots:
+                        late.append(key)
+                        continue
+                if used >= cap:
+                    if used <= held:
+                        bypass += 1
+                        continue
+                    v = pop(False)[0]
+                    del ready[v]
+                    occ[v // E] -= 1
+                    used -= 1
+                    evicted += 1
+                od[key] = None
+                ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
+                held += 1
+                used += 1
+            occ[layer] += len(misses) - (bypass - bypass0)
+            out.append(misses)
+            layer += 1
+        return out, bypass, evicted
 
     def _access_any(self, keys, slots, pos, p, cap, layer) -> tuple[list[int], int, int]:
         """`access_layer` for any policy: its own touch / miss / victim / evict / insert calls

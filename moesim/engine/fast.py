@@ -12,7 +12,7 @@ makes the same cache decisions, and the same floating-point sums, as the SimPy e
 and the path for everything else. tests/test_engine_fast.py checks the two agree on random
 scenarios.
 
-With dedup (a layer's keys distinct) a layer is one `Tier.access_layer` call (`_layers`): the
+With dedup (a layer's keys distinct) a step is one `Tier.access_step` call (`_layers`): the
 tier makes the policy calls that hit_pin / reserve / complete / unpin would, in the same order,
 without the per-key pin and in-flight bookkeeping. Without dedup `_layer` goes key by key.
 """
@@ -82,12 +82,11 @@ class FastPath:
             view = sim.view = _View(sim, plan)
             t_step = now
             rec.step_start(plan, t_step)
-            dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
-                                            + cost.dense_ffn_s(plan.tokens))
+            attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))  # (every layer's)
+            dense = m.first_dense_layers * (attn + cost.dense_ffn_s(plan.tokens))
             if dense + 0.0 > 0:  # (+ 0.0: the on_step_start hook's time, as the SimPy driver adds it)
                 rec.compute_s += dense + 0.0
                 now = now + (dense + 0.0)
-            attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
             if batched:
                 now = self._layers(plan, now, attn)
             else:
@@ -107,39 +106,38 @@ class FastPath:
         return rec
 
     def _layers(self, plan: StepPlan, now: float, attn: float) -> float:
-        """Every MoE layer of a step from `now`, with one `Tier.access_layer` call per layer: what
-        `_layer` does, for distinct keys (dedup). The copies end in issue order (copy j ends d
+        """Every MoE layer of a step from `now`, with one `Tier.access_step` call (the cache decisions
+        of every layer, which no time affects here): what `_layer` does, for distinct keys (dedup). The copies end in issue order (copy j ends d
         after copy j - slots, or after the gate), so the misses' kernels run in issue order too.
         Returns when the last layer ends."""
         sim, rec, pcie, d, slots, eb = self.sim, self.rec, self.pcie, self._d, self._slots, self.eb
-        keys_l = plan.keys
-        flat = np.concatenate(keys_l)
+        if plan.flat is not None:
+            flat, fc, bounds = plan.flat
+        else:  # (a plan not from the scheduler)
+            flat, fc = np.concatenate(plan.keys), np.concatenate(plan.counts)
+            bounds = [0, *np.cumsum([len(k) for k in plan.keys]).tolist()]
         sim.accessed.append(flat)
         allk = flat.tolist()
-        allc = np.concatenate(plan.counts).tolist()
+        allc = fc.tolist()
         costs = list(map(self._ecs.__getitem__, allc))
         shared = self.cost.shared_compute_s(plan.tokens)
-        access, needed = self.gpu.access_layer, rec.pred_needed
+        needed = rec.pred_needed
         t0s, gates, ends_l, busys, stalls, nms, nks = [], [], [], [], [], [], []  # the step's rows (layer_rows)
         pos = self.pos
         log, name = pcie.log, pcie.name
         bt = pcie.busy_time
-        copies = bypass = evicted = saved_all = 0
+        missl, bypass, evicted = self.gpu.access_step(allk, bounds, slots, pos + 1)
+        pos += len(allk)
+        copies = saved_all = 0
         many_tokens = plan.tokens > 1
         attn_row = attn + 0.0  # (attention + the pre-attention hook's time, which costs nothing here)
-        o = 0
-        for layer in range(self.L):
-            nk = len(keys_l[layer])
-            o2 = o + nk
+        for layer, misses, o, o2 in zip(range(self.L), missl, bounds, bounds[1:]):
+            nk = o2 - o
             ks, cs = allk[o:o2], costs[o:o2]
             t0 = now
             now = now + attn_row
             t_gate = now
             needed[layer] += nk
-            misses, byp, ev = access(ks, slots, pos + 1)
-            pos += nk
-            bypass += byp
-            evicted += ev
             busy = shared
             prev = 0
             for i in misses:  # the hits' kernels, in access order
@@ -187,7 +185,6 @@ class FastPath:
             stalls.append(now - t_gate - busy)
             nms.append(nm)
             nks.append(nk)
-            o = o2
         rec.layer_rows(plan, t0s, gates, ends_l, attn_row, busys, stalls, nms, nks)
         self.pos = pos
         pcie.busy_time = bt

@@ -263,8 +263,7 @@ class LoadChain(PinLedger):
         params = self.predictor.params
         protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
         predicted, loads, rec, protected = self.predicted, self.loads, self.rec, self.protected
-        resident = gpu.__contains__
-        pin = self._pin
+        resident, gpu_pin, pin = gpu.__contains__, gpu.pin, self._pin
         last, pset, plist = None, None, None
         for r in sorted(reqs, key=lambda p: (p.step, p.layer, -p.score, p.expert)):
             target = (r.step, r.layer)
@@ -278,9 +277,13 @@ class LoadChain(PinLedger):
                 plist = protected.get(target) if protect else None
             key = r.layer * E + r.expert
             pset.add(key)
-            if key in loads or resident(key):  # on its way or resident: at most protect it
-                if protect:
-                    pin(key)
+            load = loads.get(key)
+            if load is not None or resident(key):  # on its way or resident: at most protect it
+                if protect:  # (_pin, inlined)
+                    if load is not None and not load.reserved:
+                        load.pins += 1
+                    else:
+                        gpu_pin(key)
                     if plist is None:
                         plist = protected[target] = []
                     plist.append(key)

@@ -1,9 +1,10 @@
 """Metrics: counters and per-step × layer rows recorded during a run, and the summary built from
-them. Plain Python lists on the hot path; every _CHUNK rows become a typed chunk, appended to a
+them. Plain Python lists (one per column) on the hot path; every _CHUNK rows become a typed chunk, appended to a
 Parquet file as the run goes when the Recorder is given one (memory flat in trace length), and
 the summary's step statistics are running sums, so it never needs the whole table."""
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from array import array
@@ -27,6 +28,38 @@ STEP_COLUMNS = ("step", "batch", "phase", "layer", "tokens", "start_s", "gate_s"
 _STEP_TYPES = {"step": "int32", "batch": "int32", "phase": pd.CategoricalDtype(["prefill", "decode"]), "layer": "int16", "tokens": "int32",
                "hits": "int32", "late_hits": "int32", "misses": "int32", "unique_experts": "int32",
                "prefetches": "int32", "seqs": "int32", "prefill_tokens": "int32"}
+
+_PHASES = {"prefill": 0, "decode": 1}  # the phase column's dictionary codes (its categories' order)
+
+
+@functools.cache
+def _step_schema():
+    """The Arrow schema of a chunk of step rows, pandas metadata included: what
+    ``pa.Table.from_pandas`` gives for a frame of _STEP_TYPES, so the table reads back as that frame."""
+    import pyarrow as pa
+
+    empty = pd.DataFrame({c: pd.Series([], dtype=_STEP_TYPES.get(c, "float64")) for c in STEP_COLUMNS})
+    return pa.Schema.from_pandas(empty, preserve_index=False)
+
+
+def _rows_table(cols: tuple[list, ...]):
+    """Step rows held column by column (STEP_COLUMNS order; the phase as its _PHASES code) as one
+    Arrow table of _step_schema() (a pandas frame of row tuples and its casts cost several times more)."""
+    import pyarrow as pa
+
+    if not cols[0]:  # as pandas types an empty frame (its float columns untyped), as before
+        empty = pd.DataFrame.from_records([], columns=list(STEP_COLUMNS)).astype(_STEP_TYPES)
+        return pa.Table.from_pandas(empty, preserve_index=False)
+    schema = _step_schema()
+    arrays = []
+    for f, col in zip(schema, cols):
+        if f.name == "phase":
+            codes = pa.array(col, type=f.type.index_type)
+            arrays.append(pa.DictionaryArray.from_arrays(codes, pa.array(list(_PHASES), type=f.type.value_type)))
+        else:
+            arrays.append(pa.array(col, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
 
 REQUEST_COLUMNS = ("request_id", "batch", "arrival_s", "start_s", "first_token_s", "finish_s")
 
@@ -129,7 +162,7 @@ class Recorder:
         self.compute_s = 0.0       # GPU compute-stream busy time
         self.stall_s = 0.0
         self.output_tokens = self.processed_tokens = 0
-        self.rows: list[tuple] = []        # recent step × layer rows ...
+        self._cols = tuple([] for _ in STEP_COLUMNS)  # recent step × layer rows, column by column ...
         self._chunks: list[pd.DataFrame] = []  # ... compacted every _CHUNK rows (memory ~flat)
         self._req_start: dict[int, float] = {}    # admission: start of the request's first step
         self._req_arrival: dict[int, float] = {}
@@ -160,13 +193,15 @@ class Recorder:
         pf = self.prefetch_issued - self._last_prefetch
         self._last_prefetch = self.prefetch_issued
         seqs = len(plan.request_ids)
-        self.rows.append((plan.index, plan.batch, plan.phase, layer, plan.tokens, t0, t_gate, t_end, attn,
-                          busy, stall, hits, late, misses, n_keys, pf, seqs, plan.prefill_tokens))
+        row = (plan.index, plan.batch, _PHASES[plan.phase], layer, plan.tokens, t0, t_gate, t_end, attn,
+               busy, stall, hits, late, misses, n_keys, pf, seqs, plan.prefill_tokens)
+        for col, v in zip(self._cols, row):
+            col.append(v)
         self._rows_n += 1
         self._uniq_sum += n_keys
         if plan.phase == "decode":
             self._decode_rows(plan.index, seqs, 1, n_keys, t0, t_end)
-        if len(self.rows) >= _CHUNK:
+        if len(self._cols[0]) >= _CHUNK:
             self._compact()
 
     def layer_rows(self, plan, t0s, gates, ends, attn, busys, stalls, misses, n_keys) -> None:
@@ -186,14 +221,16 @@ class Recorder:
         self._last_prefetch = self.prefetch_issued
         seqs = len(plan.request_ids)
         hits = [k - m for k, m in zip(n_keys, misses)]
-        self.rows.extend(zip(repeat(plan.index, n), repeat(plan.batch), repeat(plan.phase), range(n),
-                             repeat(plan.tokens), t0s, gates, ends, repeat(attn), busys, stalls, hits, repeat(0),
-                             misses, n_keys, [pf] + [0] * (n - 1), repeat(seqs), repeat(plan.prefill_tokens)))
+        for col, vals in zip(self._cols, (
+                repeat(plan.index, n), repeat(plan.batch, n), repeat(_PHASES[plan.phase], n), range(n),
+                repeat(plan.tokens, n), t0s, gates, ends, repeat(attn, n), busys, stalls, hits, repeat(0, n),
+                misses, n_keys, [pf] + [0] * (n - 1), repeat(seqs, n), repeat(plan.prefill_tokens, n))):
+            col.extend(vals)
         self._rows_n += n
         self._uniq_sum += nk
         if plan.phase == "decode" and n:
             self._decode_rows(plan.index, seqs, n, nk, min(t0s), max(ends))
-        if len(self.rows) >= _CHUNK:
+        if len(self._cols[0]) >= _CHUNK:
             self._compact()
 
     def _decode_rows(self, step: int, seqs: int, n: int, n_keys: int, lo: float, hi: float) -> None:
@@ -224,19 +261,19 @@ class Recorder:
             self._cur = None
 
     def _compact(self) -> None:
-        df = pd.DataFrame.from_records(self.rows, columns=list(STEP_COLUMNS)).astype(_STEP_TYPES)
-        self.rows = []
+        table = _rows_table(self._cols)
+        for col in self._cols:
+            col.clear()
         if self.spill is None:
-            self._chunks.append(df)
+            self._chunks.append(table.to_pandas())
             return
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pandas(df, preserve_index=False)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.spill, table.schema)
+        if self._writer is None:  # (times are all distinct: a dictionary page for them is tried and dropped)
+            self._writer = pq.ParquetWriter(self.spill, table.schema,
+                                            use_dictionary=[c for c in STEP_COLUMNS if not c.endswith("_s")])
         self._writer.write_table(table)
-        self._spilled += len(df)
+        self._spilled += table.num_rows
 
     def step_end(self, plan, t_start: float, t_end: float) -> None:
         self.steps += 1
@@ -268,7 +305,7 @@ class Recorder:
         """The whole step × layer table (read back from the spill file when there is one)."""
         if self.spill is not None:
             return pd.read_parquet(self.steps_file())
-        if self.rows or not self._chunks:
+        if self._cols[0] or not self._chunks:
             self._compact()
         if len(self._chunks) > 1:
             self._chunks = [pd.concat(self._chunks, ignore_index=True)]
@@ -276,7 +313,7 @@ class Recorder:
 
     def steps_file(self) -> Path:
         """Finish the spill file (every row written) and return its path."""
-        if self.rows or self._writer is None:
+        if self._cols[0] or self._writer is None:
             self._compact()
         if self._writer is not None:
             self._writer.close()

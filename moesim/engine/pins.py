@@ -33,11 +33,15 @@ class PinLedger:
     def _unpin_all(self, keys: list[int]) -> None:
         """`_unpin` each of `keys` in order (the end of a layer: one call, not one per key)."""
         stale_pins, loads, unpin = self.stale_pins, self.loads, self.gpu.unpin
-        if stale_pins:
-            for key in keys:
-                self._unpin(key)
-            return
         for key in keys:
+            if stale_pins:  # (_unpin's first case, inlined: one call per layer, not one per key)
+                stale = stale_pins.get(key)
+                if stale:
+                    if stale == 1:
+                        del stale_pins[key]
+                    else:
+                        stale_pins[key] = stale - 1
+                    continue
             load = loads.get(key)
             if load is not None and not load.reserved:
                 load.pins -= 1

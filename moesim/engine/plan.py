@@ -10,6 +10,7 @@ request) until every request is done. The scheduler reproduces it exactly (tests
 """
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class StepPlan:
     prefill_tokens: int = -1                        # prompt tokens among `tokens` (-1: all if prefill)
     admitted: np.ndarray | None = None              # requests whose first step this is
     admitted_arrivals: np.ndarray | None = None     # their arrival times (NaN: closed, = step start)
+    flat: tuple | None = None                       # (keys, counts) concatenated in layer order, and each
+                                                    # layer's start in them (+ the end): None if not kept
 
     def __post_init__(self):
         if self.prefill_tokens < 0:
@@ -59,15 +62,40 @@ def _counts(keys: np.ndarray, n_keys: int, table: bool = True) -> tuple[np.ndarr
 
 def _dedup(routing: np.ndarray, num_experts: int, dedup: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per layer: sorted unique cache keys and their token counts (or one key per pair)."""
+    return _dedup_flat(routing, num_experts, dedup)[:2]
+
+
+def _dedup_flat(routing: np.ndarray, num_experts: int, dedup: bool):
+    """`_dedup`'s per-layer keys and counts, and (the same keys and counts as two flat arrays in
+    layer order, each layer's start in them and the end): what the fast path walks."""
     t, layers, k = routing.shape
-    offs = (np.arange(layers, dtype=np.int64) * num_experts)[None, :, None]
-    keys = (routing.astype(np.int64) + offs).transpose(1, 0, 2).reshape(layers, t * k)
+    offs = _offsets(layers, num_experts)
+    if dedup and t == 1:  # one token (a decode step of one sequence): its top-k sorted, if distinct
+        s = np.sort(routing[0], axis=1).astype(np.int64) + offs
+        if not (s[:, 1:] == s[:, :-1]).any():
+            return _split(s.ravel(), np.ones(layers * k, dtype=np.int64), [i * k for i in range(layers + 1)])
+    keys = (routing.astype(np.int64) + offs[None]).transpose(1, 0, 2).reshape(layers, t * k)
     if not dedup:
-        return list(keys), [np.ones(t * k, dtype=np.int64)] * layers
+        ones = np.ones(t * k, dtype=np.int64)
+        flat = (keys.ravel(), np.ones(layers * t * k, dtype=np.int64), [i * t * k for i in range(layers + 1)])
+        return list(keys), [ones] * layers, flat
     # Keys of layer l lie in [l*E, (l+1)*E): one global count, then split at layer boundaries.
     u, c = _counts(keys, layers * num_experts)
-    b = [0, *np.searchsorted(u, np.arange(1, layers, dtype=np.int64) * num_experts).tolist(), len(u)]
-    return [u[i:j] for i, j in zip(b, b[1:])], [c[i:j] for i, j in zip(b, b[1:])]  # (np.split, without its overhead)
+    return _split(u, c, [0, *np.searchsorted(u, offs[1:, 0]).tolist(), len(u)])
+
+
+def _split(u: np.ndarray, c: np.ndarray, b: list[int]):
+    """Per-layer views of flat keys `u` and counts `c` at layer starts `b` (np.split, without its
+    overhead), and the flat triple."""
+    return [u[i:j] for i, j in zip(b, b[1:])], [c[i:j] for i, j in zip(b, b[1:])], (u, c, b)
+
+
+@functools.cache
+def _offsets(layers: int, num_experts: int) -> np.ndarray:
+    """[layers, 1] int64: each layer's first cache key (read-only: shared by every step)."""
+    offs = (np.arange(layers, dtype=np.int64) * num_experts)[:, None]
+    offs.flags.writeable = False
+    return offs
 
 
 def batch_steps(requests: list, batch_no: int, first_index: int, num_experts: int,

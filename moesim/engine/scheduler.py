@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .plan import StepPlan, _dedup
+from .plan import StepPlan, _dedup_flat
 
 
 class Seq:
@@ -363,7 +363,7 @@ class Scheduler:
             if e is not None:
                 running.append(s)
                 done.append(e)
-        keys, counts = _dedup(routing, self.E, self.dedup)
+        keys, counts, flat = _dedup_flat(routing, self.E, self.dedup)
         plan = StepPlan(index, phase, batch_no, ids, tokens, ctx, routing, keys, counts,
                         tokens * routing.shape[2],
                         np.array(first, dtype=np.int64) if first else None,
@@ -371,6 +371,7 @@ class Scheduler:
                         out_tokens, token_requests)
         plan.prefill_tokens = prefill_tokens
         plan.pre_attn = pre_attn
+        plan.flat = flat
         if with_sc:
             plan.scores = np.concatenate([s.req.scores[d:d + n] for s, d, n in chunks], axis=0)
         if admitted:

@@ -111,6 +111,18 @@ class _View:
         return self._sim.cfg.dedup
 
 
+class _Memo(dict):
+    """f(x) of a pure f, computed once per x: a copy's seconds by its bytes (every copy is one expert)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self._f = f
+
+    def __missing__(self, x):
+        v = self[x] = self._f(x)
+        return v
+
+
 class Simulation(LoadChain):
     """Runs the steps of a scheduler through the timing model and records metrics.
 
@@ -134,7 +146,7 @@ class Simulation(LoadChain):
         rt = cost.runtime
         slow = rt.load_slowdown if rt is not None else 1.0
         self.horizon = ComputeHorizon(self.env, slow) if slow != 1.0 else None  # loads slowed by compute
-        pcie_s, disk_s = (cost.pcie_s, cost.disk_s) if self.horizon is None else \
+        pcie_s, disk_s = (_Memo(cost.pcie_s).__getitem__, _Memo(cost.disk_s).__getitem__) if self.horizon is None else \
             (self.horizon.slowed(cost.pcie_s), self.horizon.slowed(cost.disk_s))
         self.pcie = Channel(self.env, "pcie", cost.hw.pcie_h2d.copy_engines, pcie_s, self._dropped,
                             self.events_log)
@@ -284,14 +296,13 @@ class Simulation(LoadChain):
             yield from self._wait_host(host.work(host.step_s + m.first_dense_layers * host.layer_s))
         gpu_extra = self._hook(pred.on_step_start(view), "on_step_start", plan.tokens)
         # dense blocks before the first MoE block: resident weights, compute only
-        dense = m.first_dense_layers * (cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
-                                        + cost.dense_ffn_s(plan.tokens))
+        attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))  # (every layer's)
+        dense = m.first_dense_layers * (attn + cost.dense_ffn_s(plan.tokens))
         if dense + gpu_extra > 0:
             if self.horizon is not None:
                 self.horizon.busy(dense + gpu_extra)
             rec.compute_s += dense + gpu_extra
             yield env.timeout(dense + gpu_extra)
-        attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
         for layer in range(self.L):
             yield from self._layer(plan, layer, attn)
         view.gated = self.L - 1

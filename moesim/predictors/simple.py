@@ -33,7 +33,7 @@ class Oracle(Predictor):
     def _ahead(self, view, layer: int) -> list[Prefetch]:
         out = []
         for step, lay, experts in view.future(self.params.lookahead_layers, after_layer=layer):
-            out.extend(Prefetch(step, lay, int(e)) for e in experts)
+            out.extend([Prefetch(step, lay, e) for e in experts.tolist()])
         return out
 
     def on_step_start(self, view) -> list[Prefetch]:
