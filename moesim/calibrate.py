@@ -202,7 +202,7 @@ class _Fitter:
         hp = self.hw
         for k, v in zip(self.names, x):
             if k in self.hw_names:
-                _, sec, fld = k.split(".")
+                sec, fld = _hw_field(k)
                 part = getattr(hp, sec)
                 part = part.model_copy(update={fld: float(v), "source": {**part.source, fld: source}})
                 hp = hp.model_copy(update={sec: part})
@@ -241,8 +241,11 @@ class _Fitter:
         """The base runtime's values where they lie strictly inside the bounds, else mid-range."""
         u = []
         for k, lo, hi in zip(self.names, self.lo, self.hi):
-            v = self.base.get(k) if k not in self.hw_names else getattr(getattr(self.hw, k.split(".")[1]),
-                                                                          k.split(".")[2])
+            if k in self.hw_names:
+                sec, fld = _hw_field(k)
+                v = getattr(getattr(self.hw, sec), fld)
+            else:
+                v = self.base.get(k)
             u.append((v - lo) / (hi - lo) if v is not None and lo < v < hi else 0.5)
         return u
 
@@ -281,6 +284,12 @@ def calibrate(pf: PointsFile, points: list[Point], base: RuntimeCosts | None, po
         "name": pf.name,
         "description": pf.description or f"calibrated by moesim calibrate on {Path(points_path).name}"})
     return Calibration(rt, dict(zip(fitter.names, x)), hw, rows, fitter.evaluations, cost)
+
+
+def _hw_field(name: str) -> tuple[str, str]:
+    """`hardware.disk.latency_us` -> ("disk", "latency_us")."""
+    _, sec, fld = name.split(".")
+    return sec, fld
 
 
 def _shared_hardware(pf: PointsFile, points: list[Point], file: str) -> HardwareProfile | None:
