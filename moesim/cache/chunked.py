@@ -112,11 +112,13 @@ def belady_counts(stream, nxt_file: BinaryIO, cap: int, key_lo: int, key_hi: int
     for c0, keys in chunks(stream, chunk):
         keys, pos = _select(c0, keys, E, layer)
         nxt = _read(nxt_file, c0, min(chunk, n - c0))
+        keep = ~_near_previous(nxt, c0, pos, cap)
         if layer is not None:
             nxt = nxt[pos - c0]
         neg = _heap_values(nxt, pos, keys - key_lo, n, K, cap)
+        keep |= neg != 0  # (the rest: sure hits that push nothing)
         missed = []
-        for x, nv in zip(keys.tolist(), neg.tolist()):
+        for x, nv in zip(keys[keep].tolist(), neg[keep].tolist()):
             if x in resident:
                 if nv:
                     push(heap, nv)
@@ -135,6 +137,17 @@ def belady_counts(stream, nxt_file: BinaryIO, cap: int, key_lo: int, key_hi: int
             add(x)
         out += _per_layer(missed, E, L)
     return out
+
+
+def _near_previous(nxt: np.ndarray, c0: int, pos: np.ndarray, cap: int) -> np.ndarray:
+    """Per request at ``pos``: whether its key's previous request is at most ``cap`` positions
+    before it, in this chunk (the chunk's next uses at ``c0``; ``pos`` a subset of its positions).
+    Such a key was not pushed on the heap then, so MIN kept it: the request hits."""
+    end = c0 + nxt.size
+    near = np.zeros(nxt.size, dtype=bool)
+    j = np.flatnonzero((nxt >= 0) & (nxt < end) & (nxt - np.arange(c0, end) <= cap))
+    near[nxt[j] - c0] = True
+    return near[pos - c0]
 
 
 def _heap_values(nxt: np.ndarray, pos: np.ndarray, off: np.ndarray, n: int, K: int, cap: int) -> np.ndarray:
