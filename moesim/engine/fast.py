@@ -18,6 +18,8 @@ without the per-key pin and in-flight bookkeeping. Without dedup `_layer` goes k
 """
 from __future__ import annotations
 
+from itertools import accumulate, repeat
+
 import numpy as np
 
 from .channels import DEMAND
@@ -64,6 +66,7 @@ class FastPath:
         self._slots = sim.pcie.slots
         self._d = sim.cost.pcie_s(sim.eb)  # every copy is one expert: the same duration
         self._ecs = _KernelTimes(sim.cost.expert_compute_s)  # tokens -> one expert kernel's time
+        self._tables: dict[float, tuple[list[float], list[float]]] = {}  # (_one_token)
 
     def run(self):
         """Every step, as Simulation.run does; returns the Recorder."""
@@ -119,8 +122,12 @@ class FastPath:
         sim.accessed.append(flat)
         allk = flat.tolist()
         allc = fc.tolist()
-        costs = list(map(self._ecs.__getitem__, allc))
         shared = self.cost.shared_compute_s(plan.tokens)
+        one = plan.tokens == 1  # every key's count is 1: one kernel time, and the hits' sums from a table
+        if one:
+            cs, sums = self._one_token(shared, len(allk))
+        else:
+            costs = list(map(self._ecs.__getitem__, allc))
         needed = rec.pred_needed
         t0s, gates, ends_l, busys, stalls, nms, nks = [], [], [], [], [], [], []  # the step's rows (layer_rows)
         pos = self.pos
@@ -133,22 +140,26 @@ class FastPath:
         attn_row = attn + 0.0  # (attention + the pre-attention hook's time, which costs nothing here)
         for layer, misses, o, o2 in zip(range(self.L), missl, bounds, bounds[1:]):
             nk = o2 - o
-            ks, cs = allk[o:o2], costs[o:o2]
+            ks = allk[o:o2]
             t0 = now
             now = now + attn_row
             t_gate = now
             needed[layer] += nk
-            busy = shared
-            prev = 0
-            for i in misses:  # the hits' kernels, in access order
-                for c in cs[prev:i]:
+            nm = len(misses)
+            if one:
+                busy = sums[nk - nm]
+            else:
+                cs = costs[o:o2]
+                busy = shared
+                prev = 0
+                for i in misses:  # the hits' kernels, in access order
+                    for c in cs[prev:i]:
+                        busy += c
+                    prev = i + 1
+                for c in cs[prev:]:
                     busy += c
-                prev = i + 1
-            for c in cs[prev:]:
-                busy += c
             busy += 0.0  # the on_gate hook: not implemented, costs nothing
             cursor = t_gate + busy
-            nm = len(misses)
             if nm:
                 if slots == 1 and log is None:  # (the common case, without the list of ends)
                     e = t_gate
@@ -195,6 +206,15 @@ class FastPath:
         rec.saved_loads += saved_all
         sim.gated = (plan.index, self.L - 1)
         return now
+
+    def _one_token(self, shared: float, n: int) -> tuple[list[float], list[float]]:
+        """A one-token step's kernel times (n copies of the one time) and the hits' busy sums:
+        sums[m] = shared + m kernel times, added one at a time as the general loop adds them."""
+        c = self._ecs[1]
+        t = self._tables.get(shared)
+        if t is None or len(t[0]) < n:
+            t = self._tables[shared] = [c] * n, list(accumulate(repeat(c, n), initial=shared))
+        return t
 
     def _layer(self, plan: StepPlan, layer: int, now: float, attn: float) -> float:
         """One MoE layer from `now` (its start): attention, gate, hits and demand copies, expert
