@@ -15,7 +15,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from .policies import get_policy
-from .replay import next_use_positions
+from .replay import next_use_and_first
 
 __all__ = ["CHUNK", "chunks", "spill_next_use", "lru_counts", "belady_counts", "policy_counts"]
 
@@ -48,10 +48,10 @@ def spill_next_use(stream, key_lo: int, key_hi: int, chunk: int = CHUNK) -> Bina
     later = np.full(key_hi - key_lo + 1, -1, dtype=np.int64) if table else {}  # key -> first position after the chunk
     for c0 in reversed(range(0, n, chunk)):
         keys = np.asarray(stream[c0:c0 + chunk], dtype=np.int64) - key_lo
-        nxt = next_use_positions(keys)
+        nxt, first = next_use_and_first(keys)
         tail = nxt < 0                                     # the key's last request in this chunk
         nxt[~tail] += c0
-        uniq, first = np.unique(keys, return_index=True)
+        uniq = keys[first]
         if table:
             nxt[tail] = later[keys[tail]]
             later[uniq] = first + c0
