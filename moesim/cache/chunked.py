@@ -15,7 +15,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from .policies import get_policy
-from .replay import next_use_positions
+from .replay import next_use_and_first
 
 __all__ = ["CHUNK", "chunks", "spill_next_use", "lru_counts", "belady_counts", "policy_counts"]
 
@@ -48,10 +48,10 @@ def spill_next_use(stream, key_lo: int, key_hi: int, chunk: int = CHUNK) -> Bina
     later = np.full(key_hi - key_lo + 1, -1, dtype=np.int64) if table else {}  # key -> first position after the chunk
     for c0 in reversed(range(0, n, chunk)):
         keys = np.asarray(stream[c0:c0 + chunk], dtype=np.int64) - key_lo
-        nxt = next_use_positions(keys)
+        nxt, first = next_use_and_first(keys)
         tail = nxt < 0                                     # the key's last request in this chunk
         nxt[~tail] += c0
-        uniq, first = np.unique(keys, return_index=True)
+        uniq = keys[first]
         if table:
             nxt[tail] = later[keys[tail]]
             later[uniq] = first + c0
@@ -112,11 +112,13 @@ def belady_counts(stream, nxt_file: BinaryIO, cap: int, key_lo: int, key_hi: int
     for c0, keys in chunks(stream, chunk):
         keys, pos = _select(c0, keys, E, layer)
         nxt = _read(nxt_file, c0, min(chunk, n - c0))
+        keep = ~_near_previous(nxt, c0, pos, cap)
         if layer is not None:
             nxt = nxt[pos - c0]
         neg = _heap_values(nxt, pos, keys - key_lo, n, K, cap)
+        keep |= neg != 0  # (the rest: sure hits that push nothing)
         missed = []
-        for x, nv in zip(keys.tolist(), neg.tolist()):
+        for x, nv in zip(keys[keep].tolist(), neg[keep].tolist()):
             if x in resident:
                 if nv:
                     push(heap, nv)
@@ -135,6 +137,17 @@ def belady_counts(stream, nxt_file: BinaryIO, cap: int, key_lo: int, key_hi: int
             add(x)
         out += _per_layer(missed, E, L)
     return out
+
+
+def _near_previous(nxt: np.ndarray, c0: int, pos: np.ndarray, cap: int) -> np.ndarray:
+    """Per request at ``pos``: whether its key's previous request is at most ``cap`` positions
+    before it, in this chunk (the chunk's next uses at ``c0``; ``pos`` a subset of its positions).
+    Such a key was not pushed on the heap then, so MIN kept it: the request hits."""
+    end = c0 + nxt.size
+    near = np.zeros(nxt.size, dtype=bool)
+    j = np.flatnonzero((nxt >= 0) & (nxt < end) & (nxt - np.arange(c0, end) <= cap))
+    near[nxt[j] - c0] = True
+    return near[pos - c0]
 
 
 def _heap_values(nxt: np.ndarray, pos: np.ndarray, off: np.ndarray, n: int, K: int, cap: int) -> np.ndarray:

@@ -87,16 +87,24 @@ def next_use_positions(stream, never: int = -1) -> np.ndarray:
     none. Vectorised: one stable argsort, O(n log n) (a radix sort when the ids span < 65536
     values). Returns int64."""
     a = _as_int_array(stream)
+    if a.size < 2:
+        return np.full(a.size, never, dtype=np.int64)
+    return next_use_and_first(a, never)[0]
+
+
+def next_use_and_first(a: np.ndarray, never: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`next_use_positions` of a non-empty int array, and the position of each distinct id's
+    first request, in increasing id order (``np.unique(a, return_index=True)[1]``), from one sort."""
     n = a.size
-    if n < 2:
-        return np.full(n, never, dtype=np.int64)
     k = _sort_keys(a)
     order = np.argsort(k, kind="stable")
     s = k[order]
+    same = s[1:] == s[:-1]
     out = np.empty(n, dtype=np.int64)
-    out[order[:-1]] = np.where(s[1:] == s[:-1], order[1:], never)
+    out[order[:-1]] = np.where(same, order[1:], never)
     out[order[-1]] = never
-    return out
+    starts = np.flatnonzero(~same) + 1  # where each id but the smallest begins in sorted order
+    return out, order[np.concatenate(([0], starts))]
 
 
 class NextUse:

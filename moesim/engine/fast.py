@@ -18,6 +18,8 @@ without the per-key pin and in-flight bookkeeping. Without dedup `_layer` goes k
 """
 from __future__ import annotations
 
+from itertools import accumulate, repeat
+
 import numpy as np
 
 from .channels import DEMAND
@@ -64,6 +66,7 @@ class FastPath:
         self._slots = sim.pcie.slots
         self._d = sim.cost.pcie_s(sim.eb)  # every copy is one expert: the same duration
         self._ecs = _KernelTimes(sim.cost.expert_compute_s)  # tokens -> one expert kernel's time
+        self._tables: dict[float, tuple[list[float], list[float]]] = {}  # (_one_token)
 
     def run(self):
         """Every step, as Simulation.run does; returns the Recorder."""
@@ -106,23 +109,21 @@ class FastPath:
         return rec
 
     def _layers(self, plan: StepPlan, now: float, attn: float) -> float:
-        """Every MoE layer of a step from `now`, with one `Tier.access_step` call (the cache decisions
-        of every layer, which no time affects here): what `_layer` does, for distinct keys (dedup). The copies end in issue order (copy j ends d
-        after copy j - slots, or after the gate), so the misses' kernels run in issue order too.
-        Returns when the last layer ends."""
+        """Every MoE layer of a step from `now`, with one `Tier.access_step` call for the cache decisions (no
+        time affects them here): what `_layer` does, for distinct keys (dedup). Copies end in issue order (copy
+        j ends d after copy j - slots, or after the gate), so do the misses' kernels. Returns when the last ends."""
         sim, rec, pcie, d, slots, eb = self.sim, self.rec, self.pcie, self._d, self._slots, self.eb
-        if plan.flat is not None:
-            flat, fc, bounds = plan.flat
-        else:  # (a plan not from the scheduler)
-            flat, fc = np.concatenate(plan.keys), np.concatenate(plan.counts)
-            bounds = [0, *np.cumsum([len(k) for k in plan.keys]).tolist()]
+        flat, fc, bounds = plan.flat if plan.flat is not None else _flat(plan)
         sim.accessed.append(flat)
-        allk = flat.tolist()
-        allc = fc.tolist()
-        costs = list(map(self._ecs.__getitem__, allc))
+        allk, allc = flat.tolist(), fc.tolist()
         shared = self.cost.shared_compute_s(plan.tokens)
+        one = plan.tokens == 1  # every key's count is 1: one kernel time, and the hits' sums from a table
+        if one:
+            cs, sums = self._one_token(shared, len(allk))
+        else:
+            costs = list(map(self._ecs.__getitem__, allc))
         needed = rec.pred_needed
-        t0s, gates, ends_l, busys, stalls, nms, nks = [], [], [], [], [], [], []  # the step's rows (layer_rows)
+        rows = []  # the step's rows (layer_rows)
         pos = self.pos
         log, name = pcie.log, pcie.name
         bt = pcie.busy_time
@@ -133,22 +134,19 @@ class FastPath:
         attn_row = attn + 0.0  # (attention + the pre-attention hook's time, which costs nothing here)
         for layer, misses, o, o2 in zip(range(self.L), missl, bounds, bounds[1:]):
             nk = o2 - o
-            ks, cs = allk[o:o2], costs[o:o2]
+            ks = allk[o:o2]
             t0 = now
             now = now + attn_row
             t_gate = now
             needed[layer] += nk
-            busy = shared
-            prev = 0
-            for i in misses:  # the hits' kernels, in access order
-                for c in cs[prev:i]:
-                    busy += c
-                prev = i + 1
-            for c in cs[prev:]:
-                busy += c
+            nm = len(misses)
+            if one:
+                busy = sums[nk - nm]
+            else:
+                cs = costs[o:o2]
+                busy = _hits_busy(shared, cs, misses)
             busy += 0.0  # the on_gate hook: not implemented, costs nothing
             cursor = t_gate + busy
-            nm = len(misses)
             if nm:
                 if slots == 1 and log is None:  # (the common case, without the list of ends)
                     e = t_gate
@@ -178,13 +176,8 @@ class FastPath:
                         saved_all += allc[o + i] - 1
             if cursor > now:
                 now = now + (cursor - now)
-            t0s.append(t0)
-            gates.append(t_gate)
-            ends_l.append(now)
-            busys.append(busy)
-            stalls.append(now - t_gate - busy)
-            nms.append(nm)
-            nks.append(nk)
+            rows.append((t0, t_gate, now, busy, now - t_gate - busy, nm, nk))
+        t0s, gates, ends_l, busys, stalls, nms, nks = zip(*rows)
         rec.layer_rows(plan, t0s, gates, ends_l, attn_row, busys, stalls, nms, nks)
         self.pos = pos
         pcie.busy_time = bt
@@ -195,6 +188,15 @@ class FastPath:
         rec.saved_loads += saved_all
         sim.gated = (plan.index, self.L - 1)
         return now
+
+    def _one_token(self, shared: float, n: int) -> tuple[list[float], list[float]]:
+        """A one-token step's kernel times (n copies of the one time) and the hits' busy sums:
+        sums[m] = shared + m kernel times, added one at a time as the general loop adds them."""
+        c = self._ecs[1]
+        t = self._tables.get(shared)
+        if t is None or len(t[0]) < n:
+            t = self._tables[shared] = [c] * n, list(accumulate(repeat(c, n), initial=shared))
+        return t
 
     def _layer(self, plan: StepPlan, layer: int, now: float, attn: float) -> float:
         """One MoE layer from `now` (its start): attention, gate, hits and demand copies, expert
@@ -333,6 +335,25 @@ class _KernelTimes(dict):
     def __missing__(self, tokens: int) -> float:
         c = self[tokens] = self._ecs(tokens)
         return c
+
+
+def _flat(plan: StepPlan) -> tuple:
+    """(keys, counts, layer starts and the end) of a plan not from the scheduler (no `flat`)."""
+    return (np.concatenate(plan.keys), np.concatenate(plan.counts),
+            [0, *np.cumsum([len(k) for k in plan.keys]).tolist()])
+
+
+def _hits_busy(busy: float, cs: list[float], misses: list[int]) -> float:
+    """`busy` plus the layer's hits' kernel times (`cs` but the `misses`), one at a time in
+    access order."""
+    prev = 0
+    for i in misses:
+        for c in cs[prev:i]:
+            busy += c
+        prev = i + 1
+    for c in cs[prev:]:
+        busy += c
+    return busy
 
 
 def _done(p) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,7 +73,7 @@ def _dedup_flat(routing: np.ndarray, num_experts: int, dedup: bool):
     if dedup and t == 1:  # one token (a decode step of one sequence): its top-k sorted, if distinct
         s = np.sort(routing[0], axis=1).astype(np.int64) + offs
         if not (s[:, 1:] == s[:, :-1]).any():
-            return _split(s.ravel(), np.ones(layers * k, dtype=np.int64), [i * k for i in range(layers + 1)])
+            return _split(s.ravel(), *_ones(layers, k))
     keys = (routing.astype(np.int64) + offs[None]).transpose(1, 0, 2).reshape(layers, t * k)
     if not dedup:
         ones = np.ones(t * k, dtype=np.int64)
@@ -85,9 +85,38 @@ def _dedup_flat(routing: np.ndarray, num_experts: int, dedup: bool):
 
 
 def _split(u: np.ndarray, c: np.ndarray, b: list[int]):
-    """Per-layer views of flat keys `u` and counts `c` at layer starts `b` (np.split, without its
-    overhead), and the flat triple."""
-    return [u[i:j] for i, j in zip(b, b[1:])], [c[i:j] for i, j in zip(b, b[1:])], (u, c, b)
+    """Per-layer views of flat keys `u` and counts `c` at layer starts `b`, and the flat triple."""
+    return _Layers(u, b), _Layers(c, b), (u, c, b)
+
+
+class _Layers(Sequence):
+    """Per-layer views of a flat array at layer starts `b` (and the end), each made when asked for:
+    the fast path walks the flat array and never asks."""
+
+    __slots__ = ("_a", "_b")
+
+    def __init__(self, a: np.ndarray, b: list[int]):
+        self._a, self._b = a, b
+
+    def __len__(self) -> int:
+        return len(self._b) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self._b) - 1
+        if not -n <= i < n:
+            raise IndexError("layer index out of range")
+        i %= n
+        return self._a[self._b[i]:self._b[i + 1]]
+
+
+@functools.cache
+def _ones(layers: int, k: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A one-token step's counts (all 1, read-only: shared by every such step) and layer starts."""
+    ones = np.ones(layers * k, dtype=np.int64)
+    ones.flags.writeable = False
+    return ones, tuple(i * k for i in range(layers + 1))
 
 
 @functools.cache

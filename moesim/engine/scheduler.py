@@ -324,9 +324,13 @@ class Scheduler:
         with_pre = chunks[0][0].req.pre_attn is not None
         pre_attn = None
         with_sc = chunks[0][0].req.scores is not None
-        if all(n == 1 for _, _, n in chunks) and all(d >= s.prompt for s, d, _ in chunks):
+        if all(n == 1 and d >= s.prompt for s, d, n in chunks):
             phase, prefill_tokens = "decode", 0
-            routing = np.stack([s.req.experts[d] for s, d, _ in chunks])
+            if len(chunks) == 1:  # (np.stack of one row, without its overhead)
+                s, d, _ = chunks[0]
+                routing = s.req.experts[d:d + 1].copy()
+            else:
+                routing = np.stack([s.req.experts[d] for s, d, _ in chunks])
             if with_pre:
                 pre_attn = np.stack([s.req.pre_attn[d] for s, d, _ in chunks])
             token_requests = ids
