@@ -74,18 +74,21 @@ def test_each_point_names_a_source_a_group_and_one_measurement(path):
         assert (path.parent / p["scenario"]).is_file(), p["scenario"]
 
 
+MULTI_MODEL = {"moeinfinity-a5000-4pt.points"}  # files allowed one fitted point per model on a GPU (see below)
+
+
 @pytest.mark.parametrize("path", POINTS, ids=lambda p: p.stem)
 def test_one_fitted_point_per_gpu_stack(path):
-    """Every file fits something, never more than one point per GPU/stack and model (a stack may be
-    fitted on several models of one GPU, as moeinfinity-a5000-4pt does to separate its per-block
-    and per-expert host costs), and frees at most as many runtime fields as it fits points; a file
-    fitting on one point is one GPU."""
+    """Every file fits something, never more points than one per GPU/stack, and frees at most as
+    many runtime fields as it fits points; a file fitting on one point is one GPU. The one named
+    exception, moeinfinity-a5000-4pt, fits two host terms of one stack on three models of one GPU
+    (one point each), because one cell cannot separate a per-layer from a per-expert cost."""
     spec = _spec(path)
     fitted = [p for p in spec["points"] if not p["holdout"]]
     assert fitted and 1 <= len(spec["free"]) <= len(fitted)
-    cells = [(sc.hardware.name, sc.model.name)
-             for sc in (load_scenario(path.parent / p["scenario"]) for p in fitted)]
-    assert len(cells) == len(set(cells)), "two fitted points of one model on one GPU"
+    scs = [load_scenario(path.parent / p["scenario"]) for p in fitted]
+    cells = [(sc.hardware.name, sc.model.name) if path.stem in MULTI_MODEL else sc.hardware.name for sc in scs]
+    assert len(cells) == len(set(cells)), "two fitted points on one GPU"
     if len(fitted) == 1:
         assert len({load_scenario(path.parent / p["scenario"]).hardware.name for p in spec["points"]}) == 1
 
