@@ -118,7 +118,7 @@ class LoadChain(PinLedger):
         self._evicted(evicted)
         load.reserved = True
         for _ in range(load.pins):
-            self.gpu.pin(key)
+            self.gpu.pin_held(key)  # (reserved just now: it holds a slot)
         load.pins = 0
         return True
 
@@ -263,7 +263,7 @@ class LoadChain(PinLedger):
         params = self.predictor.params
         protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
         predicted, loads, rec, protected = self.predicted, self.loads, self.rec, self.protected
-        resident, gpu_pin, pin, start = gpu.__contains__, gpu.pin, self._pin, self._start_prefetch
+        resident, pin_held, pin, start = gpu.__contains__, gpu.pin_held, self._pin, self._start_prefetch
         for step, layer, experts, _scores in ranked_blocks(reqs):
             target = (step, layer)
             if target <= cur:
@@ -275,18 +275,22 @@ class LoadChain(PinLedger):
                 predicted[target] = set(keys)
             else:
                 pset.update(keys)
-            plist = protected.get(target) if protect else None
+            plist: list[int] = []  # the keys this answer protects for `target`
             for key in keys:
                 load = loads.get(key)
-                if load is not None or resident(key):  # on its way or resident: at most protect it
-                    if protect:  # (_pin, inlined)
-                        if load is not None and not load.reserved:
-                            load.pins += 1
+                if load is not None:  # on its way: at most protect it (_pin, inlined)
+                    if protect:
+                        if load.reserved:
+                            pin_held(key)
                         else:
-                            gpu_pin(key)
-                        if plist is None:
-                            plist = protected[target] = []
+                            load.pins += 1
                         plist.append(key)
+                    continue
+                if protect:
+                    if pin_held(key):  # resident: protected
+                        plist.append(key)
+                        continue
+                elif resident(key):
                     continue
                 if max_inflight is not None and self.prefetch_inflight >= max_inflight:
                     continue
@@ -299,9 +303,13 @@ class LoadChain(PinLedger):
                     self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
                 if protect and key in loads:  # (a copy with no slot to land in was dropped at once)
                     pin(key)
-                    if plist is None:
-                        plist = protected[target] = []
                     plist.append(key)
+            if plist:
+                held = protected.get(target)
+                if held is None:
+                    protected[target] = plist
+                else:
+                    held.extend(plist)
 
     def _score_predictions(self, target: tuple[int, int], needed: np.ndarray) -> None:
         """Precision/recall of everything predicted for `target` against what it needed."""
