@@ -180,7 +180,9 @@ class LoadChain(PinLedger):
         load = self.loads.pop(t.key)
         if load.counted_inflight:
             self.prefetch_inflight -= 1
-        self._forget_pins(load)
+        if load.pins:  # (_forget_pins, inlined)
+            self.stale_pins[load.key] = self.stale_pins.get(load.key, 0) + load.pins
+            load.pins = 0
         if load.channel is self.disk:
             if load.dram_reserved:
                 self.dram.cancel(t.key)
@@ -263,7 +265,7 @@ class LoadChain(PinLedger):
         params = self.predictor.params
         protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
         predicted, loads, rec, protected = self.predicted, self.loads, self.rec, self.protected
-        resident, pin_held, pin, start = gpu.__contains__, gpu.pin_held, self._pin, self._start_prefetch
+        resident, pin_held, start = gpu.__contains__, gpu.pin_held, self._start_prefetch
         for step, layer, experts, _scores in ranked_blocks(reqs):
             target = (step, layer)
             if target <= cur:
@@ -296,13 +298,16 @@ class LoadChain(PinLedger):
                     continue
                 if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
                     continue
-                start(key, target)
+                load = start(key, target)
                 rec.prefetch_issued += 1
                 self.prefetch_inflight += 1
                 if max_bytes is not None:
                     self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
                 if protect and key in loads:  # (a copy with no slot to land in was dropped at once)
-                    pin(key)
+                    if load.reserved:  # (_pin, inlined: `load` is the key's load)
+                        pin_held(key)
+                    else:
+                        load.pins += 1
                     plist.append(key)
             if plist:
                 held = protected.get(target)
