@@ -1,127 +1,149 @@
-"""Results unchanged? Run every shipped scenario (scenarios/*.yaml, a spread of each sweep's points,
-benchmarks/fidelity/scenarios) and bench_engine.py's trace with each predictor family (lru, belady
-and fifo; global and per-layer caches; batch 1 and 4; on_demand forced on SimPy too) and write one
-digest per run: summary.json without wall-clock fields, and hashes of the steps and requests tables.
+"""Results unchanged? Run every predictor and shipped scenario on two checkouts and diff the outputs.
 
-    PYTHONPATH=<checkout> python benchmarks/same_results.py OUT.json   # from that checkout's root
-    python benchmarks/same_results.py --diff OLD.json NEW.json       # exit 1 when any run differs
+    python benchmarks/same_results.py OLD_ROOT NEW_ROOT [--quick] [-k SUBSTRING]
 
-Run it on the code before a speed change and after (e.g. a `git archive` of the old commit), then
-diff the two files. It takes a few minutes on 2 cores.
+Each checkout runs in a child process of its own (PYTHONPATH=ROOT) on the SimPy engine, writing
+summary.json, steps/requests/events.parquet per case; the parent compares them exactly (the events
+table is every transfer with its start and end, so a changed order of copies shows). Cases: every
+predictor on the quickstart scenario and on a bench trace (olmoe-1b-7b, capacity 256, as
+benchmarks/bench_engine.py), prefetch limits (protect off, max_inflight, max_bytes_per_layer), a
+DRAM tier over the SSD, every scenario file and every point of the shipped sweeps (`--quick`: the
+first two points of each). Exit status 1 when anything differs.
 """
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
-import io
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-
-def digest(df) -> str | None:
-    """A hash of a table's values (floats written in full, so any last-bit change shows)."""
-    if df is None:
-        return None
-    b = io.BytesIO()
-    df.to_csv(b, index=False, float_format="%.17g")
-    return hashlib.sha256(b.getvalue()).hexdigest()
+HERE = Path(__file__).resolve().parent
+PREDICTORS = ("on_demand", "oracle", "topk", "multilook", "intelligent", "activation_matrix", "noisy_oracle")
+TABLES = ("steps", "requests", "events")
 
 
-def strip_wall(d):
-    """The summary without its wall-clock fields (the only ones allowed to change)."""
-    if isinstance(d, dict):
-        return {k: strip_wall(v) for k, v in d.items() if "wall" not in k}
-    if isinstance(d, list):
-        return [strip_wall(x) for x in d]
-    return d
-
-
-def scenarios():
-    """(name, Scenario) of every shipped scenario and of up to ~8 points spread over each sweep."""
-    from moesim.config import apply_overrides, load_scenario, scenario_from_dict
+def cases(root: Path, bench_trace: str, quick: bool) -> dict[str, tuple[dict, Path]]:
+    """name -> (scenario mapping, base dir), read from `root`'s own scenario files."""
+    from moesim.config import apply_overrides, read_yaml
     from moesim.sweep.spec import load_sweep, override_strings
 
-    for f in sorted(glob.glob("scenarios/*.yaml")) + sorted(glob.glob("benchmarks/fidelity/scenarios/*.yaml")):
-        try:
-            yield f, load_scenario(f)
+    out: dict[str, tuple[dict, Path]] = {}
+    sdir = root / "scenarios"
+    quick_data = read_yaml(sdir / "quickstart.yaml")
+    for p in PREDICTORS:
+        out[f"quickstart/{p}"] = (apply_overrides(quick_data, [f"predictor.name={p}"]), sdir)
+    for extra in ("predictor.protect=false", "predictor.max_inflight=3", "predictor.max_bytes_per_layer=40e6",
+                  "batch.size=1"):
+        for p in ("oracle", "topk", "multilook"):
+            out[f"quickstart/{p}/{extra}"] = (apply_overrides(quick_data, [f"predictor.name={p}", extra]), sdir)
+    for p in ("oracle", "topk", "intelligent"):
+        out[f"quickstart/{p}/dram"] = (apply_overrides(quick_data, [f"predictor.name={p}",
+                                                                    "cache.dram.capacity_experts=400"]), sdir)
+    bench = {"name": "bench", "model": "olmoe-1b-7b", "hardware": "a100-80gb-pcie4", "trace": {"path": bench_trace},
+             "cache": {"gpu": {"capacity_experts": 256, "policy": "lru"}}, "batch": {"size": 1}}
+    for p in PREDICTORS:
+        out[f"bench/{p}"] = ({**bench, "predictor": {"name": p}}, sdir)
+    for f in sorted(list(sdir.glob("*.yaml")) + list((root / "benchmarks/fidelity/scenarios").glob("*.yaml"))):
+        data = read_yaml(f)
+        if "base" not in data:
+            out[f"file/{f.name}"] = (data, f.parent)
             continue
-        except Exception:  # a sweep file (or a file for another command): its points below
-            pass
-        try:
-            spec = load_sweep(f)
-        except Exception as e:
-            print(f"skip {f}: {type(e).__name__}", file=sys.stderr)
-            continue
-        pts = spec.points()
-        for p in pts[::max(1, len(pts) // 8)]:
-            data = apply_overrides(spec.base, override_strings(p.overrides), spec.scenario_file)
-            yield f"{f}::{p.label}", scenario_from_dict(data, file=spec.scenario_file, base_dir=Path(spec.base_dir))
+        spec = load_sweep(f)
+        points = spec.points()[:2] if quick else spec.points()
+        for pt in points:
+            out[f"sweep/{f.name}/{pt.id}"] = (apply_overrides(spec.base, override_strings(pt.overrides)),
+                                             Path(spec.base_dir))
+    return out
 
 
-def bench_scenarios(trace: Path):
-    """(name, Scenario, engine) on bench_engine.py's trace: each predictor family and policy."""
+def emit(outdir: Path, bench_trace: str, quick: bool, only: str | None) -> None:
+    """Child: run every case with this process's moesim and write its files under `outdir`."""
     from moesim.config import scenario_from_dict
-
-    base = {"name": "bench", "model": "olmoe-1b-7b", "hardware": "a100-80gb-pcie4", "trace": {"path": str(trace)}}
-    for pol in ("lru", "belady", "fifo"):
-        for pred in ("on_demand", "oracle", "topk", "multilook", "intelligent"):
-            for part, cap in (("global", 256), ("per_layer", 16)):
-                for bs in (1, 4):
-                    if pol != "lru" and (pred not in ("on_demand", "oracle") or bs == 4):
-                        continue
-                    d = dict(base, cache={"gpu": {"capacity_experts": cap, "policy": pol, "partition": part}},
-                             predictor={"name": pred}, batch={"size": bs})
-                    yield f"bench {pol} {pred} {part} bs{bs}", scenario_from_dict(d), "auto"
-    d = dict(base, cache={"gpu": {"capacity_experts": 256, "policy": "lru"}}, predictor={"name": "on_demand"},
-             batch={"size": 1})
-    yield "bench on_demand simpy", scenario_from_dict(d), "simpy"
-
-
-def run_all(out: Path) -> None:
     from moesim.engine.run import simulate
-    from moesim.errors import InputError
+    from moesim.results import write_result
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    for name, (data, base_dir) in cases(Path.cwd(), bench_trace, quick).items():
+        if only and only not in name:
+            continue
+        d = outdir / name.replace("/", "__")
+        try:
+            sc = scenario_from_dict(data, base_dir=base_dir)
+        except Exception as e:  # a scenario this checkout cannot run (needs torch, a checkpoint...)
+            d.mkdir(parents=True)
+            (d / "skipped.txt").write_text(f"{type(e).__name__}: {e}\n")
+            continue
+        write_result(simulate(sc, record_events=True, engine="simpy"), d)
+        print(name, flush=True)
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    """Every difference between two emitted trees, as lines."""
+    import pandas as pd
+
+    diffs = []
+    names = sorted({p.name for p in a.iterdir()} | {p.name for p in b.iterdir()})
+    for n in names:
+        da, db = a / n, b / n
+        if not (da.is_dir() and db.is_dir()):
+            diffs.append(f"{n}: only in {'old' if da.is_dir() else 'new'}")
+            continue
+        if (da / "skipped.txt").exists() or (db / "skipped.txt").exists():
+            if (da / "skipped.txt").exists() != (db / "skipped.txt").exists():
+                diffs.append(f"{n}: skipped in one checkout only")
+            continue
+        if json.loads((da / "summary.json").read_text()) != json.loads((db / "summary.json").read_text()):
+            diffs.append(f"{n}: summary.json differs")
+        for t in TABLES:
+            pa, pb = da / f"{t}.parquet", db / f"{t}.parquet"
+            if pa.exists() != pb.exists():
+                diffs.append(f"{n}: {t}.parquet in one checkout only")
+            elif pa.exists() and not pd.read_parquet(pa).equals(pd.read_parquet(pb)):
+                diffs.append(f"{n}: {t}.parquet differs")
+    return diffs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("old", type=Path)
+    ap.add_argument("new", type=Path)
+    ap.add_argument("--quick", action="store_true", help="two points of each sweep")
+    ap.add_argument("-k", dest="only", help="only cases whose name contains this")
+    ap.add_argument("--emit", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--trace", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.emit:
+        emit(args.emit, args.trace, args.quick, args.only)
+        return 0
+    sys.path.insert(0, str(HERE))
     import bench_engine
 
-    res = {}
-    trace = Path(tempfile.gettempdir()) / "moesim-same-results-bench.parquet"  # (a fixed path: the summary echoes it)
-    bench_engine.make_trace(trace, "olmoe-1b-7b", 8, 240)  # ~256k accesses, seeded: the same file every time
-    runs = [(n, sc, "auto") for n, sc in scenarios()] + list(bench_scenarios(trace))
-    for name, sc, engine in runs:
-        try:
-            r = simulate(sc, engine=engine)
-            res[name] = {"summary": strip_wall(r.summary), "steps": digest(r.steps),
-                         "requests": digest(r.requests), "engine": r.engine}
-        except InputError as e:
-            res[name] = {"error": str(e)}
-        print(name, res[name].get("engine", res[name].get("error")), flush=True)
-    out.write_text(json.dumps(res, indent=1, sort_keys=True, default=str))
-
-
-def diff(a: Path, b: Path) -> int:
-    x, y = json.loads(a.read_text()), json.loads(b.read_text())
-    bad = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
-    for k in bad:
-        print(f"differs: {k}")
-    print(f"{len(x)} and {len(y)} runs: " + ("identical" if not bad else f"{len(bad)} differ"))
-    return 1 if bad else 0
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", nargs="?", type=Path)
-    ap.add_argument("--diff", nargs=2, type=Path, metavar=("OLD", "NEW"))
-    a = ap.parse_args()
-    if a.diff:
-        sys.exit(diff(*a.diff))
-    if a.out is None:
-        ap.error("give OUT.json or --diff OLD NEW")
-    run_all(a.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        trace = tmp / "bench.parquet"
+        bench_engine.make_trace(trace, "olmoe-1b-7b", 4, 120 if args.quick else 240)
+        procs = []
+        for tag, root in (("old", args.old), ("new", args.new)):
+            cmd = [sys.executable, str(Path(__file__).resolve()), str(root), str(root), "--emit", str(tmp / tag),
+                   "--trace", str(trace)] + (["--quick"] if args.quick else []) + (["-k", args.only] if args.only else [])
+            env = {**os.environ, "PYTHONPATH": str(root.resolve())}
+            procs.append(subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL))
+        if any(p.wait() for p in procs):
+            print("a checkout failed to run its cases", file=sys.stderr)
+            return 1
+        diffs = compare(tmp / "old", tmp / "new")
+        n = len(list((tmp / "old").iterdir()))
+        skipped = sorted((tmp / "old").glob("*/skipped.txt"))
+        for f in skipped:
+            print(f"skipped {f.parent.name}: {f.read_text().strip()[:200]}")
+    for d in diffs:
+        print(d)
+    print(f"{n} cases ({len(skipped)} skipped: cannot run here): "
+          f"{'identical' if not diffs else f'{len(diffs)} differences'}")
+    return 1 if diffs else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

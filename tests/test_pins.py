@@ -14,6 +14,10 @@ class _Gpu:
     def unpin(self, key):
         self.pins[key] -= 1
 
+    def unpin_all(self, keys):
+        for key in keys:
+            self.unpin(key)
+
 
 class _Ledger(PinLedger):
     def __init__(self):

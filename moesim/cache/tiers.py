@@ -1,9 +1,8 @@
 """One level of the multi-level expert cache (GPU HBM or host DRAM), as the engine drives it.
 
-Keys are ints ``layer * num_experts + expert``. An entry is either READY (its bytes are there) or
-IN_FLIGHT (a slot reserved for a copy in progress). Both hold a slot. Victims are chosen by the
-tier's eviction policy among READY entries that are not pinned; an IN_FLIGHT or pinned entry is
-never evicted.
+Keys are ints ``layer * num_experts + expert``. An entry is either READY (its bytes are there) or IN_FLIGHT
+(a slot reserved for a copy in progress). Both hold a slot. Victims are chosen by the tier's eviction policy
+among READY entries that are not pinned; an IN_FLIGHT or pinned entry is never evicted.
 
 Lifecycle::
 
@@ -11,19 +10,17 @@ Lifecycle::
     complete(key)                                (IN_FLIGHT -> READY; not an access)
     cancel(key)                                  (IN_FLIGHT -> absent; the slot is freed)
     hit(key, pos) -> bool                        (READY: an access, True; else False, no change)
-    pin(key) / unpin(key)                        (reference counts on a READY or IN_FLIGHT key)
+    pin(key) / unpin(key)                        (reference counts on a READY or IN_FLIGHT key; pin_held, unpin_all)
 
 ``rng`` (a seeded numpy Generator) seeds randomised policies, one spawned child per partition.
 
-``pos`` is the position of the access in the engine's access stream (Belady's clock: the tier
-asks ``next_use(key, pos)`` for the first request of ``key`` after ``pos``). Other policies do
-not look at it.
+``pos`` is the position of the access in the engine's access stream (Belady's clock: the tier asks
+``next_use(key, pos)`` for the first request of ``key`` after ``pos``). Other policies do not look at it.
 
-With ``partition="per_layer"`` the capacity is per layer (one int for every layer, or a sequence
-of one int per layer: see :mod:`moesim.cache.allocation`) and every layer has its own policy
-instance, so a reservation for layer ``l`` can only evict layer-``l`` keys. With ``"global"`` all
-keys share one capacity and one policy. ``capacity=None`` means unbounded (never evicts; no
-policy is kept at all).
+With ``partition="per_layer"`` the capacity is per layer (one int for every layer, or a sequence of one int
+per layer: see :mod:`moesim.cache.allocation`) and every layer has its own policy instance, so a reservation
+for layer ``l`` can only evict layer-``l`` keys. With ``"global"`` all keys share one capacity and one
+policy. ``capacity=None`` means unbounded (never evicts; no policy is kept at all).
 """
 from __future__ import annotations
 
@@ -47,11 +44,7 @@ class _NoPolicy(Policy):
     def insert(self, key, next_use=None):
         pass
 
-    def touch(self, key, next_use=None):
-        pass
-
-    def remove(self, key):
-        pass
+    touch = remove = insert
 
     def victim(self, excluded=()):
         return None
@@ -84,10 +77,9 @@ def _capacity(name: str, capacity) -> int:
 class Tier:
     """One cache level: slots, READY/IN_FLIGHT entries, pins, and an eviction policy per partition.
 
-    Counters: ``reservations`` (successful ``reserve`` calls), ``evictions``, ``completions``,
-    ``cancellations``, ``hits`` is *not* counted here (the engine counts; the hit path stays a
-    dict lookup plus a policy touch). Always ``occupancy() == reservations - evictions -
-    cancellations``.
+    Counters: ``reservations`` (successful ``reserve`` calls), ``evictions``, ``completions``, ``cancellations``;
+    ``hits`` is *not* counted here (the engine counts; the hit path stays a dict lookup plus a policy touch).
+    Always ``occupancy() == reservations - evictions - cancellations``.
     """
 
     __slots__ = ("name", "capacity", "_caps", "policy", "partition", "num_experts", "num_layers", "_next_use",
@@ -186,8 +178,7 @@ class Tier:
     # ---- the hit path ----------------------------------------------------------------------
 
     def hit(self, key: int, pos: int) -> bool:
-        """True, and an access for the policy, if ``key`` is READY; False (nothing changes) if it
-        is absent or IN_FLIGHT. (``hit_pin`` and its pin undone: the rarer call pays the extra.)"""
+        """``hit_pin`` with its pin undone: True and an access if ``key`` is READY; False, no change, if not."""
         if not self.hit_pin(key, pos):
             return False
         self.unpin(key)
@@ -366,11 +357,10 @@ class Tier:
         return layer
 
     def reserve(self, key: int, pos: int) -> list[int] | None:
-        """Allocate a slot for incoming ``key`` (it becomes IN_FLIGHT, an access for the policy),
-        evicting the policy's victim among READY unpinned keys of the same partition if full.
-        Returns the evicted keys (empty if a slot was free), or None -- changing nothing -- when
-        no slot can be freed (capacity 0, or every key of the partition pinned or in flight).
-        Raises ValueError if ``key`` is already READY or IN_FLIGHT."""
+        """Allocate a slot for incoming ``key`` (it becomes IN_FLIGHT, an access for the policy), evicting the
+        policy's victim among READY unpinned keys of the same partition if full. Returns the evicted keys (empty
+        if a slot was free), or None -- changing nothing -- when no slot can be freed (capacity 0, or every key
+        of the partition pinned or in flight). Raises ValueError if ``key`` is already READY or IN_FLIGHT."""
         if key in self._flight or key in self._ready:
             state = "in flight" if key in self._flight else "ready"
             raise ValueError(f"tier {self.name!r}: key {key} is already {state}; cannot reserve it again")
@@ -429,24 +419,34 @@ class Tier:
     def pin(self, key: int) -> None:
         """Add a reference to a READY or IN_FLIGHT key: it is never evicted while pinned.
         KeyError if the key holds no slot."""
-        if key not in self._ready and key not in self._flight:
+        if not self.pin_held(key):
             raise KeyError(f"tier {self.name!r}: cannot pin key {key}: not resident or in flight")
-        pins = self._pins
-        pins[key] = pins.get(key, 0) + 1
+
+    def pin_held(self, key: int) -> bool:
+        """``pin`` a key that holds a slot and say True; False, changing nothing, if it holds none."""
+        if key not in self._ready and key not in self._flight:
+            return False
+        self._pins[key] = self._pins.get(key, 0) + 1
         self._blocked.add(key)
+        return True
 
     def unpin(self, key: int) -> None:
         """Drop one reference (KeyError if ``key`` is not pinned)."""
-        pins = self._pins
-        c = pins.get(key)
-        if c is None:
-            raise KeyError(f"tier {self.name!r}: key {key} is not pinned")
-        if c > 1:
-            pins[key] = c - 1
-            return
-        del pins[key]
-        if key not in self._flight:
-            self._blocked.discard(key)
+        self.unpin_all((key,))
+
+    def unpin_all(self, keys) -> None:
+        """``unpin`` each of ``keys`` in order: one call for a layer's (or a protection's) keys."""
+        pins, flight, blocked = self._pins, self._flight, self._blocked
+        for key in keys:
+            c = pins.get(key)
+            if c is None:
+                raise KeyError(f"tier {self.name!r}: key {key} is not pinned")
+            if c > 1:
+                pins[key] = c - 1
+            else:
+                del pins[key]
+                if key not in flight:
+                    blocked.discard(key)
 
     def resize(self, capacity: int) -> list[int]:
         """Set a global tier's capacity (the KV cache grew or shrank), evicting the policy's victims

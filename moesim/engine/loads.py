@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .channels import DEMAND, PREFETCH, Transfer
-from ..predictors.base import Prefetch
+from ..predictors.base import Prefetch, ranked_blocks
 from .pins import PinLedger
 
 
@@ -118,7 +118,7 @@ class LoadChain(PinLedger):
         self._evicted(evicted)
         load.reserved = True
         for _ in range(load.pins):
-            self.gpu.pin(key)
+            self.gpu.pin_held(key)  # (reserved just now: it holds a slot)
         load.pins = 0
         return True
 
@@ -180,7 +180,9 @@ class LoadChain(PinLedger):
         load = self.loads.pop(t.key)
         if load.counted_inflight:
             self.prefetch_inflight -= 1
-        self._forget_pins(load)
+        if load.pins:  # (_forget_pins, inlined)
+            self.stale_pins[load.key] = self.stale_pins.get(load.key, 0) + load.pins
+            load.pins = 0
         if load.channel is self.disk:
             if load.dram_reserved:
                 self.dram.cancel(t.key)
@@ -253,55 +255,66 @@ class LoadChain(PinLedger):
     # ---- prefetch ----------------------------------------------------------------------------
 
     def _issue(self, reqs: list[Prefetch]) -> None:
-        """Start the prefetches of a predictor's answer, best first per target. A target already
-        gated, an expert resident or on its way, or one over the in-flight/byte budget starts no
-        copy (and builds nothing); with `protect` the predicted expert is pinned until its target
-        layer has run (as _protect, inlined)."""
+        """Start the prefetches of a predictor's answer, target by target, best first (its Ranked
+        blocks, see predictors/base.py). A target already gated, an expert resident or on its way,
+        or one over the in-flight/byte budget starts no copy (and builds nothing); with `protect`
+        the predicted expert is pinned until its target layer has run (as _protect, inlined)."""
         if not reqs:
             return
         E, gpu, cur, eb = self.E, self.gpu, self.gated, self.eb
         params = self.predictor.params
         protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
         predicted, loads, rec, protected = self.predicted, self.loads, self.rec, self.protected
-        resident, gpu_pin, pin = gpu.__contains__, gpu.pin, self._pin
-        last, pset, plist = None, None, None
-        for r in sorted(reqs, key=lambda p: (p.step, p.layer, -p.score, p.expert)):
-            target = (r.step, r.layer)
+        resident, pin_held, start = gpu.__contains__, gpu.pin_held, self._start_prefetch
+        for step, layer, experts, _scores in ranked_blocks(reqs):
+            target = (step, layer)
             if target <= cur:
                 continue
-            if target != last:
-                last = target
-                pset = predicted.get(target)
-                if pset is None:
-                    pset = predicted[target] = set()
-                plist = protected.get(target) if protect else None
-            key = r.layer * E + r.expert
-            pset.add(key)
-            load = loads.get(key)
-            if load is not None or resident(key):  # on its way or resident: at most protect it
-                if protect:  # (_pin, inlined)
-                    if load is not None and not load.reserved:
-                        load.pins += 1
+            base = layer * E
+            keys = [base + e for e in experts]
+            pset = predicted.get(target)
+            if pset is None:
+                predicted[target] = set(keys)
+            else:
+                pset.update(keys)
+            plist: list[int] = []  # the keys this answer protects for `target`
+            for key in keys:
+                load = loads.get(key)
+                if load is not None:  # on its way: at most protect it (_pin, inlined)
+                    if protect:
+                        if load.reserved:
+                            pin_held(key)
+                        else:
+                            load.pins += 1
+                        plist.append(key)
+                    continue
+                if protect:
+                    if pin_held(key):  # resident: protected
+                        plist.append(key)
+                        continue
+                elif resident(key):
+                    continue
+                if max_inflight is not None and self.prefetch_inflight >= max_inflight:
+                    continue
+                if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
+                    continue
+                load = start(key, target)
+                rec.prefetch_issued += 1
+                self.prefetch_inflight += 1
+                if max_bytes is not None:
+                    self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
+                if protect and key in loads:  # (a copy with no slot to land in was dropped at once)
+                    if load.reserved:  # (_pin, inlined: `load` is the key's load)
+                        pin_held(key)
                     else:
-                        gpu_pin(key)
-                    if plist is None:
-                        plist = protected[target] = []
+                        load.pins += 1
                     plist.append(key)
-                continue
-            if max_inflight is not None and self.prefetch_inflight >= max_inflight:
-                continue
-            if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
-                continue
-            self._start_prefetch(key, target)
-            rec.prefetch_issued += 1
-            self.prefetch_inflight += 1
-            if max_bytes is not None:
-                self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
-            if protect and key in loads:  # (a copy with no slot to land in was dropped at once)
-                pin(key)
-                if plist is None:
-                    plist = protected[target] = []
-                plist.append(key)
+            if plist:
+                held = protected.get(target)
+                if held is None:
+                    protected[target] = plist
+                else:
+                    held.extend(plist)
 
     def _score_predictions(self, target: tuple[int, int], needed: np.ndarray) -> None:
         """Precision/recall of everything predicted for `target` against what it needed."""

@@ -31,8 +31,10 @@ class PinLedger:
             self.gpu.unpin(key)
 
     def _unpin_all(self, keys: list[int]) -> None:
-        """`_unpin` each of `keys` in order (the end of a layer: one call, not one per key)."""
-        stale_pins, loads, unpin = self.stale_pins, self.loads, self.gpu.unpin
+        """`_unpin` each of `keys` in order (the end of a layer: one call, not one per key; the
+        tier's unpins in one tier call)."""
+        stale_pins, loads = self.stale_pins, self.loads
+        tier: list[int] = []
         for key in keys:
             if stale_pins:  # (_unpin's first case, inlined: one call per layer, not one per key)
                 stale = stale_pins.get(key)
@@ -46,7 +48,8 @@ class PinLedger:
             if load is not None and not load.reserved:
                 load.pins -= 1
             else:
-                unpin(key)
+                tier.append(key)
+        self.gpu.unpin_all(tier)
 
     def _forget_pins(self, load) -> None:
         """A load that never got a slot took its waiting pins with it."""

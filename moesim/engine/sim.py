@@ -325,7 +325,8 @@ class Simulation(LoadChain):
         if host is not None:  # the layer's host work, then its attention is issued
             yield from self._wait_host(host.work(host.layer_s))
         view.pre_attn_layer = layer
-        pre = self._hook(self.predictor.on_pre_attention(view, layer), "on_pre_attention", plan.tokens)
+        pre = self._hook(self.predictor.on_pre_attention(view, layer), "on_pre_attention", plan.tokens) \
+            if self._implements["on_pre_attention"] else 0.0  # (the base hook answers nothing and costs nothing)
         if self.horizon is not None:
             self.horizon.busy(pre + attn)
         yield env.timeout(pre + attn)

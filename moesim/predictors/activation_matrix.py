@@ -139,17 +139,15 @@ class ActivationMatrix(LayerAheadPredictor):
         return best, ok
 
     def _predict(self, view, layer: int, best: np.ndarray, ok: np.ndarray) -> list[Prefetch]:
-        out: list[Prefetch] = []
         if not ok.any():
-            return out
+            return []
         b = best[ok]
         np.add.at(self.access, b, np.int64(1))
         r = self.store_ratio[b[:, None], self._target_lay[layer][None, :]]   # [n, h, E]
         if self.params.min_ratio > 0:
             r = np.where(r > self.params.min_ratio, r, 0.0)
         score = r.sum(axis=0) * self._decay[1:len(self._targets[layer]) + 1, None]
-        self._emit_all(out, view, layer, score)
-        return out
+        return self._emit_all(view, layer, score)
 
     # -- hooks --
 

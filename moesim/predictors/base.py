@@ -22,6 +22,63 @@ class Prefetch(NamedTuple):
     score: float = 1.0
 
 
+def issue_order(p: Prefetch) -> tuple:
+    """The order the engine issues requests in: target, then best score first, then lower expert id."""
+    return p.step, p.layer, -p.score, p.expert
+
+
+class Ranked:
+    """A hook's answer as one block per target, already in `issue_order`: targets ascending, each
+    block's experts best score first (ties: lower id first). It reads as a sequence of Prefetch,
+    but the engine walks the blocks and neither sorts nor builds a Prefetch per request."""
+
+    __slots__ = ("blocks",)
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[int, int, list[int], list[float]]] = []
+
+    def add(self, step: int, layer: int, experts: list[int], scores: list[float]) -> None:
+        """Append the block of target (step, layer), after every block added so far."""
+        if experts:
+            self.blocks.append((step, layer, experts, scores))
+
+    def __iter__(self):
+        for step, layer, experts, scores in self.blocks:
+            for e, s in zip(experts, scores):
+                yield Prefetch(step, layer, e, s)
+
+    def __len__(self) -> int:
+        return sum(len(b[2]) for b in self.blocks)
+
+    def __bool__(self) -> bool:
+        return bool(self.blocks)
+
+    def __getitem__(self, i):
+        return list(self)[i]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Ranked({list(self)!r})"
+
+
+def ranked_blocks(reqs) -> list[tuple[int, int, list[int], list[float]]]:
+    """Any hook answer as Ranked blocks: a Ranked's own, else its requests sorted by `issue_order`
+    and grouped by target."""
+    if type(reqs) is Ranked:
+        return reqs.blocks
+    blocks: list = []
+    last, experts, scores = None, None, None
+    for p in sorted(reqs, key=issue_order):
+        if (p.step, p.layer) != last:
+            last, experts, scores = (p.step, p.layer), [], []
+            blocks.append((p.step, p.layer, experts, scores))
+        experts.append(p.expert)
+        scores.append(p.score)
+    return blocks
+
+
 class PredictorParams(BaseModel):
     """Parameters every predictor has; subclasses add their own (unknown keys are errors)."""
 
@@ -63,7 +120,7 @@ class StepView(Protocol):
 
 
 class Predictor:
-    """Base class: hooks return lists of Prefetch; default is to prefetch nothing."""
+    """Base class: hooks return lists of Prefetch (or a Ranked); default is to prefetch nothing."""
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[PredictorParams]] = PredictorParams

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from .base import Prefetch
+from .base import Prefetch, Ranked
 from .registry import register
 from .topk import HistoryParams, HistoryPredictor, sample_rows
 
@@ -120,7 +120,7 @@ class Intelligent(HistoryPredictor):
         if ctx is not None and ctx[0].shape[0]:
             te, src, enough = ctx
             rows = self.P[src][te]                                          # [T', k, E]
-        out: list[Prefetch] = []
+        out = Ranked()
         # per token at most transition_k / pattern_k experts: the k-th largest q of each row
         kth = [E - min(p.transition_k, E), E - min(p.pattern_k, E)]
         w = self.weights
@@ -144,10 +144,11 @@ class Intelligent(HistoryPredictor):
                 self._pending[(step, lay)] = masks
             fused = w @ masks
             best = np.argsort(-(fused + tie), kind="stable")[:p.max_per_layer]
-            for e, f in zip(best.tolist(), fused[best].tolist()):
-                if f <= 0:
-                    break
-                out.append(Prefetch(step, lay, e, f))
+            f = fused[best]
+            stop = np.flatnonzero(f <= 0)
+            n = int(stop[0]) if stop.size else f.size  # up to the first f <= 0
+            keep = best[:n][np.lexsort((best[:n], -f[:n]))]  # the engine's issue order: best fused first
+            out.add(step, lay, keep.tolist(), fused[keep].tolist())
         return out
 
     # -- online weight adaptation --

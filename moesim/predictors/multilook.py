@@ -293,9 +293,7 @@ class MultiLook(HistoryPredictor):
                         slots = slots[self.store.trusted[slots]]
                     if slots.size:
                         np.maximum(score, -np.expm1(self.store.lq[slots].sum(axis=0)), out=score)
-        out: list[Prefetch] = []
-        self._emit_all(out, view, layer, score)
-        return out
+        return self._emit_all(view, layer, score)
 
     # -- hooks --
 

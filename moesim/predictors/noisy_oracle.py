@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from .base import Prefetch
+from .base import Prefetch, Ranked
 from .registry import register
 from .simple import Oracle, OracleParams
 
@@ -58,7 +58,8 @@ class NoisyOracle(Oracle):
         if len(self._drawn) > 4 * (self.params.lookahead_layers + self.model.num_layers):
             now = (view.step, layer)
             self._drawn = {k: v for k, v in self._drawn.items() if k > now}
-        out = []
+        out = Ranked()  # every score 1.0: each target's experts in id order (union1d sorts them)
         for step, lay, experts in view.future(self.params.lookahead_layers, after_layer=layer):
-            out.extend(Prefetch(step, lay, int(e)) for e in self._noisy(step, lay, experts))
+            es = self._noisy(step, lay, experts).tolist()
+            out.add(step, lay, es, [1.0] * len(es))
         return out

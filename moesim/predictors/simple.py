@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import Predictor, PredictorParams, Prefetch
+from .base import Predictor, PredictorParams, Prefetch, Ranked
 from .registry import register
 
 
@@ -30,10 +30,11 @@ class Oracle(Predictor):
     def lookahead_steps(self) -> int:
         return -(-self.params.lookahead_layers // self.model.num_layers)
 
-    def _ahead(self, view, layer: int) -> list[Prefetch]:
-        out = []
+    def _ahead(self, view, layer: int) -> Ranked:
+        out = Ranked()  # every score 1.0: each target's experts in id order
         for step, lay, experts in view.future(self.params.lookahead_layers, after_layer=layer):
-            out.extend([Prefetch(step, lay, e) for e in experts.tolist()])
+            es = sorted(experts.tolist())
+            out.add(step, lay, es, [1.0] * len(es))
         return out
 
     def on_step_start(self, view) -> list[Prefetch]:

@@ -11,12 +11,11 @@ batch as a whole: a union over its tokens, ranked by score and capped at `max_pe
 from __future__ import annotations
 
 from collections import OrderedDict
-from itertools import repeat
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from .base import Predictor, PredictorParams, Prefetch
+from .base import Predictor, PredictorParams, Prefetch, Ranked
 from .registry import register
 
 # ---------------------------------------------------------------------------------------------
@@ -128,17 +127,18 @@ class LayerAheadPredictor(Predictor):
 
     # -- emission --
 
-    def _emit_all(self, out: list, view, layer: int, scores: np.ndarray) -> None:
+    def _emit_all(self, view, layer: int, scores: np.ndarray) -> Ranked:
         """Emit scores[i] ([targets, E]) for the i-th target after `layer`: the `max_per_layer`
-        best experts with a positive score each (ties: lower id first)."""
+        best experts with a positive score each (ties: lower id first, the engine's issue order)."""
         cap = min(self._cap, self.E)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :cap]
         vals = scores[np.arange(scores.shape[0])[:, None], order]
         counts = (vals > 0).sum(axis=1).tolist()
-        step = view.step
+        step, out = view.step, Ranked()
         for (_d, off, lay), es, vs, n in zip(self._targets[layer], order.tolist(), vals.tolist(), counts):
             if n:
-                out.extend(map(Prefetch, repeat(step + off, n), repeat(lay, n), es[:n], vs[:n]))
+                out.add(step + off, lay, es[:n], vs[:n])
+        return out
 
 
 class HistoryParams(AheadParams):
@@ -298,17 +298,15 @@ class TopK(LayerAheadPredictor):
         lists = []
         for l in range(self.L):
             idx = order[l][members[l, order[l]]]
-            lists.append((idx.tolist(), self.scores[l, idx].tolist()))
+            ranked = sorted(zip(self.scores[l, idx].tolist(), idx.tolist()), key=lambda t: (-t[0], t[1]))
+            lists.append(([e for _s, e in ranked], [s for s, _e in ranked]))  # in the engine's issue order
         self._lists = lists
 
-    def _predict(self, view, layer: int) -> list[Prefetch]:
-        out: list[Prefetch] = []
-        step = view.step
+    def _predict(self, view, layer: int) -> Ranked:
+        out, step, lists = Ranked(), view.step, self._lists
         for _d, off, lay in self._targets[layer]:
-            experts, scores = self._lists[lay]
-            if experts:
-                s = step + off
-                out.extend(Prefetch(s, lay, e, v) for e, v in zip(experts, scores))
+            experts, scores = lists[lay]
+            out.add(step + off, lay, experts, scores)  # (the lists are shared, read-only)
         return out
 
     def on_step_start(self, view) -> list[Prefetch]:
