@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from moesim.engine.metrics import _CHUNK, Recorder
-from moesim.engine.plan import StepPlan, _counts
+from moesim.engine.plan import StepPlan, _counts, _dedup_flat, one_token_keys
 from moesim.models import get_preset
 
 
@@ -76,3 +76,28 @@ def test_layer_rows_mixed_with_layer_row_and_over_a_chunk(tmp_path):
     _steps(a, b, steps, np.random.default_rng(3), whole=lambda i: i < steps - 3)
     pd.testing.assert_frame_equal(pd.read_parquet(a.steps_file()), pd.read_parquet(b.steps_file()),
                                   check_exact=True)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_one_token_keys_equals_dedup_flat(seed):
+    """The per-block sorted keys of one-token steps give `_dedup_flat`'s triple for every token (and
+    None where a token repeats an expert in a layer), whatever order the tokens are asked in."""
+    rng = np.random.default_rng(seed)
+    E, L = int(rng.integers(2, 70)), int(rng.integers(1, 20))
+    k = int(rng.integers(1, min(E, 8) + 1))
+    T = int(rng.integers(1, 200))
+    experts = rng.integers(0, E, size=(T, L, k)).astype(np.int16)
+    distinct = np.argsort(rng.random((T, L, E)), axis=2)[:, :, :k].astype(np.int16)  # top-k as routers give
+    experts = np.where(rng.random(T)[:, None, None] < 0.8, distinct, experts)
+    block = None
+    order = list(range(len(experts))) + rng.integers(0, len(experts), size=20).tolist()
+    for d in order:
+        got, block = one_token_keys(experts, d, E, block)
+        u, c, b = _dedup_flat(experts[d:d + 1].copy(), E, True)[2]
+        srt = np.sort(experts[d], axis=1)
+        if (srt[:, 1:] == srt[:, :-1]).any():
+            assert got is None
+            continue
+        gu, gc, gb = got[2]
+        assert gu.dtype == u.dtype and np.array_equal(gu, u) and np.array_equal(gc, c) and list(gb) == list(b)
+        assert [x.tolist() for x in got[0]] == [x.tolist() for x in _dedup_flat(experts[d:d + 1].copy(), E, True)[0]]
