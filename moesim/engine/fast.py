@@ -134,7 +134,6 @@ class FastPath:
         attn_row = attn + 0.0  # (attention + the pre-attention hook's time, which costs nothing here)
         for layer, misses, o, o2 in zip(range(self.L), missl, bounds, bounds[1:]):
             nk = o2 - o
-            ks = allk[o:o2]
             t0 = now
             now = now + attn_row
             t_gate = now
@@ -159,6 +158,7 @@ class FastPath:
                     now = e
                 else:
                     ends: list[float] = []
+                    ks = allk[o:o2]
                     for j, i in enumerate(misses):
                         s = t_gate if j < slots else ends[j - slots]
                         e = s + d
