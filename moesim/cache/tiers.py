@@ -25,7 +25,6 @@ policy. ``capacity=None`` means unbounded (never evicts; no policy is kept at al
 from __future__ import annotations
 
 import operator
-from itertools import repeat
 from typing import Callable
 
 from .policies import LRU, Policy, get_policy, policy_class

@@ -8,7 +8,6 @@ import functools
 import math
 import tempfile
 from array import array
-from itertools import repeat
 from pathlib import Path
 
 import numpy as np

@@ -96,6 +96,7 @@ def one_token_keys(experts: np.ndarray, d: int, num_experts: int, block: tuple |
         r = experts[d:d + _BLOCK]
         t, layers, k = r.shape
         s = np.sort(r, axis=2).astype(np.int64) + _offsets(layers, num_experts)[None]
+        s.flags.writeable = False  # (steps' keys are views of it)
         block = (d, s, ~(s[:, :, 1:] == s[:, :, :-1]).any(axis=(1, 2)))
     start, s, ok = block
     if not ok[d - start]:

@@ -9,7 +9,8 @@ import numpy as np
 
 
 class StepRecords:
-    """Steps recorded whole, oldest first, until they become rows (STEP_COLUMNS order). Each record: its row count, the step's scalars (step, batch, phase code, tokens, attention_s,
+    """Steps recorded whole, oldest first, until they become rows (metrics.STEP_COLUMNS order).
+    Each record: its row count, the step's scalars (step, batch, phase code, tokens, attention_s,
     prefetches, seqs, prefill_tokens) and its per-layer sequences (start_s, gate_s, end_s,
     compute_s, stall_s, misses, unique_experts)."""
 
