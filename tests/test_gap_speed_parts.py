@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from moesim.cache import chunked
 from moesim.cache.chunked import belady_counts, spill_next_use
 from moesim.cache.replay import miss_flags, next_use_and_first, next_use_positions
 from moesim.engine.plan import _dedup_flat
@@ -20,8 +21,12 @@ def test_next_use_and_first_equals_np_unique(n, hi):
 
 @pytest.mark.parametrize("cap", [1, 3, 8, 11])
 @pytest.mark.parametrize("chunk", [16, 50, 1 << 16])
-def test_belady_with_sure_hits_skipped_equals_whole_array_replay(cap, chunk):
-    # 2 layers × 6 experts, heavy reuse: most requests' previous and next ones lie within `cap`
+@pytest.mark.parametrize("flags", ["bytearray", "set"])
+def test_belady_with_sure_hits_skipped_equals_whole_array_replay(cap, chunk, flags, monkeypatch):
+    # 2 layers × 6 experts, heavy reuse: most requests' previous and next ones lie within `cap`;
+    # residency as a bytearray per key, or as the set kept for key ranges too wide for one
+    if flags == "set":
+        monkeypatch.setattr(chunked, "TABLE_KEYS", 0)
     rng = np.random.default_rng(cap)
     s = rng.choice(12, size=3000, p=np.r_[np.full(4, 0.2), np.full(8, 0.025)])
     E, L = 6, 2

@@ -91,6 +91,9 @@ def lru_counts(stream, cap: int, E: int, L: int, layer: int | None = None, chunk
     return out
 
 
+TABLE_KEYS = 1 << 24  # key ranges up to which a replay keeps a flag per key
+
+
 def _per_layer(missed: list[int], E: int, L: int) -> np.ndarray:
     return np.bincount(np.asarray(missed, dtype=np.int64) // E, minlength=L)[:L]
 
@@ -99,12 +102,12 @@ def belady_counts(stream, nxt_file: BinaryIO, cap: int, key_lo: int, key_hi: int
                   layer: int | None = None, chunk: int = CHUNK) -> np.ndarray:
     """Per-layer misses of Belady's MIN, as moesim.cache.replay._replay_belady, reading the next
     uses from ``nxt_file`` (:func:`spill_next_use`). A heap entry is -(next use * K + key offset),
-    so the evicted key is read off the entry instead of looked up in the stream."""
+    so the evicted key is read off the entry instead of looked up in the stream; residency is a
+    flag per key offset (a bytearray, or a set for a key range over TABLE_KEYS)."""
     n = len(stream)
     K = key_hi - key_lo + 1
     out = np.zeros(L, dtype=np.int64)
-    resident: set[int] = set()
-    add, discard = resident.add, resident.remove
+    resident = bytearray(K) if K <= TABLE_KEYS else _FlagSet()
     heap: list[int] = []
     push, pop, replace = heapq.heappush, heapq.heappop, heapq.heapreplace
     limit = 8 * cap + 1024
@@ -115,11 +118,12 @@ def belady_counts(stream, nxt_file: BinaryIO, cap: int, key_lo: int, key_hi: int
         keep = ~_near_previous(nxt, c0, pos, cap)
         if layer is not None:
             nxt = nxt[pos - c0]
-        neg = _heap_values(nxt, pos, keys - key_lo, n, K, cap)
+        off = keys - key_lo
+        neg = _heap_values(nxt, pos, off, n, K, cap)
         keep |= neg != 0  # (the rest: sure hits that push nothing)
         missed = []
-        for x, nv in zip(keys[keep].tolist(), neg[keep].tolist()):
-            if x in resident:
+        for x, nv in zip(off[keep].tolist(), neg[keep].tolist()):
+            if resident[x]:
                 if nv:
                     push(heap, nv)
                 continue
@@ -130,13 +134,26 @@ def belady_counts(stream, nxt_file: BinaryIO, cap: int, key_lo: int, key_hi: int
                     push(heap, nv)
             else:
                 v = replace(heap, nv) if nv else pop(heap)
-                discard((-v) % K + key_lo)
+                resident[(-v) % K] = 0
                 if len(heap) > limit:
                     heap.sort()
                     del heap[size:]
-            add(x)
-        out += _per_layer(missed, E, L)
+            resident[x] = 1
+        out += _per_layer(np.asarray(missed, dtype=np.int64) + key_lo, E, L)
     return out
+
+
+class _FlagSet(set):
+    """Residency flags by key offset as a set, for key ranges too wide for a bytearray."""
+
+    def __getitem__(self, x: int) -> bool:
+        return x in self
+
+    def __setitem__(self, x: int, flag: int) -> None:
+        if flag:
+            self.add(x)
+        else:
+            self.discard(x)
 
 
 def _near_previous(nxt: np.ndarray, c0: int, pos: np.ndarray, cap: int) -> np.ndarray:

@@ -25,7 +25,6 @@ policy. ``capacity=None`` means unbounded (never evicts; no policy is kept at al
 from __future__ import annotations
 
 import operator
-from itertools import chain, repeat
 from typing import Callable
 
 from .policies import LRU, Policy, get_policy, policy_class
@@ -203,15 +202,12 @@ class Tier:
     # ---- one layer in one call (the contention-free engine) ---------------------------------
 
     def access_layer(self, keys: list[int], slots: int, pos: int) -> tuple[list[int], int, int]:
-        """One layer's accesses as engine/fast.py makes them, in one call (its hot path): `keys`
-        are distinct keys of one layer at stream positions pos, pos + 1, ..., and nothing is
-        pinned or in flight before. A READY key is a hit (touched, pinned until the end). Any
-        other key is a miss whose slot is reserved (`reserve`) at once for the first `slots`
-        misses, and for the rest after all the accesses, in order, at the last position (as
-        their copies start); a miss with no evictable slot is not cached (bypass). At the end
-        every reserved key is READY and nothing is pinned: the policy sees the same calls, in the
-        same order, as hit_pin / reserve / complete / unpin would make. Returns (indices of the
-        misses in `keys`, bypassed, evicted)."""
+        """One layer's accesses as engine/fast.py makes them, in one call (its hot path): `keys` are distinct keys of
+        one layer at positions pos, pos + 1, ..., nothing pinned or in flight before. A READY key is a hit (touched,
+        pinned to the end); any other is a miss whose slot is reserved (`reserve`) at once for the first `slots`
+        misses, and for the rest in order after the accesses, at the last position; a miss with no evictable slot is
+        not cached (bypass). At the end every reserved key is READY, nothing is pinned, and the policy has seen the
+        calls of hit_pin / reserve / complete / unpin, in order. Returns (miss indices in `keys`, bypassed, evicted)."""
         if self._pins or self._flight:
             raise ValueError(f"tier {self.name!r}: access_layer needs nothing pinned or in flight")
         if not keys:
@@ -229,8 +225,7 @@ class Tier:
         return misses, bypass, evicted
 
     def access_step(self, keys: list[int], bounds, slots: int, pos: int) -> tuple[list[list[int]], int, int]:
-        """`access_layer` for each layer l of a step, in one call: keys[bounds[l]:bounds[l + 1]], at
-        positions from pos + bounds[l]."""
+        """`access_layer` for each layer l of a step in one call: keys[bounds[l]:bounds[l + 1]] from pos + bounds[l]."""
         p = self._policies[0]
         if self._per_layer or self._caps[0] is None or type(p) is not LRU or self._pins or self._flight or not keys:
             res = [self.access_layer(keys[lo:hi], slots, pos + lo) for lo, hi in zip(bounds, bounds[1:])]
@@ -255,47 +250,51 @@ class Tier:
         return misses
 
     def _access_lru(self, keys, bounds, layer, slots, p, cap) -> tuple[list[list[int]], int, int]:
-        """`access_layer` for plain LRU on its OrderedDict, for keys[bounds[j]:bounds[j + 1]] (layer `layer` + j)
-        in turn. Hits move to the newest end and new keys enter there, so a layer's `held` keys (pinned or in
-        flight) are the newest entries: the victim is the oldest entry, unless every entry is held."""
-        ready, occ, E, od = self._ready, self._occ, self.num_experts, p._od
-        move, pop = od.move_to_end, od.popitem
-        used = occ[layer] if self._per_layer else self._total  # == len(od)
-        out, bypass, evicted = [], 0, 0
-        for lo, hi in zip(bounds, bounds[1:]):
-            misses, late, held, n, bypass0 = [], [], 0, hi - lo, bypass  # late: queued copies, reserved after
-            for i, key in enumerate(chain(keys[lo:hi], late)):  # (`late` grows as it goes)
-                if i < n:
-                    if key in ready:
-                        move(key)
-                        held += 1
-                        continue
-                    misses.append(i)
-                    if len(misses) > slots:
-                        late.append(key)
-                        continue
-                if used >= cap:
-                    if used <= held:
-                        bypass += 1
-                        continue
-                    v = pop(False)[0]
-                    del ready[v]
+        """`access_layer` for plain LRU on its OrderedDict, for keys[bounds[j]:bounds[j + 1]] (layer `layer` + j) in
+        turn. Hits move to the newest end and new keys enter there, so a layer's held keys (pinned or in flight: `i`
+        less those bypassed before access i) are the newest entries: the victim is the oldest, unless all are held."""
+        ready, occ, E, od, move, pop = self._ready, self._occ, self.num_experts, p._od, p._od.move_to_end, p._od.popitem
+        used = used0 = occ[layer] if self._per_layer else self._total  # == len(od)
+        out, bypass = [], 0
+        for layer, (lo, hi) in enumerate(zip(bounds, bounds[1:]), layer):
+            misses, late, bypass0 = [], [], bypass
+            for i, key in enumerate(keys[lo:hi]):
+                if key in ready:
+                    move(key)
+                    continue
+                misses.append(i)
+                if len(misses) > slots:  # its copy waits for a free slot on the link
+                    late.append(key)
+                    continue
+                if used < cap:
+                    used += 1
+                elif used > i - (bypass - bypass0):  # an entry not held: evict the oldest
+                    del ready[(v := pop(False)[0])]
                     occ[v // E] -= 1
-                    used -= 1
-                    evicted += 1
+                else:
+                    bypass += 1
+                    continue
                 od[key] = None
                 ready[key] = p  # in flight until the layer ends; distinct keys: nothing looks it up before
-                held += 1
-                used += 1
+            held = hi - lo - len(late) - (bypass - bypass0)  # (+ j: once one is bypassed, so is every later one)
+            for j, key in enumerate(late):  # their copies start after the accesses: slots in order, as `reserve` gives
+                if used < cap:
+                    used += 1
+                elif used > held + j:
+                    del ready[(v := pop(False)[0])]
+                    occ[v // E] -= 1
+                else:
+                    bypass += 1
+                    continue
+                od[key] = None
+                ready[key] = p
             occ[layer] += len(misses) - (bypass - bypass0)
             out.append(misses)
-            layer += 1
-        return out, bypass, evicted
+        return out, bypass, sum(map(len, out)) - bypass - (used - used0)  # (each reservation not filling evicted)
 
     def _access_any(self, keys, slots, pos, p, cap, layer) -> tuple[list[int], int, int]:
-        """`access_layer` for any policy: its own touch / miss / victim / evict / insert calls
-        (Belady's next uses and expiry at each access's position), with this layer's held keys
-        as the excluded set."""
+        """`access_layer` for any policy: its own touch / miss / victim / evict / insert calls (Belady's next uses
+        and expiry at each access's position), with this layer's held keys as the excluded set."""
         ready, nu, misses = self._ready, self._next_use, []
         touch, blocked = p.touch, set()  # this layer's keys holding a slot (pinned or in flight)
         late: list[int] = []
@@ -323,8 +322,8 @@ class Tier:
         return misses, bypass, evicted
 
     def _admit(self, key, at, p, cap, layer, used, blocked) -> tuple[int, bool, int]:
-        """`reserve`'s policy calls for one of `_access_any`'s misses (`used`: the partition's
-        slots held); returns (used, whether it got a slot, evictions)."""
+        """`reserve`'s policy calls for one of `_access_any`'s misses (`used`: the partition's slots held); returns
+        (used, whether it got a slot, evictions)."""
         p.miss(key)
         ev = 0
         if used >= cap:

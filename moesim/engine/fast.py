@@ -18,6 +18,7 @@ without the per-key pin and in-flight bookkeeping. Without dedup `_layer` goes k
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from itertools import accumulate, repeat
 
 import numpy as np
@@ -66,6 +67,9 @@ class FastPath:
         self._slots = sim.pcie.slots
         self._d = sim.cost.pcie_s(sim.eb)  # every copy is one expert: the same duration
         self._ecs = _KernelTimes(sim.cost.expert_compute_s)  # tokens -> one expert kernel's time
+        self._head = _KernelTimes(sim.cost.lm_head_s)  # tokens -> the LM head's time
+        # (tokens, context, sequences) -> attention time: decode steps repeat the same few (a bounded cache)
+        self._attn = lru_cache(maxsize=1 << 12)(sim.cost.attention_s)
         self._tables: dict[float, tuple[list[float], list[float]]] = {}  # (_one_token)
 
     def run(self):
@@ -85,7 +89,7 @@ class FastPath:
             view = sim.view = _View(sim, plan)
             t_step = now
             rec.step_start(plan, t_step)
-            attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))  # (every layer's)
+            attn = self._attn(plan.tokens, plan.context_tokens, len(plan.request_ids))  # (every layer's)
             dense = m.first_dense_layers * (attn + cost.dense_ffn_s(plan.tokens))
             if dense + 0.0 > 0:  # (+ 0.0: the on_step_start hook's time, as the SimPy driver adds it)
                 rec.compute_s += dense + 0.0
@@ -97,7 +101,7 @@ class FastPath:
                     now = self._layer(plan, layer, now, attn)
             view.gated = self.L - 1
             sim.predictor.on_step_end(view)
-            head = cost.lm_head_s(plan.tokens)
+            head = self._head[plan.tokens]
             if head > 0:
                 rec.compute_s += head
                 now = now + head
@@ -134,7 +138,6 @@ class FastPath:
         attn_row = attn + 0.0  # (attention + the pre-attention hook's time, which costs nothing here)
         for layer, misses, o, o2 in zip(range(self.L), missl, bounds, bounds[1:]):
             nk = o2 - o
-            ks = allk[o:o2]
             t0 = now
             now = now + attn_row
             t_gate = now
@@ -159,6 +162,7 @@ class FastPath:
                     now = e
                 else:
                     ends: list[float] = []
+                    ks = allk[o:o2]
                     for j, i in enumerate(misses):
                         s = t_gate if j < slots else ends[j - slots]
                         e = s + d
@@ -326,7 +330,7 @@ class FastPath:
 
 
 class _KernelTimes(dict):
-    """tokens -> one expert kernel's time, computed on first use."""
+    """tokens -> a per-token-count cost (one expert kernel's time, the LM head's), computed on first use."""
 
     def __init__(self, ecs):
         super().__init__()

@@ -8,13 +8,13 @@ import functools
 import math
 import tempfile
 from array import array
-from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..models import ModelSpec
+from .step_records import StepRecords
 
 _CHUNK = 16384
 _KEY_CHUNK = 1 << 16  # keys the KeyLog holds in memory before it appends them to its file
@@ -47,7 +47,7 @@ def _rows_table(cols: tuple[list, ...]):
     Arrow table of _step_schema() (a pandas frame of row tuples and its casts cost several times more)."""
     import pyarrow as pa
 
-    if not cols[0]:  # as pandas types an empty frame (its float columns untyped), as before
+    if not len(cols[0]):  # as pandas types an empty frame (its float columns untyped), as before
         empty = pd.DataFrame.from_records([], columns=list(STEP_COLUMNS)).astype(_STEP_TYPES)
         return pa.Table.from_pandas(empty, preserve_index=False)
     schema = _step_schema()
@@ -163,6 +163,7 @@ class Recorder:
         self.stall_s = 0.0
         self.output_tokens = self.processed_tokens = 0
         self._cols = tuple([] for _ in STEP_COLUMNS)  # recent step × layer rows, column by column ...
+        self._pend = StepRecords()  # ... and after them, recent steps recorded whole (layer_rows) ...
         self._chunks: list[pd.DataFrame] = []  # ... compacted every _CHUNK rows (memory ~flat)
         self._req_start: dict[int, float] = {}    # admission: start of the request's first step
         self._req_arrival: dict[int, float] = {}
@@ -195,6 +196,8 @@ class Recorder:
         seqs = len(plan.request_ids)
         row = (plan.index, plan.batch, _PHASES[plan.phase], layer, plan.tokens, t0, t_gate, t_end, attn,
                busy, stall, hits, late, misses, n_keys, pf, seqs, plan.prefill_tokens)
+        if self._pend.rows:  # (rows stay in order: the layer_rows records before this row)
+            self._pend.extend_into(self._cols)
         for col, v in zip(self._cols, row):
             col.append(v)
         self._rows_n += 1
@@ -206,7 +209,8 @@ class Recorder:
 
     def layer_rows(self, plan, t0s, gates, ends, attn, busys, stalls, misses, n_keys) -> None:
         """Every layer's row of one step at once (the fast path, where no prefetch is issued during
-        the layers): the same rows and running sums as ``layer_row`` per layer, in layer order."""
+        the layers): the same rows and running sums as ``layer_row`` per layer, in layer order. The
+        step is kept as one record and turned into rows with numpy at the next compaction (StepRecords)."""
         n = len(t0s)
         nm, nk = sum(misses), sum(n_keys)
         self.hits += nk - nm
@@ -220,17 +224,13 @@ class Recorder:
         pf = self.prefetch_issued - self._last_prefetch
         self._last_prefetch = self.prefetch_issued
         seqs = len(plan.request_ids)
-        hits = [k - m for k, m in zip(n_keys, misses)]
-        for col, vals in zip(self._cols, (
-                repeat(plan.index, n), repeat(plan.batch, n), repeat(_PHASES[plan.phase], n), range(n),
-                repeat(plan.tokens, n), t0s, gates, ends, repeat(attn, n), busys, stalls, hits, repeat(0, n),
-                misses, n_keys, [pf] + [0] * (n - 1), repeat(seqs, n), repeat(plan.prefill_tokens, n))):
-            col.extend(vals)
+        self._pend.add(n, (plan.index, plan.batch, _PHASES[plan.phase], plan.tokens, attn, pf, seqs,
+                           plan.prefill_tokens), (t0s, gates, ends, busys, stalls, misses, n_keys))
         self._rows_n += n
         self._uniq_sum += nk
         if plan.phase == "decode" and n:
             self._decode_rows(plan.index, seqs, n, nk, min(t0s), max(ends))
-        if len(self._cols[0]) >= _CHUNK:
+        if len(self._cols[0]) + self._pend.rows >= _CHUNK:
             self._compact()
 
     def _decode_rows(self, step: int, seqs: int, n: int, n_keys: int, lo: float, hi: float) -> None:
@@ -261,7 +261,10 @@ class Recorder:
             self._cur = None
 
     def _compact(self) -> None:
-        table = _rows_table(self._cols)
+        cols = self._cols
+        if self._pend.rows:
+            cols = self._pend.columns(cols)
+        table = _rows_table(cols)
         for col in self._cols:
             col.clear()
         if self.spill is None:
@@ -305,7 +308,7 @@ class Recorder:
         """The whole step × layer table (read back from the spill file when there is one)."""
         if self.spill is not None:
             return pd.read_parquet(self.steps_file())
-        if self._cols[0] or not self._chunks:
+        if self._cols[0] or self._pend.rows or not self._chunks:
             self._compact()
         if len(self._chunks) > 1:
             self._chunks = [pd.concat(self._chunks, ignore_index=True)]
@@ -313,7 +316,7 @@ class Recorder:
 
     def steps_file(self) -> Path:
         """Finish the spill file (every row written) and return its path."""
-        if self._cols[0] or self._writer is None:
+        if self._cols[0] or self._pend.rows or self._writer is None:
             self._compact()
         if self._writer is not None:
             self._writer.close()

@@ -84,6 +84,26 @@ def _dedup_flat(routing: np.ndarray, num_experts: int, dedup: bool):
     return _split(u, c, [0, *np.searchsorted(u, offs[1:, 0]).tolist(), len(u)])
 
 
+_BLOCK = 64  # decode tokens whose sorted keys one_token_keys prepares at a time
+
+
+def one_token_keys(experts: np.ndarray, d: int, num_experts: int, block: tuple | None) -> tuple:
+    """`_dedup_flat` (dedup on) of the one-token routing experts[d:d + 1], from `block`: the sorted
+    keys of a run of tokens prepared at once (one sort per _BLOCK tokens instead of one per step),
+    made anew when `d` is outside it. Returns (the triple, or None when token d repeats an expert
+    in a layer: the general path then; the block to keep)."""
+    if block is None or not block[0] <= d < block[0] + len(block[1]):
+        r = experts[d:d + _BLOCK]
+        t, layers, k = r.shape
+        s = np.sort(r, axis=2).astype(np.int64) + _offsets(layers, num_experts)[None]
+        s.flags.writeable = False  # (steps' keys are views of it)
+        block = (d, s, ~(s[:, :, 1:] == s[:, :, :-1]).any(axis=(1, 2)))
+    start, s, ok = block
+    if not ok[d - start]:
+        return None, block
+    return _split(s[d - start].ravel(), *_ones(*s.shape[1:])), block
+
+
 def _split(u: np.ndarray, c: np.ndarray, b: list[int]):
     """Per-layer views of flat keys `u` and counts `c` at layer starts `b`, and the flat triple."""
     return _Layers(u, b), _Layers(c, b), (u, c, b)

@@ -57,13 +57,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .plan import StepPlan, _dedup_flat
+from .plan import StepPlan, _dedup_flat, one_token_keys
 
 
 class Seq:
     """One request inside the scheduler."""
 
-    __slots__ = ("arrival", "order", "prompt", "req", "rid", "sig", "skipped", "total")
+    __slots__ = ("arrival", "keys", "order", "prompt", "req", "rid", "sig", "skipped", "total")
 
     def __init__(self, req, arrival: float, order: int):
         self.req, self.rid = req, int(req.request_id)
@@ -72,6 +72,7 @@ class Seq:
         self.order = order        # arrival order
         self.sig: np.ndarray | None = None
         self.skipped = 0
+        self.keys: tuple | None = None  # its next decode tokens' sorted keys (plan.one_token_keys)
 
 
 class ArrivalSource:
@@ -324,11 +325,14 @@ class Scheduler:
         with_pre = chunks[0][0].req.pre_attn is not None
         pre_attn = None
         with_sc = chunks[0][0].req.scores is not None
+        flat = None
         if all(n == 1 and d >= s.prompt for s, d, n in chunks):
             phase, prefill_tokens = "decode", 0
             if len(chunks) == 1:  # (np.stack of one row, without its overhead)
                 s, d, _ = chunks[0]
                 routing = s.req.experts[d:d + 1].copy()
+                if self.dedup:
+                    flat, s.keys = one_token_keys(s.req.experts, d, self.E, s.keys)
             else:
                 routing = np.stack([s.req.experts[d] for s, d, _ in chunks])
             if with_pre:
@@ -367,7 +371,7 @@ class Scheduler:
             if e is not None:
                 running.append(s)
                 done.append(e)
-        keys, counts, flat = _dedup_flat(routing, self.E, self.dedup)
+        keys, counts, flat = _dedup_flat(routing, self.E, self.dedup) if flat is None else flat
         plan = StepPlan(index, phase, batch_no, ids, tokens, ctx, routing, keys, counts,
                         tokens * routing.shape[2],
                         np.array(first, dtype=np.int64) if first else None,
