@@ -2,13 +2,15 @@
 
     python benchmarks/same_results.py OLD_ROOT NEW_ROOT [--quick] [-k SUBSTRING]
 
-Each checkout runs in a child process of its own (PYTHONPATH=ROOT) on the SimPy engine, writing
-summary.json, steps/requests/events.parquet per case; the parent compares them exactly (the events
-table is every transfer with its start and end, so a changed order of copies shows). Cases: every
-predictor on the quickstart scenario and on a bench trace (olmoe-1b-7b, capacity 256, as
-benchmarks/bench_engine.py), prefetch limits (protect off, max_inflight, max_bytes_per_layer), a
-DRAM tier over the SSD, every scenario file and every point of the shipped sweeps (`--quick`: the
-first two points of each). Exit status 1 when anything differs.
+Each checkout runs in a child process of its own (PYTHONPATH=ROOT), writing summary.json and
+steps/requests/events.parquet per case; the parent compares them exactly (the events table is every
+transfer with its start and end, so a changed order of copies shows). Every case runs on the SimPy
+engine, and again on the contention-free fast path where `--engine auto` takes it (the case name
+ends `@fast`). Cases: every predictor on the quickstart scenario and on a bench trace (olmoe-1b-7b,
+as benchmarks/bench_engine.py) with lru, belady and fifo caches, global and per-layer, at batch 1
+and 4; prefetch limits (protect off, max_inflight, max_bytes_per_layer); a DRAM tier over the SSD;
+every scenario file and every point of the shipped sweeps (`--quick`: the first two points of
+each). Exit status 1 when anything differs. An old checkout: `git worktree add /tmp/old REV`.
 """
 from __future__ import annotations
 
@@ -46,6 +48,16 @@ def cases(root: Path, bench_trace: str, quick: bool) -> dict[str, tuple[dict, Pa
              "cache": {"gpu": {"capacity_experts": 256, "policy": "lru"}}, "batch": {"size": 1}}
     for p in PREDICTORS:
         out[f"bench/{p}"] = ({**bench, "predictor": {"name": p}}, sdir)
+    for pol in ("lru", "belady", "fifo"):  # the fast path's tier calls, by policy, partition and batch
+        for p in ("on_demand", "oracle", "topk", "multilook", "intelligent"):
+            for part, cap in (("global", 256), ("per_layer", 16)):
+                for bs in (1, 4):
+                    if (pol, part, bs) == ("lru", "global", 1) or (pol != "lru" and (p not in ("on_demand", "oracle")
+                                                                                     or bs == 4)):
+                        continue
+                    cache = {"gpu": {"capacity_experts": cap, "policy": pol, "partition": part}}
+                    out[f"bench/{pol}/{p}/{part}/bs{bs}"] = ({**bench, "cache": cache, "predictor": {"name": p},
+                                                              "batch": {"size": bs}}, sdir)
     for f in sorted(list(sdir.glob("*.yaml")) + list((root / "benchmarks/fidelity/scenarios").glob("*.yaml"))):
         data = read_yaml(f)
         if "base" not in data:
@@ -76,7 +88,10 @@ def emit(outdir: Path, bench_trace: str, quick: bool, only: str | None) -> None:
             (d / "skipped.txt").write_text(f"{type(e).__name__}: {e}\n")
             continue
         write_result(simulate(sc, record_events=True, engine="simpy"), d)
-        print(name, flush=True)
+        auto = simulate(sc, record_events=True)
+        if auto.engine["engine"] == "fast":  # the same case on the fast path, compared with the old fast path
+            write_result(auto, d.with_name(d.name + "@fast"))
+        print(name, auto.engine["engine"], flush=True)
 
 
 def compare(a: Path, b: Path) -> list[str]:
@@ -135,12 +150,13 @@ def main() -> int:
             return 1
         diffs = compare(tmp / "old", tmp / "new")
         n = len(list((tmp / "old").iterdir()))
+        fast = len(list((tmp / "old").glob("*@fast")))
         skipped = sorted((tmp / "old").glob("*/skipped.txt"))
         for f in skipped:
             print(f"skipped {f.parent.name}: {f.read_text().strip()[:200]}")
     for d in diffs:
         print(d)
-    print(f"{n} cases ({len(skipped)} skipped: cannot run here): "
+    print(f"{n} cases ({fast} of them on the fast path, {len(skipped)} skipped: cannot run here): "
           f"{'identical' if not diffs else f'{len(diffs)} differences'}")
     return 1 if diffs else 0
 
