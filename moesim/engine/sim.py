@@ -202,6 +202,10 @@ class Simulation(LoadChain):
             pcie._dispatch()
         return load
 
+    def _pcie_full(self) -> bool:
+        """No PCIe copy starts (none claims a GPU slot) before simulated time passes."""
+        return self.pcie.busy >= self.pcie.slots
+
     def _landed(self, load: Load) -> None:
         for w in load.waiters:
             w()
