@@ -49,6 +49,19 @@ class Load(Transfer):
         self.queued_at = self.start = self.end = -1.0
         self.dropped = False
 
+    @classmethod
+    def queued_prefetch(cls, key: int, target: tuple[int, int], nbytes: int, cb: tuple, channel, now: float) -> Load:
+        """A prefetch queued on `channel` with one waiting pin, built in one go (as __init__ then
+        LoadChain._copy, with the callbacks `cb` of LoadChain._callbacks)."""
+        load = cls.__new__(cls)
+        load.key, load.prefetch, load.target, load.bypass = key, True, target, False
+        load.nbytes, load.priority, load.on_done, load.on_start, load.stale = nbytes, PREFETCH, cb[0], cb[1], cb[4]
+        load.channel, load.done_t, load.waiters = channel, -1.0, []
+        load.from_disk = load.dram_reserved = load.pinned_dram = load.reserved = load.dropped = False
+        load.counted_inflight, load.pins = True, 1
+        load.queued_at, load.start, load.end = now, -1.0, -1.0
+        return load
+
     @property
     def load(self) -> Load:
         """The load a channel copy belongs to: itself."""
@@ -149,6 +162,18 @@ class LoadChain(PinLedger):
     def _start_prefetch(self, key: int, target: tuple[int, int]) -> Load:
         """Queue a prefetch's copy chain (see Simulation for a cheaper one)."""
         return self._start_load(key, True, target)
+
+    def _start_prefetches(self, keys: list[int], target: tuple[int, int]) -> None:
+        """Queue a prefetch with one waiting pin for each of `keys` (none resident or on its way;
+        a key twice gets one load and two pins) while no PCIe copy can start."""
+        loads, rec = self.loads, self.rec
+        for key in keys:
+            load = loads.get(key)
+            if load is None:
+                load = self._start_prefetch(key, target)
+                rec.prefetch_issued += 1
+                self.prefetch_inflight += 1
+            load.pins += 1
 
     def _stale(self, load: Load) -> bool:
         """A queued prefetch whose target layer has been gated already."""
@@ -339,6 +364,19 @@ class LoadChain(PinLedger):
         params = self.predictor.params
         max_inflight, max_bytes = params.max_inflight, params.max_bytes_per_layer
         plist, rest = self.gpu.pin_held_many(keys)
+        if not rest:
+            return plist
+        if max_inflight is None and max_bytes is None:  # no budget: every other key is protected
+            get, new = loads.get, []
+            for key in rest:
+                load = get(key)
+                if load is None:
+                    new.append(key)
+                else:  # on its way, no slot yet: its pins wait for one
+                    load.pins += 1
+            if new:
+                self._start_prefetches(new, target)
+            return plist + rest
         start = self._start_prefetch
         for key in rest:
             load = loads.get(key)

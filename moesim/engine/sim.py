@@ -202,6 +202,26 @@ class Simulation(LoadChain):
             pcie._dispatch()
         return load
 
+    def _start_prefetches(self, keys: list[int], target: tuple[int, int]) -> None:
+        """LoadChain._start_prefetches with no DRAM tier: the loads are built in one go and join
+        the PCIe prefetch queue together (it is busy: nothing starts before time passes)."""
+        if self.dram is not None:
+            return super()._start_prefetches(keys, target)
+        loads, pcie, eb, now = self.loads, self.pcie, self.eb, self.env.now
+        cb = self._cb if self._cb is not None else self._callbacks()
+        make = Load.queued_prefetch
+        queued: list[Load] = []
+        for key in keys:
+            load = loads.get(key)
+            if load is not None:  # (a key twice in one answer)
+                load.pins += 1
+                continue
+            load = loads[key] = make(key, target, eb, cb, pcie, now)
+            queued.append(load)
+        pcie.queues[PREFETCH].extend(queued)
+        self.rec.prefetch_issued += len(queued)
+        self.prefetch_inflight += len(queued)
+
     def _pcie_full(self) -> bool:
         """No PCIe copy starts (none claims a GPU slot) before simulated time passes."""
         return self.pcie.busy >= self.pcie.slots
