@@ -34,6 +34,9 @@ class PinLedger:
         """`_unpin` each of `keys` in order (the end of a layer: one call, not one per key; the
         tier's unpins in one tier call)."""
         stale_pins, loads = self.stale_pins, self.loads
+        if loads.keys().isdisjoint(keys) and (not stale_pins or stale_pins.keys().isdisjoint(keys)):
+            self.gpu.unpin_all(keys)  # (the loop below would hand the tier every key, in order)
+            return
         tier: list[int] = []
         for key in keys:
             if stale_pins:  # (_unpin's first case, inlined: one call per layer, not one per key)
