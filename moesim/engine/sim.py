@@ -153,6 +153,8 @@ class Simulation(LoadChain):
         idle = cost.hw.disk.idle_read_extra
         self.disk = Channel(self.env, "disk", cost.hw.disk.queue_depth, disk_s, self._dropped, self.events_log,
                             None if idle is None else idle.extra_s)
+        if not cfg.has_dram:  # (a drop undoes more with a DRAM tier: then one by one, `_dropped`)
+            self.pcie.prune = self._drop_stale
         self.rec = Recorder(model)
         self.loads: dict[int, Load] = {}
         self.prefetched_unused: set[int] = set()
@@ -221,6 +223,27 @@ class Simulation(LoadChain):
         pcie.queues[PREFETCH].extend(queued)
         self.rec.prefetch_issued += len(queued)
         self.prefetch_inflight += len(queued)
+
+    def _drop_stale(self, q) -> None:
+        """Drop the stale front of the PCIe prefetch queue `q` in one call (Channel.prune): what
+        Queues._next does one by one with `_stale` and `_dropped`, with no DRAM tier."""
+        gated, loads, stale_pins = self.gated, self.loads, self.stale_pins
+        dropped = inflight = 0
+        while q:
+            t = q[0]
+            if not (t.prefetch and t.target <= gated):
+                break
+            q.popleft()
+            t.dropped = True
+            del loads[t.key]
+            if t.counted_inflight:
+                inflight += 1
+            if t.pins:  # (_forget_pins, inlined)
+                stale_pins[t.key] = stale_pins.get(t.key, 0) + t.pins
+                t.pins = 0
+            dropped += 1
+        self.prefetch_inflight -= inflight
+        self.rec.prefetch_dropped += dropped
 
     def _pcie_full(self) -> bool:
         """No PCIe copy starts (none claims a GPU slot) before simulated time passes."""
