@@ -34,9 +34,6 @@ class PinLedger:
         """`_unpin` each of `keys` in order (the end of a layer: one call, not one per key; the
         tier's unpins in one tier call)."""
         stale_pins, loads = self.stale_pins, self.loads
-        if loads.keys().isdisjoint(keys) and (not stale_pins or stale_pins.keys().isdisjoint(keys)):
-            self.gpu.unpin_all(keys)  # (the loop below would hand the tier every key, in order)
-            return
         tier: list[int] = []
         for key in keys:
             if stale_pins:  # (_unpin's first case, inlined: one call per layer, not one per key)
@@ -75,7 +72,10 @@ class PinLedger:
 
     def _layer_done(self, step: int, layer: int, pinned: list[int]) -> None:
         """After a layer ran: unpin its experts and release protections targeting it or earlier."""
-        self._unpin_all(pinned)
+        if self.loads.keys().isdisjoint(pinned) and self.stale_pins.keys().isdisjoint(pinned):
+            self.gpu.unpin_all(pinned)  # (its loads have landed: _unpin_all would hand the tier every key)
+        else:
+            self._unpin_all(pinned)
         if self.protected:
             self._release((step, layer))
 
