@@ -155,6 +155,7 @@ class Simulation(LoadChain):
                             None if idle is None else idle.extra_s)
         if not cfg.has_dram:  # (a drop undoes more with a DRAM tier: then one by one, `_dropped`)
             self.pcie.prune = self._drop_stale
+        self._spare: list[Load] = []  # dropped stale prefetches, reused as new queued ones
         self.rec = Recorder(model)
         self.loads: dict[int, Load] = {}
         self.prefetched_unused: set[int] = set()
@@ -211,14 +212,19 @@ class Simulation(LoadChain):
             return super()._start_prefetches(keys, target)
         loads, pcie, eb, now = self.loads, self.pcie, self.eb, self.env.now
         cb = self._cb if self._cb is not None else self._callbacks()
-        make = Load.queued_prefetch
+        make, spare = Load.queued_prefetch, self._spare
         queued: list[Load] = []
         for key in keys:
             load = loads.get(key)
             if load is not None:  # (a key twice in one answer)
                 load.pins += 1
                 continue
-            load = loads[key] = make(key, target, eb, cb, pcie, now)
+            if spare:  # a dropped stale prefetch: all but these fields are as a new one's
+                load = spare.pop()
+                load.key, load.target, load.pins, load.dropped, load.queued_at = key, target, 1, False, now
+            else:
+                load = make(key, target, eb, cb, pcie, now)
+            loads[key] = load
             queued.append(load)
         pcie.queues[PREFETCH].extend(queued)
         self.rec.prefetch_issued += len(queued)
@@ -226,8 +232,9 @@ class Simulation(LoadChain):
 
     def _drop_stale(self, q) -> None:
         """Drop the stale front of the PCIe prefetch queue `q` in one call (Channel.prune): what
-        Queues._next does one by one with `_stale` and `_dropped`, with no DRAM tier."""
-        gated, loads, stale_pins = self.gated, self.loads, self.stale_pins
+        Queues._next does one by one with `_stale` and `_dropped`, with no DRAM tier. A dropped
+        load was never copied nor waited on; `_start_prefetches` reuses it."""
+        gated, loads, stale_pins, spare = self.gated, self.loads, self.stale_pins, self._spare
         dropped = inflight = 0
         while q:
             t = q[0]
@@ -242,6 +249,8 @@ class Simulation(LoadChain):
                 stale_pins[t.key] = stale_pins.get(t.key, 0) + t.pins
                 t.pins = 0
             dropped += 1
+            if not t.waiters:
+                spare.append(t)
         self.prefetch_inflight -= inflight
         self.rec.prefetch_dropped += dropped
 
