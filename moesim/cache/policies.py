@@ -354,6 +354,33 @@ class Belady(_Heaped):
         return self._nu[key][0]
 
 
+class NoPolicy(Policy):
+    """Stands in for the policy of an unbounded tier (cache/tiers.py): it never has to choose a victim."""
+
+    __slots__ = ()
+    name = "none"
+
+    def insert(self, key, next_use=None):
+        pass
+
+    touch = remove = insert
+
+    def victim(self, excluded=()):
+        return None
+
+    def __len__(self):
+        return 0
+
+    def __contains__(self, key):
+        return False
+
+    def keys(self):
+        return []
+
+
+NO_POLICY = NoPolicy()
+
+
 POLICIES: dict[str, type[Policy]] = {"lru": LRU, "lfu": LFU, "fifo": FIFO, "belady": Belady}
 ADMISSION = "+second_touch"   # suffix: wrap the named policy in the second-touch admission filter
 

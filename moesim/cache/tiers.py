@@ -27,38 +27,11 @@ from __future__ import annotations
 import operator
 from typing import Callable
 
-from .policies import LRU, Policy, get_policy, policy_class
+from .policies import LRU, NO_POLICY, Policy, get_policy, policy_class
 
 __all__ = ["Tier", "PARTITIONS"]
 
 PARTITIONS = ("global", "per_layer")
-
-
-class _NoPolicy(Policy):
-    """Stands in for the policy of an unbounded tier: it never has to choose a victim."""
-
-    __slots__ = ()
-    name = "none"
-
-    def insert(self, key, next_use=None):
-        pass
-
-    touch = remove = insert
-
-    def victim(self, excluded=()):
-        return None
-
-    def __len__(self):
-        return 0
-
-    def __contains__(self, key):
-        return False
-
-    def keys(self):
-        return []
-
-
-_NO_POLICY = _NoPolicy()
 
 
 def _capacity(name: str, capacity) -> int:
@@ -112,7 +85,7 @@ class Tier:
         n_parts = num_layers if self._per_layer else 1
         self._caps: list[int | None] = list(capacity) if isinstance(capacity, tuple) else [capacity] * n_parts
         rngs = rng.spawn(n_parts) if rng is not None and cls.randomised else [None] * n_parts
-        self._policies: list[Policy] = [get_policy(policy, c, r) if bounded else _NO_POLICY
+        self._policies: list[Policy] = [get_policy(policy, c, r) if bounded else NO_POLICY
                                         for c, r in zip(self._caps, rngs)]
         self._ready: dict[int, Policy] = {}   # READY key -> the policy instance of its partition
         self._flight: dict[int, Policy] = {}  # IN_FLIGHT key -> the same
@@ -428,6 +401,21 @@ class Tier:
         self._pins[key] = self._pins.get(key, 0) + 1
         self._blocked.add(key)
         return True
+
+    def pin_held_many(self, keys) -> tuple[list[int], list[int]]:
+        """``pin_held`` each of ``keys`` in order, in one call (a protected block); returns (the
+        keys pinned, the keys that hold no slot and were not), each in order."""
+        ready, flight, pins, blocked = self._ready, self._flight, self._pins, self._blocked
+        held: list[int] = []
+        rest: list[int] = []
+        for key in keys:
+            if key in ready or key in flight:
+                pins[key] = pins.get(key, 0) + 1
+                blocked.add(key)
+                held.append(key)
+            else:
+                rest.append(key)
+        return held, rest
 
     def unpin(self, key: int) -> None:
         """Drop one reference (KeyError if ``key`` is not pinned)."""

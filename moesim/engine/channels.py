@@ -75,8 +75,14 @@ class Queues:
             self.queues[DEMAND].append(t)
             self._wake()
 
+    prune: Callable[[deque], None] | None = None
+    """Optional `prune(queue)`: drops the stale front of the prefetch queue in one call, as the loop
+    of _next would one by one (its owner undoes their bookkeeping, as `on_drop` would)."""
+
     def _next(self) -> Transfer | None:
         for q in self.queues:
+            if q and self.prune is not None and q is self.queues[PREFETCH]:
+                self.prune(q)
             while q:
                 t = q.popleft()
                 if (t.priority == PREFETCH and t.stale is not None and t.stale(t)) or \

@@ -49,6 +49,19 @@ class Load(Transfer):
         self.queued_at = self.start = self.end = -1.0
         self.dropped = False
 
+    @classmethod
+    def queued_prefetch(cls, key: int, target: tuple[int, int], nbytes: int, cb: tuple, channel, now: float) -> Load:
+        """A prefetch queued on `channel` with one waiting pin, built in one go (as __init__ then
+        LoadChain._copy, with the callbacks `cb` of LoadChain._callbacks)."""
+        load = cls.__new__(cls)
+        load.key, load.prefetch, load.target, load.bypass = key, True, target, False
+        load.nbytes, load.priority, load.on_done, load.on_start, load.stale = nbytes, PREFETCH, cb[0], cb[1], cb[4]
+        load.channel, load.done_t, load.waiters = channel, -1.0, []
+        load.from_disk = load.dram_reserved = load.pinned_dram = load.reserved = load.dropped = False
+        load.counted_inflight, load.pins = True, 1
+        load.queued_at, load.start, load.end = now, -1.0, -1.0
+        return load
+
     @property
     def load(self) -> Load:
         """The load a channel copy belongs to: itself."""
@@ -149,6 +162,18 @@ class LoadChain(PinLedger):
     def _start_prefetch(self, key: int, target: tuple[int, int]) -> Load:
         """Queue a prefetch's copy chain (see Simulation for a cheaper one)."""
         return self._start_load(key, True, target)
+
+    def _start_prefetches(self, keys: list[int], target: tuple[int, int]) -> None:
+        """Queue a prefetch with one waiting pin for each of `keys` (none resident or on its way;
+        a key twice gets one load and two pins) while no PCIe copy can start."""
+        loads, rec = self.loads, self.rec
+        for key in keys:
+            load = loads.get(key)
+            if load is None:
+                load = self._start_prefetch(key, target)
+                rec.prefetch_issued += 1
+                self.prefetch_inflight += 1
+            load.pins += 1
 
     def _stale(self, load: Load) -> bool:
         """A queued prefetch whose target layer has been gated already."""
@@ -261,11 +286,8 @@ class LoadChain(PinLedger):
         the predicted expert is pinned until its target layer has run (as _protect, inlined)."""
         if not reqs:
             return
-        E, gpu, cur, eb = self.E, self.gpu, self.gated, self.eb
-        params = self.predictor.params
-        protect, max_inflight, max_bytes = params.protect, params.max_inflight, params.max_bytes_per_layer
-        predicted, loads, rec, protected = self.predicted, self.loads, self.rec, self.protected
-        resident, pin_held, start = gpu.__contains__, gpu.pin_held, self._start_prefetch
+        E, cur, protect = self.E, self.gated, self.predictor.params.protect
+        predicted, protected = self.predicted, self.protected
         for step, layer, experts, _scores in ranked_blocks(reqs):
             target = (step, layer)
             if target <= cur:
@@ -277,23 +299,88 @@ class LoadChain(PinLedger):
                 predicted[target] = set(keys)
             else:
                 pset.update(keys)
-            plist: list[int] = []  # the keys this answer protects for `target`
-            for key in keys:
-                load = loads.get(key)
-                if load is not None:  # on its way: at most protect it (_pin, inlined)
-                    if protect:
-                        if load.reserved:
-                            pin_held(key)
-                        else:
-                            load.pins += 1
-                        plist.append(key)
-                    continue
+            if protect and self._pcie_full():
+                plist = self._issue_held(keys, target)
+            else:
+                plist = self._issue_keys(keys, target, protect)
+            if plist:
+                held = protected.get(target)
+                if held is None:
+                    protected[target] = plist
+                else:
+                    held.extend(plist)
+
+    def _pcie_full(self) -> bool:
+        """True when no PCIe copy can start (so no GPU slot is claimed) until time passes: a
+        block's tier pins may then be made in one call. The real replay's threads say False."""
+        return False
+
+    def _issue_keys(self, keys: list[int], target: tuple[int, int], protect: bool) -> list[int]:
+        """_issue for one target's keys, key by key; returns the keys it protected."""
+        gpu, loads, rec, eb = self.gpu, self.loads, self.rec, self.eb
+        params = self.predictor.params
+        max_inflight, max_bytes = params.max_inflight, params.max_bytes_per_layer
+        resident, pin_held, start = gpu.__contains__, gpu.pin_held, self._start_prefetch
+        plist: list[int] = []
+        for key in keys:
+            load = loads.get(key)
+            if load is not None:  # on its way: at most protect it (_pin, inlined)
                 if protect:
-                    if pin_held(key):  # resident: protected
-                        plist.append(key)
-                        continue
-                elif resident(key):
+                    if load.reserved:
+                        pin_held(key)
+                    else:
+                        load.pins += 1
+                    plist.append(key)
+                continue
+            if protect:
+                if pin_held(key):  # resident: protected
+                    plist.append(key)
                     continue
+            elif resident(key):
+                continue
+            if max_inflight is not None and self.prefetch_inflight >= max_inflight:
+                continue
+            if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
+                continue
+            load = start(key, target)
+            rec.prefetch_issued += 1
+            self.prefetch_inflight += 1
+            if max_bytes is not None:
+                self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
+            if protect and key in loads:  # (a copy with no slot to land in was dropped at once)
+                if load.reserved:  # (_pin, inlined: `load` is the key's load)
+                    pin_held(key)
+                else:
+                    load.pins += 1
+                plist.append(key)
+        return plist
+
+    def _issue_held(self, keys: list[int], target: tuple[int, int]) -> list[int]:
+        """_issue_keys with `protect` while no PCIe copy can start: every key holding a GPU slot
+        (resident, or a load copying) is pinned in one tier call first; that is what the key-by-key
+        walk does, as nothing it starts claims a slot meanwhile. Returns the keys it protected
+        (those pinned in the tier, then the others: the same pins, released together)."""
+        loads, rec, eb = self.loads, self.rec, self.eb
+        params = self.predictor.params
+        max_inflight, max_bytes = params.max_inflight, params.max_bytes_per_layer
+        plist, rest = self.gpu.pin_held_many(keys)
+        if not rest:
+            return plist
+        if max_inflight is None and max_bytes is None:  # no budget: every other key is protected
+            get, new = loads.get, []
+            for key in rest:
+                load = get(key)
+                if load is None:
+                    new.append(key)
+                else:  # on its way, no slot yet: its pins wait for one
+                    load.pins += 1
+            if new:
+                self._start_prefetches(new, target)
+            return plist + rest
+        start = self._start_prefetch
+        for key in rest:
+            load = loads.get(key)
+            if load is None:  # neither resident nor on its way: a new prefetch, if in budget
                 if max_inflight is not None and self.prefetch_inflight >= max_inflight:
                     continue
                 if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
@@ -303,18 +390,9 @@ class LoadChain(PinLedger):
                 self.prefetch_inflight += 1
                 if max_bytes is not None:
                     self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
-                if protect and key in loads:  # (a copy with no slot to land in was dropped at once)
-                    if load.reserved:  # (_pin, inlined: `load` is the key's load)
-                        pin_held(key)
-                    else:
-                        load.pins += 1
-                    plist.append(key)
-            if plist:
-                held = protected.get(target)
-                if held is None:
-                    protected[target] = plist
-                else:
-                    held.extend(plist)
+            load.pins += 1  # (queued, no slot yet: its pins wait for one)
+            plist.append(key)
+        return plist
 
     def _score_predictions(self, target: tuple[int, int], needed: np.ndarray) -> None:
         """Precision/recall of everything predicted for `target` against what it needed."""

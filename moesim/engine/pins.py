@@ -72,7 +72,10 @@ class PinLedger:
 
     def _layer_done(self, step: int, layer: int, pinned: list[int]) -> None:
         """After a layer ran: unpin its experts and release protections targeting it or earlier."""
-        self._unpin_all(pinned)
+        if self.loads.keys().isdisjoint(pinned) and self.stale_pins.keys().isdisjoint(pinned):
+            self.gpu.unpin_all(pinned)  # (its loads have landed: _unpin_all would hand the tier every key)
+        else:
+            self._unpin_all(pinned)
         if self.protected:
             self._release((step, layer))
 

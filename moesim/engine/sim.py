@@ -153,6 +153,9 @@ class Simulation(LoadChain):
         idle = cost.hw.disk.idle_read_extra
         self.disk = Channel(self.env, "disk", cost.hw.disk.queue_depth, disk_s, self._dropped, self.events_log,
                             None if idle is None else idle.extra_s)
+        if not cfg.has_dram:  # (a drop undoes more with a DRAM tier: then one by one, `_dropped`)
+            self.pcie.prune = self._drop_stale
+        self._spare: list[Load] = []  # dropped stale prefetches, reused as new queued ones
         self.rec = Recorder(model)
         self.loads: dict[int, Load] = {}
         self.prefetched_unused: set[int] = set()
@@ -201,6 +204,59 @@ class Simulation(LoadChain):
         if pcie.busy < pcie.slots:
             pcie._dispatch()
         return load
+
+    def _start_prefetches(self, keys: list[int], target: tuple[int, int]) -> None:
+        """LoadChain._start_prefetches with no DRAM tier: the loads are built in one go and join
+        the PCIe prefetch queue together (it is busy: nothing starts before time passes)."""
+        if self.dram is not None:
+            return super()._start_prefetches(keys, target)
+        loads, pcie, eb, now = self.loads, self.pcie, self.eb, self.env.now
+        cb = self._cb if self._cb is not None else self._callbacks()
+        make, spare = Load.queued_prefetch, self._spare
+        queued: list[Load] = []
+        for key in keys:
+            load = loads.get(key)
+            if load is not None:  # (a key twice in one answer)
+                load.pins += 1
+                continue
+            if spare:  # a dropped stale prefetch: all but these fields are as a new one's
+                load = spare.pop()
+                load.key, load.target, load.pins, load.dropped, load.queued_at = key, target, 1, False, now
+            else:
+                load = make(key, target, eb, cb, pcie, now)
+            loads[key] = load
+            queued.append(load)
+        pcie.queues[PREFETCH].extend(queued)
+        self.rec.prefetch_issued += len(queued)
+        self.prefetch_inflight += len(queued)
+
+    def _drop_stale(self, q) -> None:
+        """Drop the stale front of the PCIe prefetch queue `q` in one call (Channel.prune): what
+        Queues._next does one by one with `_stale` and `_dropped`, with no DRAM tier. A dropped
+        load was never copied nor waited on; `_start_prefetches` reuses it."""
+        gated, loads, stale_pins, spare = self.gated, self.loads, self.stale_pins, self._spare
+        dropped = inflight = 0
+        while q:
+            t = q[0]
+            if not (t.prefetch and t.target <= gated):
+                break
+            q.popleft()
+            t.dropped = True
+            del loads[t.key]
+            if t.counted_inflight:
+                inflight += 1
+            if t.pins:  # (_forget_pins, inlined)
+                stale_pins[t.key] = stale_pins.get(t.key, 0) + t.pins
+                t.pins = 0
+            dropped += 1
+            if not t.waiters:
+                spare.append(t)
+        self.prefetch_inflight -= inflight
+        self.rec.prefetch_dropped += dropped
+
+    def _pcie_full(self) -> bool:
+        """No PCIe copy starts (none claims a GPU slot) before simulated time passes."""
+        return self.pcie.busy >= self.pcie.slots
 
     def _landed(self, load: Load) -> None:
         for w in load.waiters:

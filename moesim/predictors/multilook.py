@@ -305,28 +305,7 @@ class MultiLook(HistoryPredictor):
         p, L, E = self.params, self.L, self.E
         T = routing.shape[0]
         seq = np.concatenate([prev, rows], axis=1)                 # [n, 2L, k]
-        # co-occurrence and chains: a at position q -> b at q+d, for b in this token
-        for hop in range(self.hops.shape[0]):
-            d = hop + 1
-            qs = np.arange(max(0, L - d), 2 * L - d)
-            if qs.size == 0:
-                continue
-            valid = (qs >= L)[None, :] | pvalid[:, None]           # [n, nq]
-            a = seq[:, qs][valid]                                  # [m, k]
-            b = seq[:, qs + d][valid]
-            lay = np.broadcast_to((qs % L)[None, :], valid.shape)[valid].astype(np.int64)
-            if a.shape[0] == 0:
-                continue
-            idx = ((lay[:, None, None] * E + a[:, :, None]) * E + b[:, None, :]).ravel()
-            np.add.at(self.hops[hop].reshape(-1), idx, _ONE)
-            src_rows = (lay[:, None] * E + a).ravel()
-            np.add.at(self.occ[hop].reshape(-1), src_rows, _ONE)
-            mark = np.zeros(L * E, dtype=bool)
-            mark[src_rows] = True
-            touched = np.flatnonzero(mark)  # rows whose counts changed: refresh their cache
-            self.hops_lq[hop].reshape(-1, E)[touched] = self._log1m(
-                self.hops[hop].reshape(-1, E)[touched], self.occ[hop].reshape(-1)[touched][:, None],
-                p.min_pattern_frequency)
+        self._learn_hops(seq, pvalid)
         # temporal position
         if p.use_temporal:
             if view.phase == "prefill":
@@ -354,6 +333,35 @@ class MultiLook(HistoryPredictor):
         else:
             for rid, ps in zip(ids, self._pos.tolist()):
                 self.positions.put(rid, ps + 1)
+
+    def _learn_hops(self, seq: np.ndarray, pvalid: np.ndarray) -> None:
+        """Co-occurrence and chains: a at position q -> b at q+d, for b in this token. Every hop's
+        counts are added, and their touched rows' cache refreshed, in one call each."""
+        L, E = self.L, self.E
+        idx_parts, src_parts = [], []
+        for hop in range(self.hops.shape[0]):
+            d = hop + 1
+            qs = np.arange(max(0, L - d), 2 * L - d)
+            if qs.size == 0:
+                continue
+            valid = (qs >= L)[None, :] | pvalid[:, None]           # [n, nq]
+            a = seq[:, qs][valid]                                  # [m, k]
+            b = seq[:, qs + d][valid]
+            lay = np.broadcast_to((qs % L)[None, :], valid.shape)[valid].astype(np.int64) + hop * L
+            if a.shape[0] == 0:
+                continue
+            idx_parts.append(((lay[:, None, None] * E + a[:, :, None]) * E + b[:, None, :]).ravel())
+            src_parts.append((lay[:, None] * E + a).ravel())
+        if not src_parts:
+            return
+        src_rows = np.concatenate(src_parts)  # (rows of [hops * L, E]: hop, layer, expert a)
+        np.add.at(self.hops.reshape(-1), np.concatenate(idx_parts), _ONE)
+        np.add.at(self.occ.reshape(-1), src_rows, _ONE)
+        mark = np.zeros(self.occ.size, dtype=bool)
+        mark[src_rows] = True
+        touched = np.flatnonzero(mark)  # rows whose counts changed: refresh their cache
+        self.hops_lq.reshape(-1, E)[touched] = self._log1m(
+            self.hops.reshape(-1, E)[touched], self.occ.reshape(-1)[touched][:, None], self.params.min_pattern_frequency)
 
     def _learn_patterns(self, seq, prev, rows, pvalid) -> None:
         p, L, h = self.params, self.L, self.h
@@ -397,7 +405,7 @@ class MultiLook(HistoryPredictor):
         """log(1 - p) of the conditional probability p = c / n, 0 where c < min_count or
         p < min_confidence (the expert is then not predicted by this entry)."""
         prob = c / np.maximum(n, _ONE)
-        keep = (c >= min_count) & (prob >= self.params.min_confidence)
-        out = np.zeros_like(prob)
-        out[keep] = np.log1p(-np.minimum(prob[keep], np.float32(1.0 - 1e-6)))
+        keep = np.flatnonzero((c >= min_count) & (prob >= self.params.min_confidence))
+        out = np.zeros_like(prob)  # (flat indices: the same elements, in order, as a boolean mask; faster)
+        np.put(out, keep, np.log1p(-np.minimum(prob.take(keep), np.float32(1.0 - 1e-6))))
         return out
