@@ -114,6 +114,31 @@ def test_streaming_across_row_groups_equals_whole_read(tmp_path):
             np.testing.assert_array_equal(x.scores, y.scores)
 
 
+
+@pytest.mark.parametrize("batch_rows", [1, 5, 13])
+def test_reading_in_small_batches_equals_whole_read(tmp_path, monkeypatch, batch_rows):
+    """The reader decodes BATCH_ROWS rows at a time, whatever the file's row groups: requests cut across
+    batches come out whole, and a bad row is still named by its row in the file."""
+    import moesim.traces.io as tio
+    s = spec(L=3, E=8, K=2)
+    table = generate(s, dict(rho=0.5), requests=6, prompt_len=(1, 6), decode_len=(0, 9),
+                     rng=np.random.default_rng(4), pre_attn=True, scores=True)
+    whole = write_trace(tmp_path / "whole.parquet", table, meta(L=3, E=8, K=2))
+    a = read_requests(whole)
+    monkeypatch.setattr(tio, "BATCH_ROWS", batch_rows)
+    b = list(TraceReader(whole).iter_requests())
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert (x.request_id, x.prompt_len, x.decode_len) == (y.request_id, y.prompt_len, y.decode_len)
+        for f in ("experts", "pre_attn", "scores"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+    edit, field, needles = BAD_ROWS["expert_too_big"]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(edit(BASE).replace_schema_metadata(meta().to_metadata()), bad)
+    with pytest.raises(InputError) as e:
+        list(TraceReader(bad).iter_requests())
+    assert e.value.field == field and all(n in str(e.value) for n in needles), str(e.value)
+
 def test_streamed_pieces_make_the_same_file(tmp_path):
     s = spec()
     table = generate(s, None, requests=5, prompt_len=4, decode_len=6, rng=np.random.default_rng(0))

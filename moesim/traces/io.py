@@ -3,9 +3,10 @@
 `write_trace` writes rows sorted by (request_id, token, layer) into a temporary file next to the
 target and renames it into place, so a crash never leaves half a trace behind.
 
-`TraceReader.iter_requests()` reads one row group at a time (memory is bounded by a row group plus
-the one request that spans a boundary) and yields a `RequestTrace` per request with its routing as
-a dense `[tokens, layers, top_k]` int16 array. Every check is vectorised over a row group with
+`TraceReader.iter_requests()` reads BATCH_ROWS rows at a time, whatever the writer's row groups
+(memory is bounded by a batch plus the one request that spans a boundary), and yields a
+`RequestTrace` per request with its routing as a dense `[tokens, layers, top_k]` int16 array.
+Every check is vectorised over a batch with
 numpy/Arrow; the only Python loop is over requests. Bad input raises `InputError` naming the file,
 the column and the row.
 """
@@ -27,6 +28,7 @@ from ..errors import InputError
 from .schema import FIELDS, PHASES, REQUIRED_COLUMNS, TraceMeta, trace_schema
 
 DEFAULT_ROW_GROUP_ROWS = 65536
+BATCH_ROWS = 16384  # rows decoded at a time when reading requests
 SORT_KEYS = [("request_id", "ascending"), ("token", "ascending"), ("layer", "ascending")]
 
 
@@ -226,7 +228,7 @@ class TraceReader:
 
     # -- streaming --
     def iter_requests(self, pre_attn: bool | None = None, scores: bool | None = None) -> Iterator[RequestTrace]:
-        """Yield one RequestTrace per request, in file order, reading one row group at a time.
+        """Yield one RequestTrace per request, in file order, reading BATCH_ROWS rows at a time.
 
         `pre_attn`/`scores`: read those columns (default: when the file has them).
         """
@@ -237,14 +239,18 @@ class TraceReader:
                              field="pre_attn")
         cols = list(REQUIRED_COLUMNS) + [c for c, on in (("scores", want_sc), ("pre_attn", want_pre)) if on]
         carry: dict | None = None
-        base = 0  # global row index of the first row of the next row group
+        base = 0  # global row index of the first row of the next batch
         widths: dict[str, int] = {}
-        for g in range(self.num_row_groups):
+        batches = self._pf.iter_batches(batch_size=BATCH_ROWS, columns=cols)
+        while True:
             try:
-                tbl = self._pf.read_row_group(g, columns=cols)
+                batch = next(batches, None)
             except _ERRORS as e:
-                raise InputError(f"row group {g} (rows from {base}) cannot be read (truncated or corrupt "
-                                 f"file?): {_short(e)}", file=self.file) from None
+                raise InputError(f"rows from {base} cannot be read (truncated or corrupt file?): {_short(e)}",
+                                 file=self.file) from None
+            if batch is None:
+                break
+            tbl = pa.Table.from_batches([batch])
             if tbl.num_rows == 0:
                 continue
             chunk = self._decode(tbl, base, widths)
@@ -269,7 +275,7 @@ class TraceReader:
         return InputError(msg, file=self.file, field=field)
 
     def _decode(self, tbl: pa.Table, base: int, widths: dict) -> dict:
-        """Columns of one row group as numpy arrays, with every per-row check done."""
+        """Columns of one batch as numpy arrays, with every per-row check done."""
         L, E, K = self.meta.num_layers, self.meta.num_experts, self.meta.top_k
         n = tbl.num_rows
         out: dict = {"base": base}
