@@ -6,9 +6,8 @@ target and renames it into place, so a crash never leaves half a trace behind.
 `TraceReader.iter_requests()` reads BATCH_ROWS rows at a time, whatever the writer's row groups
 (memory is bounded by a batch plus the one request that spans a boundary), and yields a
 `RequestTrace` per request with its routing as a dense `[tokens, layers, top_k]` int16 array.
-Every check is vectorised over a batch with
-numpy/Arrow; the only Python loop is over requests. Bad input raises `InputError` naming the file,
-the column and the row.
+Every check is vectorised over a batch with numpy/Arrow; the only Python loop is over requests.
+Bad input raises `InputError` naming the file, the column and the row.
 """
 from __future__ import annotations
 
