@@ -102,3 +102,23 @@ def test_gap_report_from_a_spilled_key_log_is_the_same(monkeypatch):
     assert gap is not None and gap["lru_misses"] > gap["belady_misses"] > 0
     assert gap["accesses"] == whole.summary["accesses"] > 50 * 10
     assert spilled.summary == whole.summary
+
+
+def test_a_failure_after_the_run_leaves_no_spill_file(monkeypatch, tmp_path):
+    """The step rows' spill file belongs to the Result; when the summary fails to build (here the gap
+    report), the run removes it instead of leaving it in the temporary directory."""
+    import moesim.engine.run as run
+
+    sc = load_scenario(ROOT / "scenarios" / "quickstart.yaml", ["batch.size=3"])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def broken(*a, **k):
+        raise RuntimeError("gap report failed")
+    monkeypatch.setattr(run, "policy_gap", broken)
+    try:
+        simulate(sc)
+    except RuntimeError as e:
+        assert "gap report failed" in str(e)
+    else:
+        raise AssertionError("simulate did not raise")
+    assert not list(tmp_path.glob("moesim-steps-*")), list(tmp_path.iterdir())

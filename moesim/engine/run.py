@@ -309,35 +309,42 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None, engine: s
             sim.rec.on_step = progress(reader.num_rows // max(1, sc.model.num_layers))
         try:
             rec = FastPath(sim).run() if why is None else sim.run()
-        except BaseException:
+            return _result(sc, sim, rec, cfg, cost, sched, allocation, admit, why)
+        except BaseException:  # (nothing is left behind: the Result owns the spill file only once made)
             _unlink(spill)
-            sim.accessed.close()
             raise
-        summary = {"moesim_version": __version__, "scenario": scenario_echo(sc),
-                   **rec.summary(slo=sc.batch.slo),
-                   "warnings": cache_warnings(sc, cfg),
-                   "cache_allocation": allocation,
-                   "policy_gap": policy_gap(sim.accessed, sc, cfg),
-                   "scheduler": {"max_running": sched.max_running, "max_queue": sched.max_queue},
-                   "timing_source": {k: ("measured" if v else "roofline") for k, v in cost.uses_measured.items()},
-                   "expert_bytes": sc.model.expert_bytes,
-                   "gpu_cache_experts": sc.cache.gpu.experts(sc.model.expert_bytes)}
-        sim.accessed.close()  # its temporary file (unlinked already) is freed now, not at collection
-        if sim.cpu is not None:
-            summary["miss"] = {"mode": sc.miss, **sim.cpu.summary(summary["makespan_s"])}
-        if sim.standin is not None:
-            summary["standin"] = sim.standin.summary()
-        if cfg.gpu_preload:
-            summary["gpu_preloaded_experts"] = len(cfg.gpu_preload)
-        if sim.kv is not None:
-            summary["kv_cache"] = {**sim.kv.summary(), "admission_limit": admit,
-                                   "batch_limit": sc.batch.batch_limit}
-        if sc.runtime is not None:  # only with a runtime: `none` keeps the summary as it was
-            summary["host"] = sim.host.summary() if sim.host is not None else None
-            if sim.writeback is not None:
-                summary["writeback"] = sim.writeback.summary()
-        return Result(summary, None, rec.requests_frame(), rec.events_frame(), steps_file=rec.steps_file(),
-                      engine={"engine": "fast" if why is None else "simpy", "reason": why})
+        finally:
+            sim.accessed.close()  # its temporary file (unlinked already) is freed now, not at collection
+
+
+def _result(sc: Scenario, sim: Simulation, rec, cfg: EngineConfig, cost, sched, allocation, admit,
+            why: str | None) -> Result:
+    """The Result of a finished run: the summary (the recorder's, the gap report and the optional
+    parts' own) and the tables."""
+    summary = {"moesim_version": __version__, "scenario": scenario_echo(sc),
+               **rec.summary(slo=sc.batch.slo),
+               "warnings": cache_warnings(sc, cfg),
+               "cache_allocation": allocation,
+               "policy_gap": policy_gap(sim.accessed, sc, cfg),
+               "scheduler": {"max_running": sched.max_running, "max_queue": sched.max_queue},
+               "timing_source": {k: ("measured" if v else "roofline") for k, v in cost.uses_measured.items()},
+               "expert_bytes": sc.model.expert_bytes,
+               "gpu_cache_experts": sc.cache.gpu.experts(sc.model.expert_bytes)}
+    if sim.cpu is not None:
+        summary["miss"] = {"mode": sc.miss, **sim.cpu.summary(summary["makespan_s"])}
+    if sim.standin is not None:
+        summary["standin"] = sim.standin.summary()
+    if cfg.gpu_preload:
+        summary["gpu_preloaded_experts"] = len(cfg.gpu_preload)
+    if sim.kv is not None:
+        summary["kv_cache"] = {**sim.kv.summary(), "admission_limit": admit,
+                               "batch_limit": sc.batch.batch_limit}
+    if sc.runtime is not None:  # only with a runtime: `none` keeps the summary as it was
+        summary["host"] = sim.host.summary() if sim.host is not None else None
+        if sim.writeback is not None:
+            summary["writeback"] = sim.writeback.summary()
+    return Result(summary, None, rec.requests_frame(), rec.events_frame(), steps_file=rec.steps_file(),
+                  engine={"engine": "fast" if why is None else "simpy", "reason": why})
 
 
 def kv_admission(sc: Scenario) -> int | None:
