@@ -360,14 +360,12 @@ class LoadChain(PinLedger):
         (resident, or a load copying) is pinned in one tier call first; that is what the key-by-key
         walk does, as nothing it starts claims a slot meanwhile. Returns the keys it protected
         (those pinned in the tier, then the others: the same pins, released together)."""
-        loads, rec, eb = self.loads, self.rec, self.eb
         params = self.predictor.params
-        max_inflight, max_bytes = params.max_inflight, params.max_bytes_per_layer
         plist, rest = self.gpu.pin_held_many(keys)
         if not rest:
             return plist
-        if max_inflight is None and max_bytes is None:  # no budget: every other key is protected
-            get, new = loads.get, []
+        if params.max_inflight is None and params.max_bytes_per_layer is None:  # no budget: all protected
+            get, new = self.loads.get, []
             for key in rest:
                 load = get(key)
                 if load is None:
@@ -377,22 +375,7 @@ class LoadChain(PinLedger):
             if new:
                 self._start_prefetches(new, target)
             return plist + rest
-        start = self._start_prefetch
-        for key in rest:
-            load = loads.get(key)
-            if load is None:  # neither resident nor on its way: a new prefetch, if in budget
-                if max_inflight is not None and self.prefetch_inflight >= max_inflight:
-                    continue
-                if max_bytes is not None and (self.prefetch_bytes.get(target, 0) + eb > max_bytes):
-                    continue
-                load = start(key, target)
-                rec.prefetch_issued += 1
-                self.prefetch_inflight += 1
-                if max_bytes is not None:
-                    self.prefetch_bytes[target] = self.prefetch_bytes.get(target, 0) + eb
-            load.pins += 1  # (queued, no slot yet: its pins wait for one)
-            plist.append(key)
-        return plist
+        return plist + self._issue_keys(rest, target, True)  # (a budget: key by key; none holds a slot)
 
     def _score_predictions(self, target: tuple[int, int], needed: np.ndarray) -> None:
         """Precision/recall of everything predicted for `target` against what it needed."""
