@@ -24,6 +24,7 @@ from itertools import accumulate, repeat
 import numpy as np
 
 from .channels import DEMAND
+from .fast_prefetch import FastPrefetch, unsupported as prefetch_unsupported
 from .plan import StepPlan
 from .sim import Simulation, _View
 
@@ -31,16 +32,26 @@ ENGINES = ("auto", "fast", "simpy")
 
 
 def unsupported(sim: Simulation) -> str | None:
-    """Why `sim` needs the SimPy engine (the first feature the fast path does not model), or None
-    when the fast path gives the same results."""
-    hooks = [h for h, own in sim._implements.items() if own]
-    if hooks or sim.predictor.needs_future:
-        return f"predictor {sim.predictor.name} prefetches"
+    """Why `sim` needs the SimPy engine (the first feature the fast paths do not model), or None
+    when a fast path gives the same results (`fast_path` says which)."""
+    if prefetches(sim):
+        return prefetch_unsupported(sim)
     parts = ((sim.dram, "a DRAM tier (copies from the disk)"), (sim.host, "a runtime with host costs"),
              (sim.horizon, "a runtime's load_slowdown"), (sim.cpu, f"miss: {sim.cfg.miss}"),
              (sim.standin, "low-bit stand-ins"),
              (sim.kv, "the KV cache in the GPU budget"), (sim.writeback, "the write-back of evicted experts"))
     return next((why for part, why in parts if part is not None), None)
+
+
+def prefetches(sim: Simulation) -> bool:
+    """The predictor implements a prefetch hook (or reads the future): the prefetch path's case."""
+    return any(sim._implements.values()) or sim.predictor.needs_future
+
+
+def fast_path(sim: Simulation):
+    """The fast path for a sim with nothing `unsupported`: FastPrefetch (engine/fast_prefetch.py)
+    when the predictor prefetches, else FastPath."""
+    return FastPrefetch(sim) if prefetches(sim) else FastPath(sim)
 
 
 class _Clock:
@@ -382,13 +393,16 @@ ENGINE_JSON = "engine.json"
 
 def engine_line(engine: dict) -> str:
     """The terminal line saying which engine ran a scenario, and why SimPy when it did."""
+    if engine["engine"] == "fast" and engine.get("path") == "prefetch":
+        return "engine: fast (prefetch path without SimPy, same results as the SimPy engine)"
     if engine["engine"] == "fast":
         return "engine: fast (contention-free path, same results as the SimPy engine)"
     return f"engine: simpy ({engine['reason']})"
 
 
 def write_engine_json(out, engine: dict) -> None:
-    """`engine.json` beside summary.json: {"engine": "fast" | "simpy", "reason": ...}. A file of its
+    """`engine.json` beside summary.json: {"engine": "fast" | "simpy", "reason": ...} (and "path":
+    "prefetch" on the prefetch fast path). A file of its
     own, so summary.json stays what it was before the fast path existed."""
     import json
     from pathlib import Path

@@ -18,7 +18,7 @@ from ..hardware.costs import CostModel
 from ..predictors import registry
 from ..threads import one_blas_thread
 from .scheduler import ArrivalSource, Scheduler, collect_keys
-from .fast import ENGINES, FastPath, unsupported
+from .fast import ENGINES, fast_path, prefetches, unsupported
 from .sim import EngineConfig, Simulation
 
 
@@ -308,7 +308,7 @@ def simulate(sc: Scenario, record_events: bool = False, progress=None, engine: s
         if progress is not None:
             sim.rec.on_step = progress(reader.num_rows // max(1, sc.model.num_layers))
         try:
-            rec = FastPath(sim).run() if why is None else sim.run()
+            rec = fast_path(sim).run() if why is None else sim.run()
             return _result(sc, sim, rec, cfg, cost, sched, allocation, admit, why)
         except BaseException:  # (nothing is left behind: the Result owns the spill file only once made)
             _unlink(spill)
@@ -344,7 +344,15 @@ def _result(sc: Scenario, sim: Simulation, rec, cfg: EngineConfig, cost, sched, 
         if sim.writeback is not None:
             summary["writeback"] = sim.writeback.summary()
     return Result(summary, None, rec.requests_frame(), rec.events_frame(), steps_file=rec.steps_file(),
-                  engine={"engine": "fast" if why is None else "simpy", "reason": why})
+                  engine=_engine(sim, why))
+
+
+def _engine(sim: Simulation, why: str | None) -> dict:
+    """Which engine ran (engine.json): SimPy and why, or a fast path ("path": "prefetch" for
+    engine/fast_prefetch.py's)."""
+    if why is not None:
+        return {"engine": "simpy", "reason": why}
+    return {"engine": "fast", "reason": None, **({"path": "prefetch"} if prefetches(sim) else {})}
 
 
 def kv_admission(sc: Scenario) -> int | None:
