@@ -23,7 +23,7 @@ from operator import add
 from ..predictors.base import Predictor
 from .channels import Channel
 from .plan import StepPlan
-from .sim import Simulation, _View
+from .sim import Simulation, _Memo, _View
 
 
 def unsupported(sim: Simulation) -> str | None:
@@ -76,11 +76,21 @@ class _HeapChannel(Channel):
     _wake = _dispatch
 
     def finish(self, t) -> None:
-        """The copy `t` has ended (now): Channel._finish without the SimPy event."""
-        if self.busy == 1:
+        """The copy `t` has ended (now): Channel._finish without the SimPy event (and _finished
+        inlined: free the slot, count the copy, run its on_done, start what is queued)."""
+        busy = self.busy
+        if busy == 1:
             self.idle_since = self.env.now
-        self._finished(t)
-        self._dispatch()
+        self.busy = busy - 1
+        self.busy_time += t.end - t.start
+        self.transfers += 1
+        self.bytes += t.nbytes
+        if self.log is not None:
+            self.log.append((self.name, t.key, t.priority, t.start, t.end))
+        t.on_done(t)
+        q = self.queues
+        if q[0] or q[1]:  # (_dispatch finds nothing to start in empty queues)
+            self._dispatch()
 
 
 def _heap_channel(ch: Channel, env: _Env) -> _HeapChannel:
@@ -104,6 +114,8 @@ class FastPrefetch:
         sim.pcie = _heap_channel(sim.pcie, self.env)
         sim.disk = _heap_channel(sim.disk, self.env)
         self.rec, self.cost = sim.rec, sim.cost
+        self._ecs = _Memo(sim.cost.expert_compute_s)  # tokens -> one expert kernel's seconds
+        self._shared = _Memo(sim.cost.shared_compute_s)  # tokens -> the shared experts' seconds
 
     # ---- the clock ---------------------------------------------------------------------------
 
@@ -187,8 +199,8 @@ class FastPrefetch:
         sim.accessed.append(keys)
         counts = plan.counts[layer].tolist()
         (hits, late, misses), hit_costs, pending, pinned = sim._access_layer(
-            plan.index, layer, keys.tolist(), counts, list(map(cost.expert_compute_s, counts)), None)
-        busy = reduce(add, hit_costs, cost.shared_compute_s(plan.tokens))
+            plan.index, layer, keys.tolist(), counts, list(map(self._ecs.__getitem__, counts)), None)
+        busy = reduce(add, hit_costs, self._shared[plan.tokens])
         busy += sim._hook(gate_reqs, "on_gate", plan.tokens)
         cursor = t_gate + busy
         if pending:
