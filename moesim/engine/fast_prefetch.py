@@ -123,8 +123,12 @@ class FastPrefetch:
         """`yield env.timeout(d)`: the driver's wake-up joins the heap now; run the heap to it."""
         env = self.env
         env.seq += 1
-        heappush(env.heap, (env.now + d, env.seq, None, None))
-        self._run()
+        t, heap = env.now + d, env.heap
+        if heap and heap[0][0] <= t:  # (something runs first: at t, it was made before the wake-up)
+            heappush(heap, (t, env.seq, None, None))
+            self._run()
+        else:  # nothing before the wake-up: it comes up at once
+            env.now = t
 
     def _run(self) -> None:
         """Run the heap's entries in order up to the driver's wake-up (a channel of None)."""
