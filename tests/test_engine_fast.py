@@ -216,8 +216,8 @@ def _tiny(tmp, **kw):
 
 
 @pytest.mark.parametrize("kw, reason", [
-    (dict(predictor={"name": "topk"}), "predictor topk prefetches"),
-    (dict(predictor={"name": "oracle"}), "predictor oracle prefetches"),
+    (dict(predictor={"name": "topk", "latency_us": 5.0}), "predictor topk runs on the host CPU with latency"),
+    (dict(predictor={"name": "oracle"}, runtime="pytorch-offload-loop"), "a runtime with host costs"),
     (dict(dram={"capacity_experts": 8, "policy": "lru"}), "a DRAM tier"),
     (dict(runtime="pytorch-offload-loop"), "a runtime with host costs"),
 ])
@@ -251,6 +251,7 @@ def test_cli_says_which_engine_ran(tmp_path):
     assert "engine: simpy (forced: --engine simpy)" in r.output
     assert (tmp_path / "a" / "summary.json").read_bytes() == (tmp_path / "b" / "summary.json").read_bytes()
     r = CliRunner().invoke(main, ["run", str(ROOT / "scenarios/oracle-ssd.yaml"), "-o", str(tmp_path / "c"),
-                                  "--engine", "fast", "--quiet", "--no-report", "--no-why"])
-    assert r.exit_code == 2 and "the fast engine does not model predictor oracle prefetches" in r.output
+                                  "--engine", "fast", "--set", "predictor.latency_us=5", "--quiet", "--no-report",
+                                  "--no-why"])
+    assert r.exit_code == 2 and "the fast engine does not model predictor oracle runs on the host CPU" in r.output
     assert "Traceback" not in r.output
