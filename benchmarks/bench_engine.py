@@ -2,7 +2,8 @@
 same run, and peak memory at two trace lengths (flat = streaming works).
 
     python benchmarks/bench_engine.py            # ~1M token×expert accesses, every predictor family
-                                                 # (on_demand on the fast path and, forced, on SimPy)
+                                                 # (on_demand, oracle and topk on their fast paths and,
+                                                 # forced, on SimPy)
     python benchmarks/bench_engine.py --quick    # smaller, for a smoke run
     python benchmarks/bench_engine.py --memory   # peak RSS at ~256k and ~4M accesses (on_demand)
 
@@ -43,6 +44,7 @@ def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str,
     step walk, without the trace reading, the summary and the gap report around it)."""
     from moesim.config import scenario_from_dict
     from moesim.engine.fast import FastPath
+    from moesim.engine.fast_prefetch import FastPrefetch
     from moesim.engine.run import simulate
     from moesim.engine.sim import Simulation
 
@@ -51,7 +53,7 @@ def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str,
                                                                           "policy": policy}},
                              "predictor": {"name": predictor}, "batch": {"size": 1}})
     engine_cpu = []
-    for cls in (FastPath, Simulation):  # time the engine's own run (this child process only)
+    for cls in (FastPath, FastPrefetch, Simulation):  # time the engine's own run (this child process only)
         def timed(self, _run=cls.run):
             t0 = time.process_time()
             try:
@@ -64,7 +66,8 @@ def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str,
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     s = res.summary
     return {"wall_s": wall, "cpu_s": cpu, "engine_cpu_s": sum(engine_cpu), "pairs": s["token_expert_pairs"],
-            "accesses": s["accesses"], "misses": s["misses"], "engine": res.engine["engine"],
+            "accesses": s["accesses"], "misses": s["misses"],
+            "engine": "fast-p" if res.engine.get("path") == "prefetch" else res.engine["engine"],
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -121,9 +124,9 @@ def main() -> None:
             make_trace(path, preset, req, decode)
             if a.memory or name == "short":
                 combos = [("lru", "on_demand", "auto")]
-            else:  # auto: the fast path where the scenario allows it (on_demand), else SimPy
+            else:  # auto: a fast path where the scenario allows it (fast: on_demand; fast-p: prefetching), else SimPy
                 combos = [("lru", "on_demand", "auto"), ("lru", "on_demand", "simpy"), ("lru", "oracle", "auto"),
-                          ("lru", "topk", "auto"), ("lru", "multilook", "auto"), ("lru", "intelligent", "auto"),
+                          ("lru", "oracle", "simpy"), ("lru", "topk", "auto"), ("lru", "topk", "simpy"), ("lru", "multilook", "auto"), ("lru", "intelligent", "auto"),
                           ("belady", "on_demand", "auto")]
             for policy, pred, engine in combos:
                 out = subprocess.run([sys.executable, __file__, "--child", str(path), preset, "256", policy, pred,
