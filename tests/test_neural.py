@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -426,3 +427,22 @@ def test_shipped_compare_sweep_runs_its_trained_checkpoints(monkeypatch):
         s = moesim.simulate(sc).summary
         # measured 0.51-0.71; a checkpoint of another synthetic model scores 0.03 (Switch) to 0.25 (Qwen)
         assert s["prediction"]["precision"] > 0.4, (p.label, s["prediction"])
+
+
+@pytest.mark.parametrize("name", ["speculation", "pre_attention"])
+def test_on_the_gpu_they_take_the_prefetch_fast_path_with_simpys_results(tiny_ckpts, tiny_trace, name):
+    """runs_on: gpu issues a hook's prefetches at once, so the learned predictors (their own
+    latency tables, pre_attention's on_pre_attention hook) run on engine/fast_prefetch.py: the
+    same summary and tables as the SimPy engine."""
+    from moesim.engine.run import simulate
+
+    pred = {"name": name, "checkpoint": str(tiny_ckpts[0 if name == "speculation" else 1]), "runs_on": "gpu"}
+    if name == "pre_attention":
+        pred["trace"] = str(tiny_trace)
+    sc = scenario(tiny_trace, gpu={"capacity_experts": 8}, batch={"size": 2}, predictor=pred)
+    fast, ref = simulate(sc, record_events=True), simulate(sc, record_events=True, engine="simpy")
+    assert fast.engine == {"engine": "fast", "reason": None, "path": "prefetch"}
+    assert fast.summary["prefetch"]["issued"] > 0 and fast.summary["predictor_s"] > 0
+    assert json.dumps(fast.summary, sort_keys=True) == json.dumps(ref.summary, sort_keys=True)
+    for t in ("steps", "requests", "events"):
+        pd.testing.assert_frame_equal(getattr(fast, t), getattr(ref, t), check_exact=True)
