@@ -216,7 +216,7 @@ def _tiny(tmp, **kw):
 
 
 @pytest.mark.parametrize("kw, reason", [
-    (dict(predictor={"name": "topk", "latency_us": 5.0}), "predictor topk runs on the host CPU with latency"),
+    (dict(predictor={"name": "topk"}, runtime="pytorch-offload-loop"), "a runtime with host costs"),
     (dict(predictor={"name": "oracle"}, runtime="pytorch-offload-loop"), "a runtime with host costs"),
     (dict(dram={"capacity_experts": 8, "policy": "lru"}), "a DRAM tier"),
     (dict(runtime="pytorch-offload-loop"), "a runtime with host costs"),
@@ -251,7 +251,7 @@ def test_cli_says_which_engine_ran(tmp_path):
     assert "engine: simpy (forced: --engine simpy)" in r.output
     assert (tmp_path / "a" / "summary.json").read_bytes() == (tmp_path / "b" / "summary.json").read_bytes()
     r = CliRunner().invoke(main, ["run", str(ROOT / "scenarios/oracle-ssd.yaml"), "-o", str(tmp_path / "c"),
-                                  "--engine", "fast", "--set", "predictor.latency_us=5", "--quiet", "--no-report",
-                                  "--no-why"])
-    assert r.exit_code == 2 and "the fast engine does not model predictor oracle runs on the host CPU" in r.output
+                                  "--engine", "fast", "--set", "runtime=pytorch-offload-loop", "--quiet",
+                                  "--no-report", "--no-why"])
+    assert r.exit_code == 2 and "the fast engine does not model a runtime with host costs" in r.output
     assert "Traceback" not in r.output

@@ -5,14 +5,15 @@ own code; only the clock changes. SimPy orders its events by (time, priority, cr
 every event of these runs has NORMAL priority, so events at equal times run in creation order.
 Here a heap of (time, seq, channel, copy) does the same: `seq` counts creations in the order
 SimPy would create its events (a copy's completion when it starts, the driver's wake-up when it
-sleeps or when the last load it waits for lands). The driver (engine/sim.py's `_driver`,
+sleeps or when the last load it waits for lands, a host-CPU predictor's delayed issue). The driver (engine/sim.py's `_driver`,
 `_step` and `_layer`) is a plain loop that runs the heap up to its own wake-up entry wherever
 the SimPy driver yields. tests/test_engine_fast_prefetch.py checks the results are the same bit
 for bit on random scenarios with equal times.
 
-Supported (see `unsupported`): predictors whose hooks issue their prefetches at once (on the GPU,
-or with no latency), no host thread or load slowdown, misses that wait, no stand-ins, KV cache or
-write-back. A DRAM tier over the disk is modelled too (its disk channel is a heap channel).
+Supported (see `unsupported`): any predictor (a host-CPU predictor's latency delays its issue by a
+timer entry of the heap, as SimPy's timeout), no host thread or load slowdown, misses that wait, no
+stand-ins, KV cache or write-back. A DRAM tier over the disk is modelled too (its disk channel is a
+heap channel).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from functools import reduce
 from heapq import heappop, heappush
 from operator import add
 
-from ..predictors.base import Predictor
 from .channels import Channel
 from .plan import StepPlan
 from .sim import Simulation, _Memo, _View
@@ -28,19 +28,10 @@ from .sim import Simulation, _Memo, _View
 
 def unsupported(sim: Simulation) -> str | None:
     """Why `sim` needs the SimPy engine (the first feature this path does not model), or None."""
-    p = sim.predictor.params
-    if p.runs_on != "gpu" and _has_latency(sim):
-        return f"predictor {sim.predictor.name} runs on the host CPU with latency (a delayed issue)"
     parts = ((sim.host, "a runtime with host costs"), (sim.horizon, "a runtime's load_slowdown"),
              (sim.cpu, f"miss: {sim.cfg.miss}"), (sim.standin, "low-bit stand-ins"),
              (sim.kv, "the KV cache in the GPU budget"), (sim.writeback, "the write-back of evicted experts"))
     return next((why for part, why in parts if part is not None), None)
-
-
-def _has_latency(sim: Simulation) -> bool:
-    """A hook call may cost time: a latency, or a latency table of the predictor's own."""
-    pred = sim.predictor
-    return pred.params.latency_us != 0 or type(pred).latency_for is not Predictor.latency_for
 
 
 class _Env:
@@ -52,6 +43,27 @@ class _Env:
         self.now = 0  # an int, as SimPy's clock starts
         self.heap: list = []
         self.seq = 0
+
+    def timeout(self, d: float) -> _Timer:
+        """SimPy's `env.timeout(d)` for a host-CPU predictor's delayed issue (Simulation._hook):
+        an entry made now, whose callbacks run when it comes up."""
+        tm = _Timer()
+        self.seq += 1
+        heappush(self.heap, (self.now + d, self.seq, tm, None))
+        return tm
+
+
+class _Timer:
+    """A timeout of the heap: `callbacks` as a SimPy event's, each called with the timer."""
+
+    __slots__ = ("callbacks",)
+
+    def __init__(self):
+        self.callbacks: list = []
+
+    def finish(self, _t) -> None:
+        for cb in self.callbacks:
+            cb(self)
 
 
 class _HeapChannel(Channel):
