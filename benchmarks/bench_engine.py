@@ -126,7 +126,8 @@ def main() -> None:
                 combos = [("lru", "on_demand", "auto")]
             else:  # auto: a fast path where the scenario allows it (fast: on_demand; fast-p: prefetching), else SimPy
                 combos = [("lru", "on_demand", "auto"), ("lru", "on_demand", "simpy"), ("lru", "oracle", "auto"),
-                          ("lru", "oracle", "simpy"), ("lru", "topk", "auto"), ("lru", "topk", "simpy"), ("lru", "multilook", "auto"), ("lru", "intelligent", "auto"),
+                          ("lru", "oracle", "simpy"), ("lru", "topk", "auto"), ("lru", "topk", "simpy"),
+                          ("lru", "multilook", "auto"), ("lru", "intelligent", "auto"),
                           ("belady", "on_demand", "auto")]
             for policy, pred, engine in combos:
                 out = subprocess.run([sys.executable, __file__, "--child", str(path), preset, "256", policy, pred,

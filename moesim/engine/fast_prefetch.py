@@ -5,9 +5,9 @@ own code; only the clock changes. SimPy orders its events by (time, priority, cr
 every event of these runs has NORMAL priority, so events at equal times run in creation order.
 Here a heap of (time, seq, channel, copy) does the same: `seq` counts creations in the order
 SimPy would create its events (a copy's completion when it starts, the driver's wake-up when it
-sleeps or when the last load it waits for lands, a host-CPU predictor's delayed issue). The driver (engine/sim.py's `_driver`,
-`_step` and `_layer`) is a plain loop that runs the heap up to its own wake-up entry wherever
-the SimPy driver yields. tests/test_engine_fast_prefetch.py checks the results are the same bit
+sleeps or when the last load it waits for lands, a host-CPU predictor's delayed issue). The
+driver (engine/sim.py's `_driver`, `_step` and `_layer`) is a plain loop that runs the heap up to
+its own wake-up entry wherever the SimPy driver yields. tests/test_engine_fast_prefetch.py checks the results are the same bit
 for bit on random scenarios with equal times.
 
 Supported (see `unsupported`): any predictor (a host-CPU predictor's latency delays its issue by a
