@@ -160,6 +160,7 @@ class FastPrefetch:
     # ---- the driver (engine/sim.py's, with the parts `unsupported` excludes left out) ---------
 
     def run(self):
+        """Simulation.run: the driver's steps, then the copies still in flight; returns the Recorder."""
         sim, env, rec = self.sim, self.env, self.rec
         sched = sim.sched
         while True:
@@ -180,6 +181,7 @@ class FastPrefetch:
         return rec
 
     def _step(self, plan: StepPlan) -> None:
+        """Simulation._step: set-up and hooks, the dense blocks, every MoE layer, the LM head."""
         sim, env, cost, rec = self.sim, self.env, self.cost, self.rec
         m, pred = sim.model, sim.predictor
         view = sim.view = _View(sim, plan)
@@ -202,7 +204,9 @@ class FastPrefetch:
         rec.step_end(plan, t_step, env.now)
 
     def _layer(self, plan: StepPlan, layer: int, attn: float) -> None:
-        sim, env, cost, rec = self.sim, self.env, self.cost, self.rec
+        """Simulation._layer: attention, the gate, the accesses, the wait for the layer's loads,
+        the kernels, the row."""
+        sim, env, rec = self.sim, self.env, self.rec
         view = sim.view
         t0 = env.now
         view.pre_attn_layer = layer
