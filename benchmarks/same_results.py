@@ -6,7 +6,8 @@ Each checkout runs in a child process of its own (PYTHONPATH=ROOT), writing summ
 steps/requests/events.parquet per case; the parent compares them exactly (the events table is every
 transfer with its start and end, so a changed order of copies shows). Every case runs on the SimPy
 engine, and again on the contention-free fast path where `--engine auto` takes it (the case name
-ends `@fast`). Cases: every predictor on the quickstart scenario and on a bench trace (olmoe-1b-7b,
+ends `@fast`; where only the new checkout takes a fast path, it is compared with the old checkout's
+SimPy run of the case). Cases: every predictor on the quickstart scenario and on a bench trace (olmoe-1b-7b,
 as benchmarks/bench_engine.py) with lru, belady and fifo caches, global and per-layer, at batch 1
 and 4; prefetch limits (protect off, max_inflight, max_bytes_per_layer); a DRAM tier over the SSD;
 every scenario file and every point of the shipped sweeps (`--quick`: the first two points of
@@ -102,6 +103,8 @@ def compare(a: Path, b: Path) -> list[str]:
     names = sorted({p.name for p in a.iterdir()} | {p.name for p in b.iterdir()})
     for n in names:
         da, db = a / n, b / n
+        if n.endswith("@fast") and db.is_dir() and not da.is_dir():  # a fast path new in `b`: against `a`'s SimPy run
+            da = a / n.removesuffix("@fast")
         if not (da.is_dir() and db.is_dir()):
             diffs.append(f"{n}: only in {'old' if da.is_dir() else 'new'}")
             continue
