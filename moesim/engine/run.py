@@ -269,8 +269,9 @@ def _access_stream(reader, sc: Scenario) -> np.ndarray:
 def simulate(sc: Scenario, record_events: bool = False, progress=None, engine: str = "auto") -> Result:
     """Run one scenario. Deterministic: the same scenario and seed give the same Result.
     `progress`: None, or `progress(total_tokens)` returning a callback called with each step's
-    tokens (moesim.progress's bar). `engine`: auto (the contention-free fast path when the
-    scenario has nothing it does not model, else SimPy), fast (that path, or an InputError), or
+    tokens (moesim.progress's bar). `engine`: auto (a fast path, engine/fast.py's or
+    engine/fast_prefetch.py's, when the scenario has nothing it does not model, else SimPy), fast
+    (that path, or an InputError), or
     simpy (the reference engine); the results are the same either way."""
     if engine not in ENGINES:
         raise InputError(f"expected one of {', '.join(ENGINES)}, found {engine!r}", field="engine")
