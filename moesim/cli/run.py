@@ -42,7 +42,7 @@ def _print_summary(s: dict, out: Path) -> None:
                    "resident) and name the binding constraint [default: on when the what-ifs can run side by "
                    "side on this machine's cores, i.e. at most double the run time]")
 @click.option("--engine", type=click.Choice(["auto", "fast", "simpy"]), default="auto", show_default=True,
-              help="auto: the contention-free fast path when the scenario allows it, else SimPy; simpy: force "
+              help="auto: a fast path without SimPy when the scenario allows it, else SimPy; simpy: force "
                    "the reference engine (same results)")
 @_guard
 def run(scenario, output, overrides, events, quiet, no_report, why, engine):
