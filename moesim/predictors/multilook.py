@@ -22,6 +22,7 @@ components takes the best component's score.
 """
 from __future__ import annotations
 
+import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from pydantic import Field
@@ -40,11 +41,39 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h
 
 
+_M64 = (1 << 64) - 1
+_MULT_PY = [_MULT[0, :64].tolist(), _MULT[1, :65].tolist()]  # the same, as Python ints (tiny inputs)
+_FEW = 8  # rows up to which plain Python beats numpy's per-call cost (the same uint64 arithmetic)
+
+
+def _set_code(experts: list[int]) -> int:
+    h = sum(a * m for a, m in zip(sorted(experts), _MULT_PY[0])) & _M64
+    return h ^ (h >> 29)
+
+
 def set_codes(experts: np.ndarray) -> np.ndarray:
     """64-bit hash of each expert set (last axis; order-insensitive)."""
-    s = np.sort(np.asarray(experts, dtype=np.int64), axis=-1).astype(np.uint64)
+    experts = np.asarray(experts)
+    lead = experts.shape[:-1]
+    if experts.ndim >= 2 and math.prod(lead) <= _FEW and 0 < experts.shape[-1] <= 64:
+        rows = experts.reshape(-1, experts.shape[-1]).tolist()
+        return np.array([_set_code(r) for r in rows], dtype=np.uint64).reshape(lead)
+    s = np.sort(experts.astype(np.int64), axis=-1).astype(np.uint64)
     with np.errstate(over="ignore"):
         return _mix((s * _MULT[0, :s.shape[-1]]).sum(axis=-1, dtype=np.uint64))
+
+
+def context_keys(window: np.ndarray, layer: int) -> list[int]:
+    """context_hash of each row of `window` [n, pl] ending at one `layer`, as Python ints."""
+    n = window.shape[1]
+    if window.shape[0] > _FEW or n >= 64:
+        return context_hash(window, layer).tolist()
+    mult, tail = _MULT_PY[1][:n], (layer + 1) * _MULT_PY[1][n]
+    out = []
+    for w in window.tolist():
+        h = (sum(a * m for a, m in zip(w, mult)) + tail) & _M64
+        out.append(h ^ (h >> 29))
+    return out
 
 
 def context_hash(window: np.ndarray, layer) -> np.ndarray:
@@ -77,12 +106,14 @@ class PatternStore:
         return len(self.index)
 
     def lookup(self, keys: list[int]) -> np.ndarray:
+        """Slots of the stored keys among these (in order, repeats kept); each counts one access."""
         get = self.index.get
-        slots = np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
-        hit = slots[slots >= 0]
-        if hit.size:
-            self.access[hit] += 1
-        return slots
+        hit = [s for s in map(get, keys) if s is not None]
+        if not hit:
+            return np.zeros(0, dtype=np.int64)
+        hit = np.array(hit, dtype=np.int64)
+        self.access[hit] += 1
+        return hit
 
     def slots(self, keys: list[int]) -> np.ndarray:
         """Slots of these keys, creating the missing ones (evicting the least accessed; -1 where
@@ -268,7 +299,7 @@ class MultiLook(HistoryPredictor):
         else:
             cnt = None
         if cnt is not None and self._n_hops:
-            nz = np.flatnonzero(cnt)
+            nz = cnt.nonzero()[0]
             hh = self._n_hops
             # noisy-OR over the batch's (token, expert) pairs: 1 - prod (1 - p)^count
             score[:hh] = -np.expm1(cnt[nz].astype(np.float32) @ self.hops_lq[:hh, src][:, nz])
@@ -287,8 +318,7 @@ class MultiLook(HistoryPredictor):
                 if ok is not None:
                     win = win[ok]
                 if win.shape[0]:
-                    slots = self.store.lookup(context_hash(win, src).tolist())
-                    slots = slots[slots >= 0]
+                    slots = self.store.lookup(context_keys(win, src))
                     if slots.size:
                         slots = slots[self.store.trusted[slots]]
                     if slots.size:
