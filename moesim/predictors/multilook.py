@@ -206,6 +206,10 @@ class MultiLook(HistoryPredictor):
         n_hops = h if p.use_chains else 1
         self._n_hops = n_hops if (p.use_chains or p.use_cooccurrence) else 0
         self.hops = np.zeros((n_hops, L, E, E), dtype=np.float32)
+        # every hop's (source position q, target q + d, row hop * L + q % L, q in this token) at once
+        q = [np.arange(max(0, L - d), 2 * L - d) for d in range(1, n_hops + 1)]
+        self._hop_q = (np.concatenate(q), np.concatenate([qs + i + 1 for i, qs in enumerate(q)]),
+                       np.concatenate([qs % L + i * L for i, qs in enumerate(q)]), np.concatenate(q) >= L)
         self.occ = np.zeros((n_hops, L, E), dtype=np.float32)
         self.hops_lq = np.zeros_like(self.hops)   # log(1 - thresholded probability), per row
         self.temporal = np.zeros((p.temporal_period, L, E), dtype=np.float32)
@@ -366,30 +370,23 @@ class MultiLook(HistoryPredictor):
 
     def _learn_hops(self, seq: np.ndarray, pvalid: np.ndarray) -> None:
         """Co-occurrence and chains: a at position q -> b at q+d, for b in this token. Every hop's
-        counts are added, and their touched rows' cache refreshed, in one call each."""
-        L, E = self.L, self.E
-        idx_parts, src_parts = [], []
-        for hop in range(self.hops.shape[0]):
-            d = hop + 1
-            qs = np.arange(max(0, L - d), 2 * L - d)
-            if qs.size == 0:
-                continue
-            valid = (qs >= L)[None, :] | pvalid[:, None]           # [n, nq]
-            a = seq[:, qs][valid]                                  # [m, k]
-            b = seq[:, qs + d][valid]
-            lay = np.broadcast_to((qs % L)[None, :], valid.shape)[valid].astype(np.int64) + hop * L
-            if a.shape[0] == 0:
-                continue
-            idx_parts.append(((lay[:, None, None] * E + a[:, :, None]) * E + b[:, None, :]).ravel())
-            src_parts.append((lay[:, None] * E + a).ravel())
-        if not src_parts:
+        counts are added, and their touched rows' cache refreshed, in one call each (each count
+        grows by the same 1.0, so the order of the additions does not matter)."""
+        E = self.E
+        qs, tgt, lay, late = self._hop_q
+        if qs.size == 0:
             return
-        src_rows = np.concatenate(src_parts)  # (rows of [hops * L, E]: hop, layer, expert a)
-        np.add.at(self.hops.reshape(-1), np.concatenate(idx_parts), _ONE)
+        valid = late[None, :] | pvalid[:, None]                   # [n, nq]
+        src = np.broadcast_to(lay[:, None] * E, (valid.shape[0],) + lay.shape + (1,))[valid] + seq[:, qs][valid]  # [m, k]
+        if src.shape[0] == 0:
+            return
+        b = seq[:, tgt][valid]
+        src_rows = src.ravel()  # (rows of [hops * L, E]: hop, layer, expert a)
+        np.add.at(self.hops.reshape(-1), (src[:, :, None] * E + b[:, None, :]).ravel(), _ONE)
         np.add.at(self.occ.reshape(-1), src_rows, _ONE)
         mark = np.zeros(self.occ.size, dtype=bool)
         mark[src_rows] = True
-        touched = np.flatnonzero(mark)  # rows whose counts changed: refresh their cache
+        touched = mark.nonzero()[0]  # rows whose counts changed: refresh their cache
         self.hops_lq.reshape(-1, E)[touched] = self._log1m(
             self.hops.reshape(-1, E)[touched], self.occ.reshape(-1)[touched][:, None], self.params.min_pattern_frequency)
 
@@ -411,18 +408,14 @@ class MultiLook(HistoryPredictor):
         keep = slots >= 0
         ti, qi, slots = ti[keep], qi[keep], slots[keep]
         np.add.at(self.store.access, slots, np.int64(1))
-        q = qs[qi]
-        counts, nn = self.store.counts, self.store.n
-        E = self.E
-        for d in range(1, h + 1):
-            tgt = q + d
-            m = (tgt >= L) & (tgt < 2 * L)
-            if not m.any():
-                continue
-            s, t, tg = slots[m], ti[m], tgt[m]
-            np.add.at(nn.reshape(-1), s * h + (d - 1), _ONE)
-            ex = seq[t, tg]                                                   # [m, k]
-            np.add.at(counts.reshape(-1), ((s * h + (d - 1))[:, None] * E + ex).ravel(), _ONE)
+        # every distance d = 1..h at once (each count grows by the same 1.0: the order is free)
+        tgt = qs[qi][:, None] + np.arange(1, h + 1)[None, :]                 # [m, h]
+        i, j = ((tgt >= L) & (tgt < 2 * L)).nonzero()
+        if i.size:
+            row = slots[i] * h + j
+            np.add.at(self.store.n.reshape(-1), row, _ONE)
+            ex = seq[ti[i], tgt[i, j]]                                        # [m', k]
+            np.add.at(self.store.counts.reshape(-1), (row[:, None] * self.E + ex).ravel(), _ONE)
         mark = np.zeros(self.store.capacity, dtype=bool)
         mark[slots] = True
         touched = np.flatnonzero(mark)  # patterns whose counts changed: refresh their cache
@@ -435,7 +428,7 @@ class MultiLook(HistoryPredictor):
         """log(1 - p) of the conditional probability p = c / n, 0 where c < min_count or
         p < min_confidence (the expert is then not predicted by this entry)."""
         prob = c / np.maximum(n, _ONE)
-        keep = np.flatnonzero((c >= min_count) & (prob >= self.params.min_confidence))
+        keep = ((c >= min_count) & (prob >= self.params.min_confidence)).ravel().nonzero()[0]
         out = np.zeros_like(prob)  # (flat indices: the same elements, in order, as a boolean mask; faster)
-        np.put(out, keep, np.log1p(-np.minimum(prob.take(keep), np.float32(1.0 - 1e-6))))
+        out.put(keep, np.log1p(-np.minimum(prob.take(keep), np.float32(1.0 - 1e-6))))
         return out
