@@ -289,7 +289,7 @@ class MultiLook(HistoryPredictor):
 
     def _predict(self, view, layer: int) -> list[Prefetch]:
         p, L, E, h = self.params, self.L, self.E, self.h
-        score = np.zeros((h, E), dtype=np.float32)
+        score = None
         # co-occurrence (d = 1) and chains (d >= 2): from the experts now known at `src`
         if layer >= 0:
             full = np.asarray(view.token_experts(layer))
@@ -306,14 +306,21 @@ class MultiLook(HistoryPredictor):
             nz = cnt.nonzero()[0]
             hh = self._n_hops
             # noisy-OR over the batch's (token, expert) pairs: 1 - prod (1 - p)^count
-            score[:hh] = -np.expm1(cnt[nz].astype(np.float32) @ self.hops_lq[:hh, src][:, nz])
+            hop = -np.expm1(cnt[nz].astype(np.float32) @ self.hops_lq[:hh, src][:, nz])
+            if hh == h:
+                score = hop
+            else:
+                score = np.zeros((h, E), dtype=np.float32)
+                score[:hh] = hop
             if not p.use_cooccurrence:
                 score[0] = 0.0
+        if score is None:
+            score = np.zeros((h, E), dtype=np.float32)
         # temporal position
         if p.use_temporal:
             t = self._temporal()
             if t is not None:
-                np.maximum(score, t[self._target_pos[layer]], out=score)
+                np.maximum(score, t[layer + 1:layer + 1 + h], out=score)  # (the targets' positions)
         # sequence patterns
         if p.use_sequences and cnt is not None:
             w = self._window(view, layer)
