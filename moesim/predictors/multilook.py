@@ -23,6 +23,7 @@ components takes the best component's score.
 from __future__ import annotations
 
 import math
+from operator import mul
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from pydantic import Field
@@ -47,7 +48,7 @@ _FEW = 8  # rows up to which plain Python beats numpy's per-call cost (the same 
 
 
 def _set_code(experts: list[int]) -> int:
-    h = sum(a * m for a, m in zip(sorted(experts), _MULT_PY[0])) & _M64
+    h = sum(map(mul, sorted(experts), _MULT_PY[0])) & _M64
     return h ^ (h >> 29)
 
 
@@ -71,7 +72,7 @@ def context_keys(window: np.ndarray, layer: int) -> list[int]:
     mult, tail = _MULT_PY[1][:n], (layer + 1) * _MULT_PY[1][n]
     out = []
     for w in window.tolist():
-        h = (sum(a * m for a, m in zip(w, mult)) + tail) & _M64
+        h = (sum(map(mul, w, mult)) + tail) & _M64
         out.append(h ^ (h >> 29))
     return out
 
