@@ -247,7 +247,11 @@ class MultiLook(HistoryPredictor):
 
     def _code(self, view, layer: int) -> None:
         if not self._have[layer]:
-            self._cur_codes[:, layer] = set_codes(self._rows_of(view, layer))
+            rows = self._rows_of(view, layer)
+            if rows.shape[0] <= _FEW and 0 < rows.shape[1] <= 64:  # (set_codes' own small case, inline)
+                self._cur_codes[:, layer] = [_set_code(r) for r in rows.tolist()]
+            else:
+                self._cur_codes[:, layer] = set_codes(rows)
             self._have[layer] = True
 
     def _window(self, view, layer: int):
