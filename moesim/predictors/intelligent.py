@@ -130,14 +130,8 @@ class Intelligent(HistoryPredictor):
                 if d > 1:
                     rows = rows @ self.P[(src + d - 1) % L]                  # d hops on
                 q = rows.max(axis=1)                                        # [T', E]
-                if q.shape[0] == 1:  # one token: its row is the union (the same values, fewer calls)
-                    q, part = q[0], np.partition(q[0], kth)
-                    masks[0] = (q > p.transition_threshold) & (q >= part[kth[0]])
-                    if enough is None or enough.size:
-                        masks[3] = (q > p.pattern_threshold) & (q >= part[kth[1]])
-                    tie = self._tie[lay] + 1e-9 * np.minimum(q, 1.0)
-                else:
-                    tie = self._tie[lay] + self._union_masks(masks, q, kth, enough)
+                union = self._one_token_masks if q.shape[0] == 1 else self._union_masks
+                tie = self._tie[lay] + union(masks, q, kth, enough)
             else:
                 tie = self._tie[lay]
             step = view.step + off
@@ -151,6 +145,16 @@ class Intelligent(HistoryPredictor):
             keep = best[:n][np.lexsort((best[:n], -f[:n]))]  # the engine's issue order: best fused first
             out.add(step, lay, keep.tolist(), fused[keep].tolist())
         return out
+
+    def _one_token_masks(self, masks: np.ndarray, q: np.ndarray, kth: list[int], enough) -> np.ndarray:
+        """`_union_masks` of one token (q [1, E]): its row is the union (the same values, fewer calls)."""
+        p = self.params
+        q = q[0]
+        part = np.partition(q, kth)
+        masks[0] = (q > p.transition_threshold) & (q >= part[kth[0]])
+        if enough is None or enough.size:
+            masks[3] = (q > p.pattern_threshold) & (q >= part[kth[1]])
+        return 1e-9 * np.minimum(q, 1.0)
 
     def _union_masks(self, masks: np.ndarray, q: np.ndarray, kth: list[int], enough) -> np.ndarray:
         """Rows 0 (transition) and 3 (pattern) of `masks`: the union over the tokens' rows of `q`
