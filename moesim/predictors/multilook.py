@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from operator import mul
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from pydantic import Field
 
 from .base import Prefetch
@@ -405,12 +404,12 @@ class MultiLook(HistoryPredictor):
     def _learn_patterns(self, seq, prev, rows, pvalid) -> None:
         p, L, h = self.params, self.L, self.h
         pl = p.pattern_length
-        codes = np.concatenate([set_codes(prev), set_codes(rows)], axis=1)   # [n, 2L]
         q0 = max(pl - 1, L - h)
         qs = np.arange(q0, 2 * L - 1)
         if qs.size == 0:
             return
-        win = sliding_window_view(codes, pl, axis=1)[:, qs - pl + 1]          # [n, nq, pl]
+        codes = set_codes(seq)                                               # [n, 2L]
+        win = codes[:, (qs - pl + 1)[:, None] + np.arange(pl)[None, :]]      # [n, nq, pl]: the windows ending at qs
         valid = ((qs - pl + 1) >= L)[None, :] | pvalid[:, None]
         keys = context_hash(win, (qs % L)[None, :])                          # [n, nq]
         ti, qi = np.nonzero(valid)
