@@ -90,7 +90,7 @@ class _View:
         requests arrived so far (exact with closed arrivals; see engine/scheduler.py)."""
         if not self._sim.predictor.needs_future:
             raise PermissionError("only predictors with needs_future may read the trace ahead")
-        L, E = self._sim.L, self._sim.E
+        L, E, dedup = self._sim.L, self._sim.E, self._dedup()
         out, plan, ahead, layer = [], self._plan, 0, after_layer
         for _ in range(n_layers):
             layer += 1
@@ -99,8 +99,9 @@ class _View:
                 ahead += 1
                 if plan is None:
                     break
-            keys = plan.keys[layer]  # unique already, unless dedup is off
-            out.append((plan.index, layer, (keys if self._dedup() else np.unique(keys)) - layer * E))
+            flat = plan.flat  # (the same keys, read without the per-layer view object)
+            keys = plan.keys[layer] if flat is None else flat[0][flat[2][layer]:flat[2][layer + 1]]
+            out.append((plan.index, layer, (keys if dedup else np.unique(keys)) - layer * E))  # unique already, unless dedup is off
         return out
 
     def _steps_ahead(self, i: int) -> StepPlan | None:

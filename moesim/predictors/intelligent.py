@@ -125,31 +125,47 @@ class Intelligent(HistoryPredictor):
         kth = [E - min(p.transition_k, E), E - min(p.pattern_k, E)]
         w = self.weights
         for d, off, lay in self._targets[layer]:
-            masks = np.zeros((4, E))
-            masks[1:3] = self._fr_top[lay]
+            masks = self._masks0[lay].copy()  # frequency and recency rows set
             if rows is not None:
                 if d > 1:
                     rows = rows @ self.P[(src + d - 1) % L]                  # d hops on
                 q = rows.max(axis=1)                                        # [T', E]
-                part = np.partition(q, kth, axis=1)
-                masks[0] = ((q > p.transition_threshold) & (q >= part[:, kth[0], None])).any(axis=0)
-                if enough is None or enough.size:
-                    mp = (q > p.pattern_threshold) & (q >= part[:, kth[1], None])
-                    masks[3] = (mp if enough is None else mp[enough]).any(axis=0)
-                tie = self._tie[lay] + 1e-9 * np.minimum(q.sum(axis=0), 1.0)
+                union = self._one_token_masks if q.shape[0] == 1 else self._union_masks
+                tie = self._tie[lay] + union(masks, q, kth, enough)
             else:
                 tie = self._tie[lay]
             step = view.step + off
             if d == 1:
                 self._pending[(step, lay)] = masks
             fused = w @ masks
-            best = np.argsort(-(fused + tie), kind="stable")[:p.max_per_layer]
+            best = (-(fused + tie)).argsort(kind="stable")[:p.max_per_layer]
             f = fused[best]
-            stop = np.flatnonzero(f <= 0)
+            stop = (f <= 0).nonzero()[0]
             n = int(stop[0]) if stop.size else f.size  # up to the first f <= 0
             keep = best[:n][np.lexsort((best[:n], -f[:n]))]  # the engine's issue order: best fused first
             out.add(step, lay, keep.tolist(), fused[keep].tolist())
         return out
+
+    def _one_token_masks(self, masks: np.ndarray, q: np.ndarray, kth: list[int], enough) -> np.ndarray:
+        """`_union_masks` of one token (q [1, E]): its row is the union (the same values, fewer calls)."""
+        p = self.params
+        q = q[0]
+        part = np.partition(q, kth)
+        masks[0] = (q > p.transition_threshold) & (q >= part[kth[0]])
+        if enough is None or enough.size:
+            masks[3] = (q > p.pattern_threshold) & (q >= part[kth[1]])
+        return 1e-9 * np.minimum(q, 1.0)
+
+    def _union_masks(self, masks: np.ndarray, q: np.ndarray, kth: list[int], enough) -> np.ndarray:
+        """Rows 0 (transition) and 3 (pattern) of `masks`: the union over the tokens' rows of `q`
+        [T', E]; returns the tie-break term of the fused scores."""
+        p = self.params
+        part = np.partition(q, kth, axis=1)
+        masks[0] = ((q > p.transition_threshold) & (q >= part[:, kth[0], None])).any(axis=0)
+        if enough is None or enough.size:
+            mp = (q > p.pattern_threshold) & (q >= part[:, kth[1], None])
+            masks[3] = (mp if enough is None else mp[enough]).any(axis=0)
+        return 1e-9 * np.minimum(q.sum(axis=0), 1.0)
 
     # -- online weight adaptation --
 
@@ -194,6 +210,8 @@ class Intelligent(HistoryPredictor):
         top = np.zeros(r.shape, dtype=bool)
         np.put_along_axis(top, order, True, axis=1)
         self._fr_top = np.stack([freq_top, top & (self.last_used > 0)], axis=1).astype(np.float64)  # [L, 2, E]
+        self._masks0 = np.zeros((self.L, 4, E))  # per layer, the component masks before the transitions'
+        self._masks0[:, 1:3] = self._fr_top
 
     # -- hooks --
 

@@ -22,8 +22,9 @@ components takes the best component's score.
 """
 from __future__ import annotations
 
+import math
+from operator import mul
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from pydantic import Field
 
 from .base import Prefetch
@@ -40,11 +41,39 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h
 
 
+_M64 = (1 << 64) - 1
+_MULT_PY = [_MULT[0, :64].tolist(), _MULT[1, :65].tolist()]  # the same, as Python ints (tiny inputs)
+_FEW = 8  # rows up to which plain Python beats numpy's per-call cost (the same uint64 arithmetic)
+
+
+def _set_code(experts: list[int]) -> int:
+    h = sum(map(mul, sorted(experts), _MULT_PY[0])) & _M64
+    return h ^ (h >> 29)
+
+
 def set_codes(experts: np.ndarray) -> np.ndarray:
     """64-bit hash of each expert set (last axis; order-insensitive)."""
-    s = np.sort(np.asarray(experts, dtype=np.int64), axis=-1).astype(np.uint64)
+    experts = np.asarray(experts)
+    lead = experts.shape[:-1]
+    if experts.ndim >= 2 and math.prod(lead) <= _FEW and 0 < experts.shape[-1] <= 64:
+        rows = experts.reshape(-1, experts.shape[-1]).tolist()
+        return np.array([_set_code(r) for r in rows], dtype=np.uint64).reshape(lead)
+    s = np.sort(experts.astype(np.int64), axis=-1).astype(np.uint64)
     with np.errstate(over="ignore"):
         return _mix((s * _MULT[0, :s.shape[-1]]).sum(axis=-1, dtype=np.uint64))
+
+
+def context_keys(window: np.ndarray, layer: int) -> list[int]:
+    """context_hash of each row of `window` [n, pl] ending at one `layer`, as Python ints."""
+    n = window.shape[1]
+    if window.shape[0] > _FEW or n >= 64:
+        return context_hash(window, layer).tolist()
+    mult, tail = _MULT_PY[1][:n], (layer + 1) * _MULT_PY[1][n]
+    out = []
+    for w in window.tolist():
+        h = (sum(map(mul, w, mult)) + tail) & _M64
+        out.append(h ^ (h >> 29))
+    return out
 
 
 def context_hash(window: np.ndarray, layer) -> np.ndarray:
@@ -77,12 +106,14 @@ class PatternStore:
         return len(self.index)
 
     def lookup(self, keys: list[int]) -> np.ndarray:
+        """Slots of the stored keys among these (in order, repeats kept); each counts one access."""
         get = self.index.get
-        slots = np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
-        hit = slots[slots >= 0]
-        if hit.size:
-            self.access[hit] += 1
-        return slots
+        hit = [s for s in map(get, keys) if s is not None]
+        if not hit:
+            return np.zeros(0, dtype=np.int64)
+        hit = np.array(hit, dtype=np.int64)
+        self.access[hit] += 1
+        return hit
 
     def slots(self, keys: list[int]) -> np.ndarray:
         """Slots of these keys, creating the missing ones (evicting the least accessed; -1 where
@@ -175,6 +206,10 @@ class MultiLook(HistoryPredictor):
         n_hops = h if p.use_chains else 1
         self._n_hops = n_hops if (p.use_chains or p.use_cooccurrence) else 0
         self.hops = np.zeros((n_hops, L, E, E), dtype=np.float32)
+        # every hop's (source position q, target q + d, row hop * L + q % L, q in this token) at once
+        q = [np.arange(max(0, L - d), 2 * L - d) for d in range(1, n_hops + 1)]
+        self._hop_q = (np.concatenate(q), np.concatenate([qs + i + 1 for i, qs in enumerate(q)]),
+                       np.concatenate([qs % L + i * L for i, qs in enumerate(q)]), np.concatenate(q) >= L)
         self.occ = np.zeros((n_hops, L, E), dtype=np.float32)
         self.hops_lq = np.zeros_like(self.hops)   # log(1 - thresholded probability), per row
         self.temporal = np.zeros((p.temporal_period, L, E), dtype=np.float32)
@@ -211,7 +246,11 @@ class MultiLook(HistoryPredictor):
 
     def _code(self, view, layer: int) -> None:
         if not self._have[layer]:
-            self._cur_codes[:, layer] = set_codes(self._rows_of(view, layer))
+            rows = self._rows_of(view, layer)
+            if rows.shape[0] <= _FEW and 0 < rows.shape[1] <= 64:  # (set_codes' own small case, inline)
+                self._cur_codes[:, layer] = [_set_code(r) for r in rows.tolist()]
+            else:
+                self._cur_codes[:, layer] = set_codes(rows)
             self._have[layer] = True
 
     def _window(self, view, layer: int):
@@ -254,7 +293,7 @@ class MultiLook(HistoryPredictor):
 
     def _predict(self, view, layer: int) -> list[Prefetch]:
         p, L, E, h = self.params, self.L, self.E, self.h
-        score = np.zeros((h, E), dtype=np.float32)
+        score = None
         # co-occurrence (d = 1) and chains (d >= 2): from the experts now known at `src`
         if layer >= 0:
             full = np.asarray(view.token_experts(layer))
@@ -268,17 +307,24 @@ class MultiLook(HistoryPredictor):
         else:
             cnt = None
         if cnt is not None and self._n_hops:
-            nz = np.flatnonzero(cnt)
+            nz = cnt.nonzero()[0]
             hh = self._n_hops
             # noisy-OR over the batch's (token, expert) pairs: 1 - prod (1 - p)^count
-            score[:hh] = -np.expm1(cnt[nz].astype(np.float32) @ self.hops_lq[:hh, src][:, nz])
+            hop = -np.expm1(cnt[nz].astype(np.float32) @ self.hops_lq[:hh, src][:, nz])
+            if hh == h:
+                score = hop
+            else:
+                score = np.zeros((h, E), dtype=np.float32)
+                score[:hh] = hop
             if not p.use_cooccurrence:
                 score[0] = 0.0
+        if score is None:
+            score = np.zeros((h, E), dtype=np.float32)
         # temporal position
         if p.use_temporal:
             t = self._temporal()
             if t is not None:
-                np.maximum(score, t[self._target_pos[layer]], out=score)
+                np.maximum(score, t[layer + 1:layer + 1 + h], out=score)  # (the targets' positions)
         # sequence patterns
         if p.use_sequences and cnt is not None:
             w = self._window(view, layer)
@@ -287,8 +333,7 @@ class MultiLook(HistoryPredictor):
                 if ok is not None:
                     win = win[ok]
                 if win.shape[0]:
-                    slots = self.store.lookup(context_hash(win, src).tolist())
-                    slots = slots[slots >= 0]
+                    slots = self.store.lookup(context_keys(win, src))
                     if slots.size:
                         slots = slots[self.store.trusted[slots]]
                     if slots.size:
@@ -336,42 +381,35 @@ class MultiLook(HistoryPredictor):
 
     def _learn_hops(self, seq: np.ndarray, pvalid: np.ndarray) -> None:
         """Co-occurrence and chains: a at position q -> b at q+d, for b in this token. Every hop's
-        counts are added, and their touched rows' cache refreshed, in one call each."""
-        L, E = self.L, self.E
-        idx_parts, src_parts = [], []
-        for hop in range(self.hops.shape[0]):
-            d = hop + 1
-            qs = np.arange(max(0, L - d), 2 * L - d)
-            if qs.size == 0:
-                continue
-            valid = (qs >= L)[None, :] | pvalid[:, None]           # [n, nq]
-            a = seq[:, qs][valid]                                  # [m, k]
-            b = seq[:, qs + d][valid]
-            lay = np.broadcast_to((qs % L)[None, :], valid.shape)[valid].astype(np.int64) + hop * L
-            if a.shape[0] == 0:
-                continue
-            idx_parts.append(((lay[:, None, None] * E + a[:, :, None]) * E + b[:, None, :]).ravel())
-            src_parts.append((lay[:, None] * E + a).ravel())
-        if not src_parts:
+        counts are added, and their touched rows' cache refreshed, in one call each (each count
+        grows by the same 1.0, so the order of the additions does not matter)."""
+        E = self.E
+        qs, tgt, lay, late = self._hop_q
+        if qs.size == 0:
             return
-        src_rows = np.concatenate(src_parts)  # (rows of [hops * L, E]: hop, layer, expert a)
-        np.add.at(self.hops.reshape(-1), np.concatenate(idx_parts), _ONE)
+        valid = late[None, :] | pvalid[:, None]                   # [n, nq]
+        src = np.broadcast_to(lay[:, None] * E, (valid.shape[0],) + lay.shape + (1,))[valid] + seq[:, qs][valid]  # [m, k]
+        if src.shape[0] == 0:
+            return
+        b = seq[:, tgt][valid]
+        src_rows = src.ravel()  # (rows of [hops * L, E]: hop, layer, expert a)
+        np.add.at(self.hops.reshape(-1), (src[:, :, None] * E + b[:, None, :]).ravel(), _ONE)
         np.add.at(self.occ.reshape(-1), src_rows, _ONE)
         mark = np.zeros(self.occ.size, dtype=bool)
         mark[src_rows] = True
-        touched = np.flatnonzero(mark)  # rows whose counts changed: refresh their cache
+        touched = mark.nonzero()[0]  # rows whose counts changed: refresh their cache
         self.hops_lq.reshape(-1, E)[touched] = self._log1m(
             self.hops.reshape(-1, E)[touched], self.occ.reshape(-1)[touched][:, None], self.params.min_pattern_frequency)
 
     def _learn_patterns(self, seq, prev, rows, pvalid) -> None:
         p, L, h = self.params, self.L, self.h
         pl = p.pattern_length
-        codes = np.concatenate([set_codes(prev), set_codes(rows)], axis=1)   # [n, 2L]
         q0 = max(pl - 1, L - h)
         qs = np.arange(q0, 2 * L - 1)
         if qs.size == 0:
             return
-        win = sliding_window_view(codes, pl, axis=1)[:, qs - pl + 1]          # [n, nq, pl]
+        codes = set_codes(seq)                                               # [n, 2L]
+        win = codes[:, (qs - pl + 1)[:, None] + np.arange(pl)[None, :]]      # [n, nq, pl]: the windows ending at qs
         valid = ((qs - pl + 1) >= L)[None, :] | pvalid[:, None]
         keys = context_hash(win, (qs % L)[None, :])                          # [n, nq]
         ti, qi = np.nonzero(valid)
@@ -381,18 +419,14 @@ class MultiLook(HistoryPredictor):
         keep = slots >= 0
         ti, qi, slots = ti[keep], qi[keep], slots[keep]
         np.add.at(self.store.access, slots, np.int64(1))
-        q = qs[qi]
-        counts, nn = self.store.counts, self.store.n
-        E = self.E
-        for d in range(1, h + 1):
-            tgt = q + d
-            m = (tgt >= L) & (tgt < 2 * L)
-            if not m.any():
-                continue
-            s, t, tg = slots[m], ti[m], tgt[m]
-            np.add.at(nn.reshape(-1), s * h + (d - 1), _ONE)
-            ex = seq[t, tg]                                                   # [m, k]
-            np.add.at(counts.reshape(-1), ((s * h + (d - 1))[:, None] * E + ex).ravel(), _ONE)
+        # every distance d = 1..h at once (each count grows by the same 1.0: the order is free)
+        tgt = qs[qi][:, None] + np.arange(1, h + 1)[None, :]                 # [m, h]
+        i, j = ((tgt >= L) & (tgt < 2 * L)).nonzero()
+        if i.size:
+            row = slots[i] * h + j
+            np.add.at(self.store.n.reshape(-1), row, _ONE)
+            ex = seq[ti[i], tgt[i, j]]                                        # [m', k]
+            np.add.at(self.store.counts.reshape(-1), (row[:, None] * self.E + ex).ravel(), _ONE)
         mark = np.zeros(self.store.capacity, dtype=bool)
         mark[slots] = True
         touched = np.flatnonzero(mark)  # patterns whose counts changed: refresh their cache
@@ -405,7 +439,7 @@ class MultiLook(HistoryPredictor):
         """log(1 - p) of the conditional probability p = c / n, 0 where c < min_count or
         p < min_confidence (the expert is then not predicted by this entry)."""
         prob = c / np.maximum(n, _ONE)
-        keep = np.flatnonzero((c >= min_count) & (prob >= self.params.min_confidence))
+        keep = ((c >= min_count) & (prob >= self.params.min_confidence)).ravel().nonzero()[0]
         out = np.zeros_like(prob)  # (flat indices: the same elements, in order, as a boolean mask; faster)
-        np.put(out, keep, np.log1p(-np.minimum(prob.take(keep), np.float32(1.0 - 1e-6))))
+        out.put(keep, np.log1p(-np.minimum(prob.take(keep), np.float32(1.0 - 1e-6))))
         return out

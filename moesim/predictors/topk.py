@@ -114,6 +114,8 @@ class LayerAheadPredictor(Predictor):
                             for l, t in self._targets.items()}
         self._cur_step: int | None = None
         self._cap = getattr(params, "max_per_layer", None) or 2 * self.K  # per-layer budget
+        self._h = h
+        self._emit_rows = np.arange(h)[:, None]  # row index of a [targets, E] score table
 
     # -- per-step bookkeeping --
 
@@ -131,13 +133,14 @@ class LayerAheadPredictor(Predictor):
         """Emit scores[i] ([targets, E]) for the i-th target after `layer`: the `max_per_layer`
         best experts with a positive score each (ties: lower id first, the engine's issue order)."""
         cap = min(self._cap, self.E)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :cap]
-        vals = scores[np.arange(scores.shape[0])[:, None], order]
-        counts = (vals > 0).sum(axis=1).tolist()
+        order = (-scores).argsort(axis=1, kind="stable")[:, :cap]
+        vals = np.take_along_axis(scores, order, axis=1) if scores.shape[0] != self._h else scores[self._emit_rows, order]
         step, out = view.step, Ranked()
-        for (_d, off, lay), es, vs, n in zip(self._targets[layer], order.tolist(), vals.tolist(), counts):
-            if n:
-                out.add(step + off, lay, es[:n], vs[:n])
+        for (_d, off, lay), es, vs in zip(self._targets[layer], order.tolist(), vals.tolist()):
+            if vs and vs[-1] <= 0:  # (each row is sorted: its positive scores lead)
+                n = next(i for i, v in enumerate(vs) if v <= 0)
+                es, vs = es[:n], vs[:n]
+            out.add(step + off, lay, es, vs)
         return out
 
 
