@@ -218,6 +218,8 @@ def _tiny(tmp, **kw):
 @pytest.mark.parametrize("kw, reason", [
     (dict(predictor={"name": "topk"}, runtime="pytorch-offload-loop"), "a runtime with host costs"),
     (dict(predictor={"name": "oracle"}, runtime="pytorch-offload-loop"), "a runtime with host costs"),
+    (dict(predictor={"name": "oracle", "latency_us": 5.0}, runtime="pytorch-offload-loop"),
+     "a runtime with host costs"),
     (dict(dram={"capacity_experts": 8, "policy": "lru"}), "a DRAM tier"),
     (dict(runtime="pytorch-offload-loop"), "a runtime with host costs"),
 ])

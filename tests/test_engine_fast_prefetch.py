@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,8 +16,8 @@ from moesim.cache import POLICIES
 from moesim.engine import fast_prefetch
 from moesim.engine.fast import engine_line
 from moesim.engine.run import simulate
-from moesim.errors import InputError
 from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
+from tests.test_engine_fast import _tiny
 
 L = TINY_MODEL["num_layers"]
 EB = 786_432  # TINY_MODEL's expert bytes: at 7.86432 GB/s a copy takes 0.1 ms, as long as a 0.1 ms attention
@@ -115,28 +114,6 @@ def test_equal_times_happen_and_keep_simpy_order(tmp_path, monkeypatch):
     fast = simulate(sc, record_events=True)
     assert any(ties)
     _assert_same(fast, simulate(sc, record_events=True, engine="simpy"))
-
-
-def _tiny(tmp, **kw):
-    rng = np.random.default_rng(0)
-    routing = np.stack([rng.permutation(8)[:2] for _ in range(2 * 4 * L)]).reshape(2, 4, L, 2)
-    path = write_routing(Path(tmp) / "t.parquet", routing.astype(np.int16), prompt_len=2, num_experts=8)
-    args = dict(model={**TINY_MODEL, "num_experts": 8, "top_k": 2}, gpu={"capacity_experts": 6})
-    args.update(kw)
-    return scenario(path, **args)
-
-
-@pytest.mark.parametrize("kw, reason", [
-    (dict(predictor={"name": "topk"}, runtime="pytorch-offload-loop"), "a runtime with host costs"),
-    (dict(predictor={"name": "oracle", "latency_us": 5.0}, runtime="pytorch-offload-loop"),
-     "a runtime with host costs"),
-])
-def test_prefetching_scenarios_outside_the_set_take_simpy(tmp_path, kw, reason):
-    sc = _tiny(tmp_path, **kw)
-    res = simulate(sc)
-    assert res.engine["engine"] == "simpy" and res.engine["reason"].startswith(reason)
-    with pytest.raises(InputError, match="the fast engine does not model"):
-        simulate(sc, engine="fast")
 
 
 def test_auto_takes_the_prefetch_path_and_says_so(tmp_path):

@@ -88,18 +88,11 @@ class _HeapChannel(Channel):
     _wake = _dispatch
 
     def finish(self, t) -> None:
-        """The copy `t` has ended (now): Channel._finish without the SimPy event (and _finished
-        inlined: free the slot, count the copy, run its on_done, start what is queued)."""
-        busy = self.busy
-        if busy == 1:
+        """The copy `t` has ended (now): Channel._finish without the SimPy event (free the slot,
+        count the copy, run its on_done, start what is queued)."""
+        if self.busy == 1:
             self.idle_since = self.env.now
-        self.busy = busy - 1
-        self.busy_time += t.end - t.start
-        self.transfers += 1
-        self.bytes += t.nbytes
-        if self.log is not None:
-            self.log.append((self.name, t.key, t.priority, t.start, t.end))
-        t.on_done(t)
+        self._finished(t)
         q = self.queues
         if q[0] or q[1]:  # (_dispatch finds nothing to start in empty queues)
             self._dispatch()
