@@ -152,14 +152,14 @@ def main() -> int:
             print("a checkout failed to run its cases", file=sys.stderr)
             return 1
         diffs = compare(tmp / "old", tmp / "new")
-        n = len(list((tmp / "old").iterdir()))
-        fast = len(list((tmp / "old").glob("*@fast")))
+        n = len({p.name for p in (tmp / "old").iterdir()} | {p.name for p in (tmp / "new").iterdir()})
+        fast = len(list((tmp / "new").glob("*@fast")))
         skipped = sorted((tmp / "old").glob("*/skipped.txt"))
         for f in skipped:
             print(f"skipped {f.parent.name}: {f.read_text().strip()[:200]}")
     for d in diffs:
         print(d)
-    print(f"{n} cases ({fast} of them on the fast path, {len(skipped)} skipped: cannot run here): "
+    print(f"{n} cases ({fast} of them on a fast path in the new checkout, {len(skipped)} skipped: cannot run here): "
           f"{'identical' if not diffs else f'{len(diffs)} differences'}")
     return 1 if diffs else 0
 
