@@ -3,12 +3,10 @@ steps, requests and events on random scenarios with prefetching predictors, with
 and kernel times chosen so that events fall at equal times (SimPy's tie order must be kept)."""
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +15,7 @@ from moesim.engine import fast_prefetch
 from moesim.engine.fast import engine_line
 from moesim.engine.run import simulate
 from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
-from tests.test_engine_fast import _tiny
+from tests.test_engine_fast import _assert_same as same, _tiny
 
 L = TINY_MODEL["num_layers"]
 EB = 786_432  # TINY_MODEL's expert bytes: at 7.86432 GB/s a copy takes 0.1 ms, as long as a 0.1 ms attention
@@ -77,11 +75,7 @@ def _scenario(tmp, case):
 
 
 def _assert_same(fast, ref):
-    assert fast.engine == {"engine": "fast", "reason": None, "path": "prefetch"}
-    assert ref.engine["engine"] == "simpy"
-    assert json.dumps(fast.summary, sort_keys=True) == json.dumps(ref.summary, sort_keys=True)
-    for name in ("steps", "requests", "events"):
-        pd.testing.assert_frame_equal(getattr(fast, name), getattr(ref, name), check_exact=True)
+    same(fast, ref, {"engine": "fast", "reason": None, "path": "prefetch"})
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
