@@ -24,16 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 L = TINY_MODEL["num_layers"]
 
 
-@st.composite
-def fast_cases(draw, policies=tuple(sorted(POLICIES)), dedup=st.booleans()):
-    """A random small scenario within the fast path's set: on_demand, no DRAM tier, any GPU tier,
-    any batching and arrivals, 1-3 copy engines, random link and kernel times."""
+def routing_draw(draw):
+    """(experts, top-k, requests, tokens per request, routing [R, T, L, K]) of a random small trace: each
+    token's experts distinct."""
     E = draw(st.sampled_from([4, 8, 16]))
     K = draw(st.integers(1, 3))
     R = draw(st.integers(1, 4))
     T = draw(st.integers(2, 6))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    routing = np.stack([rng.permutation(E)[:K] for _ in range(R * T * L)]).reshape(R, T, L, K)
+    return E, K, R, T, np.stack([rng.permutation(E)[:K] for _ in range(R * T * L)]).reshape(R, T, L, K)
+
+
+@st.composite
+def fast_cases(draw, policies=tuple(sorted(POLICIES)), dedup=st.booleans()):
+    """A random small scenario within the fast path's set: on_demand, no DRAM tier, any GPU tier,
+    any batching and arrivals, 1-3 copy engines, random link and kernel times."""
+    E, K, R, T, routing = routing_draw(draw)
     per_layer = draw(st.booleans())
     policy = draw(st.sampled_from(policies))
     gpu = {"capacity_experts": draw(st.integers(K, E if per_layer else E * L)), "policy": policy}

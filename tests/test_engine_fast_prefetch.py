@@ -15,7 +15,7 @@ from moesim.engine import fast_prefetch
 from moesim.engine.fast import engine_line
 from moesim.engine.run import simulate
 from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
-from tests.test_engine_fast import _assert_same as same, _tiny
+from tests.test_engine_fast import _assert_same as same, _tiny, routing_draw
 
 L = TINY_MODEL["num_layers"]
 EB = 786_432  # TINY_MODEL's expert bytes: at 7.86432 GB/s a copy takes 0.1 ms, as long as a 0.1 ms attention
@@ -30,12 +30,7 @@ def prefetch_cases(draw):
     """A random small scenario on the prefetch path: a prefetching predictor with its budgets,
     protect on or off, any GPU tier (global or per layer), sometimes a DRAM tier over the disk,
     any batching and arrivals, 1-3 copy engines, times that tie."""
-    E = draw(st.sampled_from([4, 8, 16]))
-    K = draw(st.integers(1, 3))
-    R = draw(st.integers(1, 4))
-    T = draw(st.integers(2, 6))
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    routing = np.stack([rng.permutation(E)[:K] for _ in range(R * T * L)]).reshape(R, T, L, K)
+    E, K, R, T, routing = routing_draw(draw)
     per_layer = draw(st.booleans())
     policy = draw(st.sampled_from(sorted(POLICIES)))
     gpu = {"capacity_experts": draw(st.integers(K, E if per_layer else E * L)), "policy": policy}
