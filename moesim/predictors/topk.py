@@ -136,9 +136,9 @@ class LayerAheadPredictor(Predictor):
         order = (-scores).argsort(axis=1, kind="stable")[:, :cap]
         vals = np.take_along_axis(scores, order, axis=1) if scores.shape[0] != self._h else scores[self._emit_rows, order]
         step, out = view.step, Ranked()
-        for (_d, off, lay), es, vs in zip(self._targets[layer], order.tolist(), vals.tolist()):
-            if vs and vs[-1] <= 0:  # (each row is sorted: its positive scores lead)
-                n = next(i for i, v in enumerate(vs) if v <= 0)
+        npos = (vals > 0).sum(axis=1).tolist()  # (each row is sorted: its positive scores lead)
+        for (_d, off, lay), es, vs, n in zip(self._targets[layer], order.tolist(), vals.tolist(), npos):
+            if vs and vs[-1] <= 0:
                 es, vs = es[:n], vs[:n]
             out.add(step + off, lay, es, vs)
         return out
