@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesim.cache import POLICIES
-from moesim.engine import fast_prefetch
+from moesim.engine import fast as fast_module, fast_prefetch
 from moesim.engine.fast import engine_line
 from moesim.engine.run import simulate
 from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
@@ -85,7 +85,9 @@ def test_prefetch_path_equals_simpy_on_random_scenarios(case):
 
 def test_equal_times_happen_and_keep_simpy_order(tmp_path, monkeypatch):
     """A scenario where a copy ends exactly when the driver wakes: the heap meets equal times,
-    and the path still matches SimPy (the order at a tie decides which copy starts next)."""
+    and the path still matches SimPy (the order at a tie decides which copy starts next). The
+    flat path would run this case: it is turned off here (tests/test_engine_flat_prefetch.py has its own)."""
+    monkeypatch.setattr(fast_module, "flat_unsupported", lambda sim: "turned off by the test")
     ties = []
     run = fast_prefetch.FastPrefetch._run
 

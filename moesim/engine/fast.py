@@ -25,6 +25,7 @@ import numpy as np
 
 from .channels import DEMAND
 from .fast_prefetch import FastPrefetch, unsupported as prefetch_unsupported
+from .flat_prefetch import FlatPrefetch, unsupported as flat_unsupported
 from .plan import StepPlan
 from .sim import Simulation, _View
 
@@ -49,9 +50,12 @@ def prefetches(sim: Simulation) -> bool:
 
 
 def fast_path(sim: Simulation):
-    """The fast path for a sim with nothing `unsupported`: FastPrefetch (engine/fast_prefetch.py)
-    when the predictor prefetches, else FastPath."""
-    return FastPrefetch(sim) if prefetches(sim) else FastPath(sim)
+    """The fast path for a sim with nothing `unsupported`: when the predictor prefetches,
+    FlatPrefetch (engine/flat_prefetch.py) where it runs the case, else FastPrefetch
+    (engine/fast_prefetch.py); else FastPath."""
+    if not prefetches(sim):
+        return FastPath(sim)
+    return FlatPrefetch(sim) if flat_unsupported(sim) is None else FastPrefetch(sim)
 
 
 class _Clock:

@@ -1,0 +1,136 @@
+"""The flat prefetch path (engine/flat_prefetch.py) against the SimPy engine: the same summary,
+steps, requests and events on random scenarios of its case (times that tie included), and the
+general prefetch path for every feature it leaves out."""
+from __future__ import annotations
+
+import tempfile
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moesim.engine import fast_prefetch, flat_prefetch
+from moesim.engine.run import simulate
+from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
+from tests.test_engine_fast import routing_draw
+from tests.test_engine_fast_prefetch import EB, PREDICTORS, TIES, _assert_same, _scenario
+
+L = TINY_MODEL["num_layers"]
+
+
+@st.composite
+def flat_cases(draw):
+    """A random small scenario of the flat path's case: a prefetching predictor issuing at once,
+    protect on or off, a global LRU or FIFO GPU tier (sometimes preloaded), dedup, any
+    batching and arrivals, 1-3 copy engines, times that tie."""
+    E, K, R, T, routing = routing_draw(draw)
+    gpu = {"policy": draw(st.sampled_from(["lru", "fifo"])), "capacity_experts": draw(st.integers(K, E * L))}
+    if draw(st.booleans()):
+        gpu["preload"] = "popular"
+    name = draw(st.sampled_from(PREDICTORS))
+    pred = {"name": name, "protect": draw(st.booleans())}
+    if draw(st.booleans()):
+        pred.update(runs_on="gpu", latency_us=draw(st.sampled_from([0.0, 25.0, 100.0])))
+    if draw(st.booleans()):
+        pred["lookahead_layers"] = draw(st.integers(1, 5))
+    batch = {"size": draw(st.integers(1, R))}
+    if draw(st.booleans()):
+        batch["scheduler"] = "continuous"
+    if draw(st.booleans()):
+        batch.update(arrivals="poisson", rate_per_s=draw(st.sampled_from([50.0, 500.0, 5000.0])))
+    attn, gbps, lat = draw(st.sampled_from(TIES))
+    hw = fixed_profile(copy_engines=draw(st.integers(1, 3)), pcie_gbps=gbps, pcie_lat_us=lat, attn_ms=attn,
+                       expert_ms=draw(st.sampled_from([attn, attn / 2, 0.2])))
+    return dict(E=E, K=K, routing=routing.astype(np.int16), gpu=gpu, dram=None, pred=pred, batch=batch, hw=hw,
+                seed=draw(st.integers(0, 3)), prompt=draw(st.integers(1, T - 1)))
+
+
+class _Spy:
+    """Counts the runs of the flat path and of the general prefetch path."""
+
+    def __init__(self):
+        self.flat = self.general = 0
+
+    def __enter__(self):
+        flat_run, general_run = flat_prefetch.FlatPrefetch.run, fast_prefetch.FastPrefetch.run
+
+        def flat(path):
+            self.flat += 1
+            return flat_run(path)
+
+        def general(path):
+            self.general += 1
+            return general_run(path)
+        self._patches = [mock.patch.object(flat_prefetch.FlatPrefetch, "run", flat),
+                         mock.patch.object(fast_prefetch.FastPrefetch, "run", general)]
+        for p in self._patches:
+            p.start()
+        return self
+
+    def __exit__(self, *exc):
+        for p in self._patches:
+            p.stop()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flat_cases())
+def test_flat_path_equals_simpy_on_random_scenarios(case):
+    with tempfile.TemporaryDirectory() as tmp:
+        sc = _scenario(tmp, case)
+        with _Spy() as spy:
+            fast = simulate(sc, record_events=True, engine="fast")
+        ref = simulate(sc, record_events=True, engine="simpy")
+    assert (spy.flat, spy.general) == (1, 0)
+    _assert_same(fast, ref)
+
+
+def test_equal_times_happen_and_keep_simpy_order(tmp_path, monkeypatch):
+    """Copies that end exactly when the driver wakes, on the flat path: the results still match
+    SimPy's (at a tie, a copy made before the wake-up lands first, one made after it lands later)."""
+    ties = []
+    finish = flat_prefetch.FlatPrefetch._finish
+
+    def counting(self, ld):
+        ties.append(ld.end == self.env.now and any(o.end == ld.end for o in self.fly))
+        return finish(self, ld)
+    monkeypatch.setattr(flat_prefetch.FlatPrefetch, "_finish", counting)
+    rng = np.random.default_rng(1)
+    routing = np.stack([rng.permutation(8)[:2] for _ in range(2 * 5 * L)]).reshape(2, 5, L, 2).astype(np.int16)
+    path = write_routing(tmp_path / "t.parquet", routing, prompt_len=2, num_experts=8)
+    sc = scenario(path, model={**TINY_MODEL, "num_experts": 8, "top_k": 2}, gpu={"capacity_experts": 10},
+                  hardware=fixed_profile(attn_ms=0.1, pcie_gbps=7.86432, pcie_lat_us=0.0, expert_ms=0.1,
+                                         copy_engines=2),
+                  predictor={"name": "oracle", "lookahead_layers": 2}, batch={"size": 2})
+    with _Spy() as spy:
+        fast = simulate(sc, record_events=True)
+    assert spy.flat == 1 and any(ties)
+    _assert_same(fast, simulate(sc, record_events=True, engine="simpy"))
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"dram": {"capacity_experts": 8}}, "a DRAM tier"),
+    ({"gpu": {"capacity_experts": 4, "partition": "per_layer"}}, "a per-layer GPU tier"),
+    ({"gpu": {"capacity_experts": 8, "policy": "lfu"}}, "GPU policy lfu"),
+    ({"batch": {"size": 2, "dedup": False}}, "batch.dedup off"),
+    ({"predictor": {"name": "topk", "max_inflight": 2}}, "prefetch budgets"),
+    ({"predictor": {"name": "topk", "max_bytes_per_layer": EB}}, "prefetch budgets"),
+    ({"predictor": {"name": "topk", "latency_us": 30.0}}, "a host-CPU predictor's latency"),
+])
+def test_features_left_out_take_the_general_prefetch_path(tmp_path, change, why):
+    rng = np.random.default_rng(2)
+    routing = np.stack([rng.permutation(8)[:2] for _ in range(2 * 4 * L)]).reshape(2, 4, L, 2).astype(np.int16)
+    path = write_routing(tmp_path / "t.parquet", routing, prompt_len=2, num_experts=8)
+    kw = {"gpu": {"capacity_experts": 8}, "predictor": {"name": "topk"}, "batch": {"size": 2}, **change}
+    sc = scenario(path, model={**TINY_MODEL, "num_experts": 8, "top_k": 2}, hardware=fixed_profile(), **kw)
+    seen = []
+    unsupported = flat_prefetch.unsupported
+
+    def spy(sim):
+        seen.append(unsupported(sim))
+        return seen[-1]
+    with mock.patch("moesim.engine.fast.flat_unsupported", spy), _Spy() as runs:
+        fast = simulate(sc, record_events=True)
+    assert seen == [why] and (runs.flat, runs.general) == (0, 1)
+    _assert_same(fast, simulate(sc, record_events=True, engine="simpy"))
