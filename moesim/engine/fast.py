@@ -25,7 +25,7 @@ import numpy as np
 
 from .channels import DEMAND
 from .fast_prefetch import FastPrefetch, unsupported as prefetch_unsupported
-from .flat_prefetch import FlatPrefetch, unsupported as flat_unsupported
+from .flat_prefetch import FlatPrefetch, flat_keys as _flat, unsupported as flat_unsupported
 from .plan import StepPlan
 from .sim import Simulation, _View
 
@@ -354,12 +354,6 @@ class _KernelTimes(dict):
     def __missing__(self, tokens: int) -> float:
         c = self[tokens] = self._ecs(tokens)
         return c
-
-
-def _flat(plan: StepPlan) -> tuple:
-    """(keys, counts, layer starts and the end) of a plan not from the scheduler (no `flat`)."""
-    return (np.concatenate(plan.keys), np.concatenate(plan.counts),
-            [0, *np.cumsum([len(k) for k in plan.keys]).tolist()])
 
 
 def _hits_busy(busy: float, cs: list[float], misses: list[int]) -> float:

@@ -1,0 +1,318 @@
+"""The flat prefetch path's state and its moves: the GPU tier's slots and pins, the PCIe link's
+queues and copies, the loads, and the predictor's prefetches, in plain dicts, sets and deques
+(engine/flat_prefetch.py's driver runs them; LoadChain, PinLedger, Tier and Channel are the
+general versions these follow, decision for decision).
+
+Why no heap is needed: every copy is one expert, so each takes the same `d` seconds; copies start
+at the current time, which never goes back, so copies in flight end in the order they started,
+and those with equal ends were started (and made their heap entries) in that order too. The heap
+of FastPrefetch (engine/fast_prefetch.py) is thus the deque `fly` of copies in flight plus the
+driver's one wake-up; the counter `seq` numbers both as that heap does, which decides ties at
+equal times.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from ..cache.policies import LRU
+from ..predictors.base import ranked_blocks
+from .channels import DEMAND, PREFETCH
+from .sim import Simulation, _Memo
+
+
+class _Clock:
+    """What the view and the recorder read of an environment: the simulated time."""
+
+    __slots__ = ("now",)
+
+    def __init__(self):
+        self.now = 0  # an int, as SimPy's clock starts
+
+
+class _Load:
+    """An expert on its way to the GPU: queued, then copying (`start`, `end`, heap order `seq`)."""
+
+    __slots__ = ("key", "prefetch", "prio", "target", "pins", "reserved", "bypass", "waited",
+                 "done_t", "start", "end", "seq")
+
+    def __init__(self, key: int, prefetch: bool, target: tuple[int, int], pins: int):
+        self.key, self.prefetch, self.target, self.pins = key, prefetch, target, pins
+        self.prio = PREFETCH if prefetch else DEMAND
+        self.reserved = self.bypass = self.waited = False  # reserved: holds a GPU slot (from its copy's start)
+        self.done_t = self.start = -1.0
+
+
+class FlatLink:
+    """The state and its moves (see the module docstring); FlatPrefetch drives them."""
+
+    def __init__(self, sim: Simulation):
+        self.sim, self.rec, self.cost = sim, sim.rec, sim.cost
+        self.env = sim.env = _Clock()
+        self._ecs = _Memo(sim.cost.expert_compute_s)  # tokens -> one expert kernel's seconds
+        self._shared = _Memo(sim.cost.shared_compute_s)
+        self.d = sim.cost.pcie_s(sim.eb)  # every copy's seconds (one expert each)
+        self.slots = sim.pcie.slots
+        self.log = sim.events_log
+        # the GPU tier: every key holding a slot in eviction order (READY and IN_FLIGHT), the READY
+        # ones, the pin counts; IN_FLIGHT keys are those of reserved loads
+        self.cap = sim.gpu.capacity
+        self.lru = type(sim.gpu._policies[0]) is LRU
+        self.od: OrderedDict[int, None] = OrderedDict.fromkeys(sim.gpu._policies[0]._od)  # (preloaded keys)
+        self.ready = set(self.od)
+        self.pins: dict[int, int] = {}
+        self.loads: dict[int, _Load] = {}  # key -> its load, until it lands (a bypassed one leaves at its start)
+        self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
+        self.protected: dict[tuple[int, int], list[int]] = {}
+        self.predicted = sim.predicted  # target -> every key predicted for it
+        self.dq: deque[_Load] = deque()  # the link's demand queue
+        self.pq: deque[_Load] = deque()  # its prefetch queue
+        self.fly: deque[_Load] = deque()  # copies in flight, in start (= end) order
+        self.busy = self.transfers = 0
+        self.busy_time = 0.0
+        self.seq = 0
+        self.left = 0  # waited loads not landed yet
+        self.wake = -1  # the seq of the driver's wake-up when the last waited load landed (-1: none)
+        self.gated = (-1, -1)
+        self.protect = sim.predictor.params.protect
+        self.on_gpu = sim.predictor.params.runs_on == "gpu"
+
+    # ---- the clock ---------------------------------------------------------------------------
+
+    def _sleep(self, dt: float) -> None:
+        """The driver sleeps `dt`: copies that end before its wake-up (or at it, made before it) land."""
+        env, fly = self.env, self.fly
+        self.seq += 1
+        ws, t = self.seq, env.now + dt
+        while fly:
+            ld = fly[0]
+            if ld.end < t or (ld.end == t and ld.seq < ws):
+                fly.popleft()
+                env.now = ld.end
+                self._finish(ld)
+            else:
+                break
+        env.now = t
+
+    def _wait_loads(self, pending: list) -> None:
+        """Land copies until every load of `pending` has, then those before the driver's wake-up."""
+        waiting = [ld for ld, _ in pending if ld.done_t < 0]
+        if not waiting:
+            return
+        for ld in waiting:
+            ld.waited = True
+        self.left, self.wake = len(waiting), -1
+        env, fly = self.env, self.fly
+        while self.wake < 0:
+            ld = fly.popleft()
+            env.now = ld.end
+            self._finish(ld)
+        t, ws = env.now, self.wake
+        while fly and fly[0].end == t and fly[0].seq < ws:
+            self._finish(fly.popleft())
+
+    # ---- the link ----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Start queued copies on free slots: demand first; a stale or slotless prefetch is dropped
+        (its waiting pins become stale ones, as LoadChain._dropped)."""
+        dq, pq, fly, now = self.dq, self.pq, self.fly, self.env.now
+        while self.busy < self.slots:
+            if dq:
+                ld = dq.popleft()
+                self._claim(ld)  # (a demand copy always starts: in a slot, or bypassing the cache)
+            else:
+                gated, loads, stale_pins, dropped = self.gated, self.loads, self.stale_pins, 0
+                while pq:
+                    ld = pq.popleft()
+                    if ld.target > gated and self._claim(ld):
+                        break
+                    del loads[ld.key]
+                    if ld.pins:
+                        stale_pins[ld.key] = stale_pins.get(ld.key, 0) + ld.pins
+                    dropped += 1
+                else:
+                    self.rec.prefetch_dropped += dropped
+                    return
+                self.rec.prefetch_dropped += dropped
+            self.busy += 1
+            ld.start, ld.end = now, now + self.d
+            self.seq += 1
+            ld.seq = self.seq
+            fly.append(ld)
+
+    def _claim(self, ld: _Load) -> bool:
+        """At a copy's start, reserve its GPU slot (Tier.reserve, evicting the oldest READY key not
+        pinned); with none, a prefetch is dropped (False) and a demand copy bypasses the cache."""
+        key, od, cap = ld.key, self.od, self.cap
+        if len(od) >= cap:
+            v = None
+            if cap:
+                pins, ready = self.pins, self.ready
+                for k in od:  # (IN_FLIGHT keys are not READY)
+                    if k not in pins and k in ready:
+                        v = k
+                        break
+            if v is None:
+                if ld.prefetch:
+                    return False
+                ld.bypass = True
+                self.rec.bypass += 1
+                del self.loads[key]
+                self._forget_pins(ld)
+                return True
+            del od[v]
+            self.ready.discard(v)
+            unused = self.sim.prefetched_unused
+            if v in unused:
+                unused.discard(v)
+                self.rec.prefetch_wasted += 1
+            self.rec.gpu_evictions += 1
+        od[key] = None
+        ld.reserved = True
+        if ld.pins:
+            self.pins[key] = self.pins.get(key, 0) + ld.pins
+            ld.pins = 0
+        return True
+
+    def _forget_pins(self, ld: _Load) -> None:
+        """A load that never got a slot takes its waiting pins with it: their unpins become no-ops."""
+        if ld.pins:
+            self.stale_pins[ld.key] = self.stale_pins.get(ld.key, 0) + ld.pins
+            ld.pins = 0
+
+    def _finish(self, ld: _Load) -> None:
+        """The copy of `ld` has ended (now): free its link slot, land it, start what is queued."""
+        self.busy -= 1
+        self.busy_time += ld.end - ld.start
+        self.transfers += 1
+        if self.log is not None:
+            self.log.append(("pcie", ld.key, ld.prio, ld.start, ld.end))
+        ld.done_t = self.env.now
+        if not ld.bypass:
+            key = ld.key
+            self.ready.add(key)
+            del self.loads[key]
+            if ld.prefetch:
+                self.sim.prefetched_unused.add(key)
+        if ld.waited:
+            self.left -= 1
+            if self.left == 0:
+                self.seq += 1
+                self.wake = self.seq
+        if self.dq or self.pq:
+            self._dispatch()
+
+    # ---- pins --------------------------------------------------------------------------------
+
+    def _pin(self, key: int, ld: _Load | None) -> None:
+        """One pin on `key`: on the GPU slot, or waiting on its load `ld` until it holds one."""
+        if ld is not None and not ld.reserved:
+            ld.pins += 1
+        else:
+            self.pins[key] = self.pins.get(key, 0) + 1
+
+    def _unpin_all(self, keys: list[int]) -> None:
+        """PinLedger._unpin_all: each unpin cancels a stale pin first, else a waiting one, else the slot's."""
+        stale_pins, loads, pins = self.stale_pins, self.loads, self.pins
+        for key in keys:
+            if stale_pins:
+                s = stale_pins.get(key)
+                if s:
+                    if s == 1:
+                        del stale_pins[key]
+                    else:
+                        stale_pins[key] = s - 1
+                    continue
+            ld = loads.get(key)
+            if ld is not None and not ld.reserved:
+                ld.pins -= 1
+                continue
+            c = pins[key]
+            if c > 1:
+                pins[key] = c - 1
+            else:
+                del pins[key]
+
+    # ---- prefetch ----------------------------------------------------------------------------
+
+    def _hook(self, reqs, hook: str, tokens: int) -> float:
+        """Simulation._hook for a predictor that issues at once; returns its GPU-stream seconds."""
+        sim = self.sim
+        if not sim._implements[hook]:
+            return 0.0
+        lat = sim.predictor.latency_for(tokens) * 1e-6
+        self.rec.predictor_s += lat
+        if reqs:
+            self._issue(reqs)
+        return lat if self.on_gpu else 0.0
+
+    def _issue(self, reqs) -> None:
+        """LoadChain._issue without budgets: each target's experts, best first, as loads or pins."""
+        E, cur, protect = self.sim.E, self.gated, self.protect
+        predicted, protected = self.predicted, self.protected
+        for step, layer, experts, _scores in ranked_blocks(reqs):
+            target = (step, layer)
+            if target <= cur:
+                continue
+            base = layer * E
+            keys = [base + e for e in experts]
+            pset = predicted.get(target)
+            if pset is None:
+                predicted[target] = set(keys)
+            else:
+                pset.update(keys)
+            if protect and self.busy >= self.slots:
+                plist = self._issue_held(keys, target)
+            else:
+                plist = self._issue_keys(keys, target, protect)
+            if plist:
+                held = protected.get(target)
+                if held is None:
+                    protected[target] = plist
+                else:
+                    held.extend(plist)
+
+    def _issue_keys(self, keys: list[int], target: tuple[int, int], protect: bool) -> list[int]:
+        """One target's keys in order: pin what is on its way or resident (with protect), queue a
+        prefetch for the rest (started at once while a slot is free). Returns the keys protected."""
+        loads, od, pq, rec = self.loads, self.od, self.pq, self.rec
+        plist: list[int] = []
+        for key in keys:
+            ld = loads.get(key)
+            if ld is not None or key in od:  # on its way, or resident (a key in flight has a load)
+                if protect:
+                    self._pin(key, ld)
+                    plist.append(key)
+                continue
+            ld = loads[key] = _Load(key, True, target, 0)
+            pq.append(ld)
+            rec.prefetch_issued += 1
+            if self.busy < self.slots:
+                self._dispatch()
+            if protect and key in loads:  # (a prefetch with no slot to land in was dropped at once)
+                self._pin(key, ld)
+                plist.append(key)
+        return plist
+
+    def _issue_held(self, keys: list[int], target: tuple[int, int]) -> list[int]:
+        """_issue_keys with protect while no copy can start (LoadChain._issue_held): the keys holding
+        a slot are pinned, the others queued or pinned on their loads. Returns the keys protected."""
+        od, pins, loads, pq = self.od, self.pins, self.loads, self.pq
+        plist: list[int] = []
+        rest: list[int] = []
+        queued = 0
+        for key in keys:
+            if key in od:
+                pins[key] = pins.get(key, 0) + 1
+                plist.append(key)
+                continue
+            ld = loads.get(key)
+            if ld is None:
+                pq.append(_Load(key, True, target, 1))
+                loads[key] = pq[-1]
+                queued += 1
+            else:  # on its way with no slot yet (or a key twice): the pin waits on its load
+                ld.pins += 1
+            rest.append(key)
+        self.rec.prefetch_issued += queued
+        return plist + rest
