@@ -59,7 +59,7 @@ class FlatLink:
         self.lru = type(sim.gpu._policies[0]) is LRU
         self.od: OrderedDict[int, None] = OrderedDict.fromkeys(sim.gpu._policies[0]._od)  # (preloaded keys)
         self.ready = set(self.od)
-        self.pins: dict[int, int] = {}
+        self.pins = [0] * (sim.L * sim.E)  # key -> pins on its GPU slot
         self.loads: dict[int, _Load] = {}  # key -> its load, until it lands (a bypassed one leaves at its start)
         self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
         self.protected: dict[tuple[int, int], list[int]] = {}
@@ -149,7 +149,7 @@ class FlatLink:
             if cap:
                 pins, ready = self.pins, self.ready
                 for k in od:  # (IN_FLIGHT keys are not READY)
-                    if k not in pins and k in ready:
+                    if not pins[k] and k in ready:
                         v = k
                         break
             if v is None:
@@ -170,7 +170,7 @@ class FlatLink:
         od[key] = None
         ld.reserved = True
         if ld.pins:
-            self.pins[key] = self.pins.get(key, 0) + ld.pins
+            self.pins[key] += ld.pins
             ld.pins = 0
         return True
 
@@ -209,7 +209,7 @@ class FlatLink:
         if ld is not None and not ld.reserved:
             ld.pins += 1
         else:
-            self.pins[key] = self.pins.get(key, 0) + 1
+            self.pins[key] += 1
 
     def _unpin_all(self, keys: list[int]) -> None:
         """PinLedger._unpin_all: each unpin cancels a stale pin first, else a waiting one, else the slot's."""
@@ -227,11 +227,7 @@ class FlatLink:
             if ld is not None and not ld.reserved:
                 ld.pins -= 1
                 continue
-            c = pins[key]
-            if c > 1:
-                pins[key] = c - 1
-            else:
-                del pins[key]
+            pins[key] -= 1
 
     # ---- prefetch ----------------------------------------------------------------------------
 
@@ -303,7 +299,7 @@ class FlatLink:
         queued = 0
         for key in keys:
             if key in od:
-                pins[key] = pins.get(key, 0) + 1
+                pins[key] += 1
                 plist.append(key)
                 continue
             ld = loads.get(key)

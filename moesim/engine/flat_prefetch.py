@@ -141,11 +141,7 @@ class FlatPrefetch(FlatLink):
         else:
             pins = self.pins
             for key in pinned:
-                c = pins[key]
-                if c > 1:
-                    pins[key] = c - 1
-                else:
-                    del pins[key]
+                pins[key] -= 1
         if self.protected:
             self._release(target)
         rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
@@ -167,7 +163,7 @@ class FlatPrefetch(FlatLink):
             if key in ready:
                 if touch is not None:
                     touch(key)
-                pins[key] = pins.get(key, 0) + 1
+                pins[key] += 1
                 busy += c
                 hits += 1
                 if key in unused:
