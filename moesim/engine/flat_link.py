@@ -32,11 +32,11 @@ class _Clock:
 class _Load:
     """An expert on its way to the GPU: queued, then copying (`start`, `end`, heap order `seq`)."""
 
-    __slots__ = ("key", "prefetch", "prio", "target", "pins", "reserved", "bypass", "waited",
+    __slots__ = ("key", "prefetch", "prio", "target", "reserved", "bypass", "waited",
                  "done_t", "start", "end", "seq")
 
-    def __init__(self, key: int, prefetch: bool, target: tuple[int, int], pins: int):
-        self.key, self.prefetch, self.target, self.pins = key, prefetch, target, pins
+    def __init__(self, key: int, prefetch: bool, target: tuple[int, int]):
+        self.key, self.prefetch, self.target = key, prefetch, target
         self.prio = PREFETCH if prefetch else DEMAND
         self.reserved = self.bypass = self.waited = False  # reserved: holds a GPU slot (from its copy's start)
         self.done_t = self.start = -1.0
@@ -59,7 +59,9 @@ class FlatLink:
         self.lru = type(sim.gpu._policies[0]) is LRU
         self.od: OrderedDict[int, None] = OrderedDict.fromkeys(sim.gpu._policies[0]._od)  # (preloaded keys)
         self.ready = set(self.od)
-        self.pins = [0] * (sim.L * sim.E)  # key -> pins on its GPU slot
+        # key -> its pins: on its GPU slot, or (no slot yet) waiting on its load until it claims one
+        # (PinLedger keeps the waiting ones on the Load; a key with a load waiting has no slot)
+        self.pins = [0] * (sim.L * sim.E)
         self.loads: dict[int, _Load] = {}  # key -> its load, until it lands (a bypassed one leaves at its start)
         self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
         self.protected: dict[tuple[int, int], list[int]] = {}
@@ -121,14 +123,16 @@ class FlatLink:
                 ld = dq.popleft()
                 self._claim(ld)  # (a demand copy always starts: in a slot, or bypassing the cache)
             else:
-                gated, loads, stale_pins, dropped = self.gated, self.loads, self.stale_pins, 0
+                gated, loads, pins, stale_pins, dropped = self.gated, self.loads, self.pins, self.stale_pins, 0
                 while pq:
                     ld = pq.popleft()
                     if ld.target > gated and self._claim(ld):
                         break
-                    del loads[ld.key]
-                    if ld.pins:
-                        stale_pins[ld.key] = stale_pins.get(ld.key, 0) + ld.pins
+                    key = ld.key
+                    del loads[key]
+                    if pins[key]:
+                        stale_pins[key] = stale_pins.get(key, 0) + pins[key]
+                        pins[key] = 0
                     dropped += 1
                 else:
                     self.rec.prefetch_dropped += dropped
@@ -158,7 +162,9 @@ class FlatLink:
                 ld.bypass = True
                 self.rec.bypass += 1
                 del self.loads[key]
-                self._forget_pins(ld)
+                if self.pins[key]:  # (its waiting pins go with it: their unpins become no-ops)
+                    self.stale_pins[key] = self.stale_pins.get(key, 0) + self.pins[key]
+                    self.pins[key] = 0
                 return True
             del od[v]
             self.ready.discard(v)
@@ -168,17 +174,8 @@ class FlatLink:
                 self.rec.prefetch_wasted += 1
             self.rec.gpu_evictions += 1
         od[key] = None
-        ld.reserved = True
-        if ld.pins:
-            self.pins[key] += ld.pins
-            ld.pins = 0
+        ld.reserved = True  # (its waiting pins are the slot's now)
         return True
-
-    def _forget_pins(self, ld: _Load) -> None:
-        """A load that never got a slot takes its waiting pins with it: their unpins become no-ops."""
-        if ld.pins:
-            self.stale_pins[ld.key] = self.stale_pins.get(ld.key, 0) + ld.pins
-            ld.pins = 0
 
     def _finish(self, ld: _Load) -> None:
         """The copy of `ld` has ended (now): free its link slot, land it, start what is queued."""
@@ -204,30 +201,22 @@ class FlatLink:
 
     # ---- pins --------------------------------------------------------------------------------
 
-    def _pin(self, key: int, ld: _Load | None) -> None:
-        """One pin on `key`: on the GPU slot, or waiting on its load `ld` until it holds one."""
-        if ld is not None and not ld.reserved:
-            ld.pins += 1
-        else:
-            self.pins[key] += 1
-
     def _unpin_all(self, keys: list[int]) -> None:
-        """PinLedger._unpin_all: each unpin cancels a stale pin first, else a waiting one, else the slot's."""
-        stale_pins, loads, pins = self.stale_pins, self.loads, self.pins
+        """PinLedger._unpin_all: each unpin cancels a stale pin first, else one of the key's pins."""
+        pins, stale_pins = self.pins, self.stale_pins
+        if not stale_pins:
+            for key in keys:
+                pins[key] -= 1
+            return
         for key in keys:
-            if stale_pins:
-                s = stale_pins.get(key)
-                if s:
-                    if s == 1:
-                        del stale_pins[key]
-                    else:
-                        stale_pins[key] = s - 1
-                    continue
-            ld = loads.get(key)
-            if ld is not None and not ld.reserved:
-                ld.pins -= 1
-                continue
-            pins[key] -= 1
+            s = stale_pins.get(key)
+            if s:
+                if s == 1:
+                    del stale_pins[key]
+                else:
+                    stale_pins[key] = s - 1
+            else:
+                pins[key] -= 1
 
     # ---- prefetch ----------------------------------------------------------------------------
 
@@ -271,44 +260,34 @@ class FlatLink:
     def _issue_keys(self, keys: list[int], target: tuple[int, int], protect: bool) -> list[int]:
         """One target's keys in order: pin what is on its way or resident (with protect), queue a
         prefetch for the rest (started at once while a slot is free). Returns the keys protected."""
-        loads, od, pq, rec = self.loads, self.od, self.pq, self.rec
+        loads, od, pq, pins, rec = self.loads, self.od, self.pq, self.pins, self.rec
         plist: list[int] = []
         for key in keys:
-            ld = loads.get(key)
-            if ld is not None or key in od:  # on its way, or resident (a key in flight has a load)
+            if key in loads or key in od:  # on its way, or resident
                 if protect:
-                    self._pin(key, ld)
+                    pins[key] += 1
                     plist.append(key)
                 continue
-            ld = loads[key] = _Load(key, True, target, 0)
+            loads[key] = ld = _Load(key, True, target)
             pq.append(ld)
             rec.prefetch_issued += 1
             if self.busy < self.slots:
                 self._dispatch()
             if protect and key in loads:  # (a prefetch with no slot to land in was dropped at once)
-                self._pin(key, ld)
+                pins[key] += 1
                 plist.append(key)
         return plist
 
     def _issue_held(self, keys: list[int], target: tuple[int, int]) -> list[int]:
-        """_issue_keys with protect while no copy can start (LoadChain._issue_held): the keys holding
-        a slot are pinned, the others queued or pinned on their loads. Returns the keys protected."""
+        """_issue_keys with protect while no copy can start (LoadChain._issue_held): every key is
+        pinned, and queued first if it is neither resident nor on its way. Returns the keys."""
         od, pins, loads, pq = self.od, self.pins, self.loads, self.pq
-        plist: list[int] = []
-        rest: list[int] = []
         queued = 0
         for key in keys:
-            if key in od:
-                pins[key] += 1
-                plist.append(key)
-                continue
-            ld = loads.get(key)
-            if ld is None:
-                pq.append(_Load(key, True, target, 1))
-                loads[key] = pq[-1]
+            pins[key] += 1
+            if key not in od and key not in loads:
+                loads[key] = ld = _Load(key, True, target)
+                pq.append(ld)
                 queued += 1
-            else:  # on its way with no slot yet (or a key twice): the pin waits on its load
-                ld.pins += 1
-            rest.append(key)
         self.rec.prefetch_issued += queued
-        return plist + rest
+        return keys

@@ -136,12 +136,7 @@ class FlatPrefetch(FlatLink):
                 busy += c
         if cursor > env.now:
             self._sleep(cursor - env.now)
-        if self.stale_pins:  # (PinLedger._layer_done; else every pin is the slot's: the loads have landed)
-            self._unpin_all(pinned)
-        else:
-            pins = self.pins
-            for key in pinned:
-                pins[key] -= 1
+        self._unpin_all(pinned)  # (PinLedger._layer_done)
         if self.protected:
             self._release(target)
         rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
@@ -185,7 +180,7 @@ class FlatPrefetch(FlatLink):
                             self._dispatch()
             else:
                 misses += 1
-                ld = loads[key] = _Load(key, False, target, 0)
+                ld = loads[key] = _Load(key, False, target)
                 self.dq.append(ld)
                 if self.busy < self.slots:
                     self._dispatch()
@@ -193,7 +188,7 @@ class FlatPrefetch(FlatLink):
                 bypassed = bypassed or set()
                 bypassed.add(key)
             else:
-                self._pin(key, ld)
+                pins[key] += 1
             pending.append((ld, c))
         rec.saved_loads += saved
         pinned = keys if bypassed is None else [k for k in keys if k not in bypassed]
