@@ -32,13 +32,13 @@ class _Clock:
 class _Load:
     """An expert on its way to the GPU: queued, then copying (`start`, `end`, heap order `seq`)."""
 
-    __slots__ = ("key", "prefetch", "prio", "target", "reserved", "bypass", "waited",
+    __slots__ = ("key", "prefetch", "prio", "target", "bypass", "waited",
                  "done_t", "start", "end", "seq")
 
     def __init__(self, key: int, prefetch: bool, target: tuple[int, int]):
         self.key, self.prefetch, self.target = key, prefetch, target
         self.prio = PREFETCH if prefetch else DEMAND
-        self.reserved = self.bypass = self.waited = False  # reserved: holds a GPU slot (from its copy's start)
+        self.bypass = self.waited = False
         self.done_t = self.start = -1.0
 
 
@@ -54,7 +54,7 @@ class FlatLink:
         self.slots = sim.pcie.slots
         self.log = sim.events_log
         # the GPU tier: every key holding a slot in eviction order (READY and IN_FLIGHT), the READY
-        # ones, the pin counts; IN_FLIGHT keys are those of reserved loads
+        # ones, the pin counts; IN_FLIGHT keys are those of loads copying
         self.cap = sim.gpu.capacity
         self.lru = type(sim.gpu._policies[0]) is LRU
         self.od: OrderedDict[int, None] = OrderedDict.fromkeys(sim.gpu._policies[0]._od)  # (preloaded keys)
@@ -62,12 +62,14 @@ class FlatLink:
         # key -> its pins: on its GPU slot, or (no slot yet) waiting on its load until it claims one
         # (PinLedger keeps the waiting ones on the Load; a key with a load waiting has no slot)
         self.pins = [0] * (sim.L * sim.E)
-        self.loads: dict[int, _Load] = {}  # key -> its load, until it lands (a bypassed one leaves at its start)
+        # key -> its load until it lands (a bypassed one leaves at its start): a queued prefetch's
+        # (key, target) in the prefetch queue, a _Load once copying or demanded
+        self.loads: dict[int, _Load | tuple] = {}
         self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
         self.protected: dict[tuple[int, int], list[int]] = {}
         self.predicted = sim.predicted  # target -> every key predicted for it
         self.dq: deque[_Load] = deque()  # the link's demand queue
-        self.pq: deque[_Load] = deque()  # its prefetch queue
+        self.pq: deque[tuple] = deque()  # its prefetch queue, of (key, target)
         self.fly: deque[_Load] = deque()  # copies in flight, in start (= end) order
         self.busy = self.transfers = 0
         self.busy_time = 0.0
@@ -116,23 +118,24 @@ class FlatLink:
 
     def _dispatch(self) -> None:
         """Start queued copies on free slots: demand first; a stale or slotless prefetch is dropped
-        (its waiting pins become stale ones, as LoadChain._dropped)."""
+        (its waiting pins become stale ones, as LoadChain._dropped). A queued prefetch is a plain
+        (key, target) until its copy starts."""
         dq, pq, fly, now = self.dq, self.pq, self.fly, self.env.now
         while self.busy < self.slots:
             if dq:
                 ld = dq.popleft()
-                self._claim(ld)  # (a demand copy always starts: in a slot, or bypassing the cache)
+                if not self._slot(ld.key):  # no slot: the demand copy bypasses the cache
+                    ld.bypass = True
+                    self.rec.bypass += 1
+                    self._forget(ld.key)
             else:
-                gated, loads, pins, stale_pins, dropped = self.gated, self.loads, self.pins, self.stale_pins, 0
+                gated, dropped = self.gated, 0
                 while pq:
-                    ld = pq.popleft()
-                    if ld.target > gated and self._claim(ld):
+                    key, target = pq.popleft()
+                    if target > gated and self._slot(key):
+                        ld = self.loads[key] = _Load(key, True, target)
                         break
-                    key = ld.key
-                    del loads[key]
-                    if pins[key]:
-                        stale_pins[key] = stale_pins.get(key, 0) + pins[key]
-                        pins[key] = 0
+                    self._forget(key)
                     dropped += 1
                 else:
                     self.rec.prefetch_dropped += dropped
@@ -144,10 +147,10 @@ class FlatLink:
             ld.seq = self.seq
             fly.append(ld)
 
-    def _claim(self, ld: _Load) -> bool:
-        """At a copy's start, reserve its GPU slot (Tier.reserve, evicting the oldest READY key not
-        pinned); with none, a prefetch is dropped (False) and a demand copy bypasses the cache."""
-        key, od, cap = ld.key, self.od, self.cap
+    def _slot(self, key: int) -> bool:
+        """Tier.reserve at a copy's start: a GPU slot for `key`, evicting the oldest READY key not
+        pinned when the tier is full; False, changing nothing, when none can be evicted."""
+        od, cap = self.od, self.cap
         if len(od) >= cap:
             v = None
             if cap:
@@ -157,15 +160,7 @@ class FlatLink:
                         v = k
                         break
             if v is None:
-                if ld.prefetch:
-                    return False
-                ld.bypass = True
-                self.rec.bypass += 1
-                del self.loads[key]
-                if self.pins[key]:  # (its waiting pins go with it: their unpins become no-ops)
-                    self.stale_pins[key] = self.stale_pins.get(key, 0) + self.pins[key]
-                    self.pins[key] = 0
-                return True
+                return False
             del od[v]
             self.ready.discard(v)
             unused = self.sim.prefetched_unused
@@ -173,9 +168,17 @@ class FlatLink:
                 unused.discard(v)
                 self.rec.prefetch_wasted += 1
             self.rec.gpu_evictions += 1
-        od[key] = None
-        ld.reserved = True  # (its waiting pins are the slot's now)
+        od[key] = None  # (the pins waiting on its load are the slot's now)
         return True
+
+    def _forget(self, key: int) -> None:
+        """The load of `key` leaves without a slot: its waiting pins go with it (stale: their
+        unpins become no-ops)."""
+        del self.loads[key]
+        pins = self.pins
+        if pins[key]:
+            self.stale_pins[key] = self.stale_pins.get(key, 0) + pins[key]
+            pins[key] = 0
 
     def _finish(self, ld: _Load) -> None:
         """The copy of `ld` has ended (now): free its link slot, land it, start what is queued."""
@@ -268,8 +271,8 @@ class FlatLink:
                     pins[key] += 1
                     plist.append(key)
                 continue
-            loads[key] = ld = _Load(key, True, target)
-            pq.append(ld)
+            loads[key] = e = (key, target)
+            pq.append(e)
             rec.prefetch_issued += 1
             if self.busy < self.slots:
                 self._dispatch()
@@ -286,8 +289,8 @@ class FlatLink:
         for key in keys:
             pins[key] += 1
             if key not in od and key not in loads:
-                loads[key] = ld = _Load(key, True, target)
-                pq.append(ld)
+                loads[key] = e = (key, target)
+                pq.append(e)
                 queued += 1
         self.rec.prefetch_issued += queued
         return keys

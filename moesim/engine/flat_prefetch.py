@@ -16,7 +16,6 @@ import numpy as np
 
 from ..cache.policies import FIFO, LRU
 from ..predictors.base import Predictor
-from .channels import DEMAND
 from .fast_prefetch import unsupported as prefetch_unsupported
 from .flat_link import FlatLink, _Load
 from .plan import StepPlan
@@ -169,15 +168,16 @@ class FlatPrefetch(FlatLink):
             ld = loads.get(key)
             if ld is not None:  # on its way: wait for it
                 late += 1
-                if ld.prefetch:
+                if type(ld) is tuple:  # a queued prefetch: promoted (Channel.promote) to the demand queue
+                    rec.prefetch_late += 1
+                    self.pq.remove(ld)
+                    ld = loads[key] = _Load(key, False, ld[1])
+                    self.dq.append(ld)
+                    if self.busy < self.slots:
+                        self._dispatch()
+                elif ld.prefetch:  # copying already: it stays a prefetch copy on the link
                     rec.prefetch_late += 1
                     ld.prefetch = False
-                    if ld.start < 0:  # (Channel.promote: queued still, it joins the demand queue)
-                        self.pq.remove(ld)
-                        ld.prio = DEMAND
-                        self.dq.append(ld)
-                        if self.busy < self.slots:
-                            self._dispatch()
             else:
                 misses += 1
                 ld = loads[key] = _Load(key, False, target)
