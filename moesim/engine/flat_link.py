@@ -129,13 +129,16 @@ class FlatLink:
                     self.rec.bypass += 1
                     self._forget(ld.key)
             else:
-                gated, dropped = self.gated, 0
+                gated, loads, pins, dropped = self.gated, self.loads, self.pins, 0
                 while pq:
                     key, target = pq.popleft()
                     if target > gated and self._slot(key):
-                        ld = self.loads[key] = _Load(key, True, target)
+                        ld = loads[key] = _Load(key, True, target)
                         break
-                    self._forget(key)
+                    if pins[key]:
+                        self._forget(key)
+                    else:  # (_forget, inlined: most dropped prefetches hold no pin)
+                        del loads[key]
                     dropped += 1
                 else:
                     self.rec.prefetch_dropped += dropped
