@@ -83,6 +83,7 @@ class FlatPrefetch(FlatLink):
         view = self.view = sim.view = _View(sim, plan)
         t_step = env.now
         rec.step_start(plan, t_step)
+        self._issued = rec.prefetch_issued  # prefetches issued before the step: not its first row's
         gpu_extra = self._hook(pred.on_step_start(view), "on_step_start", plan.tokens)
         attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
         dense = m.first_dense_layers * (attn + cost.dense_ffn_s(plan.tokens))
@@ -93,9 +94,11 @@ class FlatPrefetch(FlatLink):
         sim.accessed.append(fk)  # (every layer's keys in order: the gap report's stream)
         allk, allc = fk.tolist(), fc.tolist()
         costs = list(map(self._ecs.__getitem__, allc))
+        self._rows: list[tuple] = []  # the step's layer rows (Recorder.step_rows)
         for layer in range(sim.L):
             lo, hi = bounds[layer], bounds[layer + 1]
             self._layer(plan, layer, attn, allk[lo:hi], allc[lo:hi], costs[lo:hi])
+        rec.step_rows(plan, self._rows)
         view.gated = sim.L - 1
         pred.on_step_end(view)
         head = cost.lm_head_s(plan.tokens)
@@ -138,8 +141,10 @@ class FlatPrefetch(FlatLink):
         self._unpin_all(pinned)  # (PinLedger._layer_done)
         if self.protected:
             self._release(target)
-        rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
-                      env.now - t_gate - busy, hits, late, misses, len(keys))
+        issued = rec.prefetch_issued
+        self._rows.append((layer, t0, t_gate, env.now, attn + pre, busy, env.now - t_gate - busy, hits, late,
+                           misses, len(keys), issued - self._issued))
+        self._issued = issued
 
     def _access(self, target: tuple[int, int], keys: list[int], counts: list[int], costs: list[float],
                 busy: float) -> tuple:

@@ -207,6 +207,36 @@ class Recorder:
         if len(self._cols[0]) >= _CHUNK:
             self._compact()
 
+    def step_rows(self, plan, rows: list[tuple]) -> None:
+        """``layer_row`` for each row of a step at once (the flat prefetch path): `rows` of (layer, t0,
+        t_gate, t_end, attn, busy, stall, hits, late, misses, n_keys, prefetches), in layer order;
+        the same columns and running sums (the float ones summed a row at a time, in order)."""
+        if not rows:
+            return
+        if self._pend.rows:  # (rows stay in order: the layer_rows records before these)
+            self._pend.extend_into(self._cols)
+        layer, t0, gate, end, attn, busy, stall, hits, late, misses, n_keys, pf = zip(*rows)
+        self.hits += sum(hits)
+        self.late_hits += sum(late)
+        self.misses += sum(misses)
+        c, st = self.compute_s, self.stall_s
+        for a, b in zip(attn, busy):
+            c += a + b
+        for x in stall:
+            st += x
+        self.compute_s, self.stall_s = c, st
+        n, nk, seqs = len(rows), sum(n_keys), len(plan.request_ids)
+        for col, vals in zip(self._cols, ([plan.index] * n, [plan.batch] * n, [_PHASES[plan.phase]] * n, layer,
+                                          [plan.tokens] * n, t0, gate, end, attn, busy, stall, hits, late, misses,
+                                          n_keys, pf, [seqs] * n, [plan.prefill_tokens] * n)):
+            col.extend(vals)
+        self._rows_n += n
+        self._uniq_sum += nk
+        if plan.phase == "decode":
+            self._decode_rows(plan.index, seqs, n, nk, min(t0), max(end))
+        if len(self._cols[0]) >= _CHUNK:
+            self._compact()
+
     def layer_rows(self, plan, t0s, gates, ends, attn, busys, stalls, misses, n_keys) -> None:
         """Every layer's row of one step at once (the fast path, where no prefetch is issued during
         the layers): the same rows and running sums as ``layer_row`` per layer, in layer order. The
