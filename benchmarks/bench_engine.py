@@ -45,6 +45,7 @@ def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str,
     from moesim.config import scenario_from_dict
     from moesim.engine.fast import FastPath
     from moesim.engine.fast_prefetch import FastPrefetch
+    from moesim.engine.flat_prefetch import FlatPrefetch
     from moesim.engine.run import simulate
     from moesim.engine.sim import Simulation
 
@@ -52,14 +53,15 @@ def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str,
                              "trace": {"path": trace}, "cache": {"gpu": {"capacity_experts": capacity,
                                                                           "policy": policy}},
                              "predictor": {"name": predictor}, "batch": {"size": 1}})
-    engine_cpu = []
-    for cls in (FastPath, FastPrefetch, Simulation):  # time the engine's own run (this child process only)
-        def timed(self, _run=cls.run):
+    engine_cpu, ran = [], []
+    for cls in (FastPath, FastPrefetch, FlatPrefetch, Simulation):  # time the engine's own run (this child only)
+        def timed(self, _run=cls.run, _name=cls.__name__):
             t0 = time.process_time()
             try:
                 return _run(self)
             finally:
                 engine_cpu.append(time.process_time() - t0)
+                ran.append(_name)
         cls.run = timed
     t, c = time.perf_counter(), time.process_time()
     res = simulate(sc, engine=engine)
@@ -67,7 +69,8 @@ def run_one(trace: str, preset: str, capacity: int, policy: str, predictor: str,
     s = res.summary
     return {"wall_s": wall, "cpu_s": cpu, "engine_cpu_s": sum(engine_cpu), "pairs": s["token_expert_pairs"],
             "accesses": s["accesses"], "misses": s["misses"],
-            "engine": "fast-p" if res.engine.get("path") == "prefetch" else res.engine["engine"],
+            "engine": ("flat-p" if "FlatPrefetch" in ran else "fast-p") if res.engine.get("path") == "prefetch"
+            else res.engine["engine"],
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -124,7 +127,7 @@ def main() -> None:
             make_trace(path, preset, req, decode)
             if a.memory or name == "short":
                 combos = [("lru", "on_demand", "auto")]
-            else:  # auto: a fast path where the scenario allows it (fast: on_demand; fast-p: prefetching), else SimPy
+            else:  # auto: a fast path where the scenario allows it (fast: on_demand; fast-p, flat-p: prefetching), else SimPy
                 combos = [("lru", "on_demand", "auto"), ("lru", "on_demand", "simpy"), ("lru", "oracle", "auto"),
                           ("lru", "oracle", "simpy"), ("lru", "topk", "auto"), ("lru", "topk", "simpy"),
                           ("lru", "multilook", "auto"), ("lru", "intelligent", "auto"),
