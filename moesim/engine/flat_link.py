@@ -79,6 +79,7 @@ class FlatLink:
         self.gated = (-1, -1)
         self.protect = sim.predictor.params.protect
         self.on_gpu = sim.predictor.params.runs_on == "gpu"
+        self.lat = 0.0  # seconds one hook call costs in the current step (Predictor.latency_for)
 
     # ---- the clock ---------------------------------------------------------------------------
 
@@ -226,12 +227,10 @@ class FlatLink:
 
     # ---- prefetch ----------------------------------------------------------------------------
 
-    def _hook(self, reqs, hook: str, tokens: int) -> float:
-        """Simulation._hook for a predictor that issues at once; returns its GPU-stream seconds."""
-        sim = self.sim
-        if not sim._implements[hook]:
-            return 0.0
-        lat = sim.predictor.latency_for(tokens) * 1e-6
+    def _hooked(self, reqs) -> float:
+        """Simulation._hook for a hook the predictor implements, issuing at once: count its latency
+        (`lat`, this step's), issue its answer; returns its GPU-stream seconds."""
+        lat = self.lat
         self.rec.predictor_s += lat
         if reqs:
             self._issue(reqs)

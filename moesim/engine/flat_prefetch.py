@@ -51,6 +51,8 @@ class FlatPrefetch(FlatLink):
             raise ValueError(f"the flat prefetch path does not model {why}")
         super().__init__(sim)
         self.view: _View | None = None
+        self._on_step_start, self._on_pre_attention, self._on_gate = (
+            sim._implements[h] for h in ("on_step_start", "on_pre_attention", "on_gate"))
 
     def run(self):
         """Simulation.run: the driver's steps, then the copies still in flight; returns the Recorder."""
@@ -84,7 +86,10 @@ class FlatPrefetch(FlatLink):
         t_step = env.now
         rec.step_start(plan, t_step)
         self._issued = rec.prefetch_issued  # prefetches issued before the step: not its first row's
-        gpu_extra = self._hook(pred.on_step_start(view), "on_step_start", plan.tokens)
+        self.lat = pred.latency_for(plan.tokens) * 1e-6
+        self._shared_s = self._shared[plan.tokens]
+        reqs = pred.on_step_start(view)
+        gpu_extra = self._hooked(reqs) if self._on_step_start else 0.0
         attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
         dense = m.first_dense_layers * (attn + cost.dense_ffn_s(plan.tokens))
         if dense + gpu_extra > 0:
@@ -114,8 +119,7 @@ class FlatPrefetch(FlatLink):
         sim, env, rec, view = self.sim, self.env, self.rec, self.view
         t0 = env.now
         view.pre_attn_layer = layer
-        pre = self._hook(sim.predictor.on_pre_attention(view, layer), "on_pre_attention", plan.tokens) \
-            if sim._implements["on_pre_attention"] else 0.0
+        pre = self._hooked(sim.predictor.on_pre_attention(view, layer)) if self._on_pre_attention else 0.0
         self._sleep(pre + attn)
         t_gate = env.now
         target = self.gated = (plan.index, layer)
@@ -126,9 +130,9 @@ class FlatPrefetch(FlatLink):
         if pset:
             rec.pred_made[layer] += len(pset)
             rec.pred_correct[layer] += len(pset.intersection(keys))
-        hits, late, misses, busy, pending, pinned = self._access(target, keys, counts, costs,
-                                                                 self._shared[plan.tokens])
-        busy += self._hook(gate_reqs, "on_gate", plan.tokens)
+        hits, late, misses, busy, pending, pinned = self._access(target, keys, counts, costs, self._shared_s)
+        if self._on_gate:
+            busy += self._hooked(gate_reqs)
         cursor = t_gate + busy
         if pending:
             self._wait_loads(pending)
