@@ -17,16 +17,8 @@ from collections import OrderedDict, deque
 from ..cache.policies import LRU
 from ..predictors.base import ranked_blocks
 from .channels import DEMAND, PREFETCH
+from .fast_prefetch import _Env
 from .sim import Simulation, _Memo
-
-
-class _Clock:
-    """What the view and the recorder read of an environment: the simulated time."""
-
-    __slots__ = ("now",)
-
-    def __init__(self):
-        self.now = 0  # an int, as SimPy's clock starts
 
 
 class _Load:
@@ -47,7 +39,7 @@ class FlatLink:
 
     def __init__(self, sim: Simulation):
         self.sim, self.rec, self.cost = sim, sim.rec, sim.cost
-        self.env = sim.env = _Clock()
+        self.env = sim.env = _Env()  # (its clock only: no heap here)
         self._ecs = _Memo(sim.cost.expert_compute_s)  # tokens -> one expert kernel's seconds
         self._shared = _Memo(sim.cost.shared_compute_s)
         self.d = sim.cost.pcie_s(sim.eb)  # every copy's seconds (one expert each)
@@ -68,6 +60,7 @@ class FlatLink:
         self.stale_pins: dict[int, int] = {}  # key -> unpins to ignore (pins of loads that never got a slot)
         self.protected: dict[tuple[int, int], list[int]] = {}
         self.predicted = sim.predicted  # target -> every key predicted for it
+        self.unused = sim.prefetched_unused  # prefetched keys not accessed yet
         self.dq: deque[_Load] = deque()  # the link's demand queue
         self.pq: deque[tuple] = deque()  # its prefetch queue, of (key, target)
         self.fly: deque[_Load] = deque()  # copies in flight, in start (= end) order
@@ -167,7 +160,7 @@ class FlatLink:
                 return False
             del od[v]
             self.ready.discard(v)
-            unused = self.sim.prefetched_unused
+            unused = self.unused
             if v in unused:
                 unused.discard(v)
                 self.rec.prefetch_wasted += 1
@@ -191,13 +184,13 @@ class FlatLink:
         self.transfers += 1
         if self.log is not None:
             self.log.append(("pcie", ld.key, ld.prio, ld.start, ld.end))
-        ld.done_t = self.env.now
+        ld.done_t = ld.end  # (now)
         if not ld.bypass:
             key = ld.key
             self.ready.add(key)
             del self.loads[key]
             if ld.prefetch:
-                self.sim.prefetched_unused.add(key)
+                self.unused.add(key)
         if ld.waited:
             self.left -= 1
             if self.left == 0:

@@ -157,7 +157,7 @@ class FlatPrefetch(FlatLink):
         demand queue), a miss queues a demand load. Returns (hits, late, misses, busy,
         [(load, seconds)] to wait for, the pinned keys)."""
         ready, pins, loads, rec = self.ready, self.pins, self.loads, self.rec
-        unused = self.sim.prefetched_unused
+        unused = self.unused
         touch = self.od.move_to_end if self.lru else None
         hits = late = misses = saved = 0
         pending: list = []
