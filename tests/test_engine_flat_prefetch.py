@@ -134,3 +134,22 @@ def test_features_left_out_take_the_general_prefetch_path(tmp_path, change, why)
         fast = simulate(sc, record_events=True)
     assert seen == [why] and (runs.flat, runs.general) == (0, 1)
     _assert_same(fast, simulate(sc, record_events=True, engine="simpy"))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(8, 400), st.sampled_from(["lru", "fifo"]), st.integers(1, 4), st.booleans(),
+       st.sampled_from(["oracle", "topk", "multilook"]))
+def test_flat_path_equals_simpy_on_a_real_model(cap, policy, size, dense, predictor):
+    """A preset model on a shipped hardware profile: roofline kernel times that vary with the
+    tokens per expert, an LM head, a dense first layer or not."""
+    from moesim.config import scenario_from_dict
+
+    model = "deepseek-v2-lite" if dense else "olmoe-1b-7b"
+    sc = scenario_from_dict({"name": "t", "model": model, "hardware": "rtx4090-pcie4",
+                             "trace": {"synthetic": {"requests": 3, "prompt_len": 5, "decode_len": 4}},
+                             "cache": {"gpu": {"capacity_experts": cap, "policy": policy}},
+                             "predictor": {"name": predictor}, "batch": {"size": size}})
+    with _Spy() as spy:
+        fast = simulate(sc, record_events=True, engine="fast")
+    assert (spy.flat, spy.general) == (1, 0)
+    _assert_same(fast, simulate(sc, record_events=True, engine="simpy"))
