@@ -21,7 +21,6 @@ from __future__ import annotations
 from functools import lru_cache
 from itertools import accumulate, repeat
 
-import numpy as np
 
 from .channels import DEMAND
 from .fast_prefetch import FastPrefetch, unsupported as prefetch_unsupported

@@ -155,16 +155,7 @@ class FastPrefetch:
     def run(self):
         """Simulation.run: the driver's steps, then the copies still in flight; returns the Recorder."""
         sim, env, rec = self.sim, self.env, self.rec
-        sched = sim.sched
-        while True:
-            plan = sched.next_step(env.now)
-            if plan is None:
-                break
-            if not isinstance(plan, StepPlan):  # nothing runnable: idle until the next arrival
-                rec.idle_s += plan - env.now
-                self._sleep(plan - env.now)
-                continue
-            self._step(plan)
+        drive(self)
         heap = env.heap
         while heap:  # the copies still in flight (SimPy's run goes on until no event is left)
             env.now, _, ch, t = heappop(heap)
@@ -175,26 +166,14 @@ class FastPrefetch:
 
     def _step(self, plan: StepPlan) -> None:
         """Simulation._step: set-up and hooks, the dense blocks, every MoE layer, the LM head."""
-        sim, env, cost, rec = self.sim, self.env, self.cost, self.rec
-        m, pred = sim.model, sim.predictor
+        sim = self.sim
         view = sim.view = _View(sim, plan)
-        t_step = env.now
-        rec.step_start(plan, t_step)
-        gpu_extra = sim._hook(pred.on_step_start(view), "on_step_start", plan.tokens)
-        attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
-        dense = m.first_dense_layers * (attn + cost.dense_ffn_s(plan.tokens))
-        if dense + gpu_extra > 0:
-            rec.compute_s += dense + gpu_extra
-            self._sleep(dense + gpu_extra)
+        t_step = self.env.now
+        self.rec.step_start(plan, t_step)
+        attn = dense_blocks(self, plan, sim._hook(sim.predictor.on_step_start(view), "on_step_start", plan.tokens))
         for layer in range(sim.L):
             self._layer(plan, layer, attn)
-        view.gated = sim.L - 1
-        pred.on_step_end(view)
-        head = cost.lm_head_s(plan.tokens)
-        if head > 0:
-            rec.compute_s += head
-            self._sleep(head)
-        rec.step_end(plan, t_step, env.now)
+        step_end(self, plan, view, t_step)
 
     def _layer(self, plan: StepPlan, layer: int, attn: float) -> None:
         """Simulation._layer: attention, the gate, the accesses, the wait for the layer's loads,
@@ -215,15 +194,7 @@ class FastPrefetch:
             plan.index, layer, keys.tolist(), counts, list(map(self._ecs.__getitem__, counts)), None)
         busy = reduce(add, hit_costs, self._shared[plan.tokens])
         busy += sim._hook(gate_reqs, "on_gate", plan.tokens)
-        cursor = t_gate + busy
-        if pending:
-            self._wait_loads(pending)
-            pending.sort(key=_done_t)
-            for ld, c in pending:
-                cursor = max(cursor, ld.done_t) + c
-                busy += c
-        if cursor > env.now:
-            self._sleep(cursor - env.now)
+        busy = kernels(self, pending, t_gate, busy)
         sim._layer_done(plan.index, layer, pinned)
         rec.layer_row(plan, layer, t0, t_gate, env.now, attn + pre, busy,
                       env.now - t_gate - busy, hits, late, misses, len(keys))
@@ -243,6 +214,64 @@ class FastPrefetch:
         for ld in waiting:
             ld.waiters.append(arrived)
         self._run()
+
+
+def drive(path) -> None:
+    """Simulation._driver as a loop, for a path without SimPy (its `sim`, `env`, `rec`, `_sleep`
+    and `_step`): each step at the time it starts; idle when nothing is runnable before the next
+    arrival."""
+    env, rec, sched = path.env, path.rec, path.sim.sched
+    while True:
+        plan = sched.next_step(env.now)
+        if plan is None:
+            return
+        if not isinstance(plan, StepPlan):  # nothing runnable: idle until the next arrival
+            rec.idle_s += plan - env.now
+            path._sleep(plan - env.now)
+            continue
+        path._step(plan)
+
+
+def dense_blocks(path, plan: StepPlan, gpu_extra: float) -> float:
+    """Simulation._step's start after its hook: the dense blocks before the first MoE block
+    (resident weights, compute only) and the hook's GPU seconds `gpu_extra`; returns the step's
+    attention seconds (every layer's)."""
+    cost, rec = path.cost, path.rec
+    attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
+    dense = path.sim.model.first_dense_layers * (attn + cost.dense_ffn_s(plan.tokens))
+    if dense + gpu_extra > 0:
+        rec.compute_s += dense + gpu_extra
+        path._sleep(dense + gpu_extra)
+    return attn
+
+
+def step_end(path, plan: StepPlan, view, t_step: float) -> None:
+    """Simulation._step's end: the predictor learns from the whole step, the LM head runs, the
+    step is recorded."""
+    sim, rec = path.sim, path.rec
+    view.gated = sim.L - 1
+    sim.predictor.on_step_end(view)
+    head = path.cost.lm_head_s(plan.tokens)
+    if head > 0:
+        rec.compute_s += head
+        path._sleep(head)
+    rec.step_end(plan, t_step, path.env.now)
+
+
+def kernels(path, pending: list, t_gate: float, busy: float) -> float:
+    """Simulation._layer's kernels: the hits' (`busy` seconds from the gate), then each loaded
+    expert's once its load has landed, in landing order; the driver sleeps until the last ends.
+    Returns the layer's busy seconds."""
+    cursor = t_gate + busy
+    if pending:
+        path._wait_loads(pending)
+        pending.sort(key=_done_t)
+        for ld, c in pending:
+            cursor = max(cursor, ld.done_t) + c
+            busy += c
+    if cursor > path.env.now:
+        path._sleep(cursor - path.env.now)
+    return busy
 
 
 def _done_t(p) -> float:

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 from ..cache.policies import LRU
-from ..predictors.base import ranked_blocks
 from .channels import DEMAND, PREFETCH
 from .fast_prefetch import _Env
+from .loads import LoadChain
 from .sim import Simulation, _Memo
 
 
@@ -70,7 +70,7 @@ class FlatLink:
         self.left = 0  # waited loads not landed yet
         self.wake = -1  # the seq of the driver's wake-up when the last waited load landed (-1: none)
         self.gated = (-1, -1)
-        self.protect = sim.predictor.params.protect
+        self.E, self.predictor = sim.E, sim.predictor
         self.on_gpu = sim.predictor.params.runs_on == "gpu"
         self.lat = 0.0  # seconds one hook call costs in the current step (Predictor.latency_for)
 
@@ -229,31 +229,12 @@ class FlatLink:
             self._issue(reqs)
         return lat if self.on_gpu else 0.0
 
-    def _issue(self, reqs) -> None:
-        """LoadChain._issue without budgets: each target's experts, best first, as loads or pins."""
-        E, cur, protect = self.sim.E, self.gated, self.protect
-        predicted, protected = self.predicted, self.protected
-        for step, layer, experts, _scores in ranked_blocks(reqs):
-            target = (step, layer)
-            if target <= cur:
-                continue
-            base = layer * E
-            keys = [base + e for e in experts]
-            pset = predicted.get(target)
-            if pset is None:
-                predicted[target] = set(keys)
-            else:
-                pset.update(keys)
-            if protect and self.busy >= self.slots:
-                plist = self._issue_held(keys, target)
-            else:
-                plist = self._issue_keys(keys, target, protect)
-            if plist:
-                held = protected.get(target)
-                if held is None:
-                    protected[target] = plist
-                else:
-                    held.extend(plist)
+    _issue = LoadChain._issue  # (its walk of a hook's answer, target by target: with this class's
+    # _pcie_full, _issue_held and _issue_keys, and `E`, `gated`, `predictor`, `predicted`, `protected`)
+
+    def _pcie_full(self) -> bool:
+        """No copy starts (none claims a GPU slot) before simulated time passes."""
+        return self.busy >= self.slots
 
     def _issue_keys(self, keys: list[int], target: tuple[int, int], protect: bool) -> list[int]:
         """One target's keys in order: pin what is on its way or resident (with protect), queue a

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..cache.policies import FIFO, LRU
 from ..predictors.base import Predictor
-from .fast_prefetch import unsupported as prefetch_unsupported
+from .fast_prefetch import dense_blocks, drive, kernels, step_end, unsupported as prefetch_unsupported
 from .flat_link import FlatLink, _Load
 from .plan import StepPlan
 from .sim import Simulation, _View
@@ -57,16 +57,7 @@ class FlatPrefetch(FlatLink):
     def run(self):
         """Simulation.run: the driver's steps, then the copies still in flight; returns the Recorder."""
         sim, env, rec = self.sim, self.env, self.rec
-        sched = sim.sched
-        while True:
-            plan = sched.next_step(env.now)
-            if plan is None:
-                break
-            if not isinstance(plan, StepPlan):  # nothing runnable: idle until the next arrival
-                rec.idle_s += plan - env.now
-                self._sleep(plan - env.now)
-                continue
-            self._step(plan)
+        drive(self)
         fly = self.fly
         while fly:  # the copies still in flight (and those they start), as SimPy's run goes on
             ld = fly.popleft()
@@ -80,21 +71,15 @@ class FlatPrefetch(FlatLink):
     def _step(self, plan: StepPlan) -> None:
         """Simulation._step: set-up and hooks, the dense blocks, every MoE layer, the LM head. The
         step's keys are read once, as lists (every layer's slice of them)."""
-        sim, env, cost, rec = self.sim, self.env, self.cost, self.rec
-        m, pred = sim.model, sim.predictor
+        sim, rec, pred = self.sim, self.rec, self.sim.predictor
         view = self.view = sim.view = _View(sim, plan)
-        t_step = env.now
+        t_step = self.env.now
         rec.step_start(plan, t_step)
         self._issued = rec.prefetch_issued  # prefetches issued before the step: not its first row's
         self.lat = pred.latency_for(plan.tokens) * 1e-6
         self._shared_s = self._shared[plan.tokens]
         reqs = pred.on_step_start(view)
-        gpu_extra = self._hooked(reqs) if self._on_step_start else 0.0
-        attn = cost.attention_s(plan.tokens, plan.context_tokens, len(plan.request_ids))
-        dense = m.first_dense_layers * (attn + cost.dense_ffn_s(plan.tokens))
-        if dense + gpu_extra > 0:
-            rec.compute_s += dense + gpu_extra
-            self._sleep(dense + gpu_extra)
+        attn = dense_blocks(self, plan, self._hooked(reqs) if self._on_step_start else 0.0)
         fk, fc, bounds = plan.flat if plan.flat is not None else flat_keys(plan)
         sim.accessed.append(fk)  # (every layer's keys in order: the gap report's stream)
         allk, allc = fk.tolist(), fc.tolist()
@@ -104,13 +89,7 @@ class FlatPrefetch(FlatLink):
             lo, hi = bounds[layer], bounds[layer + 1]
             self._layer(plan, layer, attn, allk[lo:hi], allc[lo:hi], costs[lo:hi])
         rec.step_rows(plan, self._rows)
-        view.gated = sim.L - 1
-        pred.on_step_end(view)
-        head = cost.lm_head_s(plan.tokens)
-        if head > 0:
-            rec.compute_s += head
-            self._sleep(head)
-        rec.step_end(plan, t_step, env.now)
+        step_end(self, plan, view, t_step)
 
     def _layer(self, plan: StepPlan, layer: int, attn: float, keys: list[int], counts: list[int],
                costs: list[float]) -> None:
@@ -133,15 +112,7 @@ class FlatPrefetch(FlatLink):
         hits, late, misses, busy, pending, pinned = self._access(target, keys, counts, costs, self._shared_s)
         if self._on_gate:
             busy += self._hooked(gate_reqs)
-        cursor = t_gate + busy
-        if pending:
-            self._wait_loads(pending)
-            pending.sort(key=_done_t)
-            for ld, c in pending:
-                cursor = max(cursor, ld.done_t) + c
-                busy += c
-        if cursor > env.now:
-            self._sleep(cursor - env.now)
+        busy = kernels(self, pending, t_gate, busy)
         self._unpin_all(pinned)  # (PinLedger._layer_done)
         if self.protected:
             self._release(target)
@@ -214,6 +185,3 @@ def flat_keys(plan: StepPlan) -> tuple:
     return (np.concatenate(plan.keys), np.concatenate(plan.counts),
             [0, *np.cumsum([len(k) for k in plan.keys]).tolist()])
 
-
-def _done_t(p) -> float:
-    return p[0].done_t
