@@ -22,7 +22,9 @@ from .sim import Simulation, _Memo
 
 
 class _Load:
-    """An expert on its way to the GPU: queued, then copying (`start`, `end`, heap order `seq`)."""
+    """An expert on its way to the GPU: a demand load from when it is queued, a prefetch from its
+    copy's start or its promotion (queued, it is a plain (key, target)); copying: `start`, `end`,
+    and `seq`, its place in the heap order."""
 
     __slots__ = ("key", "prefetch", "prio", "target", "bypass", "waited",
                  "done_t", "start", "end", "seq")

@@ -7,7 +7,8 @@ Tier and its policy object) on a heap clock; each copy there goes through some t
 path makes the same decisions inline, for runs with: no DRAM tier, a GPU tier that is one global
 LRU or FIFO, dedup, predictor hooks that issue at once (latency 0, or on the GPU), no prefetch
 budgets, and nothing the prefetch path leaves out (`unsupported`). The driver below is
-FastPrefetch's. tests/test_engine_flat_prefetch.py checks the results equal the SimPy engine's bit
+FastPrefetch's (with its shared steps: drive, dense_blocks, kernels, step_end).
+tests/test_engine_flat_prefetch.py checks the results equal the SimPy engine's bit
 for bit on random scenarios, times that tie included.
 """
 from __future__ import annotations
