@@ -23,10 +23,14 @@ L = TINY_MODEL["num_layers"]
 @st.composite
 def flat_cases(draw):
     """A random small scenario of the flat path's case: a prefetching predictor issuing at once,
-    protect on or off, a global LRU or FIFO GPU tier (sometimes preloaded), dedup, any
+    protect on or off, an LRU or FIFO GPU tier, global or per layer (sometimes preloaded), dedup, any
     batching and arrivals, 1-3 copy engines, times that tie."""
     E, K, R, T, routing = routing_draw(draw)
-    gpu = {"policy": draw(st.sampled_from(["lru", "fifo"])), "capacity_experts": draw(st.integers(K, E * L))}
+    per_layer = draw(st.booleans())
+    gpu = {"policy": draw(st.sampled_from(["lru", "fifo"])),
+           "capacity_experts": draw(st.integers(K, E if per_layer else E * L))}
+    if per_layer:
+        gpu.update(partition="per_layer", allocation=draw(st.sampled_from(["uniform", "proportional", "optimal"])))
     if draw(st.booleans()):
         gpu["preload"] = "popular"
     name = draw(st.sampled_from(PREDICTORS))
@@ -111,7 +115,7 @@ def test_equal_times_happen_and_keep_simpy_order(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change, why", [
     ({"dram": {"capacity_experts": 8}}, "a DRAM tier"),
-    ({"gpu": {"capacity_experts": 4, "partition": "per_layer"}}, "a per-layer GPU tier"),
+    ({"gpu": {"capacity_experts": 8, "policy": "belady"}}, "GPU policy belady"),
     ({"gpu": {"capacity_experts": 8, "policy": "lfu"}}, "GPU policy lfu"),
     ({"batch": {"size": 2, "dedup": False}}, "batch.dedup off"),
     ({"predictor": {"name": "topk", "max_inflight": 2}}, "prefetch budgets"),

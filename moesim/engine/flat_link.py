@@ -47,12 +47,15 @@ class FlatLink:
         self.d = sim.cost.pcie_s(sim.eb)  # every copy's seconds (one expert each)
         self.slots = sim.pcie.slots
         self.log = sim.events_log
-        # the GPU tier: every key holding a slot in eviction order (READY and IN_FLIGHT), the READY
-        # ones, the pin counts; IN_FLIGHT keys are those of loads copying
-        self.cap = sim.gpu.capacity
-        self.lru = type(sim.gpu._policies[0]) is LRU
-        self.od: OrderedDict[int, None] = OrderedDict.fromkeys(sim.gpu._policies[0]._od)  # (preloaded keys)
-        self.ready = set(self.od)
+        # the GPU tier: per partition (one, or one per layer), every key holding a slot in eviction
+        # order (READY and IN_FLIGHT) and its capacity; the READY keys; IN_FLIGHT keys are those of
+        # loads copying
+        gpu = sim.gpu
+        self.per_layer = gpu.partition == "per_layer"
+        self.caps: list[int] = list(gpu._caps)
+        self.lru = type(gpu._policies[0]) is LRU
+        self.ods: list[OrderedDict[int, None]] = [OrderedDict.fromkeys(p._od) for p in gpu._policies]  # (preloaded)
+        self.ready = set().union(*self.ods)
         # key -> its pins: on its GPU slot, or (no slot yet) waiting on its load until it claims one
         # (PinLedger keeps the waiting ones on the Load; a key with a load waiting has no slot)
         self.pins = [0] * (sim.L * sim.E)
@@ -149,7 +152,8 @@ class FlatLink:
     def _slot(self, key: int) -> bool:
         """Tier.reserve at a copy's start: a GPU slot for `key`, evicting the oldest READY key not
         pinned when the tier is full; False, changing nothing, when none can be evicted."""
-        od, cap = self.od, self.cap
+        part = key // self.E if self.per_layer else 0
+        od, cap = self.ods[part], self.caps[part]
         if len(od) >= cap:
             v = None
             if cap:
@@ -241,10 +245,10 @@ class FlatLink:
     def _issue_keys(self, keys: list[int], target: tuple[int, int], protect: bool) -> list[int]:
         """One target's keys in order: pin what is on its way or resident (with protect), queue a
         prefetch for the rest (started at once while a slot is free). Returns the keys protected."""
-        loads, od, pq, pins, rec = self.loads, self.od, self.pq, self.pins, self.rec
+        loads, ready, pq, pins, rec = self.loads, self.ready, self.pq, self.pins, self.rec
         plist: list[int] = []
         for key in keys:
-            if key in loads or key in od:  # on its way, or resident
+            if key in loads or key in ready:  # on its way (copying: in flight), or resident
                 if protect:
                     pins[key] += 1
                     plist.append(key)
@@ -262,11 +266,11 @@ class FlatLink:
     def _issue_held(self, keys: list[int], target: tuple[int, int]) -> list[int]:
         """_issue_keys with protect while no copy can start (LoadChain._issue_held): every key is
         pinned, and queued first if it is neither resident nor on its way. Returns the keys."""
-        od, pins, loads, pq = self.od, self.pins, self.loads, self.pq
+        ready, pins, loads, pq = self.ready, self.pins, self.loads, self.pq
         queued = 0
         for key in keys:
             pins[key] += 1
-            if key not in od and key not in loads:
+            if key not in ready and key not in loads:
                 loads[key] = e = (key, target)
                 pq.append(e)
                 queued += 1

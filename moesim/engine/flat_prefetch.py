@@ -4,8 +4,8 @@ Simulation's objects.
 
 engine/fast_prefetch.py runs the Simulation's own load chain (Load objects, channel queues, the
 Tier and its policy object) on a heap clock; each copy there goes through some ten calls. This
-path makes the same decisions inline, for runs with: no DRAM tier, a GPU tier that is one global
-LRU or FIFO, dedup, predictor hooks that issue at once (latency 0, or on the GPU), no prefetch
+path makes the same decisions inline, for runs with: no DRAM tier, an LRU or FIFO GPU tier (global
+or per layer), dedup, predictor hooks that issue at once (latency 0, or on the GPU), no prefetch
 budgets, and nothing the prefetch path leaves out (`unsupported`). The driver below is
 FastPrefetch's (with its shared steps: drive, dense_blocks, kernels, step_end).
 tests/test_engine_flat_prefetch.py checks the results equal the SimPy engine's bit
@@ -30,7 +30,6 @@ def unsupported(sim: Simulation) -> str | None:
         return why
     gpu, params, pred = sim.gpu, sim.predictor.params, sim.predictor
     parts = ((sim.dram is not None, "a DRAM tier"),
-             (gpu.partition != "global", "a per-layer GPU tier"),
              (gpu.capacity is None, "an unbounded GPU tier"),
              (type(gpu._policies[0]) not in (LRU, FIFO), f"GPU policy {gpu.policy}"),
              (not sim.dedup, "batch.dedup off"),
@@ -130,7 +129,7 @@ class FlatPrefetch(FlatLink):
         [(load, seconds)] to wait for, the pinned keys)."""
         ready, pins, loads, rec = self.ready, self.pins, self.loads, self.rec
         unused = self.unused
-        touch = self.od.move_to_end if self.lru else None
+        touch = self.ods[target[1] if self.per_layer else 0].move_to_end if self.lru else None
         hits = late = misses = saved = 0
         pending: list = []
         bypassed = None
