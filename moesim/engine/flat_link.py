@@ -26,12 +26,13 @@ class _Load:
     copy's start or its promotion (queued, it is a plain (key, target)); copying: `start`, `end`,
     and `seq`, its place in the heap order."""
 
-    __slots__ = ("key", "prefetch", "prio", "target", "bypass", "waited",
+    __slots__ = ("key", "prefetch", "prio", "target", "counted", "bypass", "waited",
                  "done_t", "start", "end", "seq")
 
     def __init__(self, key: int, prefetch: bool, target: tuple[int, int]):
         self.key, self.prefetch, self.target = key, prefetch, target
         self.prio = PREFETCH if prefetch else DEMAND
+        self.counted = prefetch  # issued as a prefetch: counts against max_inflight until it lands
         self.bypass = self.waited = False
         self.done_t = self.start = -1.0
 
@@ -76,6 +77,10 @@ class FlatLink:
         self.wake = -1  # the seq of the driver's wake-up when the last waited load landed (-1: none)
         self.gated = (-1, -1)
         self.E, self.predictor = sim.E, sim.predictor
+        params = sim.predictor.params
+        self.max_inflight, self.max_bytes = params.max_inflight, params.max_bytes_per_layer
+        self.inflight = 0  # prefetches queued or copying that count against max_inflight
+        self.pbytes: dict[tuple[int, int], int] = {}  # target -> bytes prefetched for it (max_bytes_per_layer)
         self.on_gpu = sim.predictor.params.runs_on == "gpu"
         self.lat = 0.0  # seconds one hook call costs in the current step (Predictor.latency_for)
 
@@ -141,8 +146,10 @@ class FlatLink:
                     dropped += 1
                 else:
                     self.rec.prefetch_dropped += dropped
+                    self.inflight -= dropped
                     return
                 self.rec.prefetch_dropped += dropped
+                self.inflight -= dropped
             self.busy += 1
             ld.start, ld.end = now, now + self.d
             self.seq += 1
@@ -191,6 +198,8 @@ class FlatLink:
         if self.log is not None:
             self.log.append(("pcie", ld.key, ld.prio, ld.start, ld.end))
         ld.done_t = ld.end  # (now)
+        if ld.counted:
+            self.inflight -= 1
         if not ld.bypass:
             key = ld.key
             self.ready.add(key)
@@ -244,7 +253,8 @@ class FlatLink:
 
     def _issue_keys(self, keys: list[int], target: tuple[int, int], protect: bool) -> list[int]:
         """One target's keys in order: pin what is on its way or resident (with protect), queue a
-        prefetch for the rest (started at once while a slot is free). Returns the keys protected."""
+        prefetch for the rest within the budgets (started at once while a slot is free). Returns
+        the keys protected."""
         loads, ready, pq, pins, rec = self.loads, self.ready, self.pq, self.pins, self.rec
         plist: list[int] = []
         for key in keys:
@@ -252,6 +262,8 @@ class FlatLink:
                 if protect:
                     pins[key] += 1
                     plist.append(key)
+                continue
+            if not self._budget(target):
                 continue
             loads[key] = e = (key, target)
             pq.append(e)
@@ -263,16 +275,36 @@ class FlatLink:
                 plist.append(key)
         return plist
 
+    def _budget(self, target: tuple[int, int]) -> bool:
+        """Whether one more prefetch for `target` fits max_inflight and max_bytes_per_layer; if so,
+        it is counted against them (LoadChain._issue_keys)."""
+        if self.max_inflight is not None and self.inflight >= self.max_inflight:
+            return False
+        if self.max_bytes is not None:
+            b = self.pbytes.get(target, 0) + self.sim.eb
+            if b > self.max_bytes:
+                return False
+            self.pbytes[target] = b
+        self.inflight += 1
+        return True
+
     def _issue_held(self, keys: list[int], target: tuple[int, int]) -> list[int]:
-        """_issue_keys with protect while no copy can start (LoadChain._issue_held): every key is
-        pinned, and queued first if it is neither resident nor on its way. Returns the keys."""
+        """_issue_keys with protect while no copy can start (LoadChain._issue_held): every key
+        resident or on its way is pinned, and the others queued and pinned within the budgets.
+        Returns the keys protected."""
         ready, pins, loads, pq = self.ready, self.pins, self.loads, self.pq
+        budgets = self.max_inflight is not None or self.max_bytes is not None
+        plist = keys if not budgets else []
         queued = 0
         for key in keys:
-            pins[key] += 1
             if key not in ready and key not in loads:
+                if budgets and not self._budget(target):
+                    continue
                 loads[key] = e = (key, target)
                 pq.append(e)
                 queued += 1
+            pins[key] += 1
+            if budgets:
+                plist.append(key)
         self.rec.prefetch_issued += queued
-        return keys
+        return plist

@@ -5,8 +5,7 @@ Simulation's objects.
 engine/fast_prefetch.py runs the Simulation's own load chain (Load objects, channel queues, the
 Tier and its policy object) on a heap clock; each copy there goes through some ten calls. This
 path makes the same decisions inline, for runs with: no DRAM tier, an LRU or FIFO GPU tier (global
-or per layer), dedup, predictor hooks that issue at once (latency 0, or on the GPU), no prefetch
-budgets, and nothing the prefetch path leaves out (`unsupported`). The driver below is
+or per layer), dedup, predictor hooks that issue at once (latency 0, or on the GPU), and nothing the prefetch path leaves out (`unsupported`). The driver below is
 FastPrefetch's (with its shared steps: drive, dense_blocks, kernels, step_end).
 tests/test_engine_flat_prefetch.py checks the results equal the SimPy engine's bit
 for bit on random scenarios, times that tie included.
@@ -33,7 +32,6 @@ def unsupported(sim: Simulation) -> str | None:
              (gpu.capacity is None, "an unbounded GPU tier"),
              (type(gpu._policies[0]) not in (LRU, FIFO), f"GPU policy {gpu.policy}"),
              (not sim.dedup, "batch.dedup off"),
-             (params.max_inflight is not None or params.max_bytes_per_layer is not None, "prefetch budgets"),
              (params.runs_on == "cpu" and (params.latency_us != 0
                                            or type(pred).latency_for is not Predictor.latency_for),
               "a host-CPU predictor's latency"),
@@ -105,6 +103,7 @@ class FlatPrefetch(FlatLink):
         view.gated = layer
         gate_reqs = sim.predictor.on_gate(view, layer)
         pset = self.predicted.pop(target, None)
+        self.pbytes.pop(target, None)
         rec.pred_needed[layer] += len(keys)
         if pset:
             rec.pred_made[layer] += len(pset)
@@ -152,6 +151,7 @@ class FlatPrefetch(FlatLink):
                     rec.prefetch_late += 1
                     self.pq.remove(ld)
                     ld = loads[key] = _Load(key, False, ld[1])
+                    ld.counted = True
                     self.dq.append(ld)
                     if self.busy < self.slots:
                         self._dispatch()
