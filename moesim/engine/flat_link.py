@@ -56,6 +56,7 @@ class FlatLink:
         self.caps: list[int] = list(gpu._caps)
         self.lru = type(gpu._policies[0]) is LRU
         self.ods: list[OrderedDict[int, None]] = [OrderedDict.fromkeys(p._od) for p in gpu._policies]  # (preloaded)
+        self.od, self.cap = self.ods[0], self.caps[0]  # (the one partition of a global tier)
         self.ready = set().union(*self.ods)
         # key -> its pins: on its GPU slot, or (no slot yet) waiting on its load until it claims one
         # (PinLedger keeps the waiting ones on the Load; a key with a load waiting has no slot)
@@ -79,7 +80,8 @@ class FlatLink:
         self.E, self.predictor = sim.E, sim.predictor
         params = sim.predictor.params
         self.max_inflight, self.max_bytes = params.max_inflight, params.max_bytes_per_layer
-        self.inflight = 0  # prefetches queued or copying that count against max_inflight
+        self.budgets = self.max_inflight is not None or self.max_bytes is not None
+        self.inflight = 0  # prefetches queued or copying that count against max_inflight (read with budgets only)
         self.pbytes: dict[tuple[int, int], int] = {}  # target -> bytes prefetched for it (max_bytes_per_layer)
         self.on_gpu = sim.predictor.params.runs_on == "gpu"
         self.lat = 0.0  # seconds one hook call costs in the current step (Predictor.latency_for)
@@ -159,8 +161,10 @@ class FlatLink:
     def _slot(self, key: int) -> bool:
         """Tier.reserve at a copy's start: a GPU slot for `key`, evicting the oldest READY key not
         pinned when the tier is full; False, changing nothing, when none can be evicted."""
-        part = key // self.E if self.per_layer else 0
-        od, cap = self.ods[part], self.caps[part]
+        if self.per_layer:
+            od, cap = self.ods[key // self.E], self.caps[key // self.E]
+        else:
+            od, cap = self.od, self.cap
         if len(od) >= cap:
             v = None
             if cap:
@@ -263,7 +267,7 @@ class FlatLink:
                     pins[key] += 1
                     plist.append(key)
                 continue
-            if not self._budget(target):
+            if self.budgets and not self._budget(target):
                 continue
             loads[key] = e = (key, target)
             pq.append(e)
@@ -290,21 +294,17 @@ class FlatLink:
 
     def _issue_held(self, keys: list[int], target: tuple[int, int]) -> list[int]:
         """_issue_keys with protect while no copy can start (LoadChain._issue_held): every key
-        resident or on its way is pinned, and the others queued and pinned within the budgets.
+        resident or on its way is pinned, and the others queued and pinned (within the budgets).
         Returns the keys protected."""
+        if self.budgets:
+            return self._issue_keys(keys, target, True)  # (nothing starts: the same walk)
         ready, pins, loads, pq = self.ready, self.pins, self.loads, self.pq
-        budgets = self.max_inflight is not None or self.max_bytes is not None
-        plist = keys if not budgets else []
         queued = 0
         for key in keys:
+            pins[key] += 1
             if key not in ready and key not in loads:
-                if budgets and not self._budget(target):
-                    continue
                 loads[key] = e = (key, target)
                 pq.append(e)
                 queued += 1
-            pins[key] += 1
-            if budgets:
-                plist.append(key)
         self.rec.prefetch_issued += queued
-        return plist
+        return keys
