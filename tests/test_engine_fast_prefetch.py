@@ -25,27 +25,39 @@ TIES = [(0.1, 7.86432, 0.0), (0.125, 7.86432, 25.0), (0.25, 1.572864, 0.0), (0.2
         (0.5, 0.786432, 0.0), (0.1, 1.0, 10.0)]
 
 
+def tier_draw(draw, E: int, K: int, policy: str, allocations: list[str]) -> dict:
+    """A GPU tier of `policy`: global, or per layer with one of `allocations`; at least top-k slots."""
+    per_layer = draw(st.booleans())
+    gpu = {"capacity_experts": draw(st.integers(K, E if per_layer else E * L)), "policy": policy}
+    if per_layer:
+        gpu.update(partition="per_layer", allocation=draw(st.sampled_from(allocations)))
+    return gpu
+
+
+def predictor_draw(draw) -> dict:
+    """A prefetching predictor, protect on or off, sometimes with budgets or a longer look-ahead
+    (where it has one); its latency is the caller's."""
+    pred = {"name": draw(st.sampled_from(PREDICTORS)), "protect": draw(st.booleans())}
+    if draw(st.booleans()):
+        pred["max_inflight"] = draw(st.integers(1, 4))
+    if draw(st.booleans()):
+        pred["max_bytes_per_layer"] = EB * draw(st.integers(1, 3))
+    if draw(st.booleans()):
+        pred["lookahead_layers"] = draw(st.integers(1, 5))
+    return pred
+
+
 @st.composite
 def prefetch_cases(draw):
     """A random small scenario on the prefetch path: a prefetching predictor with its budgets,
     protect on or off, any GPU tier (global or per layer), sometimes a DRAM tier over the disk,
     any batching and arrivals, 1-3 copy engines, times that tie."""
     E, K, R, T, routing = routing_draw(draw)
-    per_layer = draw(st.booleans())
     policy = draw(st.sampled_from(sorted(POLICIES)))
-    gpu = {"capacity_experts": draw(st.integers(K, E if per_layer else E * L)), "policy": policy}
-    if per_layer:
-        gpu.update(partition="per_layer", allocation=draw(st.sampled_from(["uniform", "proportional"])))
-    name = draw(st.sampled_from(PREDICTORS))
-    pred = {"name": name, "protect": draw(st.booleans())}
-    if draw(st.booleans()):
-        pred["max_inflight"] = draw(st.integers(1, 4))
-    if draw(st.booleans()):
-        pred["max_bytes_per_layer"] = EB * draw(st.integers(1, 3))
+    gpu = tier_draw(draw, E, K, policy, ["uniform", "proportional"])
+    pred = predictor_draw(draw)
     # on the GPU a hook's latency delays the compute stream (issued at once); on the host CPU it delays the issue
     pred.update(runs_on=draw(st.sampled_from(["cpu", "gpu"])), latency_us=draw(st.sampled_from([0.0, 25.0, 100.0])))
-    if draw(st.booleans()):
-        pred["lookahead_layers"] = draw(st.integers(1, 5))
     batch = {"size": draw(st.integers(1, R)), "dedup": draw(st.booleans())}
     if draw(st.booleans()):
         batch["scheduler"] = "continuous"

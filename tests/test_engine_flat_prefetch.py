@@ -15,7 +15,7 @@ from moesim.engine import fast_prefetch, flat_prefetch
 from moesim.engine.run import simulate
 from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
 from tests.test_engine_fast import routing_draw
-from tests.test_engine_fast_prefetch import EB, PREDICTORS, TIES, _assert_same, _scenario
+from tests.test_engine_fast_prefetch import TIES, _assert_same, _scenario, predictor_draw, tier_draw
 
 L = TINY_MODEL["num_layers"]
 
@@ -26,23 +26,12 @@ def flat_cases(draw):
     with its budgets, protect on or off, an LRU or FIFO GPU tier, global or per layer (sometimes preloaded), dedup, any
     batching and arrivals, 1-3 copy engines, times that tie."""
     E, K, R, T, routing = routing_draw(draw)
-    per_layer = draw(st.booleans())
-    gpu = {"policy": draw(st.sampled_from(["lru", "fifo"])),
-           "capacity_experts": draw(st.integers(K, E if per_layer else E * L))}
-    if per_layer:
-        gpu.update(partition="per_layer", allocation=draw(st.sampled_from(["uniform", "proportional", "optimal"])))
+    gpu = tier_draw(draw, E, K, draw(st.sampled_from(["lru", "fifo"])), ["uniform", "proportional", "optimal"])
     if draw(st.booleans()):
         gpu["preload"] = "popular"
-    name = draw(st.sampled_from(PREDICTORS))
-    pred = {"name": name, "protect": draw(st.booleans())}
-    if draw(st.booleans()):
-        pred["max_inflight"] = draw(st.integers(1, 4))
-    if draw(st.booleans()):
-        pred["max_bytes_per_layer"] = EB * draw(st.integers(1, 3))
-    if draw(st.booleans()):
+    pred = predictor_draw(draw)
+    if draw(st.booleans()):  # (on the host CPU with latency 0, the default, it issues at once too)
         pred.update(runs_on="gpu", latency_us=draw(st.sampled_from([0.0, 25.0, 100.0])))
-    if draw(st.booleans()):
-        pred["lookahead_layers"] = draw(st.integers(1, 5))
     batch = {"size": draw(st.integers(1, R))}
     if draw(st.booleans()):
         batch["scheduler"] = "continuous"
