@@ -21,11 +21,10 @@ from __future__ import annotations
 from functools import lru_cache
 from itertools import accumulate, repeat
 
-
 from .channels import DEMAND
 from .fast_prefetch import FastPrefetch, unsupported as prefetch_unsupported
-from .flat_prefetch import FlatPrefetch, flat_keys as _flat, unsupported as flat_unsupported
-from .plan import StepPlan
+from .flat_prefetch import FlatPrefetch, unsupported as flat_unsupported
+from .plan import StepPlan, flat_keys
 from .sim import Simulation, _View
 
 ENGINES = ("auto", "fast", "simpy")
@@ -131,7 +130,7 @@ class FastPath:
         time affects them here): what `_layer` does, for distinct keys (dedup). Copies end in issue order (copy
         j ends d after copy j - slots, or after the gate), so do the misses' kernels. Returns when the last ends."""
         sim, rec, pcie, d, slots, eb = self.sim, self.rec, self.pcie, self._d, self._slots, self.eb
-        flat, fc, bounds = plan.flat if plan.flat is not None else _flat(plan)
+        flat, fc, bounds = flat_keys(plan)
         sim.accessed.append(flat)
         allk, allc = flat.tolist(), fc.tolist()
         shared = self.cost.shared_compute_s(plan.tokens)

@@ -12,13 +12,11 @@ for bit on random scenarios, times that tie included.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..cache.policies import FIFO, LRU
 from ..predictors.base import Predictor
 from .fast_prefetch import dense_blocks, drive, kernels, step_end, unsupported as prefetch_unsupported
 from .flat_link import FlatLink, _Load
-from .plan import StepPlan
+from .plan import StepPlan, flat_keys
 from .sim import Simulation, _View
 
 
@@ -78,7 +76,7 @@ class FlatPrefetch(FlatLink):
         self._shared_s = self._shared[plan.tokens]
         reqs = pred.on_step_start(view)
         attn = dense_blocks(self, plan, self._hooked(reqs) if self._on_step_start else 0.0)
-        fk, fc, bounds = plan.flat if plan.flat is not None else flat_keys(plan)
+        fk, fc, bounds = flat_keys(plan)
         sim.accessed.append(fk)  # (every layer's keys in order: the gap report's stream)
         allk, allc = fk.tolist(), fc.tolist()
         costs = list(map(self._ecs.__getitem__, allc))
@@ -178,10 +176,3 @@ class FlatPrefetch(FlatLink):
         """Unpin the protections whose target layer is at or before `upto`."""
         for target in [t for t in self.protected if t <= upto]:
             self._unpin_all(self.protected.pop(target))
-
-
-def flat_keys(plan: StepPlan) -> tuple:
-    """(keys, counts, layer starts and the end) of a plan not from the scheduler (no `flat`)."""
-    return (np.concatenate(plan.keys), np.concatenate(plan.counts),
-            [0, *np.cumsum([len(k) for k in plan.keys]).tolist()])
-

@@ -84,6 +84,15 @@ def _dedup_flat(routing: np.ndarray, num_experts: int, dedup: bool):
     return _split(u, c, [0, *np.searchsorted(u, offs[1:, 0]).tolist(), len(u)])
 
 
+def flat_keys(plan: StepPlan) -> tuple:
+    """A step's (keys, counts, each layer's start in them and the end), as the fast paths walk them:
+    the plan's own `flat`, or made from its per-layer keys (a plan not from the scheduler)."""
+    if plan.flat is not None:
+        return plan.flat
+    return (np.concatenate(plan.keys), np.concatenate(plan.counts),
+            [0, *np.cumsum([len(k) for k in plan.keys]).tolist()])
+
+
 _BLOCK = 64  # decode tokens whose sorted keys one_token_keys prepares at a time
 
 
