@@ -18,12 +18,14 @@ without the per-key pin and in-flight bookkeeping. Without dedup `_layer` goes k
 """
 from __future__ import annotations
 
+import importlib.util
 from functools import lru_cache
 from itertools import accumulate, repeat
 
+from ..cache.policies import FIFO, LRU
+from ..predictors.base import Predictor
 from .channels import DEMAND
 from .fast_prefetch import FastPrefetch, unsupported as prefetch_unsupported
-from .flat_prefetch import FlatPrefetch, unsupported as flat_unsupported
 from .plan import StepPlan, flat_keys
 from .sim import Simulation, _View
 
@@ -53,7 +55,29 @@ def fast_path(sim: Simulation):
     (engine/fast_prefetch.py); else FastPath."""
     if not prefetches(sim):
         return FastPath(sim)
-    return FlatPrefetch(sim) if flat_unsupported(sim) is None else FastPrefetch(sim)
+    if flat_unsupported(sim) is None:
+        from .flat_prefetch import FlatPrefetch  # (imports numba: only for the runs it takes)
+        return FlatPrefetch(sim)
+    return FastPrefetch(sim)
+
+
+def flat_unsupported(sim: Simulation) -> str | None:
+    """Why `sim` needs the general prefetch path, or None when the flat one runs it (which needs
+    numba, a dependency: without it the general path runs, with the same results)."""
+    why = prefetch_unsupported(sim)
+    if why is not None:
+        return why
+    gpu, params, pred = sim.gpu, sim.predictor.params, sim.predictor
+    parts = ((sim.dram is not None, "a DRAM tier"),
+             (gpu.capacity is None, "an unbounded GPU tier"),
+             (type(gpu._policies[0]) not in (LRU, FIFO), f"GPU policy {gpu.policy}"),
+             (not sim.dedup, "batch.dedup off"),
+             (params.runs_on == "cpu" and (params.latency_us != 0
+                                           or type(pred).latency_for is not Predictor.latency_for),
+              "a host-CPU predictor's latency"),
+             (sim.cost.pcie_s(sim.eb) <= 0, "copies that take no time"),
+             (importlib.util.find_spec("numba") is None, "numba not installed"))
+    return next((why for bad, why in parts if bad), None)
 
 
 class _Clock:

@@ -1,44 +1,27 @@
 """The flat prefetch path: the prefetch fast path's run for its common case, with the cache, the
-link and the loads held in plain dicts, sets and deques (engine/flat_link.py) instead of the
-Simulation's objects.
+link and the loads held in arrays and moved by compiled code (engine/flat_link.py, flat_jit.py)
+instead of the Simulation's objects.
 
 engine/fast_prefetch.py runs the Simulation's own load chain (Load objects, channel queues, the
-Tier and its policy object) on a heap clock; each copy there goes through some ten calls. This
-path makes the same decisions inline, for runs with: no DRAM tier, an LRU or FIFO GPU tier (global
-or per layer), dedup, predictor hooks that issue at once (latency 0, or on the GPU), and nothing the prefetch path leaves out (`unsupported`). The driver below is
-FastPrefetch's (with its shared steps: drive, dense_blocks, kernels, step_end).
-tests/test_engine_flat_prefetch.py checks the results equal the SimPy engine's bit
-for bit on random scenarios, times that tie included.
+Tier and its policy object) on a heap clock; each copy there goes through some ten Python calls.
+This path makes the same decisions in one compiled call per layer, for runs with: no DRAM tier,
+an LRU or FIFO GPU tier (global or per layer), dedup, predictor hooks that issue at once (latency
+0, or on the GPU), numba installed, and nothing the prefetch path leaves out (`unsupported`, in
+engine/fast.py: it must not import numba). The driver below is FastPrefetch's (with its shared
+steps: drive, dense_blocks, step_end); the predictor's hooks stay Python.
+tests/test_engine_flat_prefetch.py checks the results equal the SimPy engine's bit for bit on
+random scenarios, times that tie included.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..cache.policies import FIFO, LRU
-from ..predictors.base import Predictor
-from .fast_prefetch import dense_blocks, drive, step_end, unsupported as prefetch_unsupported
 from . import flat_jit as J
+from .fast import flat_unsupported as unsupported
+from .fast_prefetch import dense_blocks, drive, step_end
 from .flat_link import FlatLink
 from .plan import StepPlan, flat_keys
 from .sim import Simulation, _View
-
-
-def unsupported(sim: Simulation) -> str | None:
-    """Why `sim` needs the general prefetch path (or SimPy), or None when this one runs it."""
-    why = prefetch_unsupported(sim)
-    if why is not None:
-        return why
-    gpu, params, pred = sim.gpu, sim.predictor.params, sim.predictor
-    parts = ((sim.dram is not None, "a DRAM tier"),
-             (gpu.capacity is None, "an unbounded GPU tier"),
-             (type(gpu._policies[0]) not in (LRU, FIFO), f"GPU policy {gpu.policy}"),
-             (not sim.dedup, "batch.dedup off"),
-             (params.runs_on == "cpu" and (params.latency_us != 0
-                                           or type(pred).latency_for is not Predictor.latency_for),
-              "a host-CPU predictor's latency"),
-             (sim.cost.pcie_s(sim.eb) <= 0, "copies that take no time"))
-    return next((why for bad, why in parts if bad), None)
-
 
 _NONE = np.zeros(1, dtype=np.int64)  # (no blocks)
 
