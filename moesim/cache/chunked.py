@@ -8,6 +8,7 @@ writes them to a temporary file, read back chunk by chunk.
 from __future__ import annotations
 
 import heapq
+import sys
 import tempfile
 from collections import OrderedDict
 from typing import BinaryIO, Iterator
@@ -68,9 +69,27 @@ def _read(f: BinaryIO, c0: int, count: int) -> np.ndarray:
     return np.fromfile(f, dtype="<i8", count=count)
 
 
-def lru_counts(stream, cap: int, E: int, L: int, layer: int | None = None, chunk: int = CHUNK) -> np.ndarray:
-    """Per-layer LRU misses (OrderedDict loop over each chunk's keys)."""
+def compiled(K: int) -> bool:
+    """Whether the replays run compiled (moesim.cache.chunked_jit) for keys spanning `K` offsets:
+    when numba is loaded already (importing it costs ~0.9 s, more than it saves on a million
+    accesses) and a flag per key fits."""
+    return "numba" in sys.modules and K <= TABLE_KEYS
+
+
+def lru_counts(stream, cap: int, E: int, L: int, layer: int | None = None, chunk: int = CHUNK,
+               key_range: tuple[int, int] | None = None, jit: bool | None = None) -> np.ndarray:
+    """Per-layer LRU misses (OrderedDict loop over each chunk's keys; compiled, the same loop on
+    arrays over the key offsets of `key_range` (lo, hi), where `compiled` says or `jit` asks)."""
     out = np.zeros(L, dtype=np.int64)
+    if key_range is not None and (compiled(key_range[1] - key_range[0] + 1) if jit is None else jit):
+        from .chunked_jit import LRUState, lru_chunk
+        lo = key_range[0]
+        state, buf = LRUState(key_range[1] - lo + 1), np.empty(chunk, dtype=np.int64)
+        for c0, keys in chunks(stream, chunk):
+            keys, _ = _select(c0, keys, E, layer)
+            m = lru_chunk(state.link, keys - lo, cap, buf)
+            out += _per_layer(buf[:m] + lo, E, L)
+        return out
     od: OrderedDict[int, None] = OrderedDict()
     to_end, evict = od.move_to_end, od.popitem
     size = 0
@@ -99,19 +118,24 @@ def _per_layer(missed: list[int], E: int, L: int) -> np.ndarray:
 
 
 def belady_counts(stream, nxt_file: BinaryIO, cap: int, key_lo: int, key_hi: int, E: int, L: int,
-                  layer: int | None = None, chunk: int = CHUNK) -> np.ndarray:
+                  layer: int | None = None, chunk: int = CHUNK, jit: bool | None = None) -> np.ndarray:
     """Per-layer misses of Belady's MIN, as moesim.cache.replay._replay_belady, reading the next
     uses from ``nxt_file`` (:func:`spill_next_use`). A heap entry is -(next use * K + key offset),
     so the evicted key is read off the entry instead of looked up in the stream; residency is a
-    flag per key offset (a bytearray, or a set for a key range over TABLE_KEYS)."""
+    flag per key offset (a bytearray, or a set for a key range over TABLE_KEYS). Compiled (where
+    `compiled` says or `jit` asks), each chunk's loop is one call of chunked_jit.belady_chunk."""
     n = len(stream)
     K = key_hi - key_lo + 1
     out = np.zeros(L, dtype=np.int64)
-    resident = bytearray(K) if K <= TABLE_KEYS else _FlagSet()
+    jit = compiled(K) if jit is None else jit
+    resident = (np.zeros(K, dtype=np.uint8) if jit else bytearray(K)) if K <= TABLE_KEYS else _FlagSet()
     heap: list[int] = []
     push, pop, replace = heapq.heappush, heapq.heappop, heapq.heapreplace
     limit = 8 * cap + 1024
     size = 0
+    if jit:
+        from .chunked_jit import belady_chunk
+        harr, hn, buf = np.empty(limit + 2, dtype=np.int64), 0, np.empty(chunk, dtype=np.int64)  # (the heap)
     for c0, keys in chunks(stream, chunk):
         keys, pos = _select(c0, keys, E, layer)
         nxt = _read(nxt_file, c0, min(chunk, n - c0))
@@ -121,6 +145,12 @@ def belady_counts(stream, nxt_file: BinaryIO, cap: int, key_lo: int, key_hi: int
         off = keys - key_lo
         neg = _heap_values(nxt, pos, off, n, K, cap)
         keep |= neg != 0  # (the rest: sure hits that push nothing)
+        if jit:
+            if hn + off.size + 2 > harr.size:  # (hits push without evicting: the heap can outgrow the limit)
+                harr = np.concatenate([harr, np.empty(harr.size + off.size, dtype=np.int64)])
+            hn, size, m = belady_chunk(resident, harr, hn, size, cap, K, off[keep], neg[keep], buf)
+            out += _per_layer(buf[:m] + key_lo, E, L)
+            continue
         missed = []
         for x, nv in zip(off[keep].tolist(), neg[keep].tolist()):
             if resident[x]:

@@ -45,7 +45,7 @@ def _misses(stream, pol: str, caps: list[int], acc: np.ndarray, nxt, lo: int, hi
         if cap == 0:
             out += acc if layer is None else np.where(np.arange(L) == layer, acc, 0)
         elif pol == "lru":
-            out += lru_counts(stream, cap, E, L, layer, chunk)
+            out += lru_counts(stream, cap, E, L, layer, chunk, key_range=(lo, hi))
         elif pol == "belady":
             out += belady_counts(stream, nxt, cap, lo, hi, E, L, layer, chunk)
         else:
