@@ -80,6 +80,14 @@ def _sift_down(heap, n, i):
 
 
 @njit(cache=True, nogil=True)
+def _push(heap, n, v):
+    """heappush of `v` on the heap's `n` entries; returns the new count."""
+    heap[n] = v
+    _sift_up(heap, n)
+    return n + 1
+
+
+@njit(cache=True, nogil=True)
 def _sift_up(heap, i):
     v = heap[i]
     while i > 0:
@@ -103,18 +111,14 @@ def belady_chunk(resident, heap, hn, size, cap, K, offs, negs, missed):
         x, nv = offs[i], negs[i]
         if resident[x]:
             if nv:
-                heap[hn] = nv
-                _sift_up(heap, hn)
-                hn += 1
+                hn = _push(heap, hn, nv)
             continue
         missed[m] = x
         m += 1
         if size < cap:
             size += 1
             if nv:
-                heap[hn] = nv
-                _sift_up(heap, hn)
-                hn += 1
+                hn = _push(heap, hn, nv)
         else:
             v = heap[0]
             if nv:  # heapreplace

@@ -55,57 +55,55 @@ def _part(Z, key):
 
 
 @njit(cache=True, nogil=True)
-def _od_remove(Z, p, k):
-    n, pv = Z[ON, k], Z[OP, k]
-    if pv >= 0:
-        Z[ON, pv] = n
+def _unlink(Z, nx, pv, hr, hc, tr, tc, k):
+    """Take `k` out of a doubly linked list: its next and previous keys in rows nx and pv, the
+    list's head at Z[hr, hc] and its tail at Z[tr, tc]."""
+    n, p = Z[nx, k], Z[pv, k]
+    if p >= 0:
+        Z[nx, p] = n
     else:
-        Z[PH, p] = n
+        Z[hr, hc] = n
     if n >= 0:
-        Z[OP, n] = pv
+        Z[pv, n] = p
     else:
-        Z[PT, p] = pv
+        Z[tr, tc] = p
+
+
+@njit(cache=True, nogil=True)
+def _link(Z, nx, pv, hr, hc, tr, tc, k):
+    """Append `k` at the tail of a doubly linked list (as _unlink)."""
+    t = Z[tr, tc]
+    Z[pv, k] = t
+    Z[nx, k] = -1
+    if t >= 0:
+        Z[nx, t] = k
+    else:
+        Z[hr, hc] = k
+    Z[tr, tc] = k
+
+
+@njit(cache=True, nogil=True)
+def _od_remove(Z, p, k):
+    _unlink(Z, ON, OP, PH, p, PT, p, k)
     Z[INOD, k] = 0
     Z[PSZ, p] -= 1
 
 
 @njit(cache=True, nogil=True)
 def _od_append(Z, p, k):
-    t = Z[PT, p]
-    Z[OP, k] = t
-    Z[ON, k] = -1
-    if t >= 0:
-        Z[ON, t] = k
-    else:
-        Z[PH, p] = k
-    Z[PT, p] = k
+    _link(Z, ON, OP, PH, p, PT, p, k)
     Z[INOD, k] = 1
     Z[PSZ, p] += 1
 
 
 @njit(cache=True, nogil=True)
 def _pq_append(Z, k):
-    t = Z[S, PQT]
-    Z[QP, k] = t
-    Z[QN, k] = -1
-    if t >= 0:
-        Z[QN, t] = k
-    else:
-        Z[S, PQH] = k
-    Z[S, PQT] = k
+    _link(Z, QN, QP, S, PQH, S, PQT, k)
 
 
 @njit(cache=True, nogil=True)
 def _pq_remove(Z, k):
-    n, pv = Z[QN, k], Z[QP, k]
-    if pv >= 0:
-        Z[QN, pv] = n
-    else:
-        Z[S, PQH] = n
-    if n >= 0:
-        Z[QP, n] = pv
-    else:
-        Z[S, PQT] = pv
+    _unlink(Z, QN, QP, S, PQH, S, PQT, k)
 
 
 @njit(cache=True, nogil=True)

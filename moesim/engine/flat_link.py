@@ -15,9 +15,9 @@ from itertools import repeat
 import numpy as np
 
 from ..cache.policies import LRU
-from ..predictors.base import ranked_blocks
 from . import flat_jit as J
 from .fast_prefetch import _Env
+from .loads import predicted_blocks
 from .sim import Simulation, _Memo
 
 
@@ -135,18 +135,8 @@ class FlatLink:
         """LoadChain._issue's walk of a hook's answer, up to the copies: its Ranked blocks for
         targets after the gated one appended to `out` as (target code, n, n keys), and scored
         as predictions (`predicted`)."""
-        E, L, cur, predicted = self.E, self.L, self.gated, self.predicted
-        for step, layer, experts, _scores in ranked_blocks(reqs):
-            target = (step, layer)
-            if target <= cur:
-                continue
-            base = layer * E
-            keys = [base + e for e in experts]
-            pset = predicted.get(target)
-            if pset is None:
-                predicted[target] = set(keys)
-            else:
-                pset.update(keys)
+        L = self.L
+        for (step, layer), keys in predicted_blocks(reqs, self.E, self.gated, self.predicted):
             out.append(step * L + layer)
             out.append(len(keys))
             out.extend(keys)

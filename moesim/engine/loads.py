@@ -73,6 +73,24 @@ class Load(Transfer):
         return self
 
 
+def predicted_blocks(reqs, E: int, cur: tuple[int, int], predicted: dict):
+    """A hook's answer target by target (its Ranked blocks), for targets after the gated one `cur`:
+    (target, its keys best first), each key recorded in `predicted` (target -> keys predicted for
+    it, scored at its gate)."""
+    for step, layer, experts, _scores in ranked_blocks(reqs):
+        target = (step, layer)
+        if target <= cur:
+            continue
+        base = layer * E
+        keys = [base + e for e in experts]
+        pset = predicted.get(target)
+        if pset is None:
+            predicted[target] = set(keys)
+        else:
+            pset.update(keys)
+        yield target, keys
+
+
 class LoadChain(PinLedger):
     """Loads, their channel callbacks and prefetch issuing (see the module docstring)."""
 
@@ -286,19 +304,8 @@ class LoadChain(PinLedger):
         the predicted expert is pinned until its target layer has run (as _protect, inlined)."""
         if not reqs:
             return
-        E, cur, protect = self.E, self.gated, self.predictor.params.protect
-        predicted, protected = self.predicted, self.protected
-        for step, layer, experts, _scores in ranked_blocks(reqs):
-            target = (step, layer)
-            if target <= cur:
-                continue
-            base = layer * E
-            keys = [base + e for e in experts]
-            pset = predicted.get(target)
-            if pset is None:
-                predicted[target] = set(keys)
-            else:
-                pset.update(keys)
+        protect, protected = self.predictor.params.protect, self.protected
+        for target, keys in predicted_blocks(reqs, self.E, self.gated, self.predicted):
             if protect and self._pcie_full():
                 plist = self._issue_held(keys, target)
             else:
