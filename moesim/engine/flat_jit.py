@@ -524,14 +524,19 @@ def issue_blocks(Z, X, PR, B, i, end):
 
 
 @njit(cache=True, nogil=True)
-def layer(Z, X, EI, EF, PR, B, gate_at, dt, gated, keys, counts, costs, lo, hi, busy, gate_gpu):
-    """Simulation._layer after its hooks were asked: the pre-attention hook's blocks B[1:gate_at]
-    issued, the sleep `dt` to the gate, the gate (target code `gated`), the accesses
-    keys[lo:hi], the gate hook's blocks B[gate_at:] issued (`gate_gpu` seconds on the stream),
-    the kernels, the unpins. Returns (the gate's time, hits, late, misses, busy seconds, the
-    time, prefetches issued so far, protections held or targets counted, whichever is more)."""
+def to_gate(Z, X, EI, EF, PR, B, gate_at, dt):
+    """Simulation._layer up to its gate: the pre-attention hook's blocks B[1:gate_at] issued, then
+    the driver sleeps `dt`. Returns the gate's time."""
     issue_blocks(Z, X, PR, B, 1, gate_at)
-    t_gate = sleep(Z, X, EI, EF, dt)
+    return sleep(Z, X, EI, EF, dt)
+
+
+@njit(cache=True, nogil=True)
+def from_gate(Z, X, EI, EF, PR, B, gate_at, t_gate, gated, keys, counts, costs, lo, hi, busy, gate_gpu):
+    """Simulation._layer from its gate (target code `gated`): the accesses keys[lo:hi], the gate
+    hook's blocks B[gate_at:] issued (`gate_gpu` seconds on the stream), the wait for the loads,
+    the kernels, the unpins. Returns (hits, late, misses, busy seconds, the time, prefetches issued
+    so far, protections held or targets counted, whichever is more)."""
     Z[S, GATED] = gated
     if Z[S, NPB]:
         _gated_budget(Z, PR, gated)
@@ -541,4 +546,15 @@ def layer(Z, X, EI, EF, PR, B, gate_at, dt, gated, keys, counts, costs, lo, hi, 
     busy, now, issued = kernels(Z, X, EI, EF, t_gate, busy)
     if Z[S, NPR]:
         _release(Z, PR, gated)
-    return t_gate, hits, late, misses, busy, now, issued, max(Z[S, NPR], Z[S, NPB])
+    return hits, late, misses, busy, now, issued, max(Z[S, NPR], Z[S, NPB])
+
+
+@njit(cache=True, nogil=True)
+def layer(Z, X, EI, EF, PR, B, gate_at, dt, gated, keys, counts, costs, lo, hi, busy, gate_gpu):
+    """to_gate, then from_gate, in one call: for hooks that could be asked before the sleep to
+    the gate (their answers do not depend on the time). Returns the gate's time, then what
+    from_gate returns."""
+    t_gate = to_gate(Z, X, EI, EF, PR, B, gate_at, dt)
+    hits, late, misses, busy, now, issued, held = from_gate(Z, X, EI, EF, PR, B, gate_at, t_gate, gated, keys,
+                                                            counts, costs, lo, hi, busy, gate_gpu)
+    return t_gate, hits, late, misses, busy, now, issued, held

@@ -69,19 +69,24 @@ class FlatPrefetch(FlatLink):
 
     def _layers(self, plan: StepPlan, attn: float, allk: list[int], fk, fc, costs, bounds: list[int],
                 shared: float) -> list[tuple]:
-        """Simulation._layer for every MoE layer: its hooks asked (they read the routing only, so
-        before the layer's moves), the predictions for it scored (LoadChain._gate), then in one
-        compiled call (flat_jit.layer) the pre-attention hook's prefetches issued, attention, the
-        gate, the accesses fk[lo:hi], the gate hook's prefetches, the wait for the layer's loads,
-        the kernels and the unpins. Returns the layers' rows (Recorder.step_rows)."""
+        """Simulation._layer for every MoE layer: its hooks asked, the predictions for it scored
+        (LoadChain._gate), then in one compiled call (flat_jit.layer) the pre-attention hook's
+        prefetches issued, attention, the gate, the accesses fk[lo:hi], the gate hook's
+        prefetches, the wait for the layer's loads, the kernels and the unpins. A hook that reads
+        only the routing can be asked before the sleep to the gate; one that reads the trace ahead
+        (`future`: its later steps are formed from the requests arrived by now) is asked at the
+        gate's time, between two calls (to_gate, from_gate). Returns the layers' rows
+        (Recorder.step_rows)."""
         env, rec, view, pred = self.env, self.rec, self.view, self.sim.predictor
-        Z, X, predicted, layer_moves, pack = self.Z, self.X, self.predicted, J.layer, self._pack
+        Z, X, predicted, pack = self.Z, self.X, self.predicted, self._pack
+        layer_moves, to_gate, from_gate = J.layer, J.to_gate, J.from_gate
         on_pre, on_gate, log = self._on_pre_attention, self._on_gate, self.log
         lat, step, L = self.lat, plan.index, self.L
         hook_gpu = lat if self.on_gpu else 0.0
         needed, made, correct = rec.pred_needed, rec.pred_made, rec.pred_correct
         rows: list[tuple] = []
         issued0 = self._issued
+        timeless = not pred.needs_future  # (only `future` reads the time: its later steps are the requests arrived so far)
         for layer in range(L):
             lo, hi = bounds[layer], bounds[layer + 1]
             t0 = env.now
@@ -97,6 +102,13 @@ class FlatPrefetch(FlatLink):
             gate_at = len(out)
             target = self.gated = (step, layer)
             view.gated = layer
+            if not timeless:  # the gate hook is asked at the gate's time
+                if log is not None:
+                    self._room()
+                t_gate = env.now = to_gate(Z, X, self.EI, self.EF, self.PR, self._blocks(out), gate_at,
+                                           float(pre + attn))
+                out = [0]
+                gate_at = 1
             gate_gpu = 0.0
             if on_gate:
                 reqs = pred.on_gate(view, layer)
@@ -112,9 +124,15 @@ class FlatPrefetch(FlatLink):
                 correct[layer] += len(pset.intersection(allk[lo:hi]))
             if log is not None:
                 self._room()
-            t_gate, hits, late, misses, busy, now, issued, self.npr = layer_moves(
-                Z, X, self.EI, self.EF, self.PR, self._blocks(out) if len(out) > 1 else _NONE, gate_at,
-                float(pre + attn), step * L + layer, fk, fc, costs, lo, hi, shared, gate_gpu)
+            blocks = self._blocks(out) if len(out) > 1 else _NONE
+            if timeless:
+                t_gate, hits, late, misses, busy, now, issued, self.npr = layer_moves(
+                    Z, X, self.EI, self.EF, self.PR, blocks, gate_at, float(pre + attn), step * L + layer, fk, fc,
+                    costs, lo, hi, shared, gate_gpu)
+            else:
+                hits, late, misses, busy, now, issued, self.npr = from_gate(
+                    Z, X, self.EI, self.EF, self.PR, blocks, gate_at, t_gate, step * L + layer, fk, fc, costs, lo, hi,
+                    shared, gate_gpu)
             env.now = now
             rows.append((layer, t0, t_gate, now, attn + pre, busy, now - t_gate - busy, hits, late, misses, n,
                          issued - issued0))
