@@ -74,8 +74,8 @@ class FlatPrefetch(FlatLink):
         prefetches issued, attention, the gate, the accesses fk[lo:hi], the gate hook's
         prefetches, the wait for the layer's loads, the kernels and the unpins. A hook that reads
         only the routing can be asked before the sleep to the gate; one that reads the trace ahead
-        (`future`: its later steps are formed from the requests arrived by now) is asked at the
-        gate's time, between two calls (to_gate, from_gate). Returns the layers' rows
+        (`future`) with open-loop arrivals (its later steps are formed from the requests arrived
+        by now) is asked at the gate's time, between two calls (to_gate, from_gate). Returns the layers' rows
         (Recorder.step_rows)."""
         env, rec, view, pred = self.env, self.rec, self.view, self.sim.predictor
         Z, X, predicted, pack = self.Z, self.X, self.predicted, self._pack
@@ -86,7 +86,8 @@ class FlatPrefetch(FlatLink):
         needed, made, correct = rec.pred_needed, rec.pred_made, rec.pred_correct
         rows: list[tuple] = []
         issued0 = self._issued
-        timeless = not pred.needs_future  # (only `future` reads the time: its later steps are the requests arrived so far)
+        # (of the view, only `future` reads the time: its later steps are the requests arrived by now)
+        timeless = not (pred.needs_future and getattr(self.sim.sched, "timed", True))
         for layer in range(L):
             lo, hi = bounds[layer], bounds[layer + 1]
             t0 = env.now
