@@ -526,9 +526,10 @@ def issue_blocks(Z, X, PR, B, i, end):
 @njit(cache=True, nogil=True)
 def to_gate(Z, X, EI, EF, PR, B, gate_at, dt):
     """Simulation._layer up to its gate: the pre-attention hook's blocks B[1:gate_at] issued, then
-    the driver sleeps `dt`. Returns the gate's time."""
+    the driver sleeps `dt`. Returns (the gate's time, protections held or targets counted,
+    whichever is more)."""
     issue_blocks(Z, X, PR, B, 1, gate_at)
-    return sleep(Z, X, EI, EF, dt)
+    return sleep(Z, X, EI, EF, dt), max(Z[S, NPR], Z[S, NPB])
 
 
 @njit(cache=True, nogil=True)
@@ -554,7 +555,7 @@ def layer(Z, X, EI, EF, PR, B, gate_at, dt, gated, keys, counts, costs, lo, hi, 
     """to_gate, then from_gate, in one call: for hooks that could be asked before the sleep to
     the gate (their answers do not depend on the time). Returns the gate's time, then what
     from_gate returns."""
-    t_gate = to_gate(Z, X, EI, EF, PR, B, gate_at, dt)
+    t_gate, _ = to_gate(Z, X, EI, EF, PR, B, gate_at, dt)
     hits, late, misses, busy, now, issued, held = from_gate(Z, X, EI, EF, PR, B, gate_at, t_gate, gated, keys,
                                                             counts, costs, lo, hi, busy, gate_gpu)
     return t_gate, hits, late, misses, busy, now, issued, held

@@ -152,5 +152,6 @@ class FlatLink:
         out = [0]
         self._pack(reqs, out)
         if len(out) > 1:
-            J.issue_blocks(self.Z, self.X, self.PR, self._blocks(out), 1, len(out))
+            blocks = self._blocks(out)  # (first: it may grow PR)
+            J.issue_blocks(self.Z, self.X, self.PR, blocks, 1, len(out))
             self.npr = int(max(self.Z[J.S, J.NPR], self.Z[J.S, J.NPB]))

@@ -106,8 +106,9 @@ class FlatPrefetch(FlatLink):
             if not timeless:  # the gate hook is asked at the gate's time
                 if log is not None:
                     self._room()
-                t_gate = env.now = to_gate(Z, X, self.EI, self.EF, self.PR, self._blocks(out), gate_at,
-                                           float(pre + attn))
+                blocks = self._blocks(out)  # (first: it may grow PR)
+                t_gate, self.npr = to_gate(Z, X, self.EI, self.EF, self.PR, blocks, gate_at, float(pre + attn))
+                env.now = t_gate
                 out = [0]
                 gate_at = 1
             gate_gpu = 0.0
@@ -125,7 +126,7 @@ class FlatPrefetch(FlatLink):
                 correct[layer] += len(pset.intersection(allk[lo:hi]))
             if log is not None:
                 self._room()
-            blocks = self._blocks(out) if len(out) > 1 else _NONE
+            blocks = self._blocks(out) if len(out) > 1 else _NONE  # (before PR is read: it may grow it)
             if timeless:
                 t_gate, hits, late, misses, busy, now, issued, self.npr = layer_moves(
                     Z, X, self.EI, self.EF, self.PR, blocks, gate_at, float(pre + attn), step * L + layer, fk, fc,
