@@ -83,6 +83,20 @@ def test_flat_path_equals_simpy_on_random_scenarios(case):
     _assert_same(fast, ref)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flat_cases())
+def test_the_events_and_protections_grow_from_one_entry(case):
+    """FlatLink's event buffer and protections array start with room for one entry, so that they
+    grow all the time (numba does not check bounds: a missed growth would write past them)."""
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(flat_prefetch.FlatPrefetch, "room", 1):
+        sc = _scenario(tmp, {**case, "pred": {**case["pred"], "protect": True}})
+        with _Spy() as spy:
+            fast = simulate(sc, record_events=True, engine="fast")
+        ref = simulate(sc, record_events=True, engine="simpy")
+    assert (spy.flat, spy.general) == (1, 0)
+    _assert_same(fast, ref)
+
+
 def test_equal_times_happen_and_keep_simpy_order(tmp_path):
     """Copies that end exactly together, on the flat path: the results still match SimPy's (at a
     tie, a copy made before the driver's wake-up lands first, one made after it lands later)."""

@@ -25,6 +25,8 @@ class FlatLink:
     """The state and the calls into its compiled moves (see the module docstring); FlatPrefetch
     drives them."""
 
+    room: int | None = None  # the events' and protections' first room (None: enough for most runs; they grow)
+
     def __init__(self, sim: Simulation):
         self.sim, self.rec, self.cost = sim, sim.rec, sim.cost
         self.env = sim.env = _Env()  # (its clock only: no heap here)
@@ -62,12 +64,12 @@ class FlatLink:
         X[J.XS, J.MAXBYTES] = -1.0 if self.max_bytes is None else self.max_bytes
         self.log = sim.events_log
         Z[J.S, J.LOG] = self.log is not None
-        n = 2 * K + slots if self.log is not None else 1  # (events: key, priority; start, end)
+        n = (self.room or 2 * K + slots) if self.log is not None else 1  # (events: key, priority; start, end)
         self.EI, self.EF = np.zeros((2, n), dtype=np.int64), np.zeros((2, n), dtype=np.float64)
         Z[J.S, J.PROTECT] = params.protect
         Z[J.S, J.BUDGETS] = self.budgets
         Z[J.S, J.EBI] = sim.eb
-        self.PR = np.zeros((4, 4 * W), dtype=np.int64)  # (protections held; per-target prefetch counts)
+        self.PR = np.zeros((4, self.room or 4 * W), dtype=np.int64)  # (protections held; per-target prefetch counts)
         self.npr = 0  # protections held (or targets counted for max_bytes_per_layer, if more)
         self.predicted = sim.predicted  # target -> every key predicted for it
         self.predictor = sim.predictor
@@ -83,9 +85,9 @@ class FlatLink:
     def _room(self) -> None:
         """Events log: room for every copy that can land in one call (each load there is, queued or
         in flight: 2 per key at most, and the slots)."""
-        n = int(self.Z[J.S, J.EVN])
-        if n + 2 * self.K + int(self.Z[J.S, J.SLOTS]) > self.EI.shape[1]:
-            grow = self.EI.shape[1] + n + 1
+        need, cap = int(self.Z[J.S, J.EVN]) + 2 * self.K + int(self.Z[J.S, J.SLOTS]), self.EI.shape[1]
+        if need > cap:
+            grow = max(cap, need - cap)  # (at least doubled)
             self.EI = np.concatenate([self.EI, np.zeros((2, grow), dtype=np.int64)], axis=1)
             self.EF = np.concatenate([self.EF, np.zeros((2, grow), dtype=np.float64)], axis=1)
 
@@ -143,8 +145,9 @@ class FlatLink:
 
     def _blocks(self, out: list[int]) -> np.ndarray:
         """`out` as the int64 array the compiled moves read, with room for its protections."""
-        if self.npr + len(out) > self.PR.shape[1]:
-            self.PR = np.concatenate([self.PR, np.zeros((4, self.PR.shape[1] + len(out)), dtype=np.int64)], axis=1)
+        need, cap = self.npr + len(out), self.PR.shape[1]
+        if need > cap:
+            self.PR = np.concatenate([self.PR, np.zeros((4, max(cap, need - cap)), dtype=np.int64)], axis=1)
         return np.array(out, dtype=np.int64)
 
     def _issue(self, reqs) -> None:
