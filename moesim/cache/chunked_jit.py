@@ -15,8 +15,7 @@ class LRUState:
 
     def __init__(self, K: int):
         self.link = np.full((3, K + 1), -1, dtype=np.int64)  # rows: next, previous, resident; [0, K]: head, tail, size
-        self.link[2, :K] = 0
-        self.link[2, K] = 0
+        self.link[2] = 0
 
 
 @njit(cache=True, nogil=True)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .channels import DEMAND, PREFETCH  # (the events' priorities)
+
 # ---- Z rows ------------------------------------------------------------------------------------
 S = 0  # scalars (columns below)
 PINS, STALE, KST, KLID, QT, QN, QP, ON, OP, INOD, READY, UNUSED = range(1, 13)  # per key
@@ -46,7 +48,6 @@ X_ROWS = 5
 
 # event buffer rows (EI int64: key, prio; EF float64: start, end); PR (int64): rows 0-1 the
 # protections held (target code, key), rows 2-3 each target's prefetch count (max_bytes_per_layer)
-DEMAND, PREFETCH = 0, 1  # (engine/channels.py's priorities)
 
 
 @njit(cache=True, nogil=True)

@@ -50,7 +50,7 @@ class FlatLink:
         Z[J.S, J.NE] = sim.E
         Z[J.S, J.DQCAP] = K + 1
         self.gated = (-1, -1)
-        Z[J.S, J.GATED] = self._code(self.gated)
+        Z[J.S, J.GATED] = -sim.L - 1  # (the code of (-1, -1): step * L + layer)
         for p, (cap, pol) in enumerate(zip(gpu._caps, gpu._policies)):  # (preloaded keys, in eviction order)
             Z[J.PCAP, p] = cap
             for k in pol._od:
@@ -58,10 +58,10 @@ class FlatLink:
                 Z[J.READY, k] = 1
         X[J.XS, J.DUR] = sim.cost.pcie_s(sim.eb)  # every copy's seconds (one expert each)
         params = sim.predictor.params
-        self.max_bytes = params.max_bytes_per_layer
-        self.budgets = params.max_inflight is not None or self.max_bytes is not None
+        max_bytes = params.max_bytes_per_layer
+        self.budgets = params.max_inflight is not None or max_bytes is not None
         Z[J.S, J.MAXINF] = -1 if params.max_inflight is None else params.max_inflight
-        X[J.XS, J.MAXBYTES] = -1.0 if self.max_bytes is None else self.max_bytes
+        X[J.XS, J.MAXBYTES] = -1.0 if max_bytes is None else max_bytes
         self.log = sim.events_log
         Z[J.S, J.LOG] = self.log is not None
         n = (self.room or 2 * K + slots) if self.log is not None else 1  # (events: key, priority; start, end)
@@ -75,10 +75,6 @@ class FlatLink:
         self.predictor = sim.predictor
         self.on_gpu = params.runs_on == "gpu"
         self.lat = 0.0  # seconds one hook call costs in the current step (Predictor.latency_for)
-
-    def _code(self, target: tuple[int, int]) -> int:
-        """A target (step, layer) as one int of the same order."""
-        return target[0] * self.L + target[1]
 
     # ---- the clock ---------------------------------------------------------------------------
 
