@@ -168,11 +168,11 @@ class Scheduler:
 
     # ---- the driver's interface ------------------------------------------------------------------
 
-
     @property
     def timed(self) -> bool:
         """Whether the steps it forms (and `peek`s) depend on the time: open-loop arrivals."""
         return self.source.open
+
     def next_step(self, now: float):
         """The step to run now (committed), a time to idle until, or None when all is done."""
         now = max(now, self._wake)
