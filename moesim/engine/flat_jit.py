@@ -525,18 +525,18 @@ def issue_blocks(Z, X, PR, B, i, end):
 
 
 @njit(cache=True, nogil=True)
-def to_gate(Z, X, EI, EF, PR, B, gate_at, dt):
-    """Simulation._layer up to its gate: the pre-attention hook's blocks B[1:gate_at] issued, then
+def to_gate(Z, X, EI, EF, PR, B, i, gate_at, dt):
+    """Simulation._layer up to its gate: the pre-attention hook's blocks B[i:gate_at] issued, then
     the driver sleeps `dt`. Returns (the gate's time, protections held or targets counted,
     whichever is more)."""
-    issue_blocks(Z, X, PR, B, 1, gate_at)
+    issue_blocks(Z, X, PR, B, i, gate_at)
     return sleep(Z, X, EI, EF, dt), max(Z[S, NPR], Z[S, NPB])
 
 
 @njit(cache=True, nogil=True)
-def from_gate(Z, X, EI, EF, PR, B, gate_at, t_gate, gated, keys, counts, costs, lo, hi, busy, gate_gpu):
+def from_gate(Z, X, EI, EF, PR, B, gate_at, end, t_gate, gated, keys, counts, costs, lo, hi, busy, gate_gpu):
     """Simulation._layer from its gate (target code `gated`): the accesses keys[lo:hi], the gate
-    hook's blocks B[gate_at:] issued (`gate_gpu` seconds on the stream), the wait for the loads,
+    hook's blocks B[gate_at:end] issued (`gate_gpu` seconds on the stream), the wait for the loads,
     the kernels, the unpins. Returns (hits, late, misses, busy seconds, the time, prefetches issued
     so far, protections held or targets counted, whichever is more)."""
     Z[S, GATED] = gated
@@ -544,7 +544,7 @@ def from_gate(Z, X, EI, EF, PR, B, gate_at, t_gate, gated, keys, counts, costs, 
         _gated_budget(Z, PR, gated)
     hits, late, misses, busy = access(Z, X, keys, counts, costs, lo, hi, busy)
     busy += gate_gpu
-    issue_blocks(Z, X, PR, B, gate_at, B.shape[0])
+    issue_blocks(Z, X, PR, B, gate_at, end)
     busy, now, issued = kernels(Z, X, EI, EF, t_gate, busy)
     if Z[S, NPR]:
         _release(Z, PR, gated)
@@ -552,11 +552,21 @@ def from_gate(Z, X, EI, EF, PR, B, gate_at, t_gate, gated, keys, counts, costs, 
 
 
 @njit(cache=True, nogil=True)
-def layer(Z, X, EI, EF, PR, B, gate_at, dt, gated, keys, counts, costs, lo, hi, busy, gate_gpu):
-    """to_gate, then from_gate, in one call: for hooks that could be asked before the sleep to
-    the gate (their answers do not depend on the time). Returns the gate's time, then what
-    from_gate returns."""
-    t_gate, _ = to_gate(Z, X, EI, EF, PR, B, gate_at, dt)
-    hits, late, misses, busy, now, issued, held = from_gate(Z, X, EI, EF, PR, B, gate_at, t_gate, gated, keys,
-                                                            counts, costs, lo, hi, busy, gate_gpu)
-    return t_gate, hits, late, misses, busy, now, issued, held
+def layers(Z, X, EI, EF, PR, B, at, dt, gated, keys, counts, costs, bounds, busy, gate_gpu, issued, F, I):
+    """to_gate then from_gate for every MoE layer of a step, in one call: for hooks that could all
+    be asked before the step's first sleep (their answers depend on neither the time nor the
+    cache). Layer l's hooks' blocks are B[at[2l]:at[2l+1]] (pre-attention) and B[at[2l+1]:at[2l+2]]
+    (gate), its accesses keys[bounds[l]:bounds[l+1]], its target code `gated` + l. Writes each
+    layer's (start, gate, end, busy, stall) to F[l] and (hits, late, misses, prefetches issued in
+    it) to I[l]; returns the protections held or targets counted, whichever is more."""
+    held = 0
+    for l in range(bounds.shape[0] - 1):
+        t0 = X[XS, NOW]
+        t_gate, _ = to_gate(Z, X, EI, EF, PR, B, at[2 * l], at[2 * l + 1], dt)
+        hits, late, misses, b, now, n, held = from_gate(Z, X, EI, EF, PR, B, at[2 * l + 1], at[2 * l + 2], t_gate,
+                                                        gated + l, keys, counts, costs, bounds[l], bounds[l + 1],
+                                                        busy, gate_gpu)
+        F[l, 0], F[l, 1], F[l, 2], F[l, 3], F[l, 4] = t0, t_gate, now, b, now - t_gate - b
+        I[l, 0], I[l, 1], I[l, 2], I[l, 3] = hits, late, misses, n - issued
+        issued = n
+    return held

@@ -78,10 +78,10 @@ class FlatLink:
 
     # ---- the clock ---------------------------------------------------------------------------
 
-    def _room(self) -> None:
-        """Events log: room for every copy that can land in one call (each load there is, queued or
-        in flight: 2 per key at most, and the slots)."""
-        need, cap = int(self.Z[J.S, J.EVN]) + 2 * self.K + int(self.Z[J.S, J.SLOTS]), self.EI.shape[1]
+    def _room(self, more: int = 0) -> None:
+        """Events log: room for every copy that can land in one call: each load there is, queued or
+        in flight (2 per key at most, and the slots), and `more` loads the call may make."""
+        need, cap = int(self.Z[J.S, J.EVN]) + 2 * self.K + int(self.Z[J.S, J.SLOTS]) + more, self.EI.shape[1]
         if need > cap:
             grow = max(cap, need - cap)  # (at least doubled)
             self.EI = np.concatenate([self.EI, np.zeros((2, grow), dtype=np.int64)], axis=1)

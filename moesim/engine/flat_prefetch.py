@@ -36,6 +36,8 @@ class FlatPrefetch(FlatLink):
             raise ValueError(f"the flat prefetch path does not model {why}")
         super().__init__(sim)
         self.view: _View | None = None
+        self._fc = self._costs = None  # the last step's counts and its keys' kernel seconds
+        self._bounds = self._starts = self._nkeys = None  # the last step's layer starts (and as an array, and keys per layer)
         self._on_step_start, self._on_pre_attention, self._on_gate = (
             sim._implements[h] for h in ("on_step_start", "on_pre_attention", "on_gate"))
 
@@ -61,37 +63,98 @@ class FlatPrefetch(FlatLink):
         fk, fc, bounds = flat_keys(plan)
         sim.accessed.append(fk)  # (every layer's keys in order: the gap report's stream)
         allk = fk.tolist()
-        ecs = self._ecs
-        costs = np.array([ecs[c] for c in fc.tolist()], dtype=np.float64)
+        if fc is not self._fc:  # (one-token steps share their counts: plan._ones)
+            ecs = self._ecs
+            self._fc, self._costs = fc, np.array([ecs[c] for c in fc.tolist()], dtype=np.float64)
+        costs = self._costs
         fk, fc = fk.astype(np.int64, copy=False), fc.astype(np.int64, copy=False)
-        rec.step_rows(plan, self._layers(plan, attn, allk, fk, fc, costs, bounds, shared))
+        self._layers(plan, attn, allk, fk, fc, costs, bounds, shared)
         step_end(self, plan, view, t_step)
 
     def _layers(self, plan: StepPlan, attn: float, allk: list[int], fk, fc, costs, bounds: list[int],
-                shared: float) -> list[tuple]:
+                shared: float) -> None:
         """Simulation._layer for every MoE layer: its hooks asked, the predictions for it scored
-        (LoadChain._gate), then in one compiled call (flat_jit.layer) the pre-attention hook's
-        prefetches issued, attention, the gate, the accesses fk[lo:hi], the gate hook's
-        prefetches, the wait for the layer's loads, the kernels and the unpins. A hook that reads
-        only the routing can be asked before the sleep to the gate; one that reads the trace ahead
-        (`future`) with open-loop arrivals (its later steps are formed from the requests arrived
-        by now) is asked at the gate's time, between two calls (to_gate, from_gate). Returns the layers' rows
-        (Recorder.step_rows)."""
+        (LoadChain._gate); then the pre-attention hook's prefetches issued, attention, the gate,
+        the accesses fk[lo:hi], the gate hook's prefetches, the wait for the layer's loads, the
+        kernels and the unpins, all compiled (flat_jit). Hooks that read only the routing are all
+        asked first, and the step's layers run in one call (flat_jit.layers); a hook that reads the
+        trace ahead (`future`) with open-loop arrivals (its later steps are formed from the
+        requests arrived by now) is asked at its gate's time, between two calls per layer
+        (to_gate, from_gate). The layers' rows go to the Recorder."""
+        pred = self.sim.predictor
+        # (of the view, only `future` reads the time: its later steps are the requests arrived by now)
+        if pred.needs_future and getattr(self.sim.sched, "timed", True):
+            self._layers_at_gates(plan, attn, allk, fk, fc, costs, bounds, shared)
+            return
+        L, step, lat, rec, view = self.L, plan.index, self.lat, self.rec, self.view
+        on_pre, on_gate, pack = self._on_pre_attention, self._on_gate, self._pack
+        out = [0]  # every hook's blocks (FlatLink._pack), layer by layer: pre-attention's, then the gate's
+        at = []  # where each layer's pre-attention and gate blocks start (and the end)
+        spent = rec.predictor_s  # (the hooks' seconds, added one call at a time as LoadChain does)
+        for layer in range(L):
+            at.append(len(out))
+            view.pre_attn_layer = layer
+            if on_pre:
+                reqs = pred.on_pre_attention(view, layer)
+                spent += lat
+                if reqs:
+                    pack(reqs, out)
+            at.append(len(out))
+            self.gated = (step, layer)
+            view.gated = layer
+            if on_gate:
+                reqs = pred.on_gate(view, layer)
+                spent += lat
+                if reqs:
+                    pack(reqs, out)
+        at.append(len(out))
+        rec.predictor_s = spent
+        self._score(step, range(L), allk, bounds)  # (every prediction for a layer is made before its gate: all are in)
+        hook_gpu = lat if self.on_gpu else 0.0
+        pre, gate_gpu = hook_gpu if on_pre else 0.0, hook_gpu if on_gate else 0.0
+        if self.log is not None:
+            self._room(len(fk) + len(out))
+        blocks = self._blocks(out)  # (before PR is read: it may grow it)
+        if bounds is not self._bounds:  # (one-token steps share them: plan._ones)
+            self._bounds, self._starts = bounds, np.array(bounds, dtype=np.int64)
+            self._nkeys = [b - a for a, b in zip(bounds, bounds[1:])]
+        F, I = np.empty((L, 5), dtype=np.float64), np.empty((L, 4), dtype=np.int64)
+        self.npr = J.layers(self.Z, self.X, self.EI, self.EF, self.PR, blocks, np.array(at, dtype=np.int64),
+                            float(pre + attn), step * L, fk, fc, costs, self._starts, shared,
+                            gate_gpu, self._issued, F, I)
+        self.env.now = float(self.X[J.XS, J.NOW])
+        t0, gate, end, busy, stall = F.T.tolist()
+        hits, late, misses, issued = I.T.tolist()
+        self.rec.step_cols(plan, range(L), t0, gate, end, [attn + pre] * L, busy, stall, hits, late, misses,
+                           self._nkeys, issued)
+
+    def _score(self, step: int, layers, allk: list[int], bounds: list[int]) -> None:
+        """LoadChain._gate's scoring of the predictions for (step, layer), for each of `layers`."""
+        rec, pop = self.rec, self.predicted.pop
+        needed, made, correct = rec.pred_needed, rec.pred_made, rec.pred_correct
+        for layer in layers:
+            lo, hi = bounds[layer], bounds[layer + 1]
+            needed[layer] += hi - lo
+            pset = pop((step, layer), None)
+            if pset:
+                made[layer] += len(pset)
+                correct[layer] += len(pset.intersection(allk[lo:hi]))
+
+    def _layers_at_gates(self, plan: StepPlan, attn: float, allk: list[int], fk, fc, costs, bounds: list[int],
+                         shared: float) -> None:
+        """_layers with the gate hook asked at its gate's time: two compiled calls per layer."""
         env, rec, view, pred = self.env, self.rec, self.view, self.sim.predictor
-        Z, X, predicted, pack = self.Z, self.X, self.predicted, self._pack
-        layer_moves, to_gate, from_gate = J.layer, J.to_gate, J.from_gate
+        Z, X, pack = self.Z, self.X, self._pack
+        to_gate, from_gate = J.to_gate, J.from_gate
         on_pre, on_gate, log = self._on_pre_attention, self._on_gate, self.log
         lat, step, L = self.lat, plan.index, self.L
         hook_gpu = lat if self.on_gpu else 0.0
-        needed, made, correct = rec.pred_needed, rec.pred_made, rec.pred_correct
         rows: list[tuple] = []
         issued0 = self._issued
-        # (of the view, only `future` reads the time: its later steps are the requests arrived by now)
-        timeless = not (pred.needs_future and getattr(self.sim.sched, "timed", True))
         for layer in range(L):
             lo, hi = bounds[layer], bounds[layer + 1]
             t0 = env.now
-            out = [0]  # the hooks' blocks (FlatLink._pack): the pre-attention hook's, then the gate's
+            out = [0]  # the pre-attention hook's blocks
             view.pre_attn_layer = layer
             pre = 0.0
             if on_pre:
@@ -100,17 +163,14 @@ class FlatPrefetch(FlatLink):
                 pre = hook_gpu
                 if reqs:
                     pack(reqs, out)
-            gate_at = len(out)
-            target = self.gated = (step, layer)
+            self.gated = (step, layer)
             view.gated = layer
-            if not timeless:  # the gate hook is asked at the gate's time
-                if log is not None:
-                    self._room()
-                blocks = self._blocks(out)  # (first: it may grow PR)
-                t_gate, self.npr = to_gate(Z, X, self.EI, self.EF, self.PR, blocks, gate_at, float(pre + attn))
-                env.now = t_gate
-                out = [0]
-                gate_at = 1
+            if log is not None:
+                self._room()
+            blocks = self._blocks(out)  # (first: it may grow PR)
+            t_gate, self.npr = to_gate(Z, X, self.EI, self.EF, self.PR, blocks, 1, len(out), float(pre + attn))
+            env.now = t_gate
+            out = [0]  # the gate hook's blocks
             gate_gpu = 0.0
             if on_gate:
                 reqs = pred.on_gate(view, layer)
@@ -118,25 +178,15 @@ class FlatPrefetch(FlatLink):
                 gate_gpu = hook_gpu
                 if reqs:
                     pack(reqs, out)
-            n = hi - lo
-            needed[layer] += n
-            pset = predicted.pop(target, None)
-            if pset:
-                made[layer] += len(pset)
-                correct[layer] += len(pset.intersection(allk[lo:hi]))
+            self._score(step, (layer,), allk, bounds)
             if log is not None:
                 self._room()
             blocks = self._blocks(out) if len(out) > 1 else _NONE  # (before PR is read: it may grow it)
-            if timeless:
-                t_gate, hits, late, misses, busy, now, issued, self.npr = layer_moves(
-                    Z, X, self.EI, self.EF, self.PR, blocks, gate_at, float(pre + attn), step * L + layer, fk, fc,
-                    costs, lo, hi, shared, gate_gpu)
-            else:
-                hits, late, misses, busy, now, issued, self.npr = from_gate(
-                    Z, X, self.EI, self.EF, self.PR, blocks, gate_at, t_gate, step * L + layer, fk, fc, costs, lo, hi,
-                    shared, gate_gpu)
+            hits, late, misses, busy, now, issued, self.npr = from_gate(
+                Z, X, self.EI, self.EF, self.PR, blocks, 1, len(out), t_gate, step * L + layer, fk, fc, costs, lo, hi,
+                shared, gate_gpu)
             env.now = now
-            rows.append((layer, t0, t_gate, now, attn + pre, busy, now - t_gate - busy, hits, late, misses, n,
+            rows.append((layer, t0, t_gate, now, attn + pre, busy, now - t_gate - busy, hits, late, misses, hi - lo,
                          issued - issued0))
             issued0 = issued
-        return rows
+        rec.step_cols(plan, *zip(*rows))

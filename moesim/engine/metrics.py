@@ -207,15 +207,15 @@ class Recorder:
         if len(self._cols[0]) >= _CHUNK:
             self._compact()
 
-    def step_rows(self, plan, rows: list[tuple]) -> None:
-        """``layer_row`` for each row of a step at once (the flat prefetch path): `rows` of (layer, t0,
-        t_gate, t_end, attn, busy, stall, hits, late, misses, n_keys, prefetches), in layer order;
-        the same columns and running sums (the float ones summed a row at a time, in order)."""
-        if not rows:
+    def step_cols(self, plan, layer, t0, gate, end, attn, busy, stall, hits, late, misses, n_keys, pf) -> None:
+        """``layer_row`` for every layer of a step at once (the flat prefetch path), given as columns
+        in layer order: (layer, t0, t_gate, t_end, attn, busy, stall, hits, late, misses, n_keys,
+        prefetches); the same columns and running sums (the float ones summed a row at a time, in order)."""
+        n = len(t0)
+        if not n:
             return
         if self._pend.rows:  # (rows stay in order: the layer_rows records before these)
             self._pend.extend_into(self._cols)
-        layer, t0, gate, end, attn, busy, stall, hits, late, misses, n_keys, pf = zip(*rows)
         self.hits += sum(hits)
         self.late_hits += sum(late)
         self.misses += sum(misses)
@@ -225,7 +225,7 @@ class Recorder:
         for x in stall:
             st += x
         self.compute_s, self.stall_s = c, st
-        n, nk, seqs = len(rows), sum(n_keys), len(plan.request_ids)
+        nk, seqs = sum(n_keys), len(plan.request_ids)
         for col, vals in zip(self._cols, ([plan.index] * n, [plan.batch] * n, [_PHASES[plan.phase]] * n, layer,
                                           [plan.tokens] * n, t0, gate, end, attn, busy, stall, hits, late, misses,
                                           n_keys, pf, [seqs] * n, [plan.prefill_tokens] * n)):
