@@ -1,6 +1,6 @@
 """The predictors' cheap paths give exactly what the plain numpy algorithm gave: multilook's hashes
 of a few rows in Python, its learning of every hop and distance in one add.at, the shared
-emission, and intelligent's one-token masks (each compared bit for bit with a small reference)."""
+emission, and intelligent's compiled fusion (each compared bit for bit with a small reference)."""
 from __future__ import annotations
 
 import numpy as np
@@ -133,17 +133,79 @@ def test_multilook_learning_matches_the_per_hop_reference(batch, params):
     assert new.store.index == ref.store.index
 
 
-def test_intelligent_one_token_masks_match_the_union():
-    rng = np.random.default_rng(11)
-    pred = registry.create("intelligent", {"transition_k": 5, "pattern_k": 3}, MODEL, rng)
-    E = MODEL.num_experts
-    kth = [E - 5, E - 3]
-    for enough in (None, np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)):
-        for _ in range(50):
-            q = 1.2 * rng.random((1, E)) * (rng.random((1, E)) < 0.7)  # (past 1 too: the tie term clips)
-            q[0, :3] = q[0, 3]  # ties at the k-th value
-            a, b = np.zeros((4, E)), np.zeros((4, E))
-            tie_a = pred._one_token_masks(a, q, kth, enough)
-            tie_b = pred._union_masks(b, q, kth, enough)
-            np.testing.assert_array_equal(a, b)
-            np.testing.assert_array_equal(tie_a, tie_b)
+def _fuse_numpy(q, masks, tie, w, thr_t, thr_p, kth, enough, cap):
+    """The numpy algorithm intelligent_jit.fuse replaced (one target; q float32 [T', E])."""
+    if q.shape[0]:
+        part = np.partition(q, kth, axis=1)
+        masks[0] = ((q > thr_t) & (q >= part[:, kth[0], None])).any(axis=0)
+        if enough is None or enough.size:
+            mp = (q > thr_p) & (q >= part[:, kth[1], None])
+            masks[3] = (mp if enough is None else mp[enough]).any(axis=0)
+        tie = tie + 1e-9 * np.minimum(q.sum(axis=0), 1.0)
+    fused = w @ masks
+    best = (-(fused + tie)).argsort(kind="stable")[:cap]
+    f = fused[best]
+    stop = (f <= 0).nonzero()[0]
+    n = int(stop[0]) if stop.size else f.size
+    keep = best[:n][np.lexsort((best[:n], -f[:n]))]
+    return keep.tolist(), fused[keep].tolist()
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 2, 5, 40])
+def test_intelligent_compiled_fusion_matches_numpy(tokens):
+    """Masks, tie-breaks, fused scores and ranking as the numpy code gave them, bit for bit: q at
+    the thresholds' float32 values, ties at the k-th value and in the fused scores, q past 1."""
+    from moesim.predictors.intelligent_jit import fuse
+
+    rng = np.random.default_rng(11 + tokens)
+    E, (tk, pk), thr = MODEL.num_experts, (5, 3), (0.05, 0.1)
+    kth = [E - tk, E - pk]
+    for case in range(200):
+        q = (1.2 * rng.random((tokens, E)) * (rng.random((tokens, E)) < 0.7)).astype(np.float32)
+        if tokens:
+            q[:, :3] = q[:, 3:4]  # ties at the k-th value
+            q[:, 4:6] = np.float32(thr[0]), np.float32(thr[1])  # exactly at the thresholds (as float32)
+        w = rng.dirichlet(np.ones(4)) if case % 5 else np.array([0.4, 0.3, 0.2, 0.1])
+        base = np.zeros((4, E))
+        base[1:3] = rng.random((2, E)) < 0.15
+        tie = 1e-12 * rng.integers(0, 3, E) / 3  # (equal tie-breaks: the order falls to the ids)
+        rows = rng.random(tokens) < 0.5
+        for enough in (None, np.flatnonzero(rows)):
+            ok = np.ones(tokens, dtype=bool) if enough is None else rows
+            a, b = base.copy(), base.copy()
+            want = _fuse_numpy(q, a, tie, w, *thr, kth, enough, 8)
+            keep, scores = fuse(q, b, tie, w, np.float32(thr[0]), np.float32(thr[1]), kth[0], kth[1], ok, 8)
+            np.testing.assert_array_equal(b, a)
+            assert (keep.tolist(), scores.tolist()) == want
+
+def test_intelligent_compiled_refresh_and_hits_match_numpy():
+    """The frequency / recency top sets and tie-breaks, and the F1 counts, as numpy's stable
+    argsorts and products gave them: ties in the counts and in the clock, unused experts, k >= E."""
+    from moesim.predictors.intelligent_jit import hits, refresh
+
+    rng = np.random.default_rng(5)
+    L, E = 3, MODEL.num_experts
+    for case in range(100):
+        f = rng.integers(0, 4, (L, E)) * rng.choice([0.5, 1.0, 1e-3])  # (ties, and a row of zeros sometimes)
+        f[case % L] *= case % 2
+        last = rng.integers(0, 5, (L, E)).astype(np.float64)
+        fk, rk = rng.integers(1, E + 1, 2)
+        order = np.argsort(-f, axis=1, kind="stable")[:, :fk]
+        top = np.zeros(f.shape, dtype=bool)
+        np.put_along_axis(top, order, True, axis=1)
+        tot = f.sum(axis=1, keepdims=True)
+        share = f / np.where(tot > 0, tot, 1.0)
+        order = np.argsort(-(last + 0.5 * share), axis=1, kind="stable")[:, :rk]
+        rtop = np.zeros(f.shape, dtype=bool)
+        np.put_along_axis(rtop, order, True, axis=1)
+        tie, masks = refresh(f, last, tot[:, 0], fk, rk)
+        np.testing.assert_array_equal(tie, 1e-12 * share)
+        np.testing.assert_array_equal(masks[:, 1], top & (f > 0))
+        np.testing.assert_array_equal(masks[:, 2], rtop & (last > 0))
+        assert not masks[:, [0, 3]].any()
+        m = (rng.random((4, E)) < 0.3).astype(np.float64)
+        te = rng.integers(0, E, (rng.integers(1, 4), 3)).astype(np.int16)
+        actual = np.zeros(E)
+        actual[te.ravel()] = 1.0
+        tp, made, n = hits(m, te)
+        assert (tp.tolist(), made.tolist(), n) == ((m @ actual).tolist(), m.sum(axis=1).tolist(), actual.sum())

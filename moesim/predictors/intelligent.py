@@ -88,6 +88,14 @@ class Intelligent(HistoryPredictor):
         self._rowsum = np.full((L, E), 1e-300)                 # row sums of trans (never 0)
         self.P = np.zeros((L, E, E), dtype=np.float32)          # trans, rows normalised
         self._pending: dict[tuple[int, int], np.ndarray] = {}  # (step, layer) -> component masks [4, E]
+        from .intelligent_jit import fuse, hits, refresh  # (numba: loaded by the runs that use this predictor only)
+        self._fuse, self._hits, self._refresh_jit = fuse, hits, refresh
+        # the thresholds in q's precision, and per token at most transition_k / pattern_k experts:
+        # the k-th largest q of each token's row
+        self._fuse_args = (np.float32(params.transition_threshold), np.float32(params.pattern_threshold),
+                           E - min(params.transition_k, E), E - min(params.pattern_k, E))
+        self._no_q = np.zeros((0, E), dtype=np.float32)  # (no token to carry)
+        self._no_token = np.zeros(0, dtype=np.bool_)
         self._refresh()
 
     @property
@@ -116,56 +124,29 @@ class Intelligent(HistoryPredictor):
     def _predict(self, view, layer: int, te: np.ndarray | None = None) -> list[Prefetch]:
         p, L, E = self.params, self.L, self.E
         ctx = self._context(view, layer, te)
-        rows = None
+        rows, ok = None, self._no_token
         if ctx is not None and ctx[0].shape[0]:
             te, src, enough = ctx
             rows = self.P[src][te]                                          # [T', k, E]
+            if enough is None:
+                ok = np.ones(te.shape[0], dtype=np.bool_)
+            else:
+                ok = np.zeros(te.shape[0], dtype=np.bool_)
+                ok[enough] = True
         out = Ranked()
-        # per token at most transition_k / pattern_k experts: the k-th largest q of each row
-        kth = [E - min(p.transition_k, E), E - min(p.pattern_k, E)]
-        w = self.weights
+        w, fuse, q = self.weights, self._fuse, self._no_q
         for d, off, lay in self._targets[layer]:
             masks = self._masks0[lay].copy()  # frequency and recency rows set
             if rows is not None:
                 if d > 1:
                     rows = rows @ self.P[(src + d - 1) % L]                  # d hops on
                 q = rows.max(axis=1)                                        # [T', E]
-                union = self._one_token_masks if q.shape[0] == 1 else self._union_masks
-                tie = self._tie[lay] + union(masks, q, kth, enough)
-            else:
-                tie = self._tie[lay]
             step = view.step + off
             if d == 1:
                 self._pending[(step, lay)] = masks
-            fused = w @ masks
-            best = (-(fused + tie)).argsort(kind="stable")[:p.max_per_layer]
-            f = fused[best]
-            stop = (f <= 0).nonzero()[0]
-            n = int(stop[0]) if stop.size else f.size  # up to the first f <= 0
-            keep = best[:n][np.lexsort((best[:n], -f[:n]))]  # the engine's issue order: best fused first
-            out.add(step, lay, keep.tolist(), fused[keep].tolist())
+            keep, fused = fuse(q, masks, self._tie[lay], w, *self._fuse_args, ok, p.max_per_layer)
+            out.add(step, lay, keep.tolist(), fused.tolist())
         return out
-
-    def _one_token_masks(self, masks: np.ndarray, q: np.ndarray, kth: list[int], enough) -> np.ndarray:
-        """`_union_masks` of one token (q [1, E]): its row is the union (the same values, fewer calls)."""
-        p = self.params
-        q = q[0]
-        part = np.partition(q, kth)
-        masks[0] = (q > p.transition_threshold) & (q >= part[kth[0]])
-        if enough is None or enough.size:
-            masks[3] = (q > p.pattern_threshold) & (q >= part[kth[1]])
-        return 1e-9 * np.minimum(q, 1.0)
-
-    def _union_masks(self, masks: np.ndarray, q: np.ndarray, kth: list[int], enough) -> np.ndarray:
-        """Rows 0 (transition) and 3 (pattern) of `masks`: the union over the tokens' rows of `q`
-        [T', E]; returns the tie-break term of the fused scores."""
-        p = self.params
-        part = np.partition(q, kth, axis=1)
-        masks[0] = ((q > p.transition_threshold) & (q >= part[:, kth[0], None])).any(axis=0)
-        if enough is None or enough.size:
-            mp = (q > p.pattern_threshold) & (q >= part[:, kth[1], None])
-            masks[3] = (mp if enough is None else mp[enough]).any(axis=0)
-        return 1e-9 * np.minimum(q.sum(axis=0), 1.0)
 
     # -- online weight adaptation --
 
@@ -176,10 +157,8 @@ class Intelligent(HistoryPredictor):
             self._pending = {k: v for k, v in self._pending.items() if k > key}
         if masks is None:
             return
-        actual = np.zeros(self.E)
-        actual[te.ravel()] = 1.0
-        stats = ((masks @ actual).tolist(), masks.sum(axis=1).tolist())
-        n_act = float(actual.sum())
+        tp, made, n_act = self._hits(masks, te)
+        stats = (tp.tolist(), made.tolist())
         lr = self.params.weight_learning_rate
         w = self.weights.tolist()
         if self.params.weight_update == "f1":
@@ -195,23 +174,12 @@ class Intelligent(HistoryPredictor):
             self.weights = np.array([(1 - lr) * a + lr * b / tt for a, b in zip(w, target)])
 
     def _refresh(self) -> None:
-        """After learning: per layer the frequency / recency top sets (fixed within a step)."""
+        """After learning: per layer the frequency / recency top sets (fixed within a step), and the
+        frequency share that breaks fused-score ties (intelligent_jit.refresh)."""
         p, E = self.params, self.E
-        f = self.freq
-        order = np.argsort(-f, axis=1, kind="stable")[:, :min(p.frequency_k, E)]
-        top = np.zeros(f.shape, dtype=bool)
-        np.put_along_axis(top, order, True, axis=1)
-        freq_top = top & (f > 0)
-        tot = f.sum(axis=1, keepdims=True)
-        share = f / np.where(tot > 0, tot, 1.0)
-        self._tie = 1e-12 * share                  # fused-score ties: the frequency share
-        r = self.last_used + 0.5 * share           # recency ties (same token clock): frequency
-        order = np.argsort(-r, axis=1, kind="stable")[:, :min(p.recency_k, E)]
-        top = np.zeros(r.shape, dtype=bool)
-        np.put_along_axis(top, order, True, axis=1)
-        self._fr_top = np.stack([freq_top, top & (self.last_used > 0)], axis=1).astype(np.float64)  # [L, 2, E]
-        self._masks0 = np.zeros((self.L, 4, E))  # per layer, the component masks before the transitions'
-        self._masks0[:, 1:3] = self._fr_top
+        tot = self.freq.sum(axis=1)  # (numpy's own summation order)
+        self._tie, self._masks0 = self._refresh_jit(self.freq, self.last_used, tot, min(p.frequency_k, E),
+                                                    min(p.recency_k, E))
 
     # -- hooks --
 

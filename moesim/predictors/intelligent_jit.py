@@ -1,0 +1,130 @@
+"""The intelligent predictor's per-gate fusion and per-step refresh (predictors/intelligent.py),
+compiled: as numpy they were some twenty small calls per gate, costing more than their arithmetic.
+
+Each value is the one the numpy code gave, bit for bit (tests/test_predictor_fast_paths.py): the
+token scores in float32 (numpy keeps a Python float operand in the array's precision), the fused
+scores summed as `w @ masks` sums them (weight by weight, from the first), each ranking as numpy's
+stable argsort (ties: the lower id), here by picking the best left k times instead of sorting.
+Imported by Intelligent itself, so that runs without it never load numba.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_TIE = np.float32(1e-9)  # (scale of the transition tie-break; a float32, as numpy applied it to q)
+_ONE = np.float32(1.0)
+
+
+@njit(cache=True, nogil=True)
+def fuse(q, masks, tie, w, thr_t, thr_p, kth_t, kth_p, pattern_ok, cap):
+    """One target's fused prediction. q [T', E] float32: each token's best transition probability
+    per expert (T' = 0: no token to carry); masks [4, E] float64, rows 1-2 (frequency, recency) set:
+    rows 0 (transition) and 3 (pattern) are set here, as the union over the tokens of the experts
+    above the component's threshold and at least the `kth`-th smallest of the token's values (the
+    pattern only over the tokens with `pattern_ok`); tie [E] float64: the frequency tie-break,
+    to which the tokens' summed q (scaled) is added. Returns (the experts to prefetch, best fused
+    score first (ties: lower id), at most `cap`, each with a positive fused score; their scores)."""
+    T, E = q.shape
+    tie = tie.copy()
+    if T:
+        s = np.empty(E, dtype=np.float32)
+        taken = np.empty(E, dtype=np.bool_)
+        picks = E - min(kth_t, kth_p)
+        for t in range(T):
+            taken[:] = False
+            vt = vp = q[t, 0]
+            for i in range(picks):  # the largest values one by one: the i-th is sorted q's [E - 1 - i]
+                best = -1
+                for e in range(E):
+                    if not taken[e] and (best < 0 or q[t, e] > q[t, best]):
+                        best = e
+                taken[best] = True
+                if i == E - 1 - kth_t:
+                    vt = q[t, best]
+                if i == E - 1 - kth_p:
+                    vp = q[t, best]
+            for e in range(E):
+                x = q[t, e]
+                if x > thr_t and x >= vt:
+                    masks[0, e] = 1.0
+                if pattern_ok[t] and x > thr_p and x >= vp:
+                    masks[3, e] = 1.0
+                s[e] = x if t == 0 else s[e] + x
+        for e in range(E):
+            x = s[e] if s[e] < _ONE else _ONE
+            tie[e] += _TIE * x
+    fused = np.zeros(E, dtype=np.float64)
+    for c in range(4):  # (w @ masks: each weight added in turn)
+        wc = w[c]
+        for e in range(E):
+            fused[e] += wc * masks[c, e]
+    # numpy's stable argsort of -(fused + tie), cut at `cap` and at the first score <= 0: the best
+    # left, picked one by one (ties: the lower id)
+    key = -(fused + tie)
+    out = np.empty(min(cap, E), dtype=np.int64)
+    done = np.zeros(E, dtype=np.bool_)
+    n = 0
+    while n < out.size:
+        best = -1
+        for e in range(E):
+            if not done[e] and (best < 0 or key[e] < key[best]):
+                best = e
+        if not fused[best] > 0:
+            break
+        done[best] = True
+        out[n] = best
+        n += 1
+    top = np.sort(out[:n])
+    keep = top[np.argsort(-fused[top], kind="mergesort")]
+    return keep, fused[keep]
+
+
+@njit(cache=True, nogil=True)
+def hits(masks, te):
+    """Each component's (true positives, predictions) among the experts routed `te` [T, k], and
+    how many experts were routed: counts of 0/1 masks, exact in any order."""
+    E = masks.shape[1]
+    routed = np.zeros(E, dtype=np.bool_)
+    for t in range(te.shape[0]):
+        for j in range(te.shape[1]):
+            routed[te[t, j]] = True
+    tp, made = np.zeros(masks.shape[0]), np.zeros(masks.shape[0])
+    for c in range(masks.shape[0]):
+        for e in range(E):
+            made[c] += masks[c, e]
+            if routed[e]:
+                tp[c] += masks[c, e]
+    return tp, made, float(routed.sum())
+
+
+@njit(cache=True, nogil=True)
+def _mark_top(v, k, used, out):
+    """out[e] = 1 for the `k` largest of v (ties: the lower id; numpy's stable argsort of -v, cut
+    at k) among them those `used` (> 0): k picks of the best left, fewer steps than a sort."""
+    taken = np.zeros(v.size, dtype=np.bool_)
+    for _ in range(k):
+        best = -1
+        for e in range(v.size):
+            if not taken[e] and (best < 0 or v[e] > v[best]):
+                best = e
+        taken[best] = True
+        if used[best] > 0:
+            out[best] = 1.0
+
+
+@njit(cache=True, nogil=True)
+def refresh(freq, last_used, tot, freq_k, recency_k):
+    """Intelligent._refresh after learning, per layer: the frequency tie-breaks (1e-12 x each
+    expert's share of the layer's uses, `tot` [L] the layer's total) and the component masks before
+    the transitions' [L, 4, E]: row 1 the `freq_k` most used experts (used at all), row 2 the
+    `recency_k` most recently used (ties: the larger share; used at all). Ties: the lower id."""
+    L, E = freq.shape
+    tie = np.empty((L, E))
+    masks = np.zeros((L, 4, E))
+    for l in range(L):
+        share = freq[l] / (tot[l] if tot[l] > 0 else 1.0)
+        tie[l] = 1e-12 * share
+        _mark_top(freq[l], freq_k, freq[l], masks[l, 1])
+        _mark_top(last_used[l] + 0.5 * share, recency_k, last_used[l], masks[l, 2])
+    return tie, masks
