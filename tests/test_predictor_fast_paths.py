@@ -209,3 +209,37 @@ def test_intelligent_compiled_refresh_and_hits_match_numpy():
         actual[te.ravel()] = 1.0
         tp, made, n = hits(m, te)
         assert (tp.tolist(), made.tolist(), n) == ((m @ actual).tolist(), m.sum(axis=1).tolist(), actual.sum())
+
+
+def test_intelligent_compiled_learning_matches_numpy_add_at():
+    """Transition counts, row sums, normalised rows, frequencies and clocks as numpy's add.at gave
+    them: float64 sums that repeat an index, transitions from the previous token or not."""
+    from moesim.predictors.intelligent_jit import learn
+
+    rng = np.random.default_rng(9)
+    L, E, k = 4, 6, 3
+    trans, rowsum = rng.random((L, E, E)), rng.random((L, E)) + 1.0
+    P, freq, last = (trans / rowsum[..., None]).astype(np.float32), rng.random((L, E)), np.zeros((L, E))
+    ref = [a.copy() for a in (trans, rowsum, P, freq, last)]
+    for clock in range(1, 30):
+        T = int(rng.integers(1, 5))
+        rows = rng.integers(0, E, (T, L, k))  # (experts repeat across tokens, and within one)
+        prev = rng.integers(0, E, (T, L, k))
+        pvalid = rng.random(T) < 0.5
+        inc, finc = rng.random() * 10.0 ** rng.integers(-3, 3), rng.random()
+        learn(trans, rowsum, P, freq, last, rows, prev, pvalid, inc, finc, float(clock))
+        rt, rs, rp, rf, rl = ref
+        lay = np.arange(L - 1)[None, :, None, None]
+        idx = ((lay * E + rows[:, :-1, :, None]) * E + rows[:, 1:, None, :]).ravel()
+        if pvalid.any():
+            wrap = ((L - 1) * E + prev[pvalid, L - 1][:, :, None]) * E + rows[pvalid, 0][:, None, :]
+            idx = np.concatenate([idx, wrap.ravel()])
+        np.add.at(rt.reshape(-1), idx, inc)
+        np.add.at(rs.reshape(-1), idx // E, inc)
+        touched = np.unique(idx // E)
+        rp.reshape(-1, E)[touched] = rt.reshape(-1, E)[touched] / rs.reshape(-1)[touched, None]
+        fidx = (np.arange(L)[None, :, None] * E + rows).ravel()
+        np.add.at(rf.reshape(-1), fidx, finc)
+        rl.reshape(-1)[fidx] = clock
+        for got, want in zip((trans, rowsum, P, freq, last), ref):
+            np.testing.assert_array_equal(got, want)

@@ -88,8 +88,8 @@ class Intelligent(HistoryPredictor):
         self._rowsum = np.full((L, E), 1e-300)                 # row sums of trans (never 0)
         self.P = np.zeros((L, E, E), dtype=np.float32)          # trans, rows normalised
         self._pending: dict[tuple[int, int], np.ndarray] = {}  # (step, layer) -> component masks [4, E]
-        from .intelligent_jit import fuse, hits, refresh  # (numba: loaded by the runs that use this predictor only)
-        self._fuse, self._hits, self._refresh_jit = fuse, hits, refresh
+        from . import intelligent_jit as jit  # (numba: loaded by the runs that use this predictor only)
+        self._fuse, self._hits, self._refresh_jit, self._learn_jit = jit.fuse, jit.hits, jit.refresh, jit.learn
         # the thresholds in q's precision, and per token at most transition_k / pattern_k experts:
         # the k-th largest q of each token's row
         self._fuse_args = (np.float32(params.transition_threshold), np.float32(params.pattern_threshold),
@@ -208,21 +208,9 @@ class Intelligent(HistoryPredictor):
             self._rowsum = np.maximum(self._rowsum / self._inv, 1e-300)
             self._inv = 1.0
         # transitions: layer l -> l+1 within the token, last layer -> layer 0 of the next token
-        lay = np.arange(L - 1, dtype=np.int64)[None, :, None, None]
-        idx = ((lay * E + rows[:, :-1, :, None]) * E + rows[:, 1:, None, :]).ravel()
-        if pvalid.any():
-            wrap = ((L - 1) * E + prev[pvalid, L - 1][:, :, None]) * E + rows[pvalid, 0][:, None, :]
-            idx = np.concatenate([idx, wrap.ravel()])
-        inc = np.float64(p.adaptation_rate * weight * self._inv)
-        np.add.at(self.trans.reshape(-1), idx, inc)
-        np.add.at(self._rowsum.reshape(-1), idx // E, inc)
-        mark = np.zeros(L * E, dtype=bool)
-        mark[idx // E] = True
-        touched = np.flatnonzero(mark)
-        self.P.reshape(-1, E)[touched] = self.trans.reshape(-1, E)[touched] / self._rowsum.reshape(-1)[touched, None]
-        fidx = (np.arange(L, dtype=np.int64)[None, :, None] * E + rows).ravel()
-        np.add.at(self.freq.reshape(-1), fidx, np.float64(weight * self._inv))
         self.clock += T
-        self.last_used.reshape(-1)[fidx] = self.clock
+        self._learn_jit(self.trans, self._rowsum, self.P, self.freq, self.last_used, rows, prev, pvalid,
+                        np.float64(p.adaptation_rate * weight * self._inv), np.float64(weight * self._inv),
+                        float(self.clock))
         self._remember(view, routing, owners)
         self._refresh()

@@ -1,5 +1,5 @@
-"""The intelligent predictor's per-gate fusion and per-step refresh (predictors/intelligent.py),
-compiled: as numpy they were some twenty small calls per gate, costing more than their arithmetic.
+"""The intelligent predictor's per-gate fusion and per-step learning (predictors/intelligent.py),
+compiled: as numpy they were dozens of small calls, costing more than their arithmetic.
 
 Each value is the one the numpy code gave, bit for bit (tests/test_predictor_fast_paths.py): the
 token scores in float32 (numpy keeps a Python float operand in the array's precision), the fused
@@ -128,3 +128,41 @@ def refresh(freq, last_used, tot, freq_k, recency_k):
         _mark_top(freq[l], freq_k, freq[l], masks[l, 1])
         _mark_top(last_used[l] + 0.5 * share, recency_k, last_used[l], masks[l, 2])
     return tie, masks
+
+
+@njit(cache=True, nogil=True)
+def learn(trans, rowsum, P, freq, last_used, rows, prev, pvalid, inc, finc, clock):
+    """Intelligent._learn's counting (as numpy's add.at did it; every addition of one call adds the
+    same amount, so their order does not change the sums): each transition of `rows` [T', L, k] (layer l -> l+1, and from the request's
+    previous token's last layer, `prev`, to layer 0 where `pvalid`) adds `inc` to its count in
+    trans [L, E, E] and to the row's sum; the changed rows of P are trans / rowsum (float32); each
+    use adds `finc` to freq [L, E] and stamps last_used with `clock`."""
+    T, L, k = rows.shape
+    E = freq.shape[1]
+    touched = np.zeros((L, E), dtype=np.bool_)
+    for t in range(T):
+        for l in range(L - 1):
+            for j in range(k):
+                a = rows[t, l, j]
+                for i in range(k):
+                    trans[l, a, rows[t, l + 1, i]] += inc
+                    rowsum[l, a] += inc
+                touched[l, a] = True
+    for t in range(T):
+        if pvalid[t]:
+            for j in range(k):
+                a = prev[t, L - 1, j]
+                for i in range(k):
+                    trans[L - 1, a, rows[t, 0, i]] += inc
+                    rowsum[L - 1, a] += inc
+                touched[L - 1, a] = True
+    for l in range(L):
+        for a in range(E):
+            if touched[l, a]:
+                for b in range(E):
+                    P[l, a, b] = trans[l, a, b] / rowsum[l, a]
+    for t in range(T):
+        for l in range(L):
+            for j in range(k):
+                freq[l, rows[t, l, j]] += finc
+                last_used[l, rows[t, l, j]] = clock
