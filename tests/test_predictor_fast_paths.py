@@ -178,10 +178,10 @@ def test_intelligent_compiled_fusion_matches_numpy(tokens):
             np.testing.assert_array_equal(b, a)
             assert (keep.tolist(), scores.tolist()) == want
 
-def test_intelligent_compiled_refresh_and_hits_match_numpy():
-    """The frequency / recency top sets and tie-breaks, and the F1 counts, as numpy's stable
-    argsorts and products gave them: ties in the counts and in the clock, unused experts, k >= E."""
-    from moesim.predictors.intelligent_jit import hits, refresh
+def test_intelligent_compiled_refresh_matches_numpy():
+    """The frequency / recency top sets and tie-breaks as numpy's stable argsorts gave them: ties in
+    the counts and in the clock, unused experts, k >= E."""
+    from moesim.predictors.intelligent_jit import refresh
 
     rng = np.random.default_rng(5)
     L, E = 3, MODEL.num_experts
@@ -203,12 +203,42 @@ def test_intelligent_compiled_refresh_and_hits_match_numpy():
         np.testing.assert_array_equal(masks[:, 1], top & (f > 0))
         np.testing.assert_array_equal(masks[:, 2], rtop & (last > 0))
         assert not masks[:, [0, 3]].any()
-        m = (rng.random((4, E)) < 0.3).astype(np.float64)
+
+
+def _adapt_python(masks, te, w, w0, lr, f1):
+    """Intelligent._evaluate's weight update as it was written in Python."""
+    actual = np.zeros(masks.shape[1])
+    actual[te.ravel()] = 1.0
+    stats = ((masks @ actual).tolist(), masks.sum(axis=1).tolist())
+    n_act = float(actual.sum())
+    w = w.tolist()
+    if f1:
+        for c, (tp, n_pred) in enumerate(zip(*stats)):
+            if n_pred > 0:
+                w[c] = max(0.0, w[c] + lr * (2.0 * tp / (n_pred + n_act) - 0.5))
+        tot = sum(w)
+        return np.array(w) / tot if tot > 0 else w0.copy()
+    target = [1.0 / ((1.0 - 2.0 * tp / (n_pred + n_act) if n_pred > 0 else 1.0) + 0.1) for tp, n_pred in zip(*stats)]
+    tt = sum(target)
+    return np.array([(1 - lr) * a + lr * b / tt for a, b in zip(w, target)])
+
+
+@pytest.mark.parametrize("f1", [True, False])
+def test_intelligent_compiled_weight_update_matches_python(f1):
+    """The fusion weights after each gate's F1 scoring, bit for bit, over a run of updates (weights
+    driven to 0 and renormalised, components that predicted nothing, repeated experts)."""
+    from moesim.predictors.intelligent_jit import adapt
+
+    rng = np.random.default_rng(3)
+    E = MODEL.num_experts
+    w0 = np.array([0.4, 0.3, 0.2, 0.1])
+    got = want = w0.copy()
+    for case in range(300):
+        m = (rng.random((4, E)) < rng.choice([0.0, 0.05, 0.3])).astype(np.float64)
         te = rng.integers(0, E, (rng.integers(1, 4), 3)).astype(np.int16)
-        actual = np.zeros(E)
-        actual[te.ravel()] = 1.0
-        tp, made, n = hits(m, te)
-        assert (tp.tolist(), made.tolist(), n) == ((m @ actual).tolist(), m.sum(axis=1).tolist(), actual.sum())
+        lr = rng.choice([0.01, 0.3, 1.0])
+        got, want = adapt(m, te, got, w0, lr, f1), _adapt_python(m, te, want, w0, lr, f1)
+        assert got.tolist() == want.tolist()
 
 
 def test_intelligent_compiled_learning_matches_numpy_add_at():

@@ -89,7 +89,8 @@ class Intelligent(HistoryPredictor):
         self.P = np.zeros((L, E, E), dtype=np.float32)          # trans, rows normalised
         self._pending: dict[tuple[int, int], np.ndarray] = {}  # (step, layer) -> component masks [4, E]
         from . import intelligent_jit as jit  # (numba: loaded by the runs that use this predictor only)
-        self._fuse, self._hits, self._refresh_jit, self._learn_jit = jit.fuse, jit.hits, jit.refresh, jit.learn
+        self._fuse, self._adapt, self._first_hop = jit.fuse, jit.adapt, jit.first_hop
+        self._refresh_jit, self._learn_jit = jit.refresh, jit.learn
         # the thresholds in q's precision, and per token at most transition_k / pattern_k experts:
         # the k-th largest q of each token's row
         self._fuse_args = (np.float32(params.transition_threshold), np.float32(params.pattern_threshold),
@@ -122,25 +123,26 @@ class Intelligent(HistoryPredictor):
         return self._prev[self._pvalid, L - 1, :], L - 1, (None if L >= need else np.zeros(0, dtype=np.int64))
 
     def _predict(self, view, layer: int, te: np.ndarray | None = None) -> list[Prefetch]:
-        p, L, E = self.params, self.L, self.E
+        p, L = self.params, self.L
         ctx = self._context(view, layer, te)
-        rows, ok = None, self._no_token
+        te, ok = None, self._no_token
         if ctx is not None and ctx[0].shape[0]:
             te, src, enough = ctx
-            rows = self.P[src][te]                                          # [T', k, E]
             if enough is None:
                 ok = np.ones(te.shape[0], dtype=np.bool_)
             else:
                 ok = np.zeros(te.shape[0], dtype=np.bool_)
                 ok[enough] = True
         out = Ranked()
-        w, fuse, q = self.weights, self._fuse, self._no_q
+        w, fuse, q, rows = self.weights, self._fuse, self._no_q, None
         for d, off, lay in self._targets[layer]:
             masks = self._masks0[lay].copy()  # frequency and recency rows set
-            if rows is not None:
-                if d > 1:
-                    rows = rows @ self.P[(src + d - 1) % L]                  # d hops on
-                q = rows.max(axis=1)                                        # [T', E]
+            if te is not None:  # per token, each expert's best transition probability d layers on
+                if d == 1:
+                    q = self._first_hop(self.P, src, te)                     # [T', E]
+                else:
+                    rows = (self.P[src][te] if rows is None else rows) @ self.P[(src + d - 1) % L]  # [T', k, E]
+                    q = rows.max(axis=1)
             step = view.step + off
             if d == 1:
                 self._pending[(step, lay)] = masks
@@ -157,21 +159,8 @@ class Intelligent(HistoryPredictor):
             self._pending = {k: v for k, v in self._pending.items() if k > key}
         if masks is None:
             return
-        tp, made, n_act = self._hits(masks, te)
-        stats = (tp.tolist(), made.tolist())
-        lr = self.params.weight_learning_rate
-        w = self.weights.tolist()
-        if self.params.weight_update == "f1":
-            for c, (tp, n_pred) in enumerate(zip(*stats)):
-                if n_pred > 0:
-                    w[c] = max(0.0, w[c] + lr * (2.0 * tp / (n_pred + n_act) - 0.5))  # F1 = 2TP/(|P|+|A|)
-            tot = sum(w)
-            self.weights = np.array(w) / tot if tot > 0 else self._w0.copy()
-        else:
-            target = [1.0 / ((1.0 - 2.0 * tp / (n_pred + n_act) if n_pred > 0 else 1.0) + 0.1)
-                      for tp, n_pred in zip(*stats)]
-            tt = sum(target)
-            self.weights = np.array([(1 - lr) * a + lr * b / tt for a, b in zip(w, target)])
+        p = self.params
+        self.weights = self._adapt(masks, te, self.weights, self._w0, p.weight_learning_rate, p.weight_update == "f1")
 
     def _refresh(self) -> None:
         """After learning: per layer the frequency / recency top sets (fixed within a step), and the

@@ -81,21 +81,61 @@ def fuse(q, masks, tie, w, thr_t, thr_p, kth_t, kth_p, pattern_ok, cap):
 
 
 @njit(cache=True, nogil=True)
-def hits(masks, te):
-    """Each component's (true positives, predictions) among the experts routed `te` [T, k], and
-    how many experts were routed: counts of 0/1 masks, exact in any order."""
-    E = masks.shape[1]
+def adapt(masks, te, w, w0, lr, f1):
+    """Intelligent._evaluate: the fusion weights after scoring each component's prediction for a
+    layer (`masks` [4, E], 0/1) against the experts it routed, `te` [T, k]. f1: w += lr (F1 - 0.5),
+    at least 0, renormalised (`w0` if all are 0); else an EMA towards 1 / (1 - F1 + 0.1),
+    normalised. (The same float operations, in the same order, as the Python code it replaced.)"""
+    E, C = masks.shape[1], masks.shape[0]
     routed = np.zeros(E, dtype=np.bool_)
     for t in range(te.shape[0]):
         for j in range(te.shape[1]):
             routed[te[t, j]] = True
-    tp, made = np.zeros(masks.shape[0]), np.zeros(masks.shape[0])
-    for c in range(masks.shape[0]):
+    n_act = 0.0
+    for e in range(E):
+        n_act += routed[e]
+    tp, made = np.zeros(C), np.zeros(C)  # (counts of 0/1 masks: exact in any order)
+    for c in range(C):
         for e in range(E):
             made[c] += masks[c, e]
             if routed[e]:
                 tp[c] += masks[c, e]
-    return tp, made, float(routed.sum())
+    out = w.copy()
+    if f1:
+        for c in range(C):
+            if made[c] > 0:
+                x = out[c] + lr * (2.0 * tp[c] / (made[c] + n_act) - 0.5)  # F1 = 2TP/(|P|+|A|)
+                out[c] = x if x > 0.0 else 0.0
+        tot = 0.0
+        for c in range(C):
+            tot += out[c]
+        return out / tot if tot > 0 else w0.copy()
+    target = np.empty(C)
+    for c in range(C):
+        target[c] = 1.0 / ((1.0 - 2.0 * tp[c] / (made[c] + n_act) if made[c] > 0 else 1.0) + 0.1)
+    tt = 0.0
+    for c in range(C):
+        tt += target[c]
+    for c in range(C):
+        out[c] = (1 - lr) * w[c] + lr * target[c] / tt
+    return out
+
+
+@njit(cache=True, nogil=True)
+def first_hop(P, src, te):
+    """[T, E] float32: per token of `te` [T, k] at layer `src`, each expert's best transition
+    probability from the token's experts (P[src][te].max(axis=1), in one pass)."""
+    T, k = te.shape
+    E = P.shape[2]
+    q = np.empty((T, E), dtype=np.float32)
+    for t in range(T):
+        q[t] = P[src, te[t, 0]]
+        for j in range(1, k):
+            row = P[src, te[t, j]]
+            for e in range(E):
+                if row[e] > q[t, e]:
+                    q[t, e] = row[e]
+    return q
 
 
 @njit(cache=True, nogil=True)
