@@ -26,24 +26,24 @@ def fuse(q, masks, tie, w, thr_t, thr_p, kth_t, kth_p, pattern_ok, cap):
     to which the tokens' summed q (scaled) is added. Returns (the experts to prefetch, best fused
     score first (ties: lower id), at most `cap`, each with a positive fused score; their scores)."""
     T, E = q.shape
-    tie = tie.copy()
+    key = tie.copy()  # (the tie-breaks, then the sort key -(fused + tie))
     if T:
         s = np.empty(E, dtype=np.float32)
-        taken = np.empty(E, dtype=np.bool_)
+        row = np.empty(E, dtype=np.float32)
         picks = E - min(kth_t, kth_p)
         for t in range(T):
-            taken[:] = False
-            vt = vp = q[t, 0]
+            row[:] = q[t]
+            vt = vp = row[0]
             for i in range(picks):  # the largest values one by one: the i-th is sorted q's [E - 1 - i]
-                best = -1
-                for e in range(E):
-                    if not taken[e] and (best < 0 or q[t, e] > q[t, best]):
+                best = 0
+                for e in range(1, E):
+                    if row[e] > row[best]:
                         best = e
-                taken[best] = True
                 if i == E - 1 - kth_t:
-                    vt = q[t, best]
+                    vt = row[best]
                 if i == E - 1 - kth_p:
-                    vp = q[t, best]
+                    vp = row[best]
+                row[best] = -np.inf
             for e in range(E):
                 x = q[t, e]
                 if x > thr_t and x >= vt:
@@ -53,30 +53,36 @@ def fuse(q, masks, tie, w, thr_t, thr_p, kth_t, kth_p, pattern_ok, cap):
                 s[e] = x if t == 0 else s[e] + x
         for e in range(E):
             x = s[e] if s[e] < _ONE else _ONE
-            tie[e] += _TIE * x
-    fused = np.zeros(E, dtype=np.float64)
-    for c in range(4):  # (w @ masks: each weight added in turn)
-        wc = w[c]
-        for e in range(E):
-            fused[e] += wc * masks[c, e]
-    # numpy's stable argsort of -(fused + tie), cut at `cap` and at the first score <= 0: the best
-    # left, picked one by one (ties: the lower id)
-    key = -(fused + tie)
+            key[e] += _TIE * x
+    fused = np.empty(E, dtype=np.float64)
+    for e in range(E):
+        f = 0.0
+        for c in range(4):  # (w @ masks: each weight added in turn)
+            f += w[c] * masks[c, e]
+        fused[e] = f
+        key[e] = -(f + key[e])
+    # numpy's stable argsort of the key, cut at `cap` and at the first score <= 0: the best left,
+    # picked one by one (ties: the lower id)
     out = np.empty(min(cap, E), dtype=np.int64)
-    done = np.zeros(E, dtype=np.bool_)
     n = 0
     while n < out.size:
-        best = -1
-        for e in range(E):
-            if not done[e] and (best < 0 or key[e] < key[best]):
+        best = 0
+        for e in range(1, E):
+            if key[e] < key[best]:
                 best = e
-        if not fused[best] > 0:
+        if not fused[best] > 0 or key[best] == np.inf:
             break
-        done[best] = True
+        key[best] = np.inf
         out[n] = best
         n += 1
-    top = np.sort(out[:n])
-    keep = top[np.argsort(-fused[top], kind="mergesort")]
+    for i in range(1, n):  # best fused score first, ties: the lower id (insertion sort: n is small)
+        a = out[i]
+        j = i - 1
+        while j >= 0 and (fused[out[j]] < fused[a] or (fused[out[j]] == fused[a] and out[j] > a)):
+            out[j + 1] = out[j]
+            j -= 1
+        out[j + 1] = a
+    keep = out[:n]
     return keep, fused[keep]
 
 
