@@ -67,7 +67,8 @@ class FlatPrefetch(FlatLink):
             ecs = self._ecs
             self._fc, self._costs = fc, np.array([ecs[c] for c in fc.tolist()], dtype=np.float64)
         costs = self._costs
-        fk, fc = fk.astype(np.int64, copy=False), fc.astype(np.int64, copy=False)
+        fk, fc = fk.astype(np.int64, copy=False).view(), fc.astype(np.int64, copy=False).view()
+        fk.flags.writeable = fc.flags.writeable = False  # (always read-only: one compiled signature, not two)
         self._layers(plan, attn, allk, fk, fc, costs, bounds, shared)
         step_end(self, plan, view, t_step)
 
