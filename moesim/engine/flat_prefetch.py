@@ -4,7 +4,7 @@ instead of the Simulation's objects.
 
 engine/fast_prefetch.py runs the Simulation's own load chain (Load objects, channel queues, the
 Tier and its policy object) on a heap clock; each copy there goes through some ten Python calls.
-This path makes the same decisions in one compiled call per layer, for runs with: no DRAM tier,
+This path makes the same decisions in one compiled call per step, for runs with: no DRAM tier,
 an LRU or FIFO GPU tier (global or per layer), dedup, predictor hooks that issue at once (latency
 0, or on the GPU), numba installed, and nothing the prefetch path leaves out (`unsupported`, in
 engine/fast.py: it must not import numba). The driver below is FastPrefetch's (with its shared
