@@ -37,7 +37,8 @@ class FlatPrefetch(FlatLink):
         super().__init__(sim)
         self.view: _View | None = None
         self._fc = self._costs = None  # the last step's counts and its keys' kernel seconds
-        self._bounds = self._starts = self._nkeys = None  # the last step's layer starts (and as an array, and keys per layer)
+        # the last step's layer starts (and as an array, and its keys per layer)
+        self._bounds = self._starts = self._nkeys = None
         self._on_step_start, self._on_pre_attention, self._on_gate = (
             sim._implements[h] for h in ("on_step_start", "on_pre_attention", "on_gate"))
 

@@ -179,7 +179,7 @@ class Intelligent(HistoryPredictor):
         return self._predict(view, layer, te)
 
     def _learn(self, view, routing: np.ndarray, rows, prev, pvalid, owners) -> None:
-        p, L, E = self.params, self.L, self.E
+        p = self.params
         T = routing.shape[0]
         weight = T / rows.shape[0]
         fade = p.decay_rate ** T
@@ -196,8 +196,9 @@ class Intelligent(HistoryPredictor):
             self.freq /= self._inv
             self._rowsum = np.maximum(self._rowsum / self._inv, 1e-300)
             self._inv = 1.0
-        # transitions: layer l -> l+1 within the token, last layer -> layer 0 of the next token
         self.clock += T
+        # transitions (layer l -> l+1 within the token, last layer -> layer 0 of the next token),
+        # frequencies and last uses
         self._learn_jit(self.trans, self._rowsum, self.P, self.freq, self.last_used, rows, prev, pvalid,
                         np.float64(p.adaptation_rate * weight * self._inv), np.float64(weight * self._inv),
                         float(self.clock))

@@ -178,11 +178,12 @@ def refresh(freq, last_used, tot, freq_k, recency_k):
 
 @njit(cache=True, nogil=True)
 def learn(trans, rowsum, P, freq, last_used, rows, prev, pvalid, inc, finc, clock):
-    """Intelligent._learn's counting (as numpy's add.at did it; every addition of one call adds the
-    same amount, so their order does not change the sums): each transition of `rows` [T', L, k] (layer l -> l+1, and from the request's
-    previous token's last layer, `prev`, to layer 0 where `pvalid`) adds `inc` to its count in
-    trans [L, E, E] and to the row's sum; the changed rows of P are trans / rowsum (float32); each
-    use adds `finc` to freq [L, E] and stamps last_used with `clock`."""
+    """Intelligent._learn's counting, as numpy's add.at did it (every addition of one call adds the
+    same amount, so their order does not change the sums). Each transition of `rows` [T', L, k]
+    (layer l -> l+1, and from the request's previous token's last layer, `prev`, to layer 0 where
+    `pvalid`) adds `inc` to its count in trans [L, E, E] and to the row's sum; the changed rows of
+    P become trans / rowsum (float32); each use adds `finc` to freq [L, E] and stamps last_used
+    with `clock`."""
     T, L, k = rows.shape
     E = freq.shape[1]
     touched = np.zeros((L, E), dtype=np.bool_)
