@@ -20,6 +20,7 @@ ENV = "OMP_NUM_THREADS"  # the override, read by the sweep's local executor
 # Set in a process while limited, for libraries it loads later (torch reads OMP_NUM_THREADS when
 # imported; OpenBLAS and MKL read theirs when loaded)
 _ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_OPENBLAS = "OPENBLAS_NUM_THREADS"
 
 
 def inner_threads(workers: int, cores: int | None = None) -> int:
@@ -56,13 +57,18 @@ def limit(n: int) -> Callable[[], None]:
     def restore() -> None:
         for f in reversed(undo):
             f()
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_env(env)
 
     return restore
+
+
+def _restore_env(env: dict[str, str | None]) -> None:
+    """Put these environment variables back as they were (None: unset)."""
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @contextmanager
@@ -80,14 +86,21 @@ _blas = None  # threadpoolctl's view of the BLAS libraries loaded (numpy's, scip
 
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """Run a block on one BLAS thread (its products are too small to split), then restore."""
+    """Run a block on one BLAS thread (its products are too small to split), then restore. A BLAS
+    library loaded in the block (scipy's, which numba loads) starts with one thread and keeps it:
+    started with more, OpenBLAS's threads spin about 0.13 s of CPU each as they start."""
     global _blas
     if _blas is None:
         from threadpoolctl import ThreadpoolController  # noqa: PLC0415
 
         _blas = ThreadpoolController().select(user_api="blas")
-    with _blas.limit(limits=1):
-        yield
+    env = {_OPENBLAS: os.environ.get(_OPENBLAS)}  # (not OMP_NUM_THREADS: torch, loaded in the block, would keep it)
+    os.environ[_OPENBLAS] = "1"
+    try:
+        with _blas.limit(limits=1):
+            yield
+    finally:
+        _restore_env(env)
 
 
 def current() -> dict[str, int]:

@@ -79,3 +79,16 @@ def test_a_simulation_runs_on_one_blas_thread(tmp_path, monkeypatch):
         assert seen == [1] and current()["blas"] == 2
     with limited(2), one_blas_thread():
         assert current()["blas"] == 1
+
+
+def test_a_blas_library_loaded_in_the_block_starts_on_one_thread(monkeypatch):
+    """OpenBLAS reads OPENBLAS_NUM_THREADS when it loads (scipy's, loaded by numba mid-run): with
+    one thread it starts no spinning helpers. The variable is back afterwards, set or not."""
+    for before in (None, "3"):
+        if before is None:
+            monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OPENBLAS_NUM_THREADS", before)
+        with one_blas_thread():
+            assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+        assert os.environ.get("OPENBLAS_NUM_THREADS") == before
