@@ -176,7 +176,7 @@ def test_features_left_out_take_the_general_prefetch_path(tmp_path, change, why)
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(8, 400), st.sampled_from(["lru", "fifo"]), st.integers(1, 4), st.booleans(),
-       st.sampled_from(["oracle", "topk", "multilook"]))
+       st.sampled_from(["oracle", "topk", "multilook", "intelligent"]))
 def test_flat_path_equals_simpy_on_a_real_model(cap, policy, size, dense, predictor):
     """A preset model on a shipped hardware profile: roofline kernel times that vary with the
     tokens per expert, an LM head, a dense first layer or not."""

@@ -273,3 +273,26 @@ def test_intelligent_compiled_learning_matches_numpy_add_at():
         rl.reshape(-1)[fidx] = clock
         for got, want in zip((trans, rowsum, P, freq, last), ref):
             np.testing.assert_array_equal(got, want)
+
+
+def test_intelligent_compiled_fusion_cuts_where_numpy_did_at_tiny_weights():
+    """Weights as small as the tie-breaks (the f1 update can drive one towards 0): a positive
+    fused score can then sort after, or tie with, an expert of score 0, and numpy's ranking stops
+    at the first score 0 (ties: the lower id first)."""
+    from moesim.predictors.intelligent_jit import fuse
+
+    rng = np.random.default_rng(2)
+    E = MODEL.num_experts
+    third = 1e-12 / 3
+    q, ok = np.zeros((0, E), dtype=np.float32), np.zeros(0, dtype=bool)
+    cut = 0
+    for _case in range(300):
+        tie = third * rng.integers(0, 3, E)
+        w = np.array([0.0, third * rng.integers(1, 3), third * rng.integers(0, 3), 0.0])
+        base = np.zeros((4, E))
+        base[1:3] = rng.random((2, E)) < 0.3
+        want = _fuse_numpy(q, base.copy(), tie, w, 0.05, 0.1, [E - 5, E - 3], None, 8)
+        got = fuse(q, base.copy(), tie, w, np.float32(0.05), np.float32(0.1), E - 5, E - 3, ok, 8)
+        assert (got[0].tolist(), got[1].tolist()) == want
+        cut += len(want[0]) < min(8, int((w @ base > 0).sum()))
+    assert cut > 10  # (cases where the first score 0 cut positive ones off)

@@ -93,7 +93,20 @@ class FlatPrefetch(FlatLink):
         out = [0]  # every hook's blocks (FlatLink._pack), layer by layer: pre-attention's, then the gate's
         at = []  # where each layer's pre-attention and gate blocks start (and the end)
         spent = rec.predictor_s  # (the hooks' seconds, added one call at a time as LoadChain does)
-        for layer in range(L):
+        answers = None  # every gate hook's answer at once (Predictor.on_gates), or None: one by one
+        if on_gate and not on_pre:
+            view.gated = view.pre_attn_layer = L - 1
+            answers = pred.on_gates(view)
+        if answers is not None:
+            for layer, reqs in enumerate(answers):
+                n = len(out)
+                at += (n, n)
+                spent += lat
+                if reqs:
+                    self.gated = (step, layer)
+                    pack(reqs, out)
+            self.gated = (step, L - 1)
+        for layer in range(L if answers is None else 0):
             at.append(len(out))
             view.pre_attn_layer = layer
             if on_pre:

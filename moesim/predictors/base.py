@@ -147,5 +147,13 @@ class Predictor:
     def on_gate(self, view: StepView, layer: int) -> list[Prefetch]:
         return []
 
+    def on_gates(self, view: StepView) -> list | None:
+        """Optional: the answers of every `on_gate` of the step at once, in layer order, with the
+        predictor's state after them as if each had been called in turn; or None (the default:
+        the engine calls on_gate layer by layer). The view shows the whole step's routing, so the
+        answer for layer l must read only layers <= l. The flat engine path asks it for predictors
+        without a pre-attention hook (tests/test_on_gates.py holds it to the per-gate answers)."""
+        return None
+
     def on_step_end(self, view: StepView) -> None:
         """Called after the last layer: learn from the step's now fully known routing."""

@@ -90,13 +90,15 @@ class Intelligent(HistoryPredictor):
         self._pending: dict[tuple[int, int], np.ndarray] = {}  # (step, layer) -> component masks [4, E]
         from . import intelligent_jit as jit  # (numba: loaded by the runs that use this predictor only)
         self._fuse, self._adapt, self._first_hop = jit.fuse, jit.adapt, jit.first_hop
-        self._refresh_jit, self._learn_jit = jit.refresh, jit.learn
+        self._refresh_jit, self._learn_jit, self._gates, self._start = jit.refresh, jit.learn, jit.gates, jit.start
         # the thresholds in q's precision, and per token at most transition_k / pattern_k experts:
         # the k-th largest q of each token's row
         self._fuse_args = (np.float32(params.transition_threshold), np.float32(params.pattern_threshold),
                            E - min(params.transition_k, E), E - min(params.pattern_k, E))
         self._no_q = np.zeros((0, E), dtype=np.float32)  # (no token to carry)
         self._no_token = np.zeros(0, dtype=np.bool_)
+        self._no_masks = np.zeros((4, E), dtype=np.float64)
+        self._next = [self._targets[l][0] for l in range(L)]  # (each gate's first target)
         self._refresh()
 
     @property
@@ -172,11 +174,55 @@ class Intelligent(HistoryPredictor):
 
     # -- hooks --
 
+    def on_step_start(self, view) -> list[Prefetch]:
+        self._begin(view)
+        if self._h != 1:
+            return self._predict(view, -1)
+        p, step = self.params, view.step  # (one layer ahead: compiled, intelligent_jit.start)
+        keep, fused, self._pending[(step, 0)] = self._start(
+            self.P, self._prev, self._pvalid, self.L >= p.pattern_min_history, self._masks0, self._tie, self.weights,
+            *self._fuse_args, p.max_per_layer)
+        out = Ranked()
+        out.add(step, 0, keep.tolist(), fused.tolist())
+        return out
+
     def on_gate(self, view, layer: int) -> list[Prefetch]:
         self._begin(view)
         te = np.asarray(view.token_experts(layer))
         self._evaluate(view, layer, te)
         return self._predict(view, layer, te)
+
+    def on_gates(self, view) -> list | None:
+        """Every gate hook of the step at once (Predictor.on_gates), compiled
+        (intelligent_jit.gates), with one layer of look-ahead; else None (the engine asks on_gate
+        layer by layer). Also None where the gates' forgetting rule (_evaluate) would act: more
+        than 8 other predictions pending, or one for a later layer of this step."""
+        pending, step = self._pending, view.step
+        others = len(pending) - ((step, 0) in pending)
+        if self._h != 1 or others > 8 or (others and any(k[0] == step and k[1] for k in pending)):
+            return None
+        self._begin(view)
+        p = self.params
+        routing = self._step_routing(view)
+        T = routing.shape[0]
+        idx = sample_rows(T, p.max_tokens)
+        rows = routing if idx is None else routing[idx]
+        n = rows.shape[0]  # (_context: the previous token's layers count where known, in decode)
+        pvalid = self._pvalid if view.phase != "prefill" and self._pvalid.shape[0] == n else np.zeros(n, np.bool_)
+        masks = pending.pop((step, 0), None)
+        keep, fused, ends, self.weights, last = self._gates(
+            self.P, routing, rows, pvalid, p.pattern_min_history, self._masks0, self._tie, self.weights, self._w0, p.weight_learning_rate,
+            p.weight_update == "f1", self._no_masks if masks is None else masks, masks is not None,
+            *self._fuse_args, p.max_per_layer)
+        pending[(step + 1, 0)] = last
+        keep, fused, out, a = keep.tolist(), fused.tolist(), [], 0
+        for (_d, off, lay), b in zip(self._next, ends.tolist()):
+            r = Ranked()
+            if b > a:
+                r.blocks.append((step + off, lay, keep[a:b], fused[a:b]))
+                a = b
+            out.append(r)
+        return out
 
     def _learn(self, view, routing: np.ndarray, rows, prev, pvalid, owners) -> None:
         p = self.params

@@ -4,7 +4,7 @@ compiled: as numpy they were dozens of small calls, costing more than their arit
 Each value is the one the numpy code gave, bit for bit (tests/test_predictor_fast_paths.py): the
 token scores in float32 (numpy keeps a Python float operand in the array's precision), the fused
 scores summed as `w @ masks` sums them (weight by weight, from the first), each ranking as numpy's
-stable argsort (ties: the lower id), here by picking the best left k times instead of sorting.
+stable argsort (ties: the lower id), here by keeping the best few in order instead of sorting.
 Imported by Intelligent itself, so that runs without it never load numba.
 """
 from __future__ import annotations
@@ -25,25 +25,37 @@ def fuse(q, masks, tie, w, thr_t, thr_p, kth_t, kth_p, pattern_ok, cap):
     pattern only over the tokens with `pattern_ok`); tie [E] float64: the frequency tie-break,
     to which the tokens' summed q (scaled) is added. Returns (the experts to prefetch, best fused
     score first (ties: lower id), at most `cap`, each with a positive fused score; their scores)."""
+    E = q.shape[1]
+    out, fused = np.empty(min(cap, E), dtype=np.int64), np.empty(E, dtype=np.float64)
+    n = _fuse_into(q, masks, tie, w, thr_t, thr_p, kth_t, kth_p, pattern_ok, out, fused, np.empty(E),
+                   np.empty(E, dtype=np.float32), np.empty(E, dtype=np.float32))
+    keep = out[:n]
+    return keep, fused[keep]
+
+
+@njit(cache=True, nogil=True)
+def _fuse_into(q, masks, tie, w, thr_t, thr_p, kth_t, kth_p, pattern_ok, out, fused, key, s, top):
+    """fuse, into `out` (its experts, [min(cap, E)]: returns how many) and `fused` [E] (every
+    expert's fused score), with scratch space `key` [E] float64, `s` and `top` [E] float32."""
     T, E = q.shape
-    key = tie.copy()  # (the tie-breaks, then the sort key -(fused + tie))
+    key[:] = tie  # (the tie-breaks, then the sort key -(fused + tie))
     if T:
-        s = np.empty(E, dtype=np.float32)
-        row = np.empty(E, dtype=np.float32)
-        picks = E - min(kth_t, kth_p)
+        kt, kp = E - kth_t, E - kth_p  # (the kt-th largest value is sorted q's [kth_t])
+        size = max(kt, kp)  # top[:size]: the token's largest values, descending
         for t in range(T):
-            row[:] = q[t]
-            vt = vp = row[0]
-            for i in range(picks):  # the largest values one by one: the i-th is sorted q's [E - 1 - i]
-                best = 0
-                for e in range(1, E):
-                    if row[e] > row[best]:
-                        best = e
-                if i == E - 1 - kth_t:
-                    vt = row[best]
-                if i == E - 1 - kth_p:
-                    vp = row[best]
-                row[best] = -np.inf
+            n = 0
+            for e in range(E):
+                x = q[t, e]
+                if n < size:
+                    n += 1
+                elif not x > top[n - 1]:
+                    continue
+                j = n - 1
+                while j > 0 and top[j - 1] < x:
+                    top[j] = top[j - 1]
+                    j -= 1
+                top[j] = x
+            vt, vp = top[kt - 1], top[kp - 1]
             for e in range(E):
                 x = q[t, e]
                 if x > thr_t and x >= vt:
@@ -54,27 +66,32 @@ def fuse(q, masks, tie, w, thr_t, thr_p, kth_t, kth_p, pattern_ok, cap):
         for e in range(E):
             x = s[e] if s[e] < _ONE else _ONE
             key[e] += _TIE * x
-    fused = np.empty(E, dtype=np.float64)
+    zk, zi = np.inf, E  # the first expert with no positive score in key order (ties: the lower id)
     for e in range(E):
         f = 0.0
         for c in range(4):  # (w @ masks: each weight added in turn)
             f += w[c] * masks[c, e]
         fused[e] = f
         key[e] = -(f + key[e])
-    # numpy's stable argsort of the key, cut at `cap` and at the first score <= 0: the best left,
-    # picked one by one (ties: the lower id)
-    out = np.empty(min(cap, E), dtype=np.int64)
+        if not f > 0 and key[e] < zk:
+            zk, zi = key[e], e
+    # numpy's stable argsort of the key, cut at `cap` and where the first score <= 0 stands: the
+    # experts before that one, the `cap` with the lowest keys (ties: the lower id), in key order
     n = 0
-    while n < out.size:
-        best = 0
-        for e in range(1, E):
-            if key[e] < key[best]:
-                best = e
-        if not fused[best] > 0 or key[best] == np.inf:
-            break
-        key[best] = np.inf
-        out[n] = best
-        n += 1
+    for e in range(E):
+        k = key[e]
+        if not fused[e] > 0 or k > zk or (k == zk and e > zi):
+            continue
+        if n == out.size:
+            if not k < key[out[n - 1]]:
+                continue
+        else:
+            n += 1
+        j = n - 1
+        while j > 0 and key[out[j - 1]] > k:
+            out[j] = out[j - 1]
+            j -= 1
+        out[j] = e
     for i in range(1, n):  # best fused score first, ties: the lower id (insertion sort: n is small)
         a = out[i]
         j = i - 1
@@ -82,8 +99,7 @@ def fuse(q, masks, tie, w, thr_t, thr_p, kth_t, kth_p, pattern_ok, cap):
             out[j + 1] = out[j]
             j -= 1
         out[j + 1] = a
-    keep = out[:n]
-    return keep, fused[keep]
+    return n
 
 
 @njit(cache=True, nogil=True)
@@ -92,31 +108,43 @@ def adapt(masks, te, w, w0, lr, f1):
     layer (`masks` [4, E], 0/1) against the experts it routed, `te` [T, k]. f1: w += lr (F1 - 0.5),
     at least 0, renormalised (`w0` if all are 0); else an EMA towards 1 / (1 - F1 + 0.1),
     normalised. (The same float operations, in the same order, as the Python code it replaced.)"""
+    out = np.empty(w.size)
+    _adapt_into(masks, te, w, w0, lr, f1, out, np.empty(masks.shape[1], dtype=np.bool_), np.empty((3, w.size)))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _adapt_into(masks, te, w, w0, lr, f1, out, routed, tmp):
+    """adapt, into `out` (may be `w` itself), with scratch space `routed` [E] and `tmp` [3, C]."""
     E, C = masks.shape[1], masks.shape[0]
-    routed = np.zeros(E, dtype=np.bool_)
+    routed[:] = False
     for t in range(te.shape[0]):
         for j in range(te.shape[1]):
             routed[te[t, j]] = True
     n_act = 0.0
     for e in range(E):
         n_act += routed[e]
-    tp, made = np.zeros(C), np.zeros(C)  # (counts of 0/1 masks: exact in any order)
+    tp, made, target = tmp[0], tmp[1], tmp[2]  # (counts of 0/1 masks: exact in any order)
+    tp[:] = 0.0
+    made[:] = 0.0
     for c in range(C):
         for e in range(E):
             made[c] += masks[c, e]
             if routed[e]:
                 tp[c] += masks[c, e]
-    out = w.copy()
     if f1:
         for c in range(C):
+            x = w[c]
             if made[c] > 0:
-                x = out[c] + lr * (2.0 * tp[c] / (made[c] + n_act) - 0.5)  # F1 = 2TP/(|P|+|A|)
-                out[c] = x if x > 0.0 else 0.0
+                x = x + lr * (2.0 * tp[c] / (made[c] + n_act) - 0.5)  # F1 = 2TP/(|P|+|A|)
+                x = x if x > 0.0 else 0.0
+            out[c] = x
         tot = 0.0
         for c in range(C):
             tot += out[c]
-        return out / tot if tot > 0 else w0.copy()
-    target = np.empty(C)
+        for c in range(C):
+            out[c] = out[c] / tot if tot > 0 else w0[c]
+        return
     for c in range(C):
         target[c] = 1.0 / ((1.0 - 2.0 * tp[c] / (made[c] + n_act) if made[c] > 0 else 1.0) + 0.1)
     tt = 0.0
@@ -124,39 +152,119 @@ def adapt(masks, te, w, w0, lr, f1):
         tt += target[c]
     for c in range(C):
         out[c] = (1 - lr) * w[c] + lr * target[c] / tt
-    return out
 
 
 @njit(cache=True, nogil=True)
 def first_hop(P, src, te):
     """[T, E] float32: per token of `te` [T, k] at layer `src`, each expert's best transition
     probability from the token's experts (P[src][te].max(axis=1), in one pass)."""
+    q = np.empty((te.shape[0], P.shape[2]), dtype=np.float32)
+    _first_hop_into(P, src, te, q)
+    return q
+
+
+@njit(cache=True, nogil=True)
+def _first_hop_into(P, src, te, q):
+    """first_hop, into `q` [T, E]."""
     T, k = te.shape
     E = P.shape[2]
-    q = np.empty((T, E), dtype=np.float32)
     for t in range(T):
-        q[t] = P[src, te[t, 0]]
+        row = P[src, te[t, 0]]
+        for e in range(E):
+            q[t, e] = row[e]
         for j in range(1, k):
             row = P[src, te[t, j]]
             for e in range(E):
                 if row[e] > q[t, e]:
                     q[t, e] = row[e]
-    return q
 
 
 @njit(cache=True, nogil=True)
-def _mark_top(v, k, used, out):
+def start(P, prev, pvalid, pattern, masks0, tie, w, thr_t, thr_p, kth_t, kth_p, cap):
+    """Intelligent._predict at a step's start, one layer ahead: layer 0's fused prediction from the
+    last layer of each row's previous token (`prev` [n, L, k], the rows where `pvalid`), all of
+    them in the pattern component if `pattern`. Returns (experts, scores, the component masks:
+    the prediction pending for layer 0's gate)."""
+    n, L, k = prev.shape
+    m = 0
+    for i in range(n):
+        m += pvalid[i]
+    te = np.empty((m, k), dtype=np.int64)
+    j = 0
+    for i in range(n):
+        if pvalid[i]:
+            te[j] = prev[i, L - 1]
+            j += 1
+    masks = masks0[0].copy()
+    ok = np.full(m, pattern, dtype=np.bool_)
+    keep, fused = fuse(first_hop(P, L - 1, te), masks, tie[0], w, thr_t, thr_p, kth_t, kth_p, ok, cap)
+    return keep, fused, masks
+
+
+@njit(cache=True, nogil=True)
+def gates(P, routing, rows, pvalid, need, masks0, tie, w, w0, lr, f1, pending, has_pending, thr_t, thr_p, kth_t,
+          kth_p, cap):
+    """Intelligent.on_gate at each layer of a step in turn, with one layer of look-ahead: score the
+    prediction made one layer earlier (`pending` [4, E] for layer 0, if `has_pending`) against the
+    layer's routing (`routing` [T, L, k]) and adapt the weights `w`; then predict the next layer
+    from the layer's rows `rows` [T', L, k] (the sampled tokens; those with `need` layers of history
+    are the pattern component's, counting the previous token's layers where `pvalid` [T']). Returns (the experts of every layer's prediction in turn,
+    their fused scores, where each layer's end [L], the weights after the last layer, and the last
+    layer's component masks: the pending prediction for the next step's layer 0)."""
+    T, L, k = routing.shape
+    E = P.shape[2]
+    C = min(cap, E)
+    keep_all = np.empty(L * C, dtype=np.int64)
+    fused_all = np.empty(L * C, dtype=np.float64)
+    ends = np.empty(L, dtype=np.int64)
+    w = w.copy()
+    routed, tmp = np.empty(E, dtype=np.bool_), np.empty((3, w.size))
+    fused, key = np.empty(E), np.empty(E)
+    s, top = np.empty(E, dtype=np.float32), np.empty(E, dtype=np.float32)
+    q = np.empty((rows.shape[0], E), dtype=np.float32)
+    ok = np.empty(rows.shape[0], dtype=np.bool_)
+    masks = np.empty((2, 4, E))  # (this layer's prediction, and the one before it)
+    masks[1] = pending
+    have, n = has_pending, 0
+    for l in range(L):
+        cur, prev = masks[l % 2], masks[1 - l % 2]
+        if have:
+            _adapt_into(prev, routing[:, l, :], w, w0, lr, f1, w, routed, tmp)
+        lay = (l + 1) % L
+        cur[:] = masks0[lay]
+        _first_hop_into(P, l, rows[:, l, :], q)
+        for t in range(ok.size):
+            ok[t] = l + 1 >= need or (pvalid[t] and l + 1 + L >= need)
+        out = keep_all[n:n + C]
+        m = _fuse_into(q, cur, tie[lay], w, thr_t, thr_p, kth_t, kth_p, ok, out, fused, key, s, top)
+        for i in range(m):
+            fused_all[n + i] = fused[out[i]]
+        n += m
+        ends[l] = n
+        have = True
+    return keep_all[:n], fused_all[:n], ends, w, masks[(L - 1) % 2].copy()
+
+
+@njit(cache=True, nogil=True)
+def _mark_top(v, k, used, out, top):
     """out[e] = 1 for the `k` largest of v (ties: the lower id; numpy's stable argsort of -v, cut
-    at k) among them those `used` (> 0): k picks of the best left, fewer steps than a sort."""
-    taken = np.zeros(v.size, dtype=np.bool_)
-    for _ in range(k):
-        best = -1
-        for e in range(v.size):
-            if not taken[e] and (best < 0 or v[e] > v[best]):
-                best = e
-        taken[best] = True
-        if used[best] > 0:
-            out[best] = 1.0
+    at k) among them those `used` (> 0): the best k kept in order in one pass, in `top` [>= k]."""
+    n = 0
+    for e in range(v.size):
+        x = v[e]
+        if n == k:
+            if not x > v[top[n - 1]]:
+                continue
+        else:
+            n += 1
+        j = n - 1
+        while j > 0 and v[top[j - 1]] < x:  # (after the equal ones: they have lower ids)
+            top[j] = top[j - 1]
+            j -= 1
+        top[j] = e
+    for i in range(n):
+        if used[top[i]] > 0:
+            out[top[i]] = 1.0
 
 
 @njit(cache=True, nogil=True)
@@ -168,11 +276,16 @@ def refresh(freq, last_used, tot, freq_k, recency_k):
     L, E = freq.shape
     tie = np.empty((L, E))
     masks = np.zeros((L, 4, E))
+    top = np.empty(max(freq_k, recency_k), dtype=np.int64)
+    rec = np.empty(E)
     for l in range(L):
-        share = freq[l] / (tot[l] if tot[l] > 0 else 1.0)
-        tie[l] = 1e-12 * share
-        _mark_top(freq[l], freq_k, freq[l], masks[l, 1])
-        _mark_top(last_used[l] + 0.5 * share, recency_k, last_used[l], masks[l, 2])
+        d = tot[l] if tot[l] > 0 else 1.0
+        for e in range(E):
+            share = freq[l, e] / d
+            tie[l, e] = 1e-12 * share
+            rec[e] = last_used[l, e] + 0.5 * share
+        _mark_top(freq[l], freq_k, freq[l], masks[l, 1], top)
+        _mark_top(rec, recency_k, last_used[l], masks[l, 2], top)
     return tie, masks
 
 

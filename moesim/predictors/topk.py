@@ -67,7 +67,7 @@ def row_owners(view, tokens: int) -> np.ndarray:
     From `view.token_request_ids` when the view has it (the engine's does). Otherwise: decode row i
     is request i; prefill rows are split into equal contiguous chunks, request after request."""
     n = len(view.request_ids)
-    if n == 0:
+    if n <= 1:  # (every row is the one request's)
         return np.zeros(tokens, dtype=np.int64)
     owners = getattr(view, "token_request_ids", None)
     if owners is not None and len(owners) == tokens:  # the engine says exactly whose row it is
@@ -159,6 +159,7 @@ class HistoryPredictor(LayerAheadPredictor):
     def __init__(self, params, model, rng):
         super().__init__(params, model, rng)
         self.memory = RequestMemory(params.max_requests)
+        self._routing = None  # (view, step, its routing): _step_routing's last answer
 
     def _new_step(self, view) -> None:
         self._prev, self._pvalid = self._prev_routing(view)
@@ -197,8 +198,18 @@ class HistoryPredictor(LayerAheadPredictor):
         raise NotImplementedError
 
     def _step_routing(self, view) -> np.ndarray:
-        """The step's whole routing [T, L, k] (call once every layer has been gated)."""
-        return np.stack([np.asarray(view.token_experts(l)) for l in range(self.L)], axis=1).astype(np.int64)
+        """The step's whole routing [T, L, k] (call once every layer has been gated; read once per
+        step: on_gates and on_step_end share it)."""
+        got = self._routing
+        if got is not None and got[0] is view and got[1] == view.step:
+            return got[2]
+        first = np.asarray(view.token_experts(0))
+        routing = np.empty((first.shape[0], self.L, first.shape[1]), dtype=np.int64)
+        routing[:, 0] = first
+        for l in range(1, self.L):
+            routing[:, l] = view.token_experts(l)
+        self._routing = (view, view.step, routing)
+        return routing
 
     def _learn_rows(self, view, routing: np.ndarray):
         """Rows to learn from (sampled when there are many) with each row's previous token.

@@ -1,0 +1,85 @@
+"""A predictor's step-level hooks give exactly what its per-gate hooks give: intelligent's compiled
+`on_step_start` and `on_gates` against `_predict` and `on_gate` asked layer by layer, answers and
+state (weights, pending predictions, learnt transitions) compared after every step."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.predictors import registry
+from moesim.predictors.topk import HistoryPredictor
+
+from .test_predictors_heuristic import MODEL, STICKY, STREAM, FakeView, make_stream
+
+NOISY = make_stream(n_requests=12, batch=3, prompt=5, decode=8, noise=0.4, seed=3)
+
+
+def _answers(reqs) -> list:
+    return [tuple(p) for p in reqs]
+
+
+def _run_both(params: dict, steps: list) -> tuple[int, int]:
+    """Drive a per-gate and a step-level predictor over `steps`; returns (steps the step-level
+    hook answered, gates answered non-empty)."""
+    L = MODEL.num_layers
+    ref = registry.create("intelligent", params, MODEL, np.random.default_rng(0))
+    new = registry.create("intelligent", params, MODEL, np.random.default_rng(0))
+    answered = nonempty = 0
+    for i in range(len(steps)):
+        view, nview = FakeView(steps, i, False), FakeView(steps, i, False)
+        want = _answers(HistoryPredictor.on_step_start(ref, view))  # (the per-target _predict path)
+        assert _answers(new.on_step_start(nview)) == want
+        gates = []
+        for layer in range(L):
+            view.gated = layer
+            gates.append(_answers(ref.on_gate(view, layer)))
+        nview.gated = L - 1
+        got = new.on_gates(nview)
+        if got is not None:
+            answered += 1
+            assert [_answers(g) for g in got] == gates
+            nonempty += sum(bool(g) for g in gates)
+        else:  # (the engine then asks layer by layer)
+            for layer in range(L):
+                assert _answers(new.on_gate(nview, layer)) == gates[layer]
+        np.testing.assert_array_equal(new.weights, ref.weights)
+        assert new._pending.keys() == ref._pending.keys()
+        for k, v in ref._pending.items():
+            np.testing.assert_array_equal(new._pending[k], v)
+        ref.on_step_end(view)
+        new.on_step_end(nview)
+    for name in ("trans", "P", "freq", "last_used", "_tie", "_masks0"):
+        np.testing.assert_array_equal(getattr(new, name), getattr(ref, name))
+    return answered, nonempty
+
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"pattern_min_history": 1},
+    {"pattern_min_history": 9},       # layers short of history in decode: the previous token counts
+    {"pattern_min_history": 40},      # more than two steps' layers: no token ever qualifies
+    {"max_tokens": 2},                # prefill steps read through a sample of their rows
+    {"weight_update": "inverse_error", "weight_learning_rate": 0.3},
+    {"transition_threshold": 0.0, "transition_k": 2, "pattern_k": 1, "max_per_layer": 3},
+    {"frequency_weight": 0.0, "recency_weight": 0.0, "pattern_weight": 0.0, "weight_learning_rate": 1.0},
+])
+@pytest.mark.parametrize("stream", ["chains", "sticky", "noisy"])
+def test_intelligent_step_hooks_match_its_gate_hooks(params, stream):
+    steps = {"chains": STREAM, "sticky": STICKY, "noisy": NOISY}[stream]
+    answered, nonempty = _run_both(params, steps)
+    assert answered == len(steps)  # (one layer ahead, consecutive steps: every step in one call)
+    assert nonempty > len(steps)   # (the answers compared are not all empty)
+
+
+def test_intelligent_step_hooks_defer_to_the_gates_past_one_layer():
+    """Look-ahead past one layer: on_gates answers None and the per-gate hooks run."""
+    answered, _ = _run_both({"lookahead_layers": 2}, STREAM[:6])
+    assert answered == 0
+
+
+def test_intelligent_step_hooks_keep_the_gates_forgetting_rule():
+    """Predictions pending for targets never reached (gaps in the step index): up to 8 they stay,
+    in both; past 8, the gate hooks forget them at the next gate, so on_gates defers to them."""
+    gaps = [dict(s, index=3 * i) for i, s in enumerate(STREAM[:14])]
+    answered, _ = _run_both({}, gaps)
+    assert answered == 13  # (step i has i stale: step 9 has 9 and defers; its gates forget them all)
