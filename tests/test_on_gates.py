@@ -83,3 +83,27 @@ def test_intelligent_step_hooks_keep_the_gates_forgetting_rule():
     gaps = [dict(s, index=3 * i) for i, s in enumerate(STREAM[:14])]
     answered, _ = _run_both({}, gaps)
     assert answered == 13  # (step i has i stale: step 9 has 9 and defers; its gates forget them all)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("oracle", {}), ("oracle", {"lookahead_layers": 3}), ("oracle", {"lookahead_layers": 40}),
+    ("noisy_oracle", {"recall": 1.0, "false_positive_rate": 0.0, "lookahead_layers": 2}),
+])
+def test_the_oracles_step_hook_matches_its_gate_hooks(name, params):
+    """Every gate's look-ahead read at once, across step boundaries and past the trace's end."""
+    L = MODEL.num_layers
+    pred = registry.create(name, params, MODEL, np.random.default_rng(0))
+    for i in range(len(STREAM)):
+        view = FakeView(STREAM, i, True)
+        gates = []
+        for layer in range(L):
+            view.gated = layer
+            gates.append(_answers(pred.on_gate(view, layer)))
+        got = pred.on_gates(view)
+        assert [_answers(g) for g in got] == gates
+    assert any(gates) and not gates[-1]  # (the last step's last gate looks past the trace)
+
+
+def test_a_noisy_oracle_draws_gate_by_gate():
+    pred = registry.create("noisy_oracle", {"recall": 0.5}, MODEL, np.random.default_rng(0))
+    assert pred.on_gates(FakeView(STREAM, 0, True)) is None

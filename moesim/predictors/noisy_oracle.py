@@ -52,6 +52,10 @@ class NoisyOracle(Oracle):
         self._drawn[key] = got
         return got
 
+    def on_gates(self, view) -> list[Ranked] | None:
+        """The oracle's, when nothing is drawn; else None (the draws go gate by gate)."""
+        return super().on_gates(view) if self._exact else None
+
     def _ahead(self, view, layer: int) -> list[Prefetch]:
         if self._exact:
             return super()._ahead(view, layer)

@@ -43,3 +43,18 @@ class Oracle(Predictor):
 
     def on_gate(self, view, layer: int) -> list[Prefetch]:
         return self._ahead(view, layer)
+
+    def on_gates(self, view) -> list[Ranked]:
+        """Every gate's answer from one read of the trace ahead (gate l's: the `lookahead_layers`
+        layers after l), each target's experts sorted once."""
+        h, L = self.params.lookahead_layers, self.model.num_layers
+        blocks = []
+        for step, lay, experts in view.future(L - 1 + h, after_layer=0):
+            es = sorted(experts.tolist())
+            blocks.append((step, lay, es, [1.0] * len(es)))  # (shared by the gates' answers, read-only)
+        out = []
+        for layer in range(L):
+            r = Ranked()
+            r.blocks = [b for b in blocks[layer:layer + h] if b[2]]
+            out.append(r)
+        return out
