@@ -107,3 +107,29 @@ def test_the_oracles_step_hook_matches_its_gate_hooks(name, params):
 def test_a_noisy_oracle_draws_gate_by_gate():
     pred = registry.create("noisy_oracle", {"recall": 0.5}, MODEL, np.random.default_rng(0))
     assert pred.on_gates(FakeView(STREAM, 0, True)) is None
+
+
+def test_the_flat_path_packs_gate_blocks_as_it_packs_each_gates_answer():
+    """FlatLink._pack_gates (the arrays at once) against FlatLink._pack of each gate's Ranked:
+    the same blocks, gate starts and recorded predictions, targets at or before the gate dropped,
+    a target predicted twice recorded once with the union of its keys."""
+    from types import SimpleNamespace
+
+    from moesim.engine.flat_link import FlatLink
+    from moesim.predictors.base import GateBlocks
+
+    L, E, step = 4, 8, 5
+    g = GateBlocks([5, 5, 6, 5], [1, 1, 0, 3], np.array([3, 1, 2, 6, 7, 0, 5, 6]),
+                   np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]), [2, 3, 6, 8])
+    new = SimpleNamespace(L=L, E=E, predicted={(6, 0): {1}})
+    out, at = [0], []
+    FlatLink._pack_gates(new, g, step, out, at)
+    ref = SimpleNamespace(L=L, E=E, predicted={(6, 0): {1}})
+    want, want_at = [0], []
+    for layer in range(L):
+        want_at += [len(want)] * 2
+        ref.gated = (step, layer)
+        FlatLink._pack(ref, g[layer], want)
+    assert (out, at, new.predicted) == (want, want_at, ref.predicted)
+    assert new.predicted == {(5, 1): {E + 3, E + 1}, (6, 0): {1, 6, 7, 0}}  # (gates 1 and 3: their own layer)
+    assert out == [0, 5 * L + 1, 2, E + 3, E + 1, 6 * L, 3, 6, 7, 0]

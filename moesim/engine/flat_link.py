@@ -17,7 +17,7 @@ import numpy as np
 from ..cache.policies import LRU
 from . import flat_jit as J
 from .fast_prefetch import _Env
-from .loads import predicted_blocks
+from .loads import predicted_blocks, record_predicted
 from .sim import Simulation, _Memo
 
 
@@ -138,6 +138,24 @@ class FlatLink:
             out.append(step * L + layer)
             out.append(len(keys))
             out.extend(keys)
+
+    def _pack_gates(self, g, step: int, out: list[int], at: list[int]) -> None:
+        """_pack of every gate's answer of step `step` from a GateBlocks (its arrays; one target
+        per gate), each gate's start appended to `at` twice (no pre-attention blocks)."""
+        L, E, predicted = self.L, self.E, self.predicted
+        ends = g.ends
+        keys = (g.experts + np.repeat(np.array(g.layers, dtype=np.int64) * E,
+                                      np.diff(ends, prepend=0))).tolist()
+        a = 0
+        for layer, (s, lay, b) in enumerate(zip(g.steps, g.layers, ends)):
+            n = len(out)
+            at += (n, n)
+            if b > a and (s, lay) > (step, layer):  # (targets after the gated one only)
+                ks = keys[a:b]
+                record_predicted(predicted, (s, lay), ks)
+                out += (s * L + lay, b - a)
+                out += ks
+            a = b
 
     def _blocks(self, out: list[int]) -> np.ndarray:
         """`out` as the int64 array the compiled moves read, with room for its protections."""

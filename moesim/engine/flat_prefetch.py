@@ -20,6 +20,7 @@ from . import flat_jit as J
 from .fast import flat_unsupported as unsupported
 from .fast_prefetch import dense_blocks, drive, step_end
 from .flat_link import FlatLink
+from ..predictors.base import GateBlocks
 from .plan import StepPlan, flat_keys
 from .sim import Simulation, _View
 
@@ -97,7 +98,12 @@ class FlatPrefetch(FlatLink):
         if on_gate and not on_pre:
             view.gated = view.pre_attn_layer = L - 1
             answers = pred.on_gates(view)
-        if answers is not None:
+        if type(answers) is GateBlocks:
+            self._pack_gates(answers, step, out, at)
+            for _ in range(L):
+                spent += lat
+            self.gated = (step, L - 1)
+        elif answers is not None:
             for layer, reqs in enumerate(answers):
                 n = len(out)
                 at += (n, n)

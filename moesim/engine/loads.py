@@ -83,12 +83,17 @@ def predicted_blocks(reqs, E: int, cur: tuple[int, int], predicted: dict):
             continue
         base = layer * E
         keys = [base + e for e in experts]
-        pset = predicted.get(target)
-        if pset is None:
-            predicted[target] = set(keys)
-        else:
-            pset.update(keys)
+        record_predicted(predicted, target, keys)
         yield target, keys
+
+
+def record_predicted(predicted: dict, target: tuple[int, int], keys: list[int]) -> None:
+    """Add `keys` to the keys predicted for `target` (scored at its gate)."""
+    pset = predicted.get(target)
+    if pset is None:
+        predicted[target] = set(keys)
+    else:
+        pset.update(keys)
 
 
 class LoadChain(PinLedger):

@@ -63,6 +63,31 @@ class Ranked:
         return f"Ranked({list(self)!r})"
 
 
+class GateBlocks:
+    """`on_gates`' answer as arrays, one target per gate: gate l predicts
+    experts[ends[l - 1]:ends[l]] (best first; ends[-1] = 0) with their scores for (steps[l],
+    layers[l]). It reads as the list of the gates' Ranked answers; the flat engine path packs the
+    arrays without building them."""
+
+    __slots__ = ("steps", "layers", "experts", "scores", "ends")
+
+    def __init__(self, steps: list[int], layers: list[int], experts: np.ndarray, scores: np.ndarray,
+                 ends: list[int]) -> None:
+        self.steps, self.layers, self.experts, self.scores, self.ends = steps, layers, experts, scores, ends
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, gate: int) -> Ranked:
+        a, b = (self.ends[gate - 1] if gate else 0), self.ends[gate]
+        out = Ranked()
+        out.add(self.steps[gate], self.layers[gate], self.experts[a:b].tolist(), self.scores[a:b].tolist())
+        return out
+
+    def __iter__(self):
+        return (self[g] for g in range(len(self)))
+
+
 def ranked_blocks(reqs) -> list[tuple[int, int, list[int], list[float]]]:
     """Any hook answer as Ranked blocks: a Ranked's own, else its requests sorted by `issue_order`
     and grouped by target."""
@@ -147,7 +172,7 @@ class Predictor:
     def on_gate(self, view: StepView, layer: int) -> list[Prefetch]:
         return []
 
-    def on_gates(self, view: StepView) -> list | None:
+    def on_gates(self, view: StepView) -> list | GateBlocks | None:
         """Optional: the answers of every `on_gate` of the step at once, in layer order, with the
         predictor's state after them as if each had been called in turn; or None (the default:
         the engine calls on_gate layer by layer). The view shows the whole step's routing, so the

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from .base import Prefetch, Ranked
+from .base import GateBlocks, Prefetch, Ranked
 from .registry import register
 from .topk import HistoryParams, HistoryPredictor, sample_rows
 
@@ -98,7 +98,8 @@ class Intelligent(HistoryPredictor):
         self._no_q = np.zeros((0, E), dtype=np.float32)  # (no token to carry)
         self._no_token = np.zeros(0, dtype=np.bool_)
         self._no_masks = np.zeros((4, E), dtype=np.float64)
-        self._next = [self._targets[l][0] for l in range(L)]  # (each gate's first target)
+        # each gate's first target: its step offset and layer
+        self._next_off, self._next_lay = (list(x) for x in zip(*[self._targets[l][0][1:] for l in range(L)]))
         self._refresh()
 
     @property
@@ -211,18 +212,11 @@ class Intelligent(HistoryPredictor):
         pvalid = self._pvalid if view.phase != "prefill" and self._pvalid.shape[0] == n else np.zeros(n, np.bool_)
         masks = pending.pop((step, 0), None)
         keep, fused, ends, self.weights, last = self._gates(
-            self.P, routing, rows, pvalid, p.pattern_min_history, self._masks0, self._tie, self.weights, self._w0, p.weight_learning_rate,
-            p.weight_update == "f1", self._no_masks if masks is None else masks, masks is not None,
-            *self._fuse_args, p.max_per_layer)
+            self.P, routing, rows, pvalid, p.pattern_min_history, self._masks0, self._tie, self.weights, self._w0,
+            p.weight_learning_rate, p.weight_update == "f1", self._no_masks if masks is None else masks,
+            masks is not None, *self._fuse_args, p.max_per_layer)
         pending[(step + 1, 0)] = last
-        keep, fused, out, a = keep.tolist(), fused.tolist(), [], 0
-        for (_d, off, lay), b in zip(self._next, ends.tolist()):
-            r = Ranked()
-            if b > a:
-                r.blocks.append((step + off, lay, keep[a:b], fused[a:b]))
-                a = b
-            out.append(r)
-        return out
+        return GateBlocks([step + off for off in self._next_off], self._next_lay, keep, fused, ends.tolist())
 
     def _learn(self, view, routing: np.ndarray, rows, prev, pvalid, owners) -> None:
         p = self.params
