@@ -90,7 +90,7 @@ class Intelligent(HistoryPredictor):
         self._pending: dict[tuple[int, int], np.ndarray] = {}  # (step, layer) -> component masks [4, E]
         from . import intelligent_jit as jit  # (numba: loaded by the runs that use this predictor only)
         self._fuse, self._adapt, self._first_hop = jit.fuse, jit.adapt, jit.first_hop
-        self._refresh_jit, self._learn_jit, self._gates, self._start = jit.refresh, jit.learn, jit.gates, jit.start
+        self._refresh_jit, self._learn_jit, self._gates, self._start = jit.refresh, jit.learn_refresh, jit.gates, jit.start
         # the thresholds in q's precision, and per token at most transition_k / pattern_k experts:
         # the k-th largest q of each token's row
         self._fuse_args = (np.float32(params.transition_threshold), np.float32(params.pattern_threshold),
@@ -98,6 +98,7 @@ class Intelligent(HistoryPredictor):
         self._no_q = np.zeros((0, E), dtype=np.float32)  # (no token to carry)
         self._no_token = np.zeros(0, dtype=np.bool_)
         self._no_masks = np.zeros((4, E), dtype=np.float64)
+        self._top_k = (min(params.frequency_k, E), min(params.recency_k, E))
         # each gate's first target: its step offset and layer
         self._next_off, self._next_lay = (list(x) for x in zip(*[self._targets[l][0][1:] for l in range(L)]))
         self._refresh()
@@ -166,12 +167,9 @@ class Intelligent(HistoryPredictor):
         self.weights = self._adapt(masks, te, self.weights, self._w0, p.weight_learning_rate, p.weight_update == "f1")
 
     def _refresh(self) -> None:
-        """After learning: per layer the frequency / recency top sets (fixed within a step), and the
-        frequency share that breaks fused-score ties (intelligent_jit.refresh)."""
-        p, E = self.params, self.E
-        tot = self.freq.sum(axis=1)  # (numpy's own summation order)
-        self._tie, self._masks0 = self._refresh_jit(self.freq, self.last_used, tot, min(p.frequency_k, E),
-                                                    min(p.recency_k, E))
+        """The per-layer frequency / recency top sets (fixed within a step), and the frequency
+        share that breaks fused-score ties (intelligent_jit.refresh; after learning: learn_refresh)."""
+        self._tie, self._masks0 = self._refresh_jit(self.freq, self.last_used, *self._top_k)
 
     # -- hooks --
 
@@ -239,8 +237,8 @@ class Intelligent(HistoryPredictor):
         self.clock += T
         # transitions (layer l -> l+1 within the token, last layer -> layer 0 of the next token),
         # frequencies and last uses
-        self._learn_jit(self.trans, self._rowsum, self.P, self.freq, self.last_used, rows, prev, pvalid,
-                        np.float64(p.adaptation_rate * weight * self._inv), np.float64(weight * self._inv),
-                        float(self.clock))
         self._remember(view, routing, owners)
-        self._refresh()
+        self._tie, self._masks0 = self._learn_jit(
+            self.trans, self._rowsum, self.P, self.freq, self.last_used, rows, prev, pvalid,
+            np.float64(p.adaptation_rate * weight * self._inv), np.float64(weight * self._inv), float(self.clock),
+            *self._top_k)

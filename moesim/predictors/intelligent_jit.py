@@ -268,18 +268,89 @@ def _mark_top(v, k, used, out, top):
 
 
 @njit(cache=True, nogil=True)
-def refresh(freq, last_used, tot, freq_k, recency_k):
+def _pairwise_leaf(a, lo, n):
+    """numpy's pairwise_sum of a[lo:lo + n] for n <= 128: a plain sum below 8 values, else eight
+    running sums combined as a tree, then the rest one by one."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@njit(cache=True, nogil=True)
+def _pairwise_sum(a, lo, n):
+    """The sum of a[lo:lo + n] as numpy sums a contiguous row, bit for bit: leaves of at most 128
+    values, halves (rounded down to a multiple of 8) above, added left + right. (Its recursion
+    unrolled on a stack: numba's cache does not hold recursive functions.)"""
+    if n <= 128:
+        return _pairwise_leaf(a, lo, n)
+    los, ns = np.empty(64, dtype=np.int64), np.empty(64, dtype=np.int64)
+    left, waiting = np.empty(64), np.zeros(64, dtype=np.bool_)  # waiting: for the right half
+    d, los[0], ns[0], out = 0, lo, n, 0.0
+    while d >= 0:
+        if ns[d] > 128 and not waiting[d]:  # descend into the left half
+            half = ns[d] // 2
+            half -= half % 8
+            los[d + 1], ns[d + 1], waiting[d + 1] = los[d], half, False
+            d += 1
+            continue
+        v = _pairwise_leaf(a, los[d], ns[d])  # (a leaf: an inner node on top always still needs its left half)
+        d -= 1
+        while d >= 0:  # hand v up: a left half waits for its right one, a right half completes its parent
+            if not waiting[d]:
+                left[d], waiting[d] = v, True
+                half = ns[d] // 2
+                half -= half % 8
+                los[d + 1], ns[d + 1], waiting[d + 1] = los[d] + half, ns[d] - half, False
+                d += 1
+                break
+            v = left[d] + v
+            d -= 1
+        if d < 0:
+            out = v
+    return out
+
+
+@njit(cache=True, nogil=True)
+def learn_refresh(trans, rowsum, P, freq, last_used, rows, prev, pvalid, inc, finc, clock, freq_k, recency_k):
+    """learn, then refresh: a step's learning in one call."""
+    learn(trans, rowsum, P, freq, last_used, rows, prev, pvalid, inc, finc, clock)
+    return refresh(freq, last_used, freq_k, recency_k)
+
+
+@njit(cache=True, nogil=True)
+def refresh(freq, last_used, freq_k, recency_k):
     """Intelligent._refresh after learning, per layer: the frequency tie-breaks (1e-12 x each
-    expert's share of the layer's uses, `tot` [L] the layer's total) and the component masks before
-    the transitions' [L, 4, E]: row 1 the `freq_k` most used experts (used at all), row 2 the
-    `recency_k` most recently used (ties: the larger share; used at all). Ties: the lower id."""
+    expert's share of the layer's uses) and the component masks before the transitions' [L, 4, E]:
+    row 1 the `freq_k` most used experts (used at all), row 2 the `recency_k` most recently used
+    (ties: the larger share; used at all). Ties: the lower id."""
     L, E = freq.shape
     tie = np.empty((L, E))
     masks = np.zeros((L, 4, E))
     top = np.empty(max(freq_k, recency_k), dtype=np.int64)
     rec = np.empty(E)
     for l in range(L):
-        d = tot[l] if tot[l] > 0 else 1.0
+        tot = _pairwise_sum(freq[l], 0, E)  # (the layer's total, as freq.sum(axis=1) gave it)
+        d = tot if tot > 0 else 1.0
         for e in range(E):
             share = freq[l, e] / d
             tie[l, e] = 1e-12 * share

@@ -234,6 +234,9 @@ class HistoryPredictor(LayerAheadPredictor):
 
     def _remember(self, view, routing: np.ndarray, owners: np.ndarray) -> None:
         ids = view.request_ids.tolist()
+        if len(ids) == 1:  # (every row is the one request's: its last is the step's last)
+            self.memory.put(ids[0], routing[-1].copy())
+            return
         last = last_rows(owners, len(ids))
         for i, rid in enumerate(ids):
             if last[i] >= 0:
