@@ -8,7 +8,8 @@ This path makes the same decisions in one compiled call per step, for runs with:
 an LRU or FIFO GPU tier (global or per layer), dedup, predictor hooks that issue at once (latency
 0, or on the GPU), numba installed, and nothing the prefetch path leaves out (`unsupported`, in
 engine/fast.py: it must not import numba). The driver below is FastPrefetch's (with its shared
-steps: drive, dense_blocks, step_end); the predictor's hooks stay Python.
+steps: drive, dense_blocks, step_end); the predictor's hooks stay its own (Python, or its
+compiled step-level `on_gates`).
 tests/test_engine_flat_prefetch.py checks the results equal the SimPy engine's bit for bit on
 random scenarios, times that tie included.
 """
@@ -83,7 +84,9 @@ class FlatPrefetch(FlatLink):
         asked first, and the step's layers run in one call (flat_jit.layers); a hook that reads the
         trace ahead (`future`) with open-loop arrivals (its later steps are formed from the
         requests arrived by now) is asked at its gate's time, between two calls per layer
-        (to_gate, from_gate). The layers' rows go to the Recorder."""
+        (to_gate, from_gate). A predictor without a pre-attention hook may answer every gate at
+        once (Predictor.on_gates; a GateBlocks is packed from its arrays). The layers' rows go to
+        the Recorder."""
         pred = self.sim.predictor
         # (of the view, only `future` reads the time: its later steps are the requests arrived by now)
         if pred.needs_future and getattr(self.sim.sched, "timed", True):
