@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..predictors.base import GateBlocks
 from . import flat_jit as J
 from .fast import flat_unsupported as unsupported
 from .fast_prefetch import dense_blocks, drive, step_end
 from .flat_link import FlatLink
-from ..predictors.base import GateBlocks
 from .plan import StepPlan, flat_keys
 from .sim import Simulation, _View
 

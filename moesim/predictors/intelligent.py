@@ -90,7 +90,8 @@ class Intelligent(HistoryPredictor):
         self._pending: dict[tuple[int, int], np.ndarray] = {}  # (step, layer) -> component masks [4, E]
         from . import intelligent_jit as jit  # (numba: loaded by the runs that use this predictor only)
         self._fuse, self._adapt, self._first_hop = jit.fuse, jit.adapt, jit.first_hop
-        self._refresh_jit, self._learn_jit, self._gates, self._start = jit.refresh, jit.learn_refresh, jit.gates, jit.start
+        self._refresh_jit, self._learn_jit = jit.refresh, jit.learn_refresh
+        self._gates, self._start = jit.gates, jit.start
         # the thresholds in q's precision, and per token at most transition_k / pattern_k experts:
         # the k-th largest q of each token's row
         self._fuse_args = (np.float32(params.transition_threshold), np.float32(params.pattern_threshold),
@@ -191,7 +192,7 @@ class Intelligent(HistoryPredictor):
         self._evaluate(view, layer, te)
         return self._predict(view, layer, te)
 
-    def on_gates(self, view) -> list | None:
+    def on_gates(self, view) -> GateBlocks | None:
         """Every gate hook of the step at once (Predictor.on_gates), compiled
         (intelligent_jit.gates), with one layer of look-ahead; else None (the engine asks on_gate
         layer by layer). Also None where the gates' forgetting rule (_evaluate) would act: more

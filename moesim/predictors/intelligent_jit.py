@@ -208,9 +208,10 @@ def gates(P, routing, rows, pvalid, need, masks0, tie, w, w0, lr, f1, pending, h
     prediction made one layer earlier (`pending` [4, E] for layer 0, if `has_pending`) against the
     layer's routing (`routing` [T, L, k]) and adapt the weights `w`; then predict the next layer
     from the layer's rows `rows` [T', L, k] (the sampled tokens; those with `need` layers of history
-    are the pattern component's, counting the previous token's layers where `pvalid` [T']). Returns (the experts of every layer's prediction in turn,
-    their fused scores, where each layer's end [L], the weights after the last layer, and the last
-    layer's component masks: the pending prediction for the next step's layer 0)."""
+    are the pattern component's, counting the previous token's layers where `pvalid` [T']).
+    Returns (the experts of every layer's prediction in turn, their fused scores, where each
+    layer's end [L], the weights after the last layer, and the last layer's component masks: the
+    pending prediction for the next step's layer 0)."""
     T, L, k = routing.shape
     E = P.shape[2]
     C = min(cap, E)
