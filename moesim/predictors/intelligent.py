@@ -175,9 +175,9 @@ class Intelligent(HistoryPredictor):
     # -- hooks --
 
     def on_step_start(self, view) -> list[Prefetch]:
-        self._begin(view)
         if self._h != 1:
-            return self._predict(view, -1)
+            return super().on_step_start(view)
+        self._begin(view)
         p, step = self.params, view.step  # (one layer ahead: compiled, intelligent_jit.start)
         keep, fused, self._pending[(step, 0)] = self._start(
             self.P, self._prev, self._pvalid, self.L >= p.pattern_min_history, self._masks0, self._tie, self.weights,
