@@ -109,27 +109,96 @@ def test_a_noisy_oracle_draws_gate_by_gate():
     assert pred.on_gates(FakeView(STREAM, 0, True)) is None
 
 
-def test_the_flat_path_packs_gate_blocks_as_it_packs_each_gates_answer():
-    """FlatLink._pack_gates (the arrays at once) against FlatLink._pack of each gate's Ranked:
-    the same blocks, gate starts and recorded predictions, targets at or before the gate dropped,
-    a target predicted twice recorded once with the union of its keys."""
+def _pack_both(g, L, E, step, predicted):
+    """FlatLink._pack_gates of `g`, and FlatLink._pack of each gate's answer in turn (the reference)."""
     from types import SimpleNamespace
 
     from moesim.engine.flat_link import FlatLink
-    from moesim.predictors.base import GateBlocks
 
-    L, E, step = 4, 8, 5
-    g = GateBlocks([5, 5, 6, 5], [1, 1, 0, 3], np.array([3, 1, 2, 6, 7, 0, 5, 6]),
-                   np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]), [2, 3, 6, 8])
-    new = SimpleNamespace(L=L, E=E, predicted={(6, 0): {1}})
-    out, at = [0], []
-    FlatLink._pack_gates(new, g, step, out, at)
-    ref = SimpleNamespace(L=L, E=E, predicted={(6, 0): {1}})
+    new = SimpleNamespace(L=L, E=E, predicted={k: set(v) for k, v in predicted.items()})
+    out, at, now = FlatLink._pack_gates(new, g, step)
+    assert not any(s == step for s, _lay in new.predicted.keys() - predicted.keys())  # (this step's: in `now`)
+    for key in np.flatnonzero(now).tolist():
+        new.predicted.setdefault((step, key // E), set()).add(key)
+    ref = SimpleNamespace(L=L, E=E, predicted={k: set(v) for k, v in predicted.items()})
     want, want_at = [0], []
     for layer in range(L):
         want_at += [len(want)] * 2
         ref.gated = (step, layer)
         FlatLink._pack(ref, g[layer], want)
-    assert (out, at, new.predicted) == (want, want_at, ref.predicted)
-    assert new.predicted == {(5, 1): {E + 3, E + 1}, (6, 0): {1, 6, 7, 0}}  # (gates 1 and 3: their own layer)
+    assert out.dtype == np.int64
+    assert (out.tolist(), at, new.predicted) == (want, want_at, ref.predicted)
+    return want, new.predicted
+
+
+def test_the_flat_path_packs_gate_blocks_as_it_packs_each_gates_answer():
+    """FlatLink._pack_gates (the arrays at once) against FlatLink._pack of each gate's Ranked:
+    the same blocks, gate starts and recorded predictions, targets at or before the gate dropped,
+    a target predicted twice recorded once with the union of its keys."""
+    from moesim.predictors.base import GateBlocks
+
+    L, E, step = 4, 8, 5
+    g = GateBlocks([5, 5, 6, 5], [1, 1, 0, 3], np.array([3, 1, 2, 6, 7, 0, 5, 6]),
+                   np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]), [2, 3, 6, 8])
+    out, predicted = _pack_both(g, L, E, step, {(6, 0): {1}})
+    assert predicted == {(5, 1): {E + 3, E + 1}, (6, 0): {1, 6, 7, 0}}  # (gates 1 and 3: their own layer)
     assert out == [0, 5 * L + 1, 2, E + 3, E + 1, 6 * L, 3, 6, 7, 0]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_flat_path_packs_several_targets_per_gate_as_each_gates_answer(seed):
+    """Random GateBlocks with 1-4 targets per gate, some empty, some at or before their gate."""
+    from moesim.predictors.base import GateBlocks
+
+    rng = np.random.default_rng(seed)
+    L, E, step, per = 5, 6, 3, int(rng.integers(1, 5))
+    steps, layers, experts, ends = [], [], [], []
+    for gate in range(L):
+        for _ in range(per):
+            code = step * L + gate + int(rng.integers(-2, 2 * L))
+            steps.append(code // L)
+            layers.append(code % L)
+            experts += rng.permutation(E)[:int(rng.integers(0, 4))].tolist()
+            ends.append(len(experts))
+    g = GateBlocks(steps, layers, np.array(experts, dtype=np.int64), np.linspace(1, 0, len(experts)), ends, per)
+    assert len(g) == L
+    _pack_both(g, L, E, step, {(step + 1, 0): {2}})
+
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"lookahead_layers": 1, "max_per_layer": 3},
+    {"lookahead_layers": 9, "pattern_length": 2, "max_patterns": 20, "min_pattern_frequency": 1},
+    {"pattern_length": 6, "min_pattern_frequency": 1, "min_confidence": 0.0},  # windows into the previous token
+    {"pattern_length": 40, "min_pattern_frequency": 1},  # longer than two steps' layers: no pattern
+    {"max_tokens": 2, "min_pattern_frequency": 1},  # prefill steps read through a sample of their rows
+    {"use_chains": False, "use_temporal": False},
+    {"use_cooccurrence": False, "use_chains": False, "use_sequences": False},
+])
+@pytest.mark.parametrize("stream", ["chains", "sticky", "noisy"])
+def test_multilook_step_hook_matches_its_gate_hooks(params, stream):
+    """Answers, pattern accesses and learnt tables the same, step after step."""
+    steps = {"chains": STREAM, "sticky": STICKY, "noisy": NOISY}[stream]
+    L = MODEL.num_layers
+    ref = registry.create("multilook", params, MODEL, np.random.default_rng(0))
+    new = registry.create("multilook", params, MODEL, np.random.default_rng(0))
+    nonempty = 0
+    for i in range(len(steps)):
+        view, nview = FakeView(steps, i, False), FakeView(steps, i, False)
+        assert _answers(new.on_step_start(nview)) == _answers(ref.on_step_start(view))
+        gates = []
+        for layer in range(L):
+            view.gated = layer
+            gates.append(_answers(ref.on_gate(view, layer)))
+        nview.gated = L - 1
+        got = new.on_gates(nview)
+        assert len(got) == L and [_answers(g) for g in got] == gates
+        nonempty += sum(bool(g) for g in gates)
+        np.testing.assert_array_equal(new.store.access, ref.store.access)
+        ref.on_step_end(view)
+        new.on_step_end(nview)
+    assert nonempty > len(steps)
+    for name in ("hops", "occ", "hops_p", "temporal", "temporal_n"):
+        np.testing.assert_array_equal(getattr(new, name), getattr(ref, name))
+    for name in ("counts", "n", "p", "trusted", "access"):
+        np.testing.assert_array_equal(getattr(new.store, name), getattr(ref.store, name))

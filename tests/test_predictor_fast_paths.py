@@ -79,7 +79,7 @@ class _PerHopMultiLook(MultiLook):
         np.add.at(self.hops.reshape(-1), np.concatenate(idx_parts), np.float32(1))
         np.add.at(self.occ.reshape(-1), src_rows, np.float32(1))
         touched = np.unique(src_rows)
-        self.hops_lq.reshape(-1, E)[touched] = self._log1m(
+        self.hops_p.reshape(-1, E)[touched] = self._prob(
             self.hops.reshape(-1, E)[touched], self.occ.reshape(-1)[touched][:, None], self.params.min_pattern_frequency)
 
     def _learn_patterns(self, seq, prev, rows, pvalid):
@@ -101,7 +101,7 @@ class _PerHopMultiLook(MultiLook):
             np.add.at(st.counts.reshape(-1), (s[:, None] * E + seq[ti[m], tgt[m]]).ravel(), np.float32(1))
         touched = np.unique(slots)
         st.trusted[touched] = st.n[touched, 0] >= p.min_pattern_frequency
-        st.lq[touched] = self._log1m(st.counts[touched], st.n[touched][..., None],
+        st.p[touched] = self._prob(st.counts[touched], st.n[touched][..., None],
                                      p.confidence_fraction * p.min_pattern_frequency)
 
 
@@ -126,11 +126,14 @@ def test_multilook_learning_matches_the_per_hop_reference(batch, params):
     ref = _PerHopMultiLook(MultiLook.Params(**params), MODEL, np.random.default_rng(0))
     got = _drive(new, steps)
     assert got == _drive(ref, steps) and any(got) and new.store.trusted.any()
-    for name in ("hops", "occ", "hops_lq", "temporal", "temporal_n"):
+    for name in ("hops", "occ", "hops_p", "temporal", "temporal_n"):
         np.testing.assert_array_equal(getattr(new, name), getattr(ref, name))
-    for name in ("counts", "n", "lq", "trusted", "access"):
+    for name in ("counts", "n", "p", "trusted", "access"):
         np.testing.assert_array_equal(getattr(new.store, name), getattr(ref.store, name))
-    assert new.store.index == ref.store.index
+    for st in (new.store, ref.store):  # (the index maps each used slot's key to the slot, and nothing else)
+        used = np.flatnonzero(st.used)
+        assert len(st) == used.size and st.find(st.slot_key[used]).tolist() == used.tolist()
+    np.testing.assert_array_equal(new.store.slot_key[new.store.used], ref.store.slot_key[ref.store.used])
 
 
 def _fuse_numpy(q, masks, tie, w, thr_t, thr_p, kth, enough, cap):
@@ -313,3 +316,68 @@ def test_intelligent_compiled_fusion_cuts_where_numpy_did_at_tiny_weights():
         assert (got[0].tolist(), got[1].tolist()) == want
         cut += len(want[0]) < min(8, int((w @ base > 0).sum()))
     assert cut > 10  # (cases where the first score 0 cut positive ones off)
+
+
+class _DictStore:
+    """PatternStore's index as first written, on a Python dict and list (the reference)."""
+
+    def __init__(self, capacity):
+        self.capacity, self.index, self.slot_key = capacity, {}, [None] * capacity
+        self.access, self.used = np.zeros(capacity, dtype=np.int64), np.zeros(capacity, dtype=bool)
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def slots(self, keys):
+        get = self.index.get
+        slots = np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        missing = list(dict.fromkeys(k for k, s in zip(keys, slots.tolist()) if s < 0))
+        if missing:
+            if len(missing) > len(self._free):
+                self._evict(len(missing) - len(self._free), keep=slots[slots >= 0])
+            new = {}
+            for k in missing:
+                if not self._free:
+                    break
+                s = self._free.pop()
+                self.index[k], self.slot_key[s], self.used[s], new[k] = s, k, True, s
+            slots = np.array([new.get(k, s) if s < 0 else s for k, s in zip(keys, slots.tolist())], dtype=np.int64)
+        return slots
+
+    def _evict(self, need, keep):
+        need = max(need, self.capacity // 10)
+        acc = self.access.astype(np.float64)
+        acc[keep] = np.inf
+        acc[~self.used] = np.inf
+        need = min(need, int(np.isfinite(acc).sum()))
+        if need <= 0:
+            return
+        victims = np.argpartition(acc, need - 1)[:need] if need < acc.size else np.arange(acc.size)
+        for s in sorted(victims[np.isfinite(acc[victims])].tolist(), reverse=True):
+            del self.index[self.slot_key[s]]
+            self.slot_key[s], self.used[s] = None, False
+            self._free.append(s)
+        self.access[victims] = 0
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 10, 40])
+def test_pattern_store_claims_and_evicts_as_the_dict_store(capacity):
+    """The typed-dict store gives every key the slot the dict-based one gave, evicting the same
+    victims, also when a step has more new keys than the store holds (the first ones get slots)."""
+    from moesim.predictors.multilook import PatternStore
+
+    rng = np.random.default_rng(capacity)
+    new, ref = PatternStore(capacity, 2, 4), _DictStore(capacity)
+    pool = rng.integers(0, 2**64, size=60, dtype=np.uint64)  # (keys past 2**63 too)
+    short = 0
+    for _ in range(150):
+        keys = pool[rng.integers(0, pool.size, size=int(rng.integers(1, 2 * capacity + 3)))].tolist()
+        short += len(set(keys)) > capacity
+        got, want = new.slots(keys), ref.slots(keys)
+        assert got.tolist() == want.tolist()
+        hit = got[got >= 0]
+        new.access[hit] += 1
+        ref.access[hit] += 1
+        np.testing.assert_array_equal(new.used, ref.used)
+        assert len(new) == len(ref.index)
+        used = np.flatnonzero(ref.used)
+        assert new.find([ref.slot_key[s] for s in used]).tolist() == used.tolist()
+    assert short > 0

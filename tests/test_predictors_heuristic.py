@@ -259,7 +259,9 @@ def test_multilook_pattern_store_is_bounded():
     pred = make("multilook", max_patterns=50)
     drive(pred, noisy)
     assert 0 < len(pred.store) <= 50
-    assert len(pred.store.index) == sum(k is not None for k in pred.store.slot_key)
+    used = np.flatnonzero(pred.store.used)
+    assert len(pred.store) == used.size == 50 - pred.store.top[0]
+    assert pred.store.find(pred.store.slot_key[used]).tolist() == used.tolist()
 
 
 def test_request_memory_is_bounded():

@@ -76,13 +76,10 @@ def test_bulk_prefetch_path_equals_key_by_key(tmp_path, monkeypatch, name, dram)
         pd.testing.assert_frame_equal(getattr(bulk, table), getattr(ref, table), check_exact=True)
 
 
-def _log1m_masked(self, c, n, min_count):
-    """The boolean-mask form _log1m had (the reference)."""
+def _prob_masked(self, c, n, min_count):
+    """The boolean-mask form of _prob (the reference)."""
     prob = c / np.maximum(n, np.float32(1.0))
-    keep = (c >= min_count) & (prob >= self.params.min_confidence)
-    out = np.zeros_like(prob)
-    out[keep] = np.log1p(-np.minimum(prob[keep], np.float32(1.0 - 1e-6)))
-    return out
+    return np.where((c >= min_count) & (prob >= self.params.min_confidence), prob, np.float32(0.0))
 
 
 def _learn_hops_per_hop(self, seq, pvalid):
@@ -101,7 +98,7 @@ def _learn_hops_per_hop(self, seq, pvalid):
         src = (lay[:, None] * E + a).ravel()
         np.add.at(self.occ[hop].reshape(-1), src, np.float32(1))
         touched = np.unique(src)
-        self.hops_lq[hop].reshape(-1, E)[touched] = _log1m_masked(
+        self.hops_p[hop].reshape(-1, E)[touched] = _prob_masked(
             self, self.hops[hop].reshape(-1, E)[touched], self.occ[hop].reshape(-1)[touched][:, None],
             self.params.min_pattern_frequency)
 
@@ -114,7 +111,7 @@ def test_multilook_learns_as_the_per_hop_masked_form():
     params = cls.Params(lookahead_layers=3, min_pattern_frequency=1, min_confidence=0.2)
     new, old = (cls(params, model, np.random.default_rng(0)) for _ in range(2))
     old._learn_hops = _learn_hops_per_hop.__get__(old)
-    old._log1m = _log1m_masked.__get__(old)
+    old._prob = _prob_masked.__get__(old)
     for i in range(len(STREAM)):
         for p in (new, old):
             view = FakeView(STREAM, i, False)
@@ -125,7 +122,7 @@ def test_multilook_learns_as_the_per_hop_masked_form():
             p.on_step_end(view)
             p.answers = answers
         assert new.answers == old.answers
-    assert new.hops.any() and new.store.lq.any()
-    for name in ("hops", "occ", "hops_lq"):
+    assert new.hops.any() and new.store.p.any()
+    for name in ("hops", "occ", "hops_p"):
         assert np.array_equal(getattr(new, name), getattr(old, name)), name
-    assert np.array_equal(new.store.lq, old.store.lq)
+    assert np.array_equal(new.store.p, old.store.p)

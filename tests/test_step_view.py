@@ -25,7 +25,7 @@ def _public_methods(cls) -> set[str]:
 
 
 def test_the_protocol_declares_what_predictors_use():
-    assert METHODS == ["experts", "future", "pre_attn", "token_experts"]
+    assert METHODS == ["experts", "future", "pre_attn", "routing", "token_experts"]
     assert ATTRIBUTES == ["phase", "request_ids", "step", "token_request_ids"]
     assert Predictor.needs_pre_attn is False and Predictor.needs_future is False
 
@@ -75,5 +75,9 @@ def test_view_attributes_and_answers(cls):
         assert np.array_equal(v.pre_attn(1), want)
         with pytest.raises(LookupError):
             v.token_experts(2)
+        with pytest.raises(LookupError):  # (not every layer gated yet)
+            v.routing()
+        v.gated = 2
+        assert np.array_equal(v.routing(), plan.routing)
         with pytest.raises(PermissionError):
             v.future(1, 0)

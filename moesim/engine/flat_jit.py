@@ -570,3 +570,61 @@ def layers(Z, X, EI, EF, PR, B, at, dt, gated, keys, counts, costs, bounds, busy
         I[l, 0], I[l, 1], I[l, 2], I[l, 3] = hits, late, misses, n - issued
         issued = n
     return held
+
+
+# ---- packing a step's gate answers (FlatLink._pack_gates) -------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def pack_gates(experts, ends, codes, per, gated0, E, L, now):
+    """FlatLink._pack of every gate's blocks at once. Block b (gate b // per) predicts
+    experts[ends[b - 1]:ends[b]] for target code codes[b] (step * L + layer); it is kept if not
+    empty and after its gate (code > gated0 + gate; gated0 = step * L). The keys predicted for
+    this step's layers are marked in now [L * E]. Returns (the blocks as _pack appends them to
+    [0]: code, size, keys; each gate's start, twice; the later steps' kept targets: their codes
+    ascending, the ends of their keys and their keys, each target's distinct keys ascending)."""
+    nb = ends.shape[0]
+    total, a = 1, 0
+    lo, hi = np.iinfo(np.int64).max, -1
+    for b in range(nb):
+        if ends[b] > a and codes[b] > gated0 + b // per:
+            total += ends[b] - a + 2
+            if codes[b] >= gated0 + L:
+                lo, hi = min(lo, codes[b]), max(hi, codes[b])
+        a = ends[b]
+    out = np.zeros(total, dtype=np.int64)
+    at = np.empty(2 * (nb // per), dtype=np.int64)
+    span = max(hi - lo + 1, 0)
+    mark = np.zeros((span, E), dtype=np.bool_)
+    pos, a = 1, 0
+    for b in range(nb):
+        if b % per == 0:
+            at[2 * (b // per)] = at[2 * (b // per) + 1] = pos
+        z, c = ends[b], codes[b]
+        if z > a and c > gated0 + b // per:
+            base = (c % L) * E
+            out[pos] = c
+            out[pos + 1] = z - a
+            for i in range(z - a):
+                out[pos + 2 + i] = base + experts[a + i]
+                if c < gated0 + L:
+                    now[base + experts[a + i]] = True
+                else:
+                    mark[c - lo, experts[a + i]] = True
+            pos += z - a + 2
+        a = z
+    tcodes = np.empty(span, dtype=np.int64)
+    tends = np.empty(span, dtype=np.int64)
+    tkeys = np.empty(span * E, dtype=np.int64)
+    nt = nk = 0
+    for t in range(span):
+        base = ((lo + t) % L) * E
+        for e in range(E):
+            if mark[t, e]:
+                tkeys[nk] = base + e
+                nk += 1
+        if nk > (tends[nt - 1] if nt else 0):
+            tcodes[nt] = lo + t
+            tends[nt] = nk
+            nt += 1
+    return out, at, tcodes[:nt], tends[:nt], tkeys[:nk]

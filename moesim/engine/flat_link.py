@@ -139,30 +139,29 @@ class FlatLink:
             out.append(len(keys))
             out.extend(keys)
 
-    def _pack_gates(self, g, step: int, out: list[int], at: list[int]) -> None:
-        """_pack of every gate's answer of step `step` from a GateBlocks (its arrays; one target
-        per gate), each gate's start appended to `at` twice (no pre-attention blocks)."""
-        L, E, predicted = self.L, self.E, self.predicted
-        ends = g.ends
-        keys = (g.experts + np.repeat(np.array(g.layers, dtype=np.int64) * E,
-                                      np.diff(ends, prepend=0))).tolist()
-        a = 0
-        for layer, (s, lay, b) in enumerate(zip(g.steps, g.layers, ends)):
-            n = len(out)
-            at += (n, n)
-            if b > a and (s, lay) > (step, layer):  # (targets after the gated one only)
-                ks = keys[a:b]
-                record_predicted(predicted, (s, lay), ks)
-                out += (s * L + lay, b - a)
-                out += ks
+    def _pack_gates(self, g, step: int) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """_pack of every gate's answer of step `step` from a GateBlocks, compiled
+        (flat_jit.pack_gates): returns the blocks as `_pack` would append them to [0] (an int64
+        array), each gate's start twice (no pre-attention blocks), and the keys predicted for this
+        step's layers as a mask [L * E] (scored by _score_mask, not recorded). Each later target's
+        keys are recorded once, the union of its blocks'."""
+        L, predicted = self.L, self.predicted
+        codes = np.array([s * L + lay for s, lay in zip(g.steps, g.layers)], dtype=np.int64)
+        now = np.zeros(L * self.E, dtype=np.bool_)
+        out, at, targets, ends, keys = J.pack_gates(g.experts, np.asarray(g.ends, dtype=np.int64), codes,
+                                                    g.per_gate, step * L, self.E, L, now)
+        keys, a = keys.tolist(), 0
+        for code, b in zip(targets.tolist(), ends.tolist()):
+            record_predicted(predicted, divmod(code, L), keys[a:b])
             a = b
+        return out, at.tolist(), now
 
     def _blocks(self, out: list[int]) -> np.ndarray:
         """`out` as the int64 array the compiled moves read, with room for its protections."""
         need, cap = self.npr + len(out), self.PR.shape[1]
         if need > cap:
             self.PR = np.concatenate([self.PR, np.zeros((4, max(cap, need - cap)), dtype=np.int64)], axis=1)
-        return np.array(out, dtype=np.int64)
+        return out if type(out) is np.ndarray else np.array(out, dtype=np.int64)
 
     def _issue(self, reqs) -> None:
         """Issue a hook's answer now (LoadChain._issue)."""

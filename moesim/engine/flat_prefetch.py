@@ -101,8 +101,9 @@ class FlatPrefetch(FlatLink):
         if on_gate and not on_pre:
             view.gated = view.pre_attn_layer = L - 1
             answers = pred.on_gates(view)
+        now = None  # (a GateBlocks' predictions for this step's layers, as a mask)
         if type(answers) is GateBlocks:
-            self._pack_gates(answers, step, out, at)
+            out, at, now = self._pack_gates(answers, step)
             for _ in range(L):
                 spent += lat
             self.gated = (step, L - 1)
@@ -133,7 +134,10 @@ class FlatPrefetch(FlatLink):
                     pack(reqs, out)
         at.append(len(out))
         rec.predictor_s = spent
-        self._score(step, range(L), allk, bounds)  # (every prediction for a layer is made before its gate: all are in)
+        if now is None:  # (every prediction for a layer is made before its gate: all are in)
+            self._score(step, range(L), allk, bounds)
+        else:
+            self._score_mask(step, now, fk, bounds)
         hook_gpu = lat if self.on_gpu else 0.0
         pre, gate_gpu = hook_gpu if on_pre else 0.0, hook_gpu if on_gate else 0.0
         if self.log is not None:
@@ -163,6 +167,24 @@ class FlatPrefetch(FlatLink):
             if pset:
                 made[layer] += len(pset)
                 correct[layer] += len(pset.intersection(allk[lo:hi]))
+
+    def _score_mask(self, step: int, now: np.ndarray, fk: np.ndarray, bounds: list[int]) -> None:
+        """_score of every layer of step `step`, with the keys predicted for them so far marked in
+        `now` [L * E] besides those recorded in `predicted`."""
+        rec, pop, L, E = self.rec, self.predicted.pop, self.L, self.E
+        for layer in range(L):
+            pset = pop((step, layer), None)
+            if pset:
+                now[list(pset)] = True
+        accessed = np.zeros(L * E, dtype=np.bool_)
+        accessed[fk] = True
+        made = now.reshape(L, E).sum(axis=1).tolist()
+        correct = (now & accessed).reshape(L, E).sum(axis=1).tolist()
+        needed, pm, pc = rec.pred_needed, rec.pred_made, rec.pred_correct
+        for layer in range(L):
+            needed[layer] += bounds[layer + 1] - bounds[layer]
+            pm[layer] += made[layer]
+            pc[layer] += correct[layer]
 
     def _layers_at_gates(self, plan: StepPlan, attn: float, allk: list[int], fk, fc, costs, bounds: list[int],
                          shared: float) -> None:

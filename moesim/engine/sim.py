@@ -84,6 +84,10 @@ class _View:
         self._check(layer)
         return self._plan.routing[:, layer, :]
 
+    def routing(self) -> np.ndarray:
+        self._check(self._sim.L - 1)
+        return self._plan.routing
+
     def future(self, n_layers: int, after_layer: int) -> list[tuple[int, int, np.ndarray]]:
         """Oracle only: the unique experts of the next `n_layers` layers after `after_layer`.
         The rest of this step is exact; later steps are as the scheduler would form them from the

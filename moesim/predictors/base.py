@@ -64,24 +64,27 @@ class Ranked:
 
 
 class GateBlocks:
-    """`on_gates`' answer as arrays, one target per gate: gate l predicts
-    experts[ends[l - 1]:ends[l]] (best first; ends[-1] = 0) with their scores for (steps[l],
-    layers[l]). It reads as the list of the gates' Ranked answers; the flat engine path packs the
-    arrays without building them."""
+    """`on_gates`' answer as arrays, `per_gate` targets per gate, gate after gate: block b
+    predicts experts[ends[b - 1]:ends[b]] (best first; ends[-1] = 0) with their scores for
+    (steps[b], layers[b]), and gate l answers blocks l * per_gate ... (l + 1) * per_gate - 1. It
+    reads as the list of the gates' Ranked answers; the flat engine path packs the arrays without
+    building them."""
 
-    __slots__ = ("steps", "layers", "experts", "scores", "ends")
+    __slots__ = ("steps", "layers", "experts", "scores", "ends", "per_gate")
 
     def __init__(self, steps: list[int], layers: list[int], experts: np.ndarray, scores: np.ndarray,
-                 ends: list[int]) -> None:
+                 ends: list[int], per_gate: int = 1) -> None:
         self.steps, self.layers, self.experts, self.scores, self.ends = steps, layers, experts, scores, ends
+        self.per_gate = per_gate
 
     def __len__(self) -> int:
-        return len(self.ends)
+        return len(self.ends) // self.per_gate
 
     def __getitem__(self, gate: int) -> Ranked:
-        a, b = (self.ends[gate - 1] if gate else 0), self.ends[gate]
-        out = Ranked()
-        out.add(self.steps[gate], self.layers[gate], self.experts[a:b].tolist(), self.scores[a:b].tolist())
+        out, ends = Ranked(), self.ends
+        for b in range(gate * self.per_gate, (gate + 1) * self.per_gate):
+            a = ends[b - 1] if b else 0
+            out.add(self.steps[b], self.layers[b], self.experts[a:ends[b]].tolist(), self.scores[a:ends[b]].tolist())
         return out
 
     def __iter__(self):
@@ -134,6 +137,10 @@ class StepView(Protocol):
 
     def token_experts(self, layer: int) -> np.ndarray:
         """[tokens, top_k] routing of `layer` (LookupError before its gate has run)."""
+
+    def routing(self) -> np.ndarray:
+        """[tokens, layers, top_k]: token_experts of every layer at once (LookupError before the
+        last layer's gate has run)."""
 
     def pre_attn(self, layer: int) -> np.ndarray:
         """[tokens, d] pre-attention hidden states of `layer`, from its pre-attention hook on

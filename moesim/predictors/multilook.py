@@ -18,16 +18,19 @@ the layers it has passed in this step, preceded by the layers of its request's p
 A component's probability for an expert is a conditional frequency; it counts only when the count
 passes the seed's thresholds and the probability reaches `min_confidence`. Over the batch, a
 component's score is the chance that at least one token needs the expert (noisy-OR); the union of
-components takes the best component's score.
+components takes the best component's score. The scoring and the learning are compiled
+(multilook_jit, which also defines their float arithmetic); every gate of a step can be scored in
+one call (on_gates).
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 from operator import mul
 import numpy as np
 from pydantic import Field
 
-from .base import Prefetch
+from .base import GateBlocks, Prefetch, Ranked
 from .registry import register
 from .topk import HistoryParams, HistoryPredictor, RequestMemory, row_owners, sample_rows
 
@@ -86,56 +89,58 @@ def context_hash(window: np.ndarray, layer) -> np.ndarray:
 
 
 class PatternStore:
-    """Bounded map: context hash -> counts of the experts seen d = 1..h layers later."""
+    """Bounded map: context hash -> counts of the experts seen d = 1..h layers later. Its index is
+    a hash table read and written by compiled code (multilook_jit)."""
 
     def __init__(self, capacity: int, horizon: int, num_experts: int):
+        from . import multilook_jit as jit
+        self._jit = jit
         self.capacity = capacity
-        self.index: dict[int, int] = {}
-        self.slot_key: list[int | None] = [None] * capacity
+        # the index: key -> slot, a hash table at most half full (multilook_jit.find)
+        bits = max(2, (2 * capacity - 1).bit_length())
+        self._hk, self._hv = np.zeros(1 << bits, dtype=np.uint64), np.full(1 << bits, -1, dtype=np.int64)
+        self._shift = np.uint64(64 - bits)
+        self.slot_key = np.zeros(capacity, dtype=np.uint64)  # (valid where used)
         self.counts = np.zeros((capacity, horizon, num_experts), dtype=np.float32)
         self.n = np.zeros((capacity, horizon), dtype=np.float32)
         self.access = np.zeros(capacity, dtype=np.int64)
         self.used = np.zeros(capacity, dtype=bool)
-        # prediction cache, refreshed for the slots a step touched: log(1 - p) of each next
-        # expert's thresholded probability, and whether the pattern is trusted yet
-        self.lq = np.zeros((capacity, horizon, num_experts), dtype=np.float32)
+        # prediction cache, refreshed for the slots a step touched: each next expert's thresholded
+        # probability, and whether the pattern is trusted yet
+        self.p = np.zeros((capacity, horizon, num_experts), dtype=np.float32)
         self.trusted = np.zeros(capacity, dtype=bool)
-        self._free = list(range(capacity - 1, -1, -1))
+        # (a slot's accesses count once per gate: stamp[slot] = the mark of the last gate counted)
+        self.stamp = np.full(capacity, -1, dtype=np.int64)
+        self.mark = 0
+        # free slots: a stack, free[:top[0]], its last given first (slot 0 first at the start)
+        self.free = np.arange(capacity - 1, -1, -1, dtype=np.int64)
+        self.top = np.array([capacity], dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return int(self.used.sum())
 
-    def lookup(self, keys: list[int]) -> np.ndarray:
-        """Slots of the stored keys among these (in order, repeats kept); each counts one access."""
-        get = self.index.get
-        hit = [s for s in map(get, keys) if s is not None]
-        if not hit:
-            return np.zeros(0, dtype=np.int64)
-        hit = np.array(hit, dtype=np.int64)
-        self.access[hit] += 1
-        return hit
+    def find(self, keys) -> np.ndarray:
+        """Slots of these keys (in order; -1 where not stored)."""
+        return self._jit.find(self._hk, self._hv, self._shift, np.asarray(keys, dtype=np.uint64))
 
-    def slots(self, keys: list[int]) -> np.ndarray:
+    def slots(self, keys) -> np.ndarray:
         """Slots of these keys, creating the missing ones (evicting the least accessed; -1 where
         the store cannot hold them)."""
-        get = self.index.get
-        slots = np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
-        missing = list(dict.fromkeys(k for k, s in zip(keys, slots.tolist()) if s < 0))
-        if missing:
-            if len(missing) > len(self._free):
-                self._evict(len(missing) - len(self._free), keep=slots[slots >= 0])
-            new = {}
-            for k in missing:
-                if not self._free:
-                    break
-                s = self._free.pop()
-                self.index[k] = s
-                self.slot_key[s] = k
-                self.used[s] = True
-                new[k] = s
-            slots = np.fromiter((new.get(k, s) if s < 0 else s for k, s in zip(keys, slots.tolist())),
-                                dtype=np.int64, count=len(keys))
-        return slots
+        keys = np.asarray(keys, dtype=np.uint64)
+        claim = partial(self._jit.claim, self._hk, self._hv, self._shift)
+        found, short = claim(keys, self.slot_key, self.used, self.free, self.top)
+        if short:
+            self._evict(short - int(self.top[0]), keep=found[found >= 0])
+            found, short = claim(keys, self.slot_key, self.used, self.free, self.top)
+            if short:  # (fewer slots than new keys even so: the first ones get what is free)
+                n = int(self.top[0])
+                new = keys[found < 0]
+                first = np.unique(new, return_index=True)[1]
+                kept = set(new[np.sort(first)[:n]].tolist())
+                room = np.array([k in kept for k in keys.tolist()]) | (found >= 0)
+                found = np.full(keys.size, -1, dtype=np.int64)
+                found[room] = claim(keys[room], self.slot_key, self.used, self.free, self.top)[0]
+        return found
 
     def _evict(self, need: int, keep: np.ndarray) -> None:
         need = max(need, self.capacity // 10)
@@ -147,16 +152,12 @@ class PatternStore:
         if need <= 0:
             return
         victims = np.argpartition(acc, need - 1)[:need] if need < acc.size else np.arange(acc.size)
-        victims = victims[np.isfinite(acc[victims])]
-        for s in sorted(victims.tolist(), reverse=True):
-            del self.index[self.slot_key[s]]
-            self.slot_key[s] = None
-            self.used[s] = False
-            self._free.append(s)
+        victims = np.sort(victims[np.isfinite(acc[victims])])
+        self._jit.forget(self._hk, self._hv, self._shift, self.slot_key, self.used, self.free, self.top, victims)
         self.counts[victims] = 0
         self.n[victims] = 0
         self.access[victims] = 0
-        self.lq[victims] = 0
+        self.p[victims] = 0
         self.trusted[victims] = False
 
 
@@ -182,14 +183,6 @@ class MultiLookParams(HistoryParams):
     use_chains: bool = Field(True, description="multi-hop chain (layer l -> l+d, d >= 2) component")
 
 
-def _noisy_or(p: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
-    """1 - prod(1 - p) over the rows (axis 0, or axis -2 weighted by `counts`): the chance that
-    at least one token needs the expert, were they independent."""
-    lq = np.log1p(-np.minimum(p, np.float32(1.0 - 1e-6)))
-    s = counts @ lq if counts is not None else lq.sum(axis=0)
-    return -np.expm1(s)
-
-
 @register
 class MultiLook(HistoryPredictor):
     """Seed §4 on per-layer routing; see the module docstring."""
@@ -211,16 +204,32 @@ class MultiLook(HistoryPredictor):
         self._hop_q = (np.concatenate(q), np.concatenate([qs + i + 1 for i, qs in enumerate(q)]),
                        np.concatenate([qs % L + i * L for i, qs in enumerate(q)]), np.concatenate(q) >= L)
         self.occ = np.zeros((n_hops, L, E), dtype=np.float32)
-        self.hops_lq = np.zeros_like(self.hops)   # log(1 - thresholded probability), per row
+        self.hops_p = np.zeros_like(self.hops)    # thresholded conditional probabilities (hops / occ)
         self.temporal = np.zeros((p.temporal_period, L, E), dtype=np.float32)
         self.temporal_n = np.zeros((p.temporal_period, L), dtype=np.float32)
         self.positions = RequestMemory(p.max_requests)
+        from . import multilook_jit as jit  # (numba: loaded by the runs that use this predictor only)
+        self._jit = jit
+        # thresholds in the counts' precision (float32), as numpy compared them
+        self._conf = np.float32(p.min_confidence)
+        self._hop_min, self._pattern_min = np.float32(p.min_pattern_frequency), np.float32(
+            p.confidence_fraction * p.min_pattern_frequency)
+        self._no_table = np.zeros((0, E), dtype=np.float32)
+        self._no_slots = np.zeros(0, dtype=np.int64)
+        self._has = np.ones(1, dtype=np.bool_)  # (one gate: whether its source layer is known)
+        self._all = np.ones(L, dtype=np.bool_)  # (every gate's is)
+        # every gate's targets, gate after gate: step offsets and layers
+        self._gate_off = [off for l in range(L) for _d, off, _lay in self._targets[l]]
+        self._gate_lay = [lay for l in range(L) for _d, _off, lay in self._targets[l]]
+        self._gate_src = np.arange(L, dtype=np.int64)
+        self._gate_base = (np.arange(L, dtype=np.int64) * E)[None, :, None]
 
     # -- per-step state --
 
     def _new_step(self, view) -> None:
         super()._new_step(view)
-        self._prev_codes = set_codes(self._prev) if self._prev.shape[0] else np.zeros((0, self.L), np.uint64)
+        self._prev_codes = np.empty(self._prev.shape[:2], dtype=np.uint64)
+        self._jit.codes_into(self._prev, _MULT[0], self._prev_codes)
         self._rows = None       # sampled row indices (prefill), fixed at the first gate
         self._cur_codes = None  # [T', L] codes of this step's layers, filled gate by gate
         self._have = np.zeros(self.L, dtype=bool)
@@ -274,26 +283,22 @@ class MultiLook(HistoryPredictor):
             self._code(view, l)
         return np.concatenate([self._prev_codes[:, start:], self._cur_codes[:, :layer + 1]], axis=1), self._pvalid
 
-    def _temporal(self) -> np.ndarray | None:
+    def _temporal(self) -> np.ndarray:
         """Temporal component for this step: [positions (this step's layers, then the next
-        steps'), E], fixed within a step (it depends only on the tokens' positions)."""
-        if self._temporal_table is None and self._pos is not None and self._pos.size:
-            p, L = self.params, self.L
-            J = np.arange(L + self.h)
-            slot = (self._pos[:, None] + (J // L)[None, :]) % p.temporal_period      # [T', J]
-            lay = np.broadcast_to(J % L, slot.shape)
-            c = self.temporal[slot, lay]                                         # [T', J, E]
-            n = self.temporal_n[slot, lay][..., None]
-            prob = c / np.maximum(n, 1.0)
-            prob[(c < p.min_pattern_frequency) | (prob < p.min_confidence)] = 0.0
-            self._temporal_table = _noisy_or(prob)
+        steps'), E], fixed within a step (it depends only on the tokens' positions); no rows
+        where there is none."""
+        if self._temporal_table is None:
+            p = self.params
+            if not p.use_temporal or self._pos is None or not self._pos.size:
+                return self._no_table
+            self._temporal_table = self._jit.temporal_table(self.temporal, self.temporal_n, self._pos, self.L, self.h,
+                                                            self._hop_min, self._conf)
         return self._temporal_table
 
     # -- prediction --
 
-    def _predict(self, view, layer: int) -> list[Prefetch]:
-        p, L, E, h = self.params, self.L, self.E, self.h
-        score = None
+    def _predict(self, view, layer: int) -> Ranked:
+        p, L, E = self.params, self.L, self.E
         # co-occurrence (d = 1) and chains (d >= 2): from the experts now known at `src`
         if layer >= 0:
             full = np.asarray(view.token_experts(layer))
@@ -306,26 +311,8 @@ class MultiLook(HistoryPredictor):
             src = L - 1
         else:
             cnt = None
-        if cnt is not None and self._n_hops:
-            nz = cnt.nonzero()[0]
-            hh = self._n_hops
-            # noisy-OR over the batch's (token, expert) pairs: 1 - prod (1 - p)^count
-            hop = -np.expm1(cnt[nz].astype(np.float32) @ self.hops_lq[:hh, src][:, nz])
-            if hh == h:
-                score = hop
-            else:
-                score = np.zeros((h, E), dtype=np.float32)
-                score[:hh] = hop
-            if not p.use_cooccurrence:
-                score[0] = 0.0
-        if score is None:
-            score = np.zeros((h, E), dtype=np.float32)
-        # temporal position
-        if p.use_temporal:
-            t = self._temporal()
-            if t is not None:
-                np.maximum(score, t[layer + 1:layer + 1 + h], out=score)  # (the targets' positions)
         # sequence patterns
+        slots = self._no_slots
         if p.use_sequences and cnt is not None:
             w = self._window(view, layer)
             if w is not None:
@@ -333,18 +320,59 @@ class MultiLook(HistoryPredictor):
                 if ok is not None:
                     win = win[ok]
                 if win.shape[0]:
-                    slots = self.store.lookup(context_keys(win, src))
-                    if slots.size:
-                        slots = slots[self.store.trusted[slots]]
-                    if slots.size:
-                        np.maximum(score, -np.expm1(self.store.lq[slots].sum(axis=0)), out=score)
-        return self._emit_all(view, layer, score)
+                    slots = self.store.find(context_keys(win, src))
+        has = self._has
+        has[0] = cnt is not None
+        counts = np.zeros((1, E), dtype=np.int64) if cnt is None else cnt.reshape(1, E)
+        experts, scores, ends = self._score(counts, has, np.array([src if cnt is not None else 0]),
+                                            np.array([layer + 1]), slots, np.zeros(slots.size, dtype=np.int64))
+        step, out, a = view.step, Ranked(), 0
+        for (_d, off, lay), b in zip(self._targets[layer], ends.tolist()):
+            out.add(step + off, lay, experts[a:b].tolist(), scores[a:b].tolist())
+            a = b
+        return out
+
+    def _score(self, counts, has, srcs, t0s, key_slots, key_gate):
+        """multilook_jit.predict of these gates with this predictor's tables (each gate's pattern
+        accesses counted)."""
+        p, st = self.params, self.store
+        out = self._jit.predict(counts, has, srcs, t0s, key_slots, key_gate, st.trusted, st.access, st.stamp, st.mark,
+                                self.hops_p, self._n_hops, p.use_cooccurrence, self._temporal(), st.p,
+                                min(self._cap, self.E))
+        st.mark += len(has)
+        return out
 
     # -- hooks --
 
     def on_gate(self, view, layer: int) -> list[Prefetch]:
         self._begin(view)
         return self._predict(view, layer)
+
+    def on_gates(self, view) -> GateBlocks | None:
+        """Every gate hook of the step at once (Predictor.on_gates): what `_predict` gives layer by
+        layer, each gate's `lookahead_layers` targets scored in one compiled call."""
+        self._begin(view)
+        L, E = self.L, self.E
+        routing = self._step_routing(view)
+        if routing.shape[0] == 0:
+            return None
+        if self._cur_codes is None:
+            self._rows_of(view, 0)
+        rows = routing if self._rows is None else routing[self._rows]
+        if self.params.use_sequences:  # (the codes of every layer, then every gate's contexts)
+            n = rows.shape[0]
+            use_prev = view.phase != "prefill" and self._pvalid.any() and self._prev_codes.shape[0] == n
+            keys, key_gate = self._jit.gate_keys(rows, self._prev_codes, self._pvalid, use_prev,
+                                                 self.params.pattern_length, _MULT, self._cur_codes)
+            self._have[:] = True
+            slots = self.store.find(keys)
+        else:
+            slots = key_gate = self._no_slots
+        counts = np.bincount((routing + self._gate_base).ravel(), minlength=L * E).reshape(L, E)
+        experts, scores, ends = self._score(counts, self._all, self._gate_src, self._gate_src + 1, slots, key_gate)
+        step = view.step
+        return GateBlocks([step + off for off in self._gate_off], self._gate_lay, experts, scores, ends.tolist(),
+                          self.h)
 
     def _learn(self, view, routing: np.ndarray, rows, prev, pvalid, owners) -> None:
         p, L, E = self.params, self.L, self.E
@@ -360,10 +388,7 @@ class MultiLook(HistoryPredictor):
                 pos = pos_all if idx_rows is None else pos_all[idx_rows]
             else:
                 pos = self._pos
-            slot = pos % p.temporal_period
-            ti = ((slot[:, None, None] * L + np.arange(L)[None, :, None]) * E + rows).ravel()
-            np.add.at(self.temporal.reshape(-1), ti, _ONE)
-            np.add.at(self.temporal_n.reshape(-1), (slot[:, None] * L + np.arange(L)[None, :]).ravel(), _ONE)
+            self._jit.learn_temporal(self.temporal, self.temporal_n, pos % p.temporal_period, rows)
         # sequence patterns: contexts ending at q whose outcome q+d (d <= h) lies in this token
         if p.use_sequences:
             self._learn_patterns(seq, prev, rows, pvalid)
@@ -387,19 +412,8 @@ class MultiLook(HistoryPredictor):
         qs, tgt, lay, late = self._hop_q
         if qs.size == 0:
             return
-        valid = late[None, :] | pvalid[:, None]                   # [n, nq]
-        src = np.broadcast_to(lay[:, None] * E, (valid.shape[0],) + lay.shape + (1,))[valid] + seq[:, qs][valid]  # [m, k]
-        if src.shape[0] == 0:
-            return
-        b = seq[:, tgt][valid]
-        src_rows = src.ravel()  # (rows of [hops * L, E]: hop, layer, expert a)
-        np.add.at(self.hops.reshape(-1), (src[:, :, None] * E + b[:, None, :]).ravel(), _ONE)
-        np.add.at(self.occ.reshape(-1), src_rows, _ONE)
-        mark = np.zeros(self.occ.size, dtype=bool)
-        mark[src_rows] = True
-        touched = mark.nonzero()[0]  # rows whose counts changed: refresh their cache
-        self.hops_lq.reshape(-1, E)[touched] = self._log1m(
-            self.hops.reshape(-1, E)[touched], self.occ.reshape(-1)[touched][:, None], self.params.min_pattern_frequency)
+        self._jit.learn_hops(self.hops.reshape(-1, E, E), self.occ.reshape(-1, E), self.hops_p.reshape(-1, E, E),
+                             seq, pvalid, qs, tgt, lay, late, self._hop_min, self._conf)
 
     def _learn_patterns(self, seq, prev, rows, pvalid) -> None:
         p, L, h = self.params, self.L, self.h
@@ -408,38 +422,19 @@ class MultiLook(HistoryPredictor):
         qs = np.arange(q0, 2 * L - 1)
         if qs.size == 0:
             return
-        codes = set_codes(seq)                                               # [n, 2L]
-        win = codes[:, (qs - pl + 1)[:, None] + np.arange(pl)[None, :]]      # [n, nq, pl]: the windows ending at qs
-        valid = ((qs - pl + 1) >= L)[None, :] | pvalid[:, None]
-        keys = context_hash(win, (qs % L)[None, :])                          # [n, nq]
-        ti, qi = np.nonzero(valid)
+        keys, ti, tq = self._jit.learn_keys(seq, pvalid, qs, pl, L, _MULT)
         if ti.size == 0:
             return
-        slots = self.store.slots(keys[ti, qi].tolist())
+        slots = self.store.slots(keys)
         keep = slots >= 0
-        ti, qi, slots = ti[keep], qi[keep], slots[keep]
-        np.add.at(self.store.access, slots, np.int64(1))
-        # every distance d = 1..h at once (each count grows by the same 1.0: the order is free)
-        tgt = qs[qi][:, None] + np.arange(1, h + 1)[None, :]                 # [m, h]
-        i, j = ((tgt >= L) & (tgt < 2 * L)).nonzero()
-        if i.size:
-            row = slots[i] * h + j
-            np.add.at(self.store.n.reshape(-1), row, _ONE)
-            ex = seq[ti[i], tgt[i, j]]                                        # [m', k]
-            np.add.at(self.store.counts.reshape(-1), (row[:, None] * self.E + ex).ravel(), _ONE)
-        mark = np.zeros(self.store.capacity, dtype=bool)
-        mark[slots] = True
-        touched = np.flatnonzero(mark)  # patterns whose counts changed: refresh their cache
         st = self.store
-        st.trusted[touched] = st.n[touched, 0] >= p.min_pattern_frequency
-        st.lq[touched] = self._log1m(st.counts[touched], st.n[touched][..., None],
-                                     p.confidence_fraction * p.min_pattern_frequency)
+        self._jit.learn_patterns(st.counts, st.n, st.p, st.trusted, st.access, slots[keep], ti[keep], tq[keep],
+                                 seq, L, np.float32(p.min_pattern_frequency), self._pattern_min, self._conf)
 
-    def _log1m(self, c: np.ndarray, n: np.ndarray, min_count: float) -> np.ndarray:
-        """log(1 - p) of the conditional probability p = c / n, 0 where c < min_count or
-        p < min_confidence (the expert is then not predicted by this entry)."""
-        prob = c / np.maximum(n, _ONE)
-        keep = ((c >= min_count) & (prob >= self.params.min_confidence)).ravel().nonzero()[0]
-        out = np.zeros_like(prob)  # (flat indices: the same elements, in order, as a boolean mask; faster)
-        out.put(keep, np.log1p(-np.minimum(prob.take(keep), np.float32(1.0 - 1e-6))))
-        return out
+    def _prob(self, c: np.ndarray, n: np.ndarray, min_count: float) -> np.ndarray:
+        """The conditional probability p = c / n (n: c's shape, its last axis 1), 0 where
+        c < min_count or p < min_confidence (the expert is then not predicted by this entry)."""
+        E = c.shape[-1]
+        return self._jit.thresholded(np.ascontiguousarray(c, dtype=np.float32).reshape(-1, E),
+                                     np.ascontiguousarray(n, dtype=np.float32).reshape(-1), np.float32(min_count),
+                                     self._conf).reshape(c.shape)
