@@ -146,7 +146,7 @@ class FlatLink:
         step's layers as a mask [L * E] (scored by _score_mask, not recorded). Each later target's
         keys are recorded once, the union of its blocks'."""
         L, predicted = self.L, self.predicted
-        codes = np.array([s * L + lay for s, lay in zip(g.steps, g.layers)], dtype=np.int64)
+        codes = np.asarray(g.steps, dtype=np.int64) * L + np.asarray(g.layers, dtype=np.int64)
         now = np.zeros(L * self.E, dtype=np.bool_)
         out, at, targets, ends, keys = J.pack_gates(g.experts, np.asarray(g.ends, dtype=np.int64), codes,
                                                     g.per_gate, step * L, self.E, L, now)

@@ -72,8 +72,8 @@ class GateBlocks:
 
     __slots__ = ("steps", "layers", "experts", "scores", "ends", "per_gate")
 
-    def __init__(self, steps: list[int], layers: list[int], experts: np.ndarray, scores: np.ndarray,
-                 ends: list[int], per_gate: int = 1) -> None:
+    def __init__(self, steps: list[int] | np.ndarray, layers: list[int] | np.ndarray, experts: np.ndarray,
+                 scores: np.ndarray, ends: list[int] | np.ndarray, per_gate: int = 1) -> None:
         self.steps, self.layers, self.experts, self.scores, self.ends = steps, layers, experts, scores, ends
         self.per_gate = per_gate
 
@@ -84,7 +84,8 @@ class GateBlocks:
         out, ends = Ranked(), self.ends
         for b in range(gate * self.per_gate, (gate + 1) * self.per_gate):
             a = ends[b - 1] if b else 0
-            out.add(self.steps[b], self.layers[b], self.experts[a:ends[b]].tolist(), self.scores[a:ends[b]].tolist())
+            out.add(int(self.steps[b]), int(self.layers[b]), self.experts[a:ends[b]].tolist(),
+                    self.scores[a:ends[b]].tolist())
         return out
 
     def __iter__(self):

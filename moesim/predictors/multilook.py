@@ -219,8 +219,8 @@ class MultiLook(HistoryPredictor):
         self._has = np.ones(1, dtype=np.bool_)  # (one gate: whether its source layer is known)
         self._all = np.ones(L, dtype=np.bool_)  # (every gate's is)
         # every gate's targets, gate after gate: step offsets and layers
-        self._gate_off = [off for l in range(L) for _d, off, _lay in self._targets[l]]
-        self._gate_lay = [lay for l in range(L) for _d, _off, lay in self._targets[l]]
+        self._gate_off = np.array([off for l in range(L) for _d, off, _lay in self._targets[l]], dtype=np.int64)
+        self._gate_lay = np.array([lay for l in range(L) for _d, _off, lay in self._targets[l]], dtype=np.int64)
         self._gate_src = np.arange(L, dtype=np.int64)
         self._gate_base = (np.arange(L, dtype=np.int64) * E)[None, :, None]
 
@@ -371,8 +371,7 @@ class MultiLook(HistoryPredictor):
         counts = np.bincount((routing + self._gate_base).ravel(), minlength=L * E).reshape(L, E)
         experts, scores, ends = self._score(counts, self._all, self._gate_src, self._gate_src + 1, slots, key_gate)
         step = view.step
-        return GateBlocks([step + off for off in self._gate_off], self._gate_lay, experts, scores, ends.tolist(),
-                          self.h)
+        return GateBlocks(self._gate_off + step, self._gate_lay, experts, scores, ends, self.h)
 
     def _learn(self, view, routing: np.ndarray, rows, prev, pvalid, owners) -> None:
         p, L, E = self.params, self.L, self.E
