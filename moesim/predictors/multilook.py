@@ -217,12 +217,9 @@ class MultiLook(HistoryPredictor):
         self._no_table = np.zeros((0, E), dtype=np.float32)
         self._no_slots = np.zeros(0, dtype=np.int64)
         self._has = np.ones(1, dtype=np.bool_)  # (one gate: whether its source layer is known)
-        self._all = np.ones(L, dtype=np.bool_)  # (every gate's is)
         # every gate's targets, gate after gate: step offsets and layers
         self._gate_off = np.array([off for l in range(L) for _d, off, _lay in self._targets[l]], dtype=np.int64)
         self._gate_lay = np.array([lay for l in range(L) for _d, _off, lay in self._targets[l]], dtype=np.int64)
-        self._gate_src = np.arange(L, dtype=np.int64)
-        self._gate_base = (np.arange(L, dtype=np.int64) * E)[None, :, None]
 
     # -- per-step state --
 
@@ -344,34 +341,46 @@ class MultiLook(HistoryPredictor):
 
     # -- hooks --
 
+    def on_step_start(self, view) -> Ranked:
+        """`_predict(view, -1)` in one compiled call (multilook_jit.start)."""
+        self._begin(view)
+        p, st = self.params, self.store
+        known = view.phase != "prefill" and bool(self._pvalid.any())
+        experts, scores, ends = self._jit.start(
+            self._prev, self._pvalid, self._prev_codes, known, p.pattern_length if p.use_sequences else self.L + 1,
+            _MULT, st._hk, st._hv, st._shift, st.trusted, st.access, st.stamp, st.mark, self.hops_p, self._n_hops,
+            p.use_cooccurrence, self._temporal(), st.p, min(self._cap, self.E))
+        st.mark += 1
+        step, out, a = view.step, Ranked(), 0
+        for (_d, off, lay), b in zip(self._targets[-1], ends.tolist()):
+            out.add(step + off, lay, experts[a:b].tolist(), scores[a:b].tolist())
+            a = b
+        return out
+
     def on_gate(self, view, layer: int) -> list[Prefetch]:
         self._begin(view)
         return self._predict(view, layer)
 
     def on_gates(self, view) -> GateBlocks | None:
         """Every gate hook of the step at once (Predictor.on_gates): what `_predict` gives layer by
-        layer, each gate's `lookahead_layers` targets scored in one compiled call."""
+        layer, each gate's `lookahead_layers` targets scored in one compiled call (multilook_jit.gates)."""
         self._begin(view)
-        L, E = self.L, self.E
         routing = self._step_routing(view)
         if routing.shape[0] == 0:
             return None
         if self._cur_codes is None:
             self._rows_of(view, 0)
         rows = routing if self._rows is None else routing[self._rows]
-        if self.params.use_sequences:  # (the codes of every layer, then every gate's contexts)
-            n = rows.shape[0]
-            use_prev = view.phase != "prefill" and self._pvalid.any() and self._prev_codes.shape[0] == n
-            keys, key_gate = self._jit.gate_keys(rows, self._prev_codes, self._pvalid, use_prev,
-                                                 self.params.pattern_length, _MULT, self._cur_codes)
-            self._have[:] = True
-            slots = self.store.find(keys)
-        else:
-            slots = key_gate = self._no_slots
-        counts = np.bincount((routing + self._gate_base).ravel(), minlength=L * E).reshape(L, E)
-        experts, scores, ends = self._score(counts, self._all, self._gate_src, self._gate_src + 1, slots, key_gate)
-        step = view.step
-        return GateBlocks(self._gate_off + step, self._gate_lay, experts, scores, ends, self.h)
+        p, st = self.params, self.store
+        use_prev = bool(view.phase != "prefill" and self._pvalid.any() and self._prev_codes.shape[0] == rows.shape[0])
+        experts, scores, ends = self._jit.gates(
+            routing, rows, self._prev_codes, self._pvalid, use_prev, p.pattern_length if p.use_sequences else 0,
+            _MULT, self._cur_codes, st._hk, st._hv, st._shift, st.trusted, st.access, st.stamp, st.mark, self.hops_p,
+            self._n_hops, p.use_cooccurrence, self._temporal(), st.p, min(self._cap, self.E))
+        st.mark += self.L
+        if p.use_sequences:
+            self._have[:] = True  # (gates wrote every layer's codes)
+        return GateBlocks(self._gate_off + view.step, self._gate_lay, experts, scores, ends, self.h)
 
     def _learn(self, view, routing: np.ndarray, rows, prev, pvalid, owners) -> None:
         p, L, E = self.params, self.L, self.E

@@ -23,10 +23,8 @@ _ONE = np.float32(1.0)
 @njit(cache=True, nogil=True, inline="always")
 def _p(c, n, min_count, min_conf):
     """c / n as kept (float32), 0 where c < min_count or c / n < min_conf."""
-    if not c >= min_count:
-        return np.float32(0.0)
     prob = c / n
-    return prob if prob >= min_conf else np.float32(0.0)
+    return prob if (c >= min_count) & (prob >= min_conf) else np.float32(0.0)  # (no branch: it vectorises)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -68,7 +66,7 @@ def temporal_table(temporal, temporal_n, pos, L, h, min_count, min_conf):
     miss = np.empty(E, dtype=np.float64)
     for j in range(L + h):
         lay, off = j % L, j // L
-        miss[:] = 1.0
+        miss.fill(1.0)
         for t in range(pos.shape[0]):
             slot = (pos[t] + off) % period
             nn = max(temporal_n[slot, lay], _ONE)
@@ -110,13 +108,13 @@ def predict(counts, has, srcs, t0s, key_slots, key_gate, trusted, access, stamp,
     n_out = 0
     k = 0
     for g in range(G):
-        score[:] = 0.0
+        score.fill(0.0)
         if has[g]:
             src = srcs[g]
             for d in range(hh):
                 if d == 0 and not cooc:
                     continue
-                miss[:] = 1.0
+                miss.fill(1.0)
                 for a in range(E):
                     c = counts[g, a]
                     if c == 1:  # (p = 0 multiplies by 1: exact, so no branch; it vectorises)
@@ -148,7 +146,7 @@ def predict(counts, has, srcs, t0s, key_slots, key_gate, trusted, access, stamp,
                 nu += 1
         if nu:
             for d in range(h):
-                miss[:] = 1.0
+                miss.fill(1.0)
                 for i in range(nu):
                     for e in range(E):
                         miss[e] *= 1.0 - np.float64(min(store_p[used[i], d, e], _CLAMP))
@@ -169,8 +167,9 @@ def predict(counts, has, srcs, t0s, key_slots, key_gate, trusted, access, stamp,
                     j -= 1
                 top_s[j] = x
                 top_e[j] = e
-            experts[n_out:n_out + n] = top_e[:n]
-            scores[n_out:n_out + n] = top_s[:n]
+            for j in range(n):
+                experts[n_out + j] = top_e[j]
+                scores[n_out + j] = top_s[j]
             n_out += n
             ends[g * h + d] = n_out
     return experts[:n_out], scores[:n_out], ends
@@ -438,3 +437,53 @@ def forget(hk, hv, shift, slot_key, used, free, top, victims):
         used[s] = False
         free[top[0]] = s
         top[0] += 1
+
+
+@njit(cache=True, nogil=True)
+def start(prev, pvalid, prev_codes, known, pl, mult, hk, hv, shift, trusted, access, stamp, mark, hops_p, hh, cooc,
+          tt, store_p, cap):
+    """The step's first prediction (MultiLook._predict at layer -1) in one call: from the previous
+    tokens (prev [n, L, k] where pvalid; none unless `known`) the experts of their last layer and
+    the contexts of their last `pl` layers (prev_codes [n, L]), looked up in the pattern index
+    (hk, hv, shift), then `predict` with G = 1 (its other arguments)."""
+    n, L, k = prev.shape
+    E = store_p.shape[2]
+    counts = np.zeros((1, E), dtype=np.int64)
+    keys = np.empty(n, dtype=np.uint64)
+    m = 0
+    if known:
+        for t in range(n):
+            if pvalid[t]:
+                for i in range(k):
+                    counts[0, prev[t, L - 1, i]] += 1
+                if L - pl >= 0:
+                    keys[m] = _context(prev_codes[t], L - pl, L, L - 1, mult[1])
+                    m += 1
+    has = np.ones(1, dtype=np.bool_)
+    has[0] = known
+    src = np.full(1, L - 1 if known else 0, dtype=np.int64)
+    return predict(counts, has, src, np.zeros(1, dtype=np.int64), find(hk, hv, shift, keys[:m]),
+                   np.zeros(m, dtype=np.int64), trusted, access, stamp, mark, hops_p, hh, cooc, tt, store_p, cap)
+
+
+@njit(cache=True, nogil=True)
+def gates(routing, rows, prev_codes, pvalid, use_prev, pl, mult, codes, hk, hv, shift, trusted, access, stamp, mark,
+          hops_p, hh, cooc, tt, store_p, cap):
+    """Every gate of a step in one call (MultiLook.on_gates): the batch's experts per layer
+    (routing [T, L, k], every row), the contexts of the rows read (rows [n, L, k], their codes into
+    codes [n, L]; pl = 0: no patterns) looked up in the pattern index, then `predict` with G = L
+    (its other arguments)."""
+    T, L, k = routing.shape
+    E = store_p.shape[2]
+    counts = np.zeros((L, E), dtype=np.int64)
+    for t in range(T):
+        for l in range(L):
+            for i in range(k):
+                counts[l, routing[t, l, i]] += 1
+    if pl:
+        keys, key_gate = gate_keys(rows, prev_codes, pvalid, use_prev, pl, mult, codes)
+    else:
+        keys, key_gate = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    src = np.arange(L)
+    return predict(counts, np.ones(L, dtype=np.bool_), src, src + 1, find(hk, hv, shift, keys), key_gate,
+                   trusted, access, stamp, mark, hops_p, hh, cooc, tt, store_p, cap)
