@@ -109,26 +109,33 @@ def test_a_noisy_oracle_draws_gate_by_gate():
     assert pred.on_gates(FakeView(STREAM, 0, True)) is None
 
 
-def _pack_both(g, L, E, step, predicted):
-    """FlatLink._pack_gates of `g`, and FlatLink._pack of each gate's answer in turn (the reference)."""
+def _pack_both(g, L, E, step, predicted, accessed=None):
+    """FlatLink._pack_gates of `g`, and FlatLink._pack of each gate's answer in turn then
+    FlatPrefetch._score of the step's layers (the reference); `accessed`: each layer's keys."""
     from types import SimpleNamespace
 
     from moesim.engine.flat_link import FlatLink
+    from moesim.engine.flat_prefetch import FlatPrefetch
 
+    accessed = accessed or [[layer * E] for layer in range(L)]
+    bounds = np.cumsum([0] + [len(a) for a in accessed]).tolist()
+    allk = [k for a in accessed for k in a]
     new = SimpleNamespace(L=L, E=E, predicted={k: set(v) for k, v in predicted.items()})
-    out, at, now = FlatLink._pack_gates(new, g, step)
-    assert not any(s == step for s, _lay in new.predicted.keys() - predicted.keys())  # (this step's: in `now`)
-    for key in np.flatnonzero(now).tolist():
-        new.predicted.setdefault((step, key // E), set()).add(key)
-    ref = SimpleNamespace(L=L, E=E, predicted={k: set(v) for k, v in predicted.items()})
+    out, at, made, correct = FlatLink._pack_gates(new, g, step, np.array(allk, dtype=np.int64),
+                                                  np.array(bounds, dtype=np.int64))
+    rec = SimpleNamespace(pred_needed=[0] * L, pred_made=[0] * L, pred_correct=[0] * L)
+    ref = SimpleNamespace(L=L, E=E, predicted={k: set(v) for k, v in predicted.items()}, rec=rec)
     want, want_at = [0], []
     for layer in range(L):
         want_at += [len(want)] * 2
         ref.gated = (step, layer)
         FlatLink._pack(ref, g[layer], want)
+    later = {k: v for k, v in ref.predicted.items() if k[0] != step}
+    FlatPrefetch._score(ref, step, range(L), allk, bounds)
     assert out.dtype == np.int64
-    assert (out.tolist(), at, new.predicted) == (want, want_at, ref.predicted)
-    return want, new.predicted
+    assert (out.tolist(), at, new.predicted) == (want, want_at, later)
+    assert (made, correct) == (rec.pred_made, rec.pred_correct)
+    return want, new.predicted, made, correct
 
 
 def test_the_flat_path_packs_gate_blocks_as_it_packs_each_gates_answer():
@@ -140,8 +147,10 @@ def test_the_flat_path_packs_gate_blocks_as_it_packs_each_gates_answer():
     L, E, step = 4, 8, 5
     g = GateBlocks([5, 5, 6, 5], [1, 1, 0, 3], np.array([3, 1, 2, 6, 7, 0, 5, 6]),
                    np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]), [2, 3, 6, 8])
-    out, predicted = _pack_both(g, L, E, step, {(6, 0): {1}})
-    assert predicted == {(5, 1): {E + 3, E + 1}, (6, 0): {1, 6, 7, 0}}  # (gates 1 and 3: their own layer)
+    out, predicted, made, correct = _pack_both(g, L, E, step, {(6, 0): {1}, (5, 1): {E + 5}},
+                                               [[0], [E + 1, E + 5, E + 1], [2 * E], [3 * E]])
+    assert predicted == {(6, 0): {1, 6, 7, 0}}  # (gates 1 and 3: their own layer)
+    assert (made, correct) == ([0, 3, 0, 0], [0, 2, 0, 0])  # (E + 1 accessed twice: once)
     assert out == [0, 5 * L + 1, 2, E + 3, E + 1, 6 * L, 3, 6, 7, 0]
 
 
@@ -162,7 +171,8 @@ def test_the_flat_path_packs_several_targets_per_gate_as_each_gates_answer(seed)
             ends.append(len(experts))
     g = GateBlocks(steps, layers, np.array(experts, dtype=np.int64), np.linspace(1, 0, len(experts)), ends, per)
     assert len(g) == L
-    _pack_both(g, L, E, step, {(step + 1, 0): {2}})
+    accessed = [sorted({layer * E + int(e) for e in rng.integers(0, E, 3)}) for layer in range(L)]
+    _pack_both(g, L, E, step, {(step + 1, 0): {2}, (step, 2): {2 * E + 1}}, accessed)
 
 
 @pytest.mark.parametrize("params", [

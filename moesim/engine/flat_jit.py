@@ -576,13 +576,16 @@ def layers(Z, X, EI, EF, PR, B, at, dt, gated, keys, counts, costs, bounds, busy
 
 
 @njit(cache=True, nogil=True)
-def pack_gates(experts, ends, codes, per, gated0, E, L, now):
-    """FlatLink._pack of every gate's blocks at once. Block b (gate b // per) predicts
-    experts[ends[b - 1]:ends[b]] for target code codes[b] (step * L + layer); it is kept if not
-    empty and after its gate (code > gated0 + gate; gated0 = step * L). The keys predicted for
-    this step's layers are marked in now [L * E]. Returns (the blocks as _pack appends them to
-    [0]: code, size, keys; each gate's start, twice; the later steps' kept targets: their codes
-    ascending, the ends of their keys and their keys, each target's distinct keys ascending)."""
+def pack_gates(experts, ends, codes, per, gated0, E, L, now, fk, starts):
+    """FlatLink._pack of every gate's blocks at once, and LoadChain._gate's scoring of this step's
+    layers. Block b (gate b // per) predicts experts[ends[b - 1]:ends[b]] for target code codes[b]
+    (step * L + layer); it is kept if not empty and after its gate (code > gated0 + gate; gated0 =
+    step * L). The keys predicted for this step's layers are marked in now [L * E] (which holds
+    those predicted earlier) and scored against the keys accessed, fk[starts[l]:starts[l + 1]] at
+    layer l. Returns (the blocks as _pack appends them to [0]: code, size, keys; each gate's start,
+    twice; the later steps' kept targets: their codes ascending, the ends of their keys and their
+    keys, each target's distinct keys ascending; per layer, the keys predicted and those of them
+    accessed)."""
     nb = ends.shape[0]
     total, a = 1, 0
     lo, hi = np.iinfo(np.int64).max, -1
@@ -627,4 +630,13 @@ def pack_gates(experts, ends, codes, per, gated0, E, L, now):
             tcodes[nt] = lo + t
             tends[nt] = nk
             nt += 1
-    return out, at, tcodes[:nt], tends[:nt], tkeys[:nk]
+    made = np.zeros(L, dtype=np.int64)
+    correct = np.zeros(L, dtype=np.int64)
+    for key in range(L * E):
+        made[key // E] += now[key]
+    for l in range(L):
+        for i in range(starts[l], starts[l + 1]):
+            if now[fk[i]]:
+                correct[l] += 1
+                now[fk[i]] = False  # (a key accessed twice counts once)
+    return out, at, tcodes[:nt], tends[:nt], tkeys[:nk], made, correct

@@ -139,22 +139,27 @@ class FlatLink:
             out.append(len(keys))
             out.extend(keys)
 
-    def _pack_gates(self, g, step: int) -> tuple[np.ndarray, list[int], np.ndarray]:
-        """_pack of every gate's answer of step `step` from a GateBlocks, compiled
-        (flat_jit.pack_gates): returns the blocks as `_pack` would append them to [0] (an int64
-        array), each gate's start twice (no pre-attention blocks), and the keys predicted for this
-        step's layers as a mask [L * E] (scored by _score_mask, not recorded). Each later target's
-        keys are recorded once, the union of its blocks'."""
-        L, predicted = self.L, self.predicted
+    def _pack_gates(self, g, step: int, fk: np.ndarray, starts: np.ndarray):
+        """_pack of every gate's answer of step `step` from a GateBlocks, and _score of the step's
+        layers, compiled (flat_jit.pack_gates): returns the blocks as `_pack` would append them to
+        [0] (an int64 array), each gate's start twice (no pre-attention blocks), and per layer the
+        keys predicted for it (with those recorded earlier) and how many of them are accessed
+        (fk[starts[l]:starts[l + 1]]). Each later target's keys are recorded once, the union of its
+        blocks'."""
+        L, E, predicted = self.L, self.E, self.predicted
+        now, pop = np.zeros(L * E, dtype=np.bool_), predicted.pop
+        for layer in range(L):
+            pset = pop((step, layer), None)
+            if pset:
+                now[list(pset)] = True
         codes = np.asarray(g.steps, dtype=np.int64) * L + np.asarray(g.layers, dtype=np.int64)
-        now = np.zeros(L * self.E, dtype=np.bool_)
-        out, at, targets, ends, keys = J.pack_gates(g.experts, np.asarray(g.ends, dtype=np.int64), codes,
-                                                    g.per_gate, step * L, self.E, L, now)
+        out, at, targets, ends, keys, made, correct = J.pack_gates(
+            g.experts, np.asarray(g.ends, dtype=np.int64), codes, g.per_gate, step * L, E, L, now, fk, starts)
         keys, a = keys.tolist(), 0
         for code, b in zip(targets.tolist(), ends.tolist()):
             record_predicted(predicted, divmod(code, L), keys[a:b])
             a = b
-        return out, at.tolist(), now
+        return out, at.tolist(), made.tolist(), correct.tolist()
 
     def _blocks(self, out: list[int]) -> np.ndarray:
         """`out` as the int64 array the compiled moves read, with room for its protections."""

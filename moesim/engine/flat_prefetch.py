@@ -101,9 +101,12 @@ class FlatPrefetch(FlatLink):
         if on_gate and not on_pre:
             view.gated = view.pre_attn_layer = L - 1
             answers = pred.on_gates(view)
-        now = None  # (a GateBlocks' predictions for this step's layers, as a mask)
+        if bounds is not self._bounds:  # (one-token steps share them: plan._ones)
+            self._bounds, self._starts = bounds, np.array(bounds, dtype=np.int64)
+            self._nkeys = [b - a for a, b in zip(bounds, bounds[1:])]
+        scored = None  # (a GateBlocks' packing scores the step's predictions too)
         if type(answers) is GateBlocks:
-            out, at, now = self._pack_gates(answers, step)
+            out, at, *scored = self._pack_gates(answers, step, fk, self._starts)
             for _ in range(L):
                 spent += lat
             self.gated = (step, L - 1)
@@ -134,18 +137,18 @@ class FlatPrefetch(FlatLink):
                     pack(reqs, out)
         at.append(len(out))
         rec.predictor_s = spent
-        if now is None:  # (every prediction for a layer is made before its gate: all are in)
+        if scored is None:  # (every prediction for a layer is made before its gate: all are in)
             self._score(step, range(L), allk, bounds)
         else:
-            self._score_mask(step, now, fk, bounds)
+            for layer, (n, m, c) in enumerate(zip(self._nkeys, *scored)):
+                rec.pred_needed[layer] += n
+                rec.pred_made[layer] += m
+                rec.pred_correct[layer] += c
         hook_gpu = lat if self.on_gpu else 0.0
         pre, gate_gpu = hook_gpu if on_pre else 0.0, hook_gpu if on_gate else 0.0
         if self.log is not None:
             self._room(len(fk) + len(out))
         blocks = self._blocks(out)  # (before PR is read: it may grow it)
-        if bounds is not self._bounds:  # (one-token steps share them: plan._ones)
-            self._bounds, self._starts = bounds, np.array(bounds, dtype=np.int64)
-            self._nkeys = [b - a for a, b in zip(bounds, bounds[1:])]
         F, I = np.empty((L, 5), dtype=np.float64), np.empty((L, 4), dtype=np.int64)
         self.npr = J.layers(self.Z, self.X, self.EI, self.EF, self.PR, blocks, np.array(at, dtype=np.int64),
                             float(pre + attn), step * L, fk, fc, costs, self._starts, shared,
@@ -167,24 +170,6 @@ class FlatPrefetch(FlatLink):
             if pset:
                 made[layer] += len(pset)
                 correct[layer] += len(pset.intersection(allk[lo:hi]))
-
-    def _score_mask(self, step: int, now: np.ndarray, fk: np.ndarray, bounds: list[int]) -> None:
-        """_score of every layer of step `step`, with the keys predicted for them so far marked in
-        `now` [L * E] besides those recorded in `predicted`."""
-        rec, pop, L, E = self.rec, self.predicted.pop, self.L, self.E
-        for layer in range(L):
-            pset = pop((step, layer), None)
-            if pset:
-                now[list(pset)] = True
-        accessed = np.zeros(L * E, dtype=np.bool_)
-        accessed[fk] = True
-        made = now.reshape(L, E).sum(axis=1).tolist()
-        correct = (now & accessed).reshape(L, E).sum(axis=1).tolist()
-        needed, pm, pc = rec.pred_needed, rec.pred_made, rec.pred_correct
-        for layer in range(L):
-            needed[layer] += bounds[layer + 1] - bounds[layer]
-            pm[layer] += made[layer]
-            pc[layer] += correct[layer]
 
     def _layers_at_gates(self, plan: StepPlan, attn: float, allk: list[int], fk, fc, costs, bounds: list[int],
                          shared: float) -> None:
