@@ -95,6 +95,17 @@ def emit(outdir: Path, bench_trace: str, quick: bool, only: str | None) -> None:
         print(name, auto.engine["engine"], flush=True)
 
 
+def _changed(a, b, path: str = "") -> list[str]:
+    """The values that differ between two summaries, as 'path: old -> new' (wall-clock fields
+    skipped: they always differ)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [c for k in sorted(a.keys() | b.keys()) if "wall" not in k
+                for c in _changed(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [c for i, (x, y) in enumerate(zip(a, b)) for c in _changed(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a} -> {b}"]
+
+
 def compare(a: Path, b: Path) -> list[str]:
     """Every difference between two emitted trees, as lines."""
     import pandas as pd
@@ -112,8 +123,11 @@ def compare(a: Path, b: Path) -> list[str]:
             if (da / "skipped.txt").exists() != (db / "skipped.txt").exists():
                 diffs.append(f"{n}: skipped in one checkout only")
             continue
-        if json.loads((da / "summary.json").read_text()) != json.loads((db / "summary.json").read_text()):
-            diffs.append(f"{n}: summary.json differs")
+        sa, sb = json.loads((da / "summary.json").read_text()), json.loads((db / "summary.json").read_text())
+        if sa != sb:
+            changed = _changed(sa, sb)
+            diffs.append(f"{n}: summary.json differs ({len(changed)} values: "
+                         f"{'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''})")
         for t in TABLES:
             pa, pb = da / f"{t}.parquet", db / f"{t}.parquet"
             if pa.exists() != pb.exists():
