@@ -148,10 +148,9 @@ class FlatLink:
         blocks'."""
         L, E, predicted = self.L, self.E, self.predicted
         now, pop = np.zeros(L * E, dtype=np.bool_), predicted.pop
-        for layer in range(L):
-            pset = pop((step, layer), None)
-            if pset:
-                now[list(pset)] = True
+        earlier = [k for layer in range(L) for k in pop((step, layer), ())]  # (predicted before: recorded)
+        if earlier:
+            now[earlier] = True
         codes = np.asarray(g.steps, dtype=np.int64) * L + np.asarray(g.layers, dtype=np.int64)
         out, at, targets, ends, keys, made, correct = J.pack_gates(
             g.experts, np.asarray(g.ends, dtype=np.int64), codes, g.per_gate, step * L, E, L, now, fk, starts)

@@ -214,6 +214,10 @@ class MultiLook(HistoryPredictor):
         self._conf = np.float32(p.min_confidence)
         self._hop_min, self._pattern_min = np.float32(p.min_pattern_frequency), np.float32(
             p.confidence_fraction * p.min_pattern_frequency)
+        self._trust_min = np.float32(p.min_pattern_frequency)
+        # the positions q of [previous token | this token] whose context a step learns: its window
+        # fits, and an outcome q + d (d <= h) lies in this token
+        self._pattern_q = np.arange(max(p.pattern_length - 1, L - h), 2 * L - 1)
         self._no_table = np.zeros((0, E), dtype=np.float32)
         self._no_slots = np.zeros(0, dtype=np.int64)
         self._has = np.ones(1, dtype=np.bool_)  # (one gate: whether its source layer is known)
@@ -352,8 +356,9 @@ class MultiLook(HistoryPredictor):
             p.use_cooccurrence, self._temporal(), st.p, min(self._cap, self.E))
         st.mark += 1
         step, out, a = view.step, Ranked(), 0
+        experts, scores = experts.tolist(), scores.tolist()
         for (_d, off, lay), b in zip(self._targets[-1], ends.tolist()):
-            out.add(step + off, lay, experts[a:b].tolist(), scores[a:b].tolist())
+            out.add(step + off, lay, experts[a:b], scores[a:b])
             a = b
         return out
 
@@ -424,20 +429,18 @@ class MultiLook(HistoryPredictor):
                              seq, pvalid, qs, tgt, lay, late, self._hop_min, self._conf)
 
     def _learn_patterns(self, seq, prev, rows, pvalid) -> None:
-        p, L, h = self.params, self.L, self.h
-        pl = p.pattern_length
-        q0 = max(pl - 1, L - h)
-        qs = np.arange(q0, 2 * L - 1)
+        p, L, st, qs = self.params, self.L, self.store, self._pattern_q
         if qs.size == 0:
             return
-        keys, ti, tq = self._jit.learn_keys(seq, pvalid, qs, pl, L, _MULT)
+        keys, ti, tq = self._jit.learn_keys(seq, pvalid, qs, p.pattern_length, L, _MULT)
         if ti.size == 0:
             return
-        slots = self.store.slots(keys)
-        keep = slots >= 0
-        st = self.store
-        self._jit.learn_patterns(st.counts, st.n, st.p, st.trusted, st.access, slots[keep], ti[keep], tq[keep],
-                                 seq, L, np.float32(p.min_pattern_frequency), self._pattern_min, self._conf)
+        slots = st.slots(keys)
+        if slots.min() < 0:  # (contexts the store could not hold)
+            keep = slots >= 0
+            slots, ti, tq = slots[keep], ti[keep], tq[keep]
+        self._jit.learn_patterns(st.counts, st.n, st.p, st.trusted, st.access, slots, ti, tq, seq, L,
+                                 self._trust_min, self._pattern_min, self._conf)
 
     def _prob(self, c: np.ndarray, n: np.ndarray, min_count: float) -> np.ndarray:
         """The conditional probability p = c / n (n: c's shape, its last axis 1), 0 where

@@ -105,22 +105,29 @@ def predict(counts, has, srcs, t0s, key_slots, key_gate, trusted, access, stamp,
     top_s = np.empty(width, dtype=np.float32)
     top_e = np.empty(width, dtype=np.int64)
     used = np.empty(key_slots.shape[0], dtype=np.int64)
+    active = np.empty(E, dtype=np.int64)
     n_out = 0
     k = 0
     for g in range(G):
         score.fill(0.0)
         if has[g]:
             src = srcs[g]
+            na = 0
+            for a in range(E):  # (the source experts present, ascending)
+                if counts[g, a]:
+                    active[na] = a
+                    na += 1
             for d in range(hh):
                 if d == 0 and not cooc:
                     continue
                 miss.fill(1.0)
-                for a in range(E):
+                for i in range(na):
+                    a = active[i]
                     c = counts[g, a]
                     if c == 1:  # (p = 0 multiplies by 1: exact, so no branch; it vectorises)
                         for e in range(E):
                             miss[e] *= 1.0 - np.float64(min(hops_p[d, src, a, e], _CLAMP))
-                    elif c:
+                    else:
                         for e in range(E):
                             p = hops_p[d, src, a, e]
                             if p > 0.0:
