@@ -148,7 +148,7 @@ class FlatLink:
         blocks'."""
         L, E, predicted = self.L, self.E, self.predicted
         now, pop = np.zeros(L * E, dtype=np.bool_), predicted.pop
-        earlier = [k for layer in range(L) for k in pop((step, layer), ())]  # (predicted before: recorded)
+        earlier = [k for t in [t for t in predicted if t[0] == step] for k in pop(t)]  # (predicted before: recorded)
         if earlier:
             now[earlier] = True
         codes = np.asarray(g.steps, dtype=np.int64) * L + np.asarray(g.layers, dtype=np.int64)

@@ -15,6 +15,8 @@ random scenarios, times that tie included.
 """
 from __future__ import annotations
 
+from operator import add
+
 import numpy as np
 
 from ..predictors.base import GateBlocks
@@ -140,10 +142,10 @@ class FlatPrefetch(FlatLink):
         if scored is None:  # (every prediction for a layer is made before its gate: all are in)
             self._score(step, range(L), allk, bounds)
         else:
-            for layer, (n, m, c) in enumerate(zip(self._nkeys, *scored)):
-                rec.pred_needed[layer] += n
-                rec.pred_made[layer] += m
-                rec.pred_correct[layer] += c
+            made, correct = scored
+            rec.pred_needed = list(map(add, rec.pred_needed, self._nkeys))
+            rec.pred_made = list(map(add, rec.pred_made, made))
+            rec.pred_correct = list(map(add, rec.pred_correct, correct))
         hook_gpu = lat if self.on_gpu else 0.0
         pre, gate_gpu = hook_gpu if on_pre else 0.0, hook_gpu if on_gate else 0.0
         if self.log is not None:
