@@ -18,6 +18,22 @@ def _answers(reqs) -> list:
     return [tuple(p) for p in reqs]
 
 
+def _step_both(ref, new, steps: list, i: int):
+    """Step i of `steps` on a per-gate predictor (ref) and a step-level one (new), their step
+    starts compared (ref's through the per-target `_predict`); returns (new's on_gates answer,
+    ref's gate answers, ref's view, new's view)."""
+    L = MODEL.num_layers
+    view, nview = FakeView(steps, i, False), FakeView(steps, i, False)
+    want = _answers(HistoryPredictor.on_step_start(ref, view))
+    assert _answers(new.on_step_start(nview)) == want
+    gates = []
+    for layer in range(L):
+        view.gated = layer
+        gates.append(_answers(ref.on_gate(view, layer)))
+    nview.gated = L - 1
+    return new.on_gates(nview), gates, view, nview
+
+
 def _run_both(params: dict, steps: list) -> tuple[int, int]:
     """Drive a per-gate and a step-level predictor over `steps`; returns (steps the step-level
     hook answered, gates answered non-empty)."""
@@ -26,15 +42,7 @@ def _run_both(params: dict, steps: list) -> tuple[int, int]:
     new = registry.create("intelligent", params, MODEL, np.random.default_rng(0))
     answered = nonempty = 0
     for i in range(len(steps)):
-        view, nview = FakeView(steps, i, False), FakeView(steps, i, False)
-        want = _answers(HistoryPredictor.on_step_start(ref, view))  # (the per-target _predict path)
-        assert _answers(new.on_step_start(nview)) == want
-        gates = []
-        for layer in range(L):
-            view.gated = layer
-            gates.append(_answers(ref.on_gate(view, layer)))
-        nview.gated = L - 1
-        got = new.on_gates(nview)
+        got, gates, view, nview = _step_both(ref, new, steps, i)
         if got is not None:
             answered += 1
             assert [_answers(g) for g in got] == gates
@@ -189,21 +197,12 @@ def test_the_flat_path_packs_several_targets_per_gate_as_each_gates_answer(seed)
 def test_multilook_step_hook_matches_its_gate_hooks(params, stream):
     """Answers, pattern accesses and learnt tables the same, step after step."""
     steps = {"chains": STREAM, "sticky": STICKY, "noisy": NOISY}[stream]
-    L = MODEL.num_layers
     ref = registry.create("multilook", params, MODEL, np.random.default_rng(0))
     new = registry.create("multilook", params, MODEL, np.random.default_rng(0))
     nonempty = 0
     for i in range(len(steps)):
-        view, nview = FakeView(steps, i, False), FakeView(steps, i, False)
-        want = _answers(HistoryPredictor.on_step_start(ref, view))  # (the per-target _predict path)
-        assert _answers(new.on_step_start(nview)) == want
-        gates = []
-        for layer in range(L):
-            view.gated = layer
-            gates.append(_answers(ref.on_gate(view, layer)))
-        nview.gated = L - 1
-        got = new.on_gates(nview)
-        assert len(got) == L and [_answers(g) for g in got] == gates
+        got, gates, view, nview = _step_both(ref, new, steps, i)
+        assert len(got) == MODEL.num_layers and [_answers(g) for g in got] == gates
         nonempty += sum(bool(g) for g in gates)
         np.testing.assert_array_equal(new.store.access, ref.store.access)
         ref.on_step_end(view)
