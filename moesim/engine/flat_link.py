@@ -10,7 +10,7 @@ wake-up; a counter numbers both as that heap does, which decides ties at equal t
 """
 from __future__ import annotations
 
-from itertools import repeat
+from itertools import chain, repeat
 
 import numpy as np
 
@@ -148,9 +148,9 @@ class FlatLink:
         blocks'."""
         L, E, predicted = self.L, self.E, self.predicted
         now, pop = np.zeros(L * E, dtype=np.bool_), predicted.pop
-        earlier = [k for t in [t for t in predicted if t[0] == step] for k in pop(t)]  # (predicted before: recorded)
+        earlier = [pop(t) for t in [t for t in predicted if t[0] == step]]  # (predicted before: recorded)
         if earlier:
-            now[earlier] = True
+            now[np.fromiter(chain.from_iterable(earlier), dtype=np.int64)] = True
         codes = np.asarray(g.steps, dtype=np.int64) * L + np.asarray(g.layers, dtype=np.int64)
         out, at, targets, ends, keys, made, correct = J.pack_gates(
             g.experts, np.asarray(g.ends, dtype=np.int64), codes, g.per_gate, step * L, E, L, now, fk, starts)
