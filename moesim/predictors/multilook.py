@@ -336,12 +336,17 @@ class MultiLook(HistoryPredictor):
     def _score(self, counts, has, srcs, t0s, key_slots, key_gate):
         """multilook_jit.predict of these gates with this predictor's tables (each gate's pattern
         accesses counted)."""
-        p, st = self.params, self.store
-        out = self._jit.predict(counts, has, srcs, t0s, key_slots, key_gate, st.trusted, st.access, st.stamp, st.mark,
-                                self.hops_p, self._n_hops, p.use_cooccurrence, self._temporal(), st.p,
-                                min(self._cap, self.E))
-        st.mark += len(has)
+        out = self._jit.predict(counts, has, srcs, t0s, key_slots, key_gate, *self._tables())
+        self.store.mark += len(has)
         return out
+
+    def _tables(self) -> tuple:
+        """The arguments every compiled prediction ends with (multilook_jit.predict's): the pattern
+        store's trust, accesses and gate marks, the hop tables, the temporal table, the pattern
+        tables and the per-layer cap."""
+        p, st = self.params, self.store
+        return (st.trusted, st.access, st.stamp, st.mark, self.hops_p, self._n_hops, p.use_cooccurrence,
+                self._temporal(), st.p, min(self._cap, self.E))
 
     # -- hooks --
 
@@ -352,8 +357,7 @@ class MultiLook(HistoryPredictor):
         known = view.phase != "prefill" and bool(self._pvalid.any())
         experts, scores, ends = self._jit.start(
             self._prev, self._pvalid, self._prev_codes, known, p.pattern_length if p.use_sequences else self.L + 1,
-            _MULT, st._hk, st._hv, st._shift, st.trusted, st.access, st.stamp, st.mark, self.hops_p, self._n_hops,
-            p.use_cooccurrence, self._temporal(), st.p, min(self._cap, self.E))
+            _MULT, st._hk, st._hv, st._shift, *self._tables())
         st.mark += 1
         step, out, a = view.step, Ranked(), 0
         experts, scores = experts.tolist(), scores.tolist()
@@ -380,8 +384,7 @@ class MultiLook(HistoryPredictor):
         use_prev = bool(view.phase != "prefill" and self._pvalid.any() and self._prev_codes.shape[0] == rows.shape[0])
         experts, scores, ends = self._jit.gates(
             routing, rows, self._prev_codes, self._pvalid, use_prev, p.pattern_length if p.use_sequences else 0,
-            _MULT, self._cur_codes, st._hk, st._hv, st._shift, st.trusted, st.access, st.stamp, st.mark, self.hops_p,
-            self._n_hops, p.use_cooccurrence, self._temporal(), st.p, min(self._cap, self.E))
+            _MULT, self._cur_codes, st._hk, st._hv, st._shift, *self._tables())
         st.mark += self.L
         if p.use_sequences:
             self._have[:] = True  # (gates wrote every layer's codes)
