@@ -61,6 +61,13 @@ def test_emit_all_matches_the_reference():
             assert got.get((7 + off, lay), ([], [])) == ref
 
 
+def _prob_numpy(pred, c, n, min_count):
+    """The thresholded conditional probability as numpy computes it (the reference): c / max(n, 1)
+    in float32, 0 below the count or the confidence threshold."""
+    prob = c / np.maximum(n, np.float32(1.0))
+    return np.where((c >= min_count) & (prob >= pred.params.min_confidence), prob, np.float32(0.0))
+
+
 class _PerHopMultiLook(MultiLook):
     """MultiLook learning as first written: one add.at per hop and per distance."""
 
@@ -79,8 +86,9 @@ class _PerHopMultiLook(MultiLook):
         np.add.at(self.hops.reshape(-1), np.concatenate(idx_parts), np.float32(1))
         np.add.at(self.occ.reshape(-1), src_rows, np.float32(1))
         touched = np.unique(src_rows)
-        self.hops_p.reshape(-1, E)[touched] = self._prob(
-            self.hops.reshape(-1, E)[touched], self.occ.reshape(-1)[touched][:, None], self.params.min_pattern_frequency)
+        self.hops_p.reshape(-1, E)[touched] = _prob_numpy(
+            self, self.hops.reshape(-1, E)[touched], self.occ.reshape(-1)[touched][:, None],
+            self.params.min_pattern_frequency)
 
     def _learn_patterns(self, seq, prev, rows, pvalid):
         p, L, h, E, st = self.params, self.L, self.h, self.E, self.store
@@ -101,7 +109,7 @@ class _PerHopMultiLook(MultiLook):
             np.add.at(st.counts.reshape(-1), (s[:, None] * E + seq[ti[m], tgt[m]]).ravel(), np.float32(1))
         touched = np.unique(slots)
         st.trusted[touched] = st.n[touched, 0] >= p.min_pattern_frequency
-        st.p[touched] = self._prob(st.counts[touched], st.n[touched][..., None],
+        st.p[touched] = _prob_numpy(self, st.counts[touched], st.n[touched][..., None],
                                      p.confidence_fraction * p.min_pattern_frequency)
 
 

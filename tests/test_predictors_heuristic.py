@@ -39,6 +39,10 @@ class FakeView:
         self._check(layer)
         return self._routing[:, layer, :]
 
+    def routing(self) -> np.ndarray:
+        self._check(self._routing.shape[1] - 1)
+        return self._routing
+
     def future(self, n_layers: int, after_layer: int):
         if not self._oracle:
             raise PermissionError("only predictors with needs_future may read the trace ahead")

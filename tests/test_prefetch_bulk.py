@@ -15,6 +15,7 @@ from moesim.engine.run import simulate
 from moesim.engine.sim import Simulation
 from moesim.predictors import registry
 from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
+from tests.test_predictor_fast_paths import _prob_numpy
 
 MODEL = {**TINY_MODEL, "num_layers": 6, "num_experts": 16, "top_k": 3}
 PREDICTORS = {
@@ -76,12 +77,6 @@ def test_bulk_prefetch_path_equals_key_by_key(tmp_path, monkeypatch, name, dram)
         pd.testing.assert_frame_equal(getattr(bulk, table), getattr(ref, table), check_exact=True)
 
 
-def _prob_masked(self, c, n, min_count):
-    """The boolean-mask form of _prob (the reference)."""
-    prob = c / np.maximum(n, np.float32(1.0))
-    return np.where((c >= min_count) & (prob >= self.params.min_confidence), prob, np.float32(0.0))
-
-
 def _learn_hops_per_hop(self, seq, pvalid):
     """The per-hop loop _learn_hops replaced (the reference)."""
     L, E = self.L, self.E
@@ -98,7 +93,7 @@ def _learn_hops_per_hop(self, seq, pvalid):
         src = (lay[:, None] * E + a).ravel()
         np.add.at(self.occ[hop].reshape(-1), src, np.float32(1))
         touched = np.unique(src)
-        self.hops_p[hop].reshape(-1, E)[touched] = _prob_masked(
+        self.hops_p[hop].reshape(-1, E)[touched] = _prob_numpy(
             self, self.hops[hop].reshape(-1, E)[touched], self.occ[hop].reshape(-1)[touched][:, None],
             self.params.min_pattern_frequency)
 
@@ -111,7 +106,6 @@ def test_multilook_learns_as_the_per_hop_masked_form():
     params = cls.Params(lookahead_layers=3, min_pattern_frequency=1, min_confidence=0.2)
     new, old = (cls(params, model, np.random.default_rng(0)) for _ in range(2))
     old._learn_hops = _learn_hops_per_hop.__get__(old)
-    old._prob = _prob_masked.__get__(old)
     for i in range(len(STREAM)):
         for p in (new, old):
             view = FakeView(STREAM, i, False)

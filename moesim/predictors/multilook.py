@@ -220,7 +220,6 @@ class MultiLook(HistoryPredictor):
         self._pattern_q = np.arange(max(p.pattern_length - 1, L - h), 2 * L - 1)
         self._no_table = np.zeros((0, E), dtype=np.float32)
         self._no_slots = np.zeros(0, dtype=np.int64)
-        self._has = np.ones(1, dtype=np.bool_)  # (one gate: whether its source layer is known)
         # every gate's targets, gate after gate: step offsets and layers
         self._gate_off = np.array([off for l in range(L) for _d, off, _lay in self._targets[l]], dtype=np.int64)
         self._gate_lay = np.array([lay for l in range(L) for _d, _off, lay in self._targets[l]], dtype=np.int64)
@@ -322,10 +321,8 @@ class MultiLook(HistoryPredictor):
                     win = win[ok]
                 if win.shape[0]:
                     slots = self.store.find(context_keys(win, src))
-        has = self._has
-        has[0] = cnt is not None
         counts = np.zeros((1, E), dtype=np.int64) if cnt is None else cnt.reshape(1, E)
-        experts, scores, ends = self._score(counts, has, np.array([src if cnt is not None else 0]),
+        experts, scores, ends = self._score(counts, np.array([cnt is not None]), np.array([src if cnt is not None else 0]),
                                             np.array([layer + 1]), slots, np.zeros(slots.size, dtype=np.int64))
         step, out, a = view.step, Ranked(), 0
         for (_d, off, lay), b in zip(self._targets[layer], ends.tolist()):
@@ -444,11 +441,3 @@ class MultiLook(HistoryPredictor):
             slots, ti, tq = slots[keep], ti[keep], tq[keep]
         self._jit.learn_patterns(st.counts, st.n, st.p, st.trusted, st.access, slots, ti, tq, seq, L,
                                  self._trust_min, self._pattern_min, self._conf)
-
-    def _prob(self, c: np.ndarray, n: np.ndarray, min_count: float) -> np.ndarray:
-        """The conditional probability p = c / n (n: c's shape, its last axis 1), 0 where
-        c < min_count or p < min_confidence (the expert is then not predicted by this entry)."""
-        E = c.shape[-1]
-        return self._jit.thresholded(np.ascontiguousarray(c, dtype=np.float32).reshape(-1, E),
-                                     np.ascontiguousarray(n, dtype=np.float32).reshape(-1), np.float32(min_count),
-                                     self._conf).reshape(c.shape)

@@ -44,19 +44,6 @@ def _miss(p, count):
 
 
 @njit(cache=True, nogil=True)
-def thresholded(c, n, min_count, min_conf):
-    """[R, E] float32: each conditional probability c / max(n, 1) (c [R, E], n [R] float32), 0
-    where the count or the probability is below its threshold."""
-    R, E = c.shape
-    out = np.zeros((R, E), dtype=np.float32)
-    for r in range(R):
-        nn = max(n[r], _ONE)
-        for e in range(E):
-            out[r, e] = _p(c[r, e], nn, min_count, min_conf)
-    return out
-
-
-@njit(cache=True, nogil=True)
 def temporal_table(temporal, temporal_n, pos, L, h, min_count, min_conf):
     """The temporal component of a step: [L + h, E], for position j of [this step's layers | the
     next steps'] the noisy-OR over the rows of each expert's probability at the row's position

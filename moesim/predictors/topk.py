@@ -203,15 +203,7 @@ class HistoryPredictor(LayerAheadPredictor):
         got = self._routing
         if got is not None and got[0] is view and got[1] == view.step:
             return got[2]
-        whole = getattr(view, "routing", None)  # (the engine's view has every layer's at once)
-        if whole is not None:
-            routing = np.array(whole(), dtype=np.int64, order="C")
-        else:
-            first = np.asarray(view.token_experts(0))
-            routing = np.empty((first.shape[0], self.L, first.shape[1]), dtype=np.int64)
-            routing[:, 0] = first
-            for l in range(1, self.L):
-                routing[:, l] = view.token_experts(l)
+        routing = np.array(view.routing(), dtype=np.int64, order="C")
         self._routing = (view, view.step, routing)
         return routing
 
