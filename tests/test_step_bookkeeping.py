@@ -1,5 +1,5 @@
-"""The fast path's per-step shortcuts give exactly what the per-layer reference code gives:
-plan._counts' count table vs np.unique, Recorder.layer_rows vs layer_row per layer."""
+"""The fast paths' per-step shortcuts give exactly what the per-layer reference code gives:
+plan._counts' count table vs np.unique, Recorder.layer_rows and step_arrays vs layer_row per layer."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -75,6 +75,65 @@ def test_layer_rows_mixed_with_layer_row_and_over_a_chunk(tmp_path):
     a, b = Recorder(m, tmp_path / "a.parquet"), Recorder(m, tmp_path / "b.parquet")
     _steps(a, b, steps, np.random.default_rng(3), whole=lambda i: i < steps - 3)
     pd.testing.assert_frame_equal(pd.read_parquet(a.steps_file()), pd.read_parquet(b.steps_file()),
+                                  check_exact=True)
+
+
+def _array_steps(rec_a: Recorder, rec_b: Recorder, n: int, rng, whole=lambda index: True, first: int = 0):
+    """`n` random steps with prefetches per layer recorded layer by layer in `rec_a`, and in `rec_b`
+    as the flat prefetch path's arrays (step_arrays) where `whole(index)`, else layer by layer too."""
+    m = rec_a.model
+    for index in range(first, first + n):
+        phase = "prefill" if index % 4 == 0 else "decode"
+        plan = StepPlan(index, phase, 0, np.arange(3 if index % 3 else 1), 3, 10, np.zeros((3, 1, 1)))
+        for r in (rec_a, rec_b):
+            r.step_start(plan, float(index))
+        t, attn = float(index), float(rng.random())
+        F, I = np.empty((m.num_layers, 5)), np.empty((m.num_layers, 4), dtype=np.int64)
+        uniq = rng.integers(1, 9, size=m.num_layers)
+        for layer in range(m.num_layers):
+            busy, stall = float(rng.random()), float(rng.random())
+            nk = int(uniq[layer])
+            nm, late = int(rng.integers(0, nk + 1)), int(rng.integers(0, 2))
+            pf = int(rng.integers(0, 5))
+            t0, tg, te = t, t + attn, t + attn + busy + stall
+            F[layer], I[layer] = (t0, tg, te, busy, stall), (nk - nm, late, nm, pf)
+            recs = (rec_a,) if whole(index) else (rec_a, rec_b)
+            for r in recs:
+                r.prefetch_issued += pf  # (layer_row: its prefetches are the issued count's growth)
+                r.layer_row(plan, layer, t0, tg, te, attn, busy, stall, nk - nm, late, nm, nk)
+            t = te
+        if whole(index):
+            rec_b.step_arrays(plan, attn, F, I, uniq)
+
+
+def test_step_arrays_equals_layer_row_per_layer():
+    m = get_preset("olmoe-1b-7b")
+    a, b = Recorder(m), Recorder(m)
+    _array_steps(a, b, 9, np.random.default_rng(4))
+    b._last_prefetch = a._last_prefetch  # (the flat path counts its prefetches at the end of the run)
+    _same(a, b, 9 * m.num_layers)
+    assert a.late_hits == b.late_hits and a.late_hits > 0
+
+
+def test_step_arrays_mixed_with_layer_rows_and_over_a_chunk(tmp_path):
+    """Arrays, whole steps (layer_rows) and single rows interleaved keep their order, across a
+    compaction, and stream to the same Parquet rows."""
+    m = get_preset("olmoe-1b-7b")
+    steps = _CHUNK // m.num_layers + 5
+    rng = np.random.default_rng(5)
+    a, b, c = Recorder(m), Recorder(m), Recorder(m, tmp_path / "c.parquet")
+    ref = Recorder(m, tmp_path / "ref.parquet")
+    for first in range(0, steps, 10):
+        n = min(10, steps - first)
+        if (first // 10) % 2:
+            _steps(a, b, n, rng, whole=lambda i: i % 3 != 1, first=first)
+        else:
+            _array_steps(a, b, n, rng, whole=lambda i: i % 5 != 2, first=first)
+    b._last_prefetch = a._last_prefetch
+    _same(a, b, steps * m.num_layers)
+    rng = np.random.default_rng(6)
+    _array_steps(ref, c, steps, rng, whole=lambda i: i < steps - 2)
+    pd.testing.assert_frame_equal(pd.read_parquet(ref.steps_file()), pd.read_parquet(c.steps_file()),
                                   check_exact=True)
 
 

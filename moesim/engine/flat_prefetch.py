@@ -105,7 +105,8 @@ class FlatPrefetch(FlatLink):
             answers = pred.on_gates(view)
         if bounds is not self._bounds:  # (one-token steps share them: plan._ones)
             self._bounds, self._starts = bounds, np.array(bounds, dtype=np.int64)
-            self._nkeys = [b - a for a, b in zip(bounds, bounds[1:])]
+            self._nkeys = np.diff(self._starts)
+            self._nkeys.flags.writeable = False  # (the Recorder keeps it: StepArrays)
         scored = None  # (a GateBlocks' packing scores the step's predictions too)
         if type(answers) is GateBlocks:
             out, at, *scored = self._pack_gates(answers, step, fk, self._starts)
@@ -143,7 +144,7 @@ class FlatPrefetch(FlatLink):
             self._score(step, range(L), allk, bounds)
         else:
             made, correct = scored
-            rec.pred_needed = list(map(add, rec.pred_needed, self._nkeys))
+            rec.pred_needed = list(map(add, rec.pred_needed, self._nkeys.tolist()))
             rec.pred_made = list(map(add, rec.pred_made, made))
             rec.pred_correct = list(map(add, rec.pred_correct, correct))
         hook_gpu = lat if self.on_gpu else 0.0
@@ -156,10 +157,7 @@ class FlatPrefetch(FlatLink):
                             float(pre + attn), step * L, fk, fc, costs, self._starts, shared,
                             gate_gpu, self._issued, F, I)
         self.env.now = float(self.X[J.XS, J.NOW])
-        t0, gate, end, busy, stall = F.T.tolist()
-        hits, late, misses, issued = I.T.tolist()
-        self.rec.step_cols(plan, range(L), t0, gate, end, [attn + pre] * L, busy, stall, hits, late, misses,
-                           self._nkeys, issued)
+        self.rec.step_arrays(plan, attn + pre, F, I, self._nkeys)
 
     def _score(self, step: int, layers, allk: list[int], bounds: list[int]) -> None:
         """LoadChain._gate's scoring of the predictions for (step, layer), for each of `layers`."""
@@ -182,18 +180,17 @@ class FlatPrefetch(FlatLink):
         on_pre, on_gate, log = self._on_pre_attention, self._on_gate, self.log
         lat, step, L = self.lat, plan.index, self.L
         hook_gpu = lat if self.on_gpu else 0.0
-        rows: list[tuple] = []
+        F, I = [], []  # the rows (Recorder.step_arrays)
         issued0 = self._issued
+        pre = hook_gpu if on_pre else 0.0  # (every layer's pre-attention GPU seconds)
         for layer in range(L):
             lo, hi = bounds[layer], bounds[layer + 1]
             t0 = env.now
             out = [0]  # the pre-attention hook's blocks
             view.pre_attn_layer = layer
-            pre = 0.0
             if on_pre:
                 reqs = pred.on_pre_attention(view, layer)
                 rec.predictor_s += lat
-                pre = hook_gpu
                 if reqs:
                     pack(reqs, out)
             self.gated = (step, layer)
@@ -219,7 +216,8 @@ class FlatPrefetch(FlatLink):
                 Z, X, self.EI, self.EF, self.PR, blocks, 1, len(out), t_gate, step * L + layer, fk, fc, costs, lo, hi,
                 shared, gate_gpu)
             env.now = now
-            rows.append((layer, t0, t_gate, now, attn + pre, busy, now - t_gate - busy, hits, late, misses, hi - lo,
-                         issued - issued0))
+            F.append((t0, t_gate, now, busy, now - t_gate - busy))
+            I.append((hits, late, misses, issued - issued0))
             issued0 = issued
-        rec.step_cols(plan, *zip(*rows))
+        rec.step_arrays(plan, attn + pre, np.array(F, dtype=np.float64), np.array(I, dtype=np.int64),
+                        np.diff(np.array(bounds, dtype=np.int64)))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..models import ModelSpec
-from .step_records import StepRecords
+from .step_records import StepArrays, StepRecords
 
 _CHUNK = 16384
 _KEY_CHUNK = 1 << 16  # keys the KeyLog holds in memory before it appends them to its file
@@ -163,7 +163,7 @@ class Recorder:
         self.stall_s = 0.0
         self.output_tokens = self.processed_tokens = 0
         self._cols = tuple([] for _ in STEP_COLUMNS)  # recent step × layer rows, column by column ...
-        self._pend = StepRecords()  # ... and after them, recent steps recorded whole (layer_rows) ...
+        self._pend = StepRecords()  # ... and after them, recent steps recorded whole (layer_rows, step_arrays) ...
         self._chunks: list[pd.DataFrame] = []  # ... compacted every _CHUNK rows (memory ~flat)
         self._req_start: dict[int, float] = {}    # admission: start of the request's first step
         self._req_arrival: dict[int, float] = {}
@@ -196,7 +196,7 @@ class Recorder:
         seqs = len(plan.request_ids)
         row = (plan.index, plan.batch, _PHASES[plan.phase], layer, plan.tokens, t0, t_gate, t_end, attn,
                busy, stall, hits, late, misses, n_keys, pf, seqs, plan.prefill_tokens)
-        if self._pend.rows:  # (rows stay in order: the layer_rows records before this row)
+        if self._pend.rows:  # (rows stay in order: the whole steps' records before this row)
             self._pend.extend_into(self._cols)
         for col, v in zip(self._cols, row):
             col.append(v)
@@ -207,35 +207,44 @@ class Recorder:
         if len(self._cols[0]) >= _CHUNK:
             self._compact()
 
-    def step_cols(self, plan, layer, t0, gate, end, attn, busy, stall, hits, late, misses, n_keys, pf) -> None:
-        """``layer_row`` for every layer of a step at once (the flat prefetch path), given as columns
-        in layer order: (layer, t0, t_gate, t_end, attn, busy, stall, hits, late, misses, n_keys,
-        prefetches); the same columns and running sums (the float ones summed a row at a time, in order)."""
-        n = len(t0)
+    def step_arrays(self, plan, attn: float, F: np.ndarray, I: np.ndarray, uniq: np.ndarray) -> None:
+        """``layer_row`` for every layer of a step at once (the flat prefetch path), as its compiled
+        call leaves them: F [n, 5] (start_s, gate_s, end_s, compute_s, stall_s) and I [n, 4] (hits,
+        late_hits, misses, prefetches) in layer order, `attn` every row's attention seconds and
+        uniq [n] its unique experts; the same rows and running sums (the float ones summed a row at
+        a time, in order). The arrays are kept until the next compaction (StepArrays)."""
+        n = F.shape[0]
         if not n:
             return
-        if self._pend.rows:  # (rows stay in order: the layer_rows records before these)
-            self._pend.extend_into(self._cols)
-        self.hits += sum(hits)
-        self.late_hits += sum(late)
-        self.misses += sum(misses)
+        hits, late, misses, _pf = I.sum(axis=0).tolist()
+        self.hits += hits
+        self.late_hits += late
+        self.misses += misses
         c, st = self.compute_s, self.stall_s
-        for a, b in zip(attn, busy):
-            c += a + b
-        for x in stall:
+        for b in (F[:, 3] + attn).tolist():  # (attn + busy, as layer_row adds them)
+            c += b
+        for x in F[:, 4].tolist():
             st += x
         self.compute_s, self.stall_s = c, st
-        nk, seqs = sum(n_keys), len(plan.request_ids)
-        for col, vals in zip(self._cols, ([plan.index] * n, [plan.batch] * n, [_PHASES[plan.phase]] * n, layer,
-                                          [plan.tokens] * n, t0, gate, end, attn, busy, stall, hits, late, misses,
-                                          n_keys, pf, [seqs] * n, [plan.prefill_tokens] * n)):
-            col.extend(vals)
+        nk, seqs = int(uniq.sum()), len(plan.request_ids)
+        self._records(StepArrays).add((plan.index, plan.batch, _PHASES[plan.phase], plan.tokens, attn, seqs,
+                                       plan.prefill_tokens), F, I, uniq)
         self._rows_n += n
         self._uniq_sum += nk
         if plan.phase == "decode":
-            self._decode_rows(plan.index, seqs, n, nk, min(t0), max(end))
-        if len(self._cols[0]) >= _CHUNK:
+            self._decode_rows(plan.index, seqs, n, nk, float(F[:, 0].min()), float(F[:, 2].max()))
+        if len(self._cols[0]) + self._pend.rows >= _CHUNK:
             self._compact()
+
+    def _records(self, kind):
+        """The pending whole steps, of `kind` (StepRecords, StepArrays): those of the other kind
+        become column rows first, so that rows stay in order."""
+        p = self._pend
+        if type(p) is not kind:
+            if p.rows:
+                p.extend_into(self._cols)
+            p = self._pend = kind()
+        return p
 
     def layer_rows(self, plan, t0s, gates, ends, attn, busys, stalls, misses, n_keys) -> None:
         """Every layer's row of one step at once (the fast path, where no prefetch is issued during
@@ -254,8 +263,8 @@ class Recorder:
         pf = self.prefetch_issued - self._last_prefetch
         self._last_prefetch = self.prefetch_issued
         seqs = len(plan.request_ids)
-        self._pend.add(n, (plan.index, plan.batch, _PHASES[plan.phase], plan.tokens, attn, pf, seqs,
-                           plan.prefill_tokens), (t0s, gates, ends, busys, stalls, misses, n_keys))
+        self._records(StepRecords).add(n, (plan.index, plan.batch, _PHASES[plan.phase], plan.tokens, attn, pf, seqs,
+                                            plan.prefill_tokens), (t0s, gates, ends, busys, stalls, misses, n_keys))
         self._rows_n += n
         self._uniq_sum += nk
         if plan.phase == "decode" and n:
