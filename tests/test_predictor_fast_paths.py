@@ -144,6 +144,51 @@ def test_multilook_learning_matches_the_per_hop_reference(batch, params):
     np.testing.assert_array_equal(new.store.slot_key[new.store.used], ref.store.slot_key[ref.store.used])
 
 
+def _noisy_or_numpy(p_rows, counts):
+    """A hop component's score as multilook_jit defines it: 1 - prod over the
+    source experts a (ascending) of (1 - min(p[a], 1 - 1e-6))^counts[a] (by squaring), in float64,
+    rounded to float32 once."""
+    miss = np.ones(p_rows.shape[1])
+    for a in np.flatnonzero(counts).tolist():
+        f, out, c = 1.0 - np.minimum(p_rows[a], np.float32(1.0 - 1e-6)).astype(np.float64), np.ones_like(miss), int(counts[a])
+        while c:
+            if c & 1:
+                out = out * f
+            f, c = f * f, c >> 1
+        miss = miss * out
+    return (1.0 - miss).astype(np.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_multilook_hop_scores_are_the_noisy_or_of_the_tables(batch):
+    """predict's co-occurrence and chain scores are the noisy-OR of the probability tables (hops_p)
+    over the batch's experts, as multilook_jit defines it (ranked best first, ties: lower id)."""
+    steps = make_stream(n_requests=12, batch=batch, noise=0.2, seed=7)
+    pred = registry.create("multilook", {"lookahead_layers": 3, "use_sequences": False, "use_temporal": False,
+                                         "min_pattern_frequency": 1, "max_per_layer": 64}, MODEL,
+                           np.random.default_rng(0))
+    _drive(pred, steps)
+    nonzero = (pred.hops_p > 0).sum(axis=-1)
+    assert (nonzero > 1).any() and (nonzero < pred.E).all()
+    rng = np.random.default_rng(batch)
+    E, L = pred.E, pred.L
+    checked = 0
+    for _ in range(30):
+        src = int(rng.integers(0, L))
+        counts = np.bincount(rng.integers(0, E, size=batch * MODEL.top_k), minlength=E).astype(np.int64)
+        experts, scores, ends = pred._score(counts[None], np.array([True]), np.array([src]), np.array([src + 1]),
+                                            np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        a = 0
+        for d, b in enumerate(ends.tolist()):
+            want = _noisy_or_numpy(pred.hops_p[d, src], counts)
+            order = np.lexsort((np.arange(E), -want))
+            order = order[want[order] > 0]
+            assert experts[a:b].tolist() == order.tolist() and scores[a:b].tolist() == want[order].tolist()
+            checked += b - a
+            a = b
+    assert checked > 0
+
+
 def _fuse_numpy(q, masks, tie, w, thr_t, thr_p, kth, enough, cap):
     """The numpy algorithm intelligent_jit.fuse replaced (one target; q float32 [T', E])."""
     if q.shape[0]:
