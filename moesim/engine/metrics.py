@@ -216,23 +216,24 @@ class Recorder:
         n = F.shape[0]
         if not n:
             return
-        hits, late, misses, _pf = I.sum(axis=0).tolist()
-        self.hits += hits
-        self.late_hits += late
-        self.misses += misses
+        t0, _gate, end, busy, stall = F.T.tolist()  # (lists: for 16 rows, cheaper than numpy's reductions)
+        hits, late, misses, _pf = I.T.tolist()
+        self.hits += sum(hits)
+        self.late_hits += sum(late)
+        self.misses += sum(misses)
         c, st = self.compute_s, self.stall_s
-        for b in (F[:, 3] + attn).tolist():  # (attn + busy, as layer_row adds them)
-            c += b
-        for x in F[:, 4].tolist():
+        for b in busy:
+            c += attn + b
+        for x in stall:
             st += x
         self.compute_s, self.stall_s = c, st
-        nk, seqs = int(uniq.sum()), len(plan.request_ids)
+        nk, seqs = sum(uniq.tolist()), len(plan.request_ids)
         self._records(StepArrays).add((plan.index, plan.batch, _PHASES[plan.phase], plan.tokens, attn, seqs,
                                        plan.prefill_tokens), F, I, uniq)
         self._rows_n += n
         self._uniq_sum += nk
         if plan.phase == "decode":
-            self._decode_rows(plan.index, seqs, n, nk, float(F[:, 0].min()), float(F[:, 2].max()))
+            self._decode_rows(plan.index, seqs, n, nk, min(t0), max(end))
         if len(self._cols[0]) + self._pend.rows >= _CHUNK:
             self._compact()
 
