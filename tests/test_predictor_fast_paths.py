@@ -71,6 +71,8 @@ def _prob_numpy(pred, c, n, min_count):
 class _PerHopMultiLook(MultiLook):
     """MultiLook learning as first written: one add.at per hop and per distance."""
 
+    _learn_tables = MultiLook._learn_parts  # (learnt part by part: its own parts)
+
     def _learn_hops(self, seq, pvalid):
         L, E = self.L, self.E
         idx_parts, src_parts = [], []
@@ -142,6 +144,27 @@ def test_multilook_learning_matches_the_per_hop_reference(batch, params):
         used = np.flatnonzero(st.used)
         assert len(st) == used.size and st.find(st.slot_key[used]).tolist() == used.tolist()
     np.testing.assert_array_equal(new.store.slot_key[new.store.used], ref.store.slot_key[ref.store.used])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("params", [{}, {"max_patterns": 6, "min_pattern_frequency": 1, "pattern_length": 2},
+                                    {"use_temporal": False, "use_chains": False, "use_cooccurrence": False},
+                                    {"use_sequences": False, "lookahead_layers": 9}])
+def test_multilook_learns_in_one_call_as_part_by_part(batch, params):
+    """learn_step (one compiled call, the patterns left to the store when it must evict) learns
+    every table bit for bit as the parts called one by one, and so predicts the same."""
+    steps = make_stream(n_requests=12, batch=batch, noise=0.2, seed=batch + 5)
+    new, ref = (registry.create("multilook", params, MODEL, np.random.default_rng(0)) for _ in range(2))
+    ref._learn_tables = ref._learn_parts
+    evicting = []
+    new._learn_patterns = lambda *a: evicting.append(1) or MultiLook._learn_patterns(new, *a)
+    got = _drive(new, steps)
+    assert got == _drive(ref, steps) and any(got)
+    assert bool(evicting) == (params.get("max_patterns") == 6)
+    for name in ("hops", "occ", "hops_p", "temporal", "temporal_n"):
+        np.testing.assert_array_equal(getattr(new, name), getattr(ref, name))
+    for name in ("counts", "n", "p", "trusted", "access", "used", "slot_key", "free", "top", "_hk", "_hv"):
+        np.testing.assert_array_equal(getattr(new.store, name), getattr(ref.store, name))
 
 
 def _noisy_or_numpy(p_rows, counts):

@@ -106,6 +106,7 @@ def test_multilook_learns_as_the_per_hop_masked_form():
     params = cls.Params(lookahead_layers=3, min_pattern_frequency=1, min_confidence=0.2)
     new, old = (cls(params, model, np.random.default_rng(0)) for _ in range(2))
     old._learn_hops = _learn_hops_per_hop.__get__(old)
+    old._learn_tables = old._learn_parts  # (learnt part by part: its own hops)
     for i in range(len(STREAM)):
         for p in (new, old):
             view = FakeView(STREAM, i, False)

@@ -205,6 +205,9 @@ class MultiLook(HistoryPredictor):
                        np.concatenate([qs % L + i * L for i, qs in enumerate(q)]), np.concatenate(q) >= L)
         self.occ = np.zeros((n_hops, L, E), dtype=np.float32)
         self.hops_p = np.zeros_like(self.hops)    # thresholded conditional probabilities (hops / occ)
+        # (the learning's views: hop tables as [hops * L, E, E], occurrences as [hops * L, E])
+        self._hops3, self._hops_p3 = self.hops.reshape(-1, E, E), self.hops_p.reshape(-1, E, E)
+        self._occ2 = self.occ.reshape(-1, E)
         self.temporal = np.zeros((p.temporal_period, L, E), dtype=np.float32)
         self.temporal_n = np.zeros((p.temporal_period, L), dtype=np.float32)
         self.positions = RequestMemory(p.max_requests)
@@ -388,11 +391,8 @@ class MultiLook(HistoryPredictor):
         return GateBlocks(self._gate_off + view.step, self._gate_lay, experts, scores, ends, self.h)
 
     def _learn(self, view, routing: np.ndarray, rows, prev, pvalid, owners) -> None:
-        p, L, E = self.params, self.L, self.E
-        T = routing.shape[0]
-        seq = np.concatenate([prev, rows], axis=1)                 # [n, 2L, k]
-        self._learn_hops(seq, pvalid)
-        # temporal position
+        p, T = self.params, routing.shape[0]
+        pos = self._no_slots  # temporal position (none: not learnt)
         if p.use_temporal:
             if view.phase == "prefill":
                 start = np.searchsorted(owners, owners)
@@ -401,10 +401,7 @@ class MultiLook(HistoryPredictor):
                 pos = pos_all if idx_rows is None else pos_all[idx_rows]
             else:
                 pos = self._pos
-            self._jit.learn_temporal(self.temporal, self.temporal_n, pos % p.temporal_period, rows)
-        # sequence patterns: contexts ending at q whose outcome q+d (d <= h) lies in this token
-        if p.use_sequences:
-            self._learn_patterns(seq, prev, rows, pvalid)
+        self._learn_tables(prev, rows, pvalid, pos % p.temporal_period)
         # remember
         self._remember(view, routing, owners)
         ids = view.request_ids.tolist()
@@ -417,6 +414,30 @@ class MultiLook(HistoryPredictor):
             for rid, ps in zip(ids, self._pos.tolist()):
                 self.positions.put(rid, ps + 1)
 
+    def _learn_tables(self, prev, rows, pvalid, slot) -> None:
+        """`_learn_parts` in one compiled call (multilook_jit.learn_step), which leaves the patterns
+        to `_learn_patterns` when the store must evict to hold the step's contexts."""
+        p, st = self.params, self.store
+        hq, tgt, lay, late = self._hop_q
+        short, keys, ti, tq, seq = self._jit.learn_step(
+            prev, rows, pvalid, self._hops3, self._occ2, self._hops_p3, hq, tgt, lay, late, self._hop_min, self._conf,
+            self.temporal, self.temporal_n, slot, self._pattern_q if p.use_sequences else self._no_slots,
+            p.pattern_length, self.L, _MULT, st._hk, st._hv, st._shift, st.slot_key, st.used, st.free, st.top,
+            st.counts, st.n, st.p, st.trusted, st.access, self._trust_min, self._pattern_min)
+        if short:
+            self._learn_patterns(seq, prev, rows, pvalid, (keys, ti, tq))
+
+    def _learn_parts(self, prev, rows, pvalid, slot) -> None:
+        """Co-occurrence and chains, temporal position, sequence patterns (contexts ending at q whose
+        outcome q+d, d <= h, lies in this token), learnt from rows [n, L, k] with their previous
+        tokens (prev, where pvalid) and positions (slot, modulo the period; none: not learnt)."""
+        seq = np.concatenate([prev, rows], axis=1)                 # [n, 2L, k]
+        self._learn_hops(seq, pvalid)
+        if slot.size:
+            self._jit.learn_temporal(self.temporal, self.temporal_n, slot, rows)
+        if self.params.use_sequences:
+            self._learn_patterns(seq, prev, rows, pvalid)
+
     def _learn_hops(self, seq: np.ndarray, pvalid: np.ndarray) -> None:
         """Co-occurrence and chains: a at position q -> b at q+d, for b in this token. Every hop's
         counts are added, and their touched rows' cache refreshed, in one call each (each count
@@ -428,11 +449,13 @@ class MultiLook(HistoryPredictor):
         self._jit.learn_hops(self.hops.reshape(-1, E, E), self.occ.reshape(-1, E), self.hops_p.reshape(-1, E, E),
                              seq, pvalid, qs, tgt, lay, late, self._hop_min, self._conf)
 
-    def _learn_patterns(self, seq, prev, rows, pvalid) -> None:
+    def _learn_patterns(self, seq, prev, rows, pvalid, keyed=None) -> None:
+        """The sequence patterns' part of `_learn_parts` (from the contexts' keys, rows and
+        positions `keyed` when made already)."""
         p, L, st, qs = self.params, self.L, self.store, self._pattern_q
         if qs.size == 0:
             return
-        keys, ti, tq = self._jit.learn_keys(seq, pvalid, qs, p.pattern_length, L, _MULT)
+        keys, ti, tq = keyed or self._jit.learn_keys(seq, pvalid, qs, p.pattern_length, L, _MULT)
         if ti.size == 0:
             return
         slots = st.slots(keys)
