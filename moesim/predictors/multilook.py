@@ -419,13 +419,13 @@ class MultiLook(HistoryPredictor):
         to `_learn_patterns` when the store must evict to hold the step's contexts."""
         p, st = self.params, self.store
         hq, tgt, lay, late = self._hop_q
-        short, keys, ti, tq, seq = self._jit.learn_step(
+        short = self._jit.learn_step(
             prev, rows, pvalid, self._hops3, self._occ2, self._hops_p3, hq, tgt, lay, late, self._hop_min, self._conf,
             self.temporal, self.temporal_n, slot, self._pattern_q if p.use_sequences else self._no_slots,
             p.pattern_length, self.L, _MULT, st._hk, st._hv, st._shift, st.slot_key, st.used, st.free, st.top,
             st.counts, st.n, st.p, st.trusted, st.access, self._trust_min, self._pattern_min)
-        if short:
-            self._learn_patterns(seq, prev, rows, pvalid, (keys, ti, tq))
+        if short:  # (the contexts' keys made again: the same)
+            self._learn_patterns(np.concatenate([prev, rows], axis=1), prev, rows, pvalid)
 
     def _learn_parts(self, prev, rows, pvalid, slot) -> None:
         """Co-occurrence and chains, temporal position, sequence patterns (contexts ending at q whose
@@ -449,13 +449,11 @@ class MultiLook(HistoryPredictor):
         self._jit.learn_hops(self.hops.reshape(-1, E, E), self.occ.reshape(-1, E), self.hops_p.reshape(-1, E, E),
                              seq, pvalid, qs, tgt, lay, late, self._hop_min, self._conf)
 
-    def _learn_patterns(self, seq, prev, rows, pvalid, keyed=None) -> None:
-        """The sequence patterns' part of `_learn_parts` (from the contexts' keys, rows and
-        positions `keyed` when made already)."""
+    def _learn_patterns(self, seq, prev, rows, pvalid) -> None:
         p, L, st, qs = self.params, self.L, self.store, self._pattern_q
         if qs.size == 0:
             return
-        keys, ti, tq = keyed or self._jit.learn_keys(seq, pvalid, qs, p.pattern_length, L, _MULT)
+        keys, ti, tq = self._jit.learn_keys(seq, pvalid, qs, p.pattern_length, L, _MULT)
         if ti.size == 0:
             return
         slots = st.slots(keys)

@@ -255,9 +255,9 @@ def learn_step(prev, rows, pvalid, hops, occ, hops_p, hq, tgt, lay, late, hop_mi
     """A step's learning (MultiLook._learn_parts) in one call: the hops (`learn_hops`; none
     without hop positions hq), the temporal positions (`learn_temporal`; none without slots), the
     sequence patterns ending at positions pq (`learn_keys`, the store's `claim`, `learn_patterns`;
-    none without). Returns (0, ..., seq), or, where the store has fewer free slots than new
-    contexts, (how many new ones, their keys, rows and positions, seq) with the patterns not
-    learnt: the store evicts first (PatternStore.slots)."""
+    none without). Returns 0, or, where the store has fewer free slots than new contexts, how many
+    new ones there are, with the patterns not learnt: the store evicts first (PatternStore.slots).
+    (One int: each array returned costs a boxing.)"""
     seq = np.concatenate((prev, rows), axis=1)
     if hq.shape[0]:
         learn_hops(hops, occ, hops_p, seq, pvalid, hq, tgt, lay, late, hop_min, conf)
@@ -268,10 +268,9 @@ def learn_step(prev, rows, pvalid, hops, occ, hops_p, hq, tgt, lay, late, hop_mi
         if ti.shape[0]:
             slots, short = claim(hk, hv, shift, keys, slot_key, used, free, top)
             if short:
-                return short, keys, ti, tq, seq
+                return short
             learn_patterns(counts, n, prob, trusted, access, slots, ti, tq, seq, L, trust_min, pattern_min, conf)
-    none = np.zeros(0, dtype=np.int64)
-    return 0, np.zeros(0, dtype=np.uint64), none, none, seq
+    return 0
 
 
 # ---- hashes (multilook.set_codes and context_hash, the same uint64 arithmetic) -------------------
