@@ -250,3 +250,43 @@ def test_expert_affinity_prefers_overlapping_requests_and_does_not_starve():
                              affinity_window=3))
     order = [int(r) for _, p in plans if p.admitted is not None for r in p.admitted]
     assert order[:5] == [0, 2, 3, 4, 1]  # passed over 3 times, then admitted
+
+
+def _same_plan(a: StepPlan, b: StepPlan) -> None:
+    for f in StepPlan.__dataclass_fields__:
+        x, y = getattr(a, f), getattr(b, f)
+        if f in ("keys", "counts"):
+            assert [k.tolist() for k in x] == [k.tolist() for k in y], f
+        elif f == "flat":
+            assert (x is None) == (y is None), f
+            if x is not None:
+                assert x[0].tolist() == y[0].tolist() and x[1].tolist() == y[1].tolist() and list(x[2]) == list(y[2])
+        elif isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            assert x is not None and y is not None and x.dtype == y.dtype and np.array_equal(x, y), f
+        else:
+            assert x == y, f
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])
+@pytest.mark.parametrize("dedup", [True, False])
+def test_the_decode_step_shortcut_builds_what_build_does(size, dedup):
+    """A static batch's decode steps (Scheduler._decode_step) are the plans and states the general
+    `_build` makes of the same sequences, request after request (repeated experts included)."""
+    rng = np.random.default_rng(size)
+    reqs = make_requests(rng, 9, decode=(1, 7))
+    reqs[0].experts[:, 0, :] = 3  # (a token that repeats an expert in a layer: no one-token keys)
+    shortcut = make_sched(reqs, size=size, dedup=dedup)
+    decoded = 0
+    while True:
+        st, index = shortcut.state, shortcut.index
+        if st.running:
+            general = shortcut._build(index, st, [(s, d, 1) for s, d in zip(st.running, st.done)], [], st.batch_no)
+            for s in st.running:
+                s.keys = None  # (each makes its one-token key block anew)
+            fast = shortcut._decode_step(index, st)
+            _same_plan(fast[0], general[0])
+            assert fast[1] == general[1] and fast[2] == general[2] == []
+            decoded += 1
+        if shortcut.next_step(0.0) is None:
+            break
+    assert decoded > 5

@@ -67,17 +67,16 @@ class FlatPrefetch(FlatLink):
         attn = dense_blocks(self, plan, self._hooked(reqs) if self._on_step_start else 0.0)
         fk, fc, bounds = flat_keys(plan)
         sim.accessed.append(fk)  # (every layer's keys in order: the gap report's stream)
-        allk = fk.tolist()
         if fc is not self._fc:  # (one-token steps share their counts: plan._ones)
             ecs = self._ecs
             self._fc, self._costs = fc, np.array([ecs[c] for c in fc.tolist()], dtype=np.float64)
         costs = self._costs
         fk, fc = fk.astype(np.int64, copy=False).view(), fc.astype(np.int64, copy=False).view()
         fk.flags.writeable = fc.flags.writeable = False  # (always read-only: one compiled signature, not two)
-        self._layers(plan, attn, allk, fk, fc, costs, bounds, shared)
+        self._layers(plan, attn, fk, fc, costs, bounds, shared)
         step_end(self, plan, view, t_step)
 
-    def _layers(self, plan: StepPlan, attn: float, allk: list[int], fk, fc, costs, bounds: list[int],
+    def _layers(self, plan: StepPlan, attn: float, fk, fc, costs, bounds: list[int],
                 shared: float) -> None:
         """Simulation._layer for every MoE layer: its hooks asked, the predictions for it scored
         (LoadChain._gate); then the pre-attention hook's prefetches issued, attention, the gate,
@@ -92,7 +91,7 @@ class FlatPrefetch(FlatLink):
         pred = self.sim.predictor
         # (of the view, only `future` reads the time: its later steps are the requests arrived by now)
         if pred.needs_future and getattr(self.sim.sched, "timed", True):
-            self._layers_at_gates(plan, attn, allk, fk, fc, costs, bounds, shared)
+            self._layers_at_gates(plan, attn, fk, fc, costs, bounds, shared)
             return
         L, step, lat, rec, view = self.L, plan.index, self.lat, self.rec, self.view
         on_pre, on_gate, pack = self._on_pre_attention, self._on_gate, self._pack
@@ -141,7 +140,7 @@ class FlatPrefetch(FlatLink):
         at.append(len(out))
         rec.predictor_s = spent
         if scored is None:  # (every prediction for a layer is made before its gate: all are in)
-            self._score(step, range(L), allk, bounds)
+            self._score(step, range(L), fk.tolist(), bounds)
         else:
             made, correct = scored
             rec.pred_needed = list(map(add, rec.pred_needed, self._nkeys.tolist()))
@@ -171,7 +170,7 @@ class FlatPrefetch(FlatLink):
                 made[layer] += len(pset)
                 correct[layer] += len(pset.intersection(allk[lo:hi]))
 
-    def _layers_at_gates(self, plan: StepPlan, attn: float, allk: list[int], fk, fc, costs, bounds: list[int],
+    def _layers_at_gates(self, plan: StepPlan, attn: float, fk, fc, costs, bounds: list[int],
                          shared: float) -> None:
         """_layers with the gate hook asked at its gate's time: two compiled calls per layer."""
         env, rec, view, pred = self.env, self.rec, self.view, self.sim.predictor
@@ -181,6 +180,7 @@ class FlatPrefetch(FlatLink):
         lat, step, L = self.lat, plan.index, self.L
         hook_gpu = lat if self.on_gpu else 0.0
         F, I = [], []  # the rows (Recorder.step_arrays)
+        allk = fk.tolist()
         issued0 = self._issued
         pre = hook_gpu if on_pre else 0.0  # (every layer's pre-attention GPU seconds)
         for layer in range(L):

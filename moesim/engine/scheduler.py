@@ -273,6 +273,8 @@ class Scheduler:
 
     def _form_static(self, st: _State, now: float, index: int):
         if st.running:  # inside a batch: every running sequence decodes one token
+            if all(d >= s.prompt for s, d in zip(st.running, st.done)):
+                return self._decode_step(index, st)
             return self._build(index, st, [(s, d, 1) for s, d in zip(st.running, st.done)], [], st.batch_no)
         cands = self._waiting(st, max(self.size, self.window) if self.affinity else self.size)
         if not cands:
@@ -323,6 +325,38 @@ class Scheduler:
         if not chunks:
             return self._idle_or_done()
         return self._build(index, st, chunks, admitted, -1)
+
+    def _decode_step(self, index: int, st: _State):
+        """`_build` of a static batch's decode step (each running sequence decodes one token, none
+        is admitted): the same plan and state, without its general walks (it runs every step)."""
+        seqs, dones = st.running, st.done
+        n, req0 = len(seqs), seqs[0].req
+        flat = None
+        if n == 1:
+            s, d = seqs[0], dones[0]
+            ids = np.array([s.rid], dtype=np.int64)
+            routing = s.req.experts[d:d + 1].copy()
+            if self.dedup:
+                flat, s.keys = one_token_keys(s.req.experts, d, self.E, s.keys)
+        else:
+            ids = np.fromiter((s.rid for s in seqs), dtype=np.int64, count=n)
+            routing = np.stack([s.req.experts[d] for s, d in zip(seqs, dones)])
+        finished, running, done = [], [], []
+        for s, d in zip(seqs, dones):
+            if d + 1 >= s.total:
+                finished.append(s.rid)
+            else:
+                running.append(s)
+                done.append(d + 1)
+        keys, counts, flat = _dedup_flat(routing, self.E, self.dedup) if flat is None else flat
+        plan = StepPlan(index, "decode", st.batch_no, ids, n, sum(dones) + n, routing, keys, counts,
+                        n * routing.shape[2], None, np.array(finished, dtype=np.int64), n, ids)
+        plan.flat = flat
+        if req0.pre_attn is not None:
+            plan.pre_attn = np.stack([s.req.pre_attn[d] for s, d in zip(seqs, dones)])
+        if req0.scores is not None:
+            plan.scores = np.concatenate([s.req.scores[d:d + 1] for s, d in zip(seqs, dones)], axis=0)
+        return plan, _State(tuple(running), tuple(done), st.batch_no, st.excluded), []
 
     def _build(self, index: int, st: _State, chunks: list, admitted: list[Seq], batch_no: int):
         """The StepPlan of `chunks` [(Seq, done, new tokens)] and the state after it."""

@@ -233,6 +233,7 @@ class MultiLook(HistoryPredictor):
         super()._new_step(view)
         self._prev_codes = np.empty(self._prev.shape[:2], dtype=np.uint64)
         self._jit.codes_into(self._prev, _MULT[0], self._prev_codes)
+        self._known = view.phase != "prefill" and bool(self._pvalid.any())  # (a previous token to read)
         self._rows = None       # sampled row indices (prefill), fixed at the first gate
         self._cur_codes = None  # [T', L] codes of this step's layers, filled gate by gate
         self._have = np.zeros(self.L, dtype=bool)
@@ -276,7 +277,7 @@ class MultiLook(HistoryPredictor):
             for l in range(start - L, layer + 1):
                 self._code(view, l)
             return self._cur_codes[:, start - L:layer + 1], None
-        if view.phase == "prefill" or not self._pvalid.any():
+        if not self._known:
             return None
         if layer < 0:
             return self._prev_codes[:, start:], self._pvalid
@@ -309,7 +310,7 @@ class MultiLook(HistoryPredictor):
                 self._rows_of(view, layer)  # fixes the step's row sample and positions
             cnt = np.bincount(full.ravel(), minlength=E)
             src = layer
-        elif view.phase != "prefill" and self._pvalid.any():
+        elif self._known:
             cnt = np.bincount(self._prev[self._pvalid, L - 1].ravel(), minlength=E)
             src = L - 1
         else:
@@ -354,9 +355,8 @@ class MultiLook(HistoryPredictor):
         """`_predict(view, -1)` in one compiled call (multilook_jit.start)."""
         self._begin(view)
         p, st = self.params, self.store
-        known = view.phase != "prefill" and bool(self._pvalid.any())
         experts, scores, ends = self._jit.start(
-            self._prev, self._pvalid, self._prev_codes, known, p.pattern_length if p.use_sequences else self.L + 1,
+            self._prev, self._pvalid, self._prev_codes, self._known, p.pattern_length if p.use_sequences else self.L + 1,
             _MULT, st._hk, st._hv, st._shift, *self._tables())
         st.mark += 1
         step, out, a = view.step, Ranked(), 0
@@ -381,7 +381,7 @@ class MultiLook(HistoryPredictor):
             self._rows_of(view, 0)
         rows = routing if self._rows is None else routing[self._rows]
         p, st = self.params, self.store
-        use_prev = bool(view.phase != "prefill" and self._pvalid.any() and self._prev_codes.shape[0] == rows.shape[0])
+        use_prev = self._known and self._prev_codes.shape[0] == rows.shape[0]
         experts, scores, ends = self._jit.gates(
             routing, rows, self._prev_codes, self._pvalid, use_prev, p.pattern_length if p.use_sequences else 0,
             _MULT, self._cur_codes, st._hk, st._hv, st._shift, *self._tables())
