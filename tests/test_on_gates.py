@@ -128,9 +128,10 @@ def _pack_both(g, L, E, step, predicted, accessed=None):
     accessed = accessed or [[layer * E] for layer in range(L)]
     bounds = np.cumsum([0] + [len(a) for a in accessed]).tolist()
     allk = [k for a in accessed for k in a]
-    new = SimpleNamespace(L=L, E=E, predicted={k: set(v) for k, v in predicted.items()})
-    out, at, made, correct = FlatLink._pack_gates(new, g, step, np.array(allk, dtype=np.int64),
-                                                  np.array(bounds, dtype=np.int64))
+    new = SimpleNamespace(L=L, E=E, predicted={k: set(v) for k, v in predicted.items()},
+                          pred=np.zeros((3, L), dtype=np.int64))
+    out, at = FlatLink._pack_gates(new, g, step, np.array(allk, dtype=np.int64), np.array(bounds, dtype=np.int64))
+    needed, made, correct = new.pred.tolist()
     rec = SimpleNamespace(pred_needed=[0] * L, pred_made=[0] * L, pred_correct=[0] * L)
     ref = SimpleNamespace(L=L, E=E, predicted={k: set(v) for k, v in predicted.items()}, rec=rec)
     want, want_at = [0], []
@@ -138,11 +139,12 @@ def _pack_both(g, L, E, step, predicted, accessed=None):
         want_at += [len(want)] * 2
         ref.gated = (step, layer)
         FlatLink._pack(ref, g[layer], want)
+    want_at.append(len(want))
     later = {k: v for k, v in ref.predicted.items() if k[0] != step}
     FlatPrefetch._score(ref, step, range(L), allk, bounds)
-    assert out.dtype == np.int64
-    assert (out.tolist(), at, new.predicted) == (want, want_at, later)
-    assert (made, correct) == (rec.pred_made, rec.pred_correct)
+    assert out.dtype == at.dtype == np.int64
+    assert (out.tolist(), at.tolist(), new.predicted) == (want, want_at, later)
+    assert (needed, made, correct) == (rec.pred_needed, rec.pred_made, rec.pred_correct)
     return want, new.predicted, made, correct
 
 

@@ -576,16 +576,16 @@ def layers(Z, X, EI, EF, PR, B, at, dt, gated, keys, counts, costs, bounds, busy
 
 
 @njit(cache=True, nogil=True)
-def pack_gates(experts, ends, codes, per, gated0, E, L, now, fk, starts):
+def pack_gates(experts, ends, codes, per, gated0, E, L, now, fk, starts, pred):
     """FlatLink._pack of every gate's blocks at once, and LoadChain._gate's scoring of this step's
     layers. Block b (gate b // per) predicts experts[ends[b - 1]:ends[b]] for target code codes[b]
     (step * L + layer); it is kept if not empty and after its gate (code > gated0 + gate; gated0 =
     step * L). The keys predicted for this step's layers are marked in now [L * E] (which holds
     those predicted earlier) and scored against the keys accessed, fk[starts[l]:starts[l + 1]] at
-    layer l. Returns (the blocks as _pack appends them to [0]: code, size, keys; each gate's start,
-    twice; the later steps' kept targets: their codes ascending, the ends of their keys and their
-    keys, each target's distinct keys ascending; per layer, the keys predicted and those of them
-    accessed)."""
+    layer l: per layer, the keys accessed, predicted, and predicted and accessed are added to
+    pred [3, L]. Returns (the blocks as _pack appends them to [0]: code, size, keys; each gate's
+    start, twice, and their end; the later steps' kept targets: their codes ascending, the ends of their keys and
+    their keys, each target's distinct keys ascending)."""
     nb = ends.shape[0]
     total, a = 1, 0
     lo, hi = np.iinfo(np.int64).max, -1
@@ -596,7 +596,7 @@ def pack_gates(experts, ends, codes, per, gated0, E, L, now, fk, starts):
                 lo, hi = min(lo, codes[b]), max(hi, codes[b])
         a = ends[b]
     out = np.zeros(total, dtype=np.int64)
-    at = np.empty(2 * (nb // per), dtype=np.int64)
+    at = np.empty(2 * (nb // per) + 1, dtype=np.int64)
     span = max(hi - lo + 1, 0)
     mark = np.zeros((span, E), dtype=np.bool_)
     pos, a = 1, 0
@@ -616,6 +616,7 @@ def pack_gates(experts, ends, codes, per, gated0, E, L, now, fk, starts):
                     mark[c - lo, experts[a + i]] = True
             pos += z - a + 2
         a = z
+    at[-1] = pos
     tcodes = np.empty(span, dtype=np.int64)
     tends = np.empty(span, dtype=np.int64)
     tkeys = np.empty(span * E, dtype=np.int64)
@@ -630,13 +631,12 @@ def pack_gates(experts, ends, codes, per, gated0, E, L, now, fk, starts):
             tcodes[nt] = lo + t
             tends[nt] = nk
             nt += 1
-    made = np.zeros(L, dtype=np.int64)
-    correct = np.zeros(L, dtype=np.int64)
     for key in range(L * E):
-        made[key // E] += now[key]
+        pred[1, key // E] += now[key]
     for l in range(L):
+        pred[0, l] += starts[l + 1] - starts[l]
         for i in range(starts[l], starts[l + 1]):
             if now[fk[i]]:
-                correct[l] += 1
+                pred[2, l] += 1
                 now[fk[i]] = False  # (a key accessed twice counts once)
-    return out, at, tcodes[:nt], tends[:nt], tkeys[:nk], made, correct
+    return out, at, tcodes[:nt], tends[:nt], tkeys[:nk]

@@ -72,6 +72,9 @@ class FlatLink:
         self.PR = np.zeros((4, self.room or 4 * W), dtype=np.int64)  # (protections held; per-target prefetch counts)
         self.npr = 0  # protections held (or targets counted for max_bytes_per_layer, if more)
         self.predicted = sim.predicted  # target -> every key predicted for it
+        # per layer: keys needed, predicted, predicted and needed (_pack_gates' scoring; added to
+        # the recorder's at the end)
+        self.pred = np.zeros((3, sim.L), dtype=np.int64)
         self.predictor = sim.predictor
         self.on_gpu = params.runs_on == "gpu"
         self.lat = 0.0  # seconds one hook call costs in the current step (Predictor.latency_for)
@@ -109,6 +112,9 @@ class FlatLink:
         rec.prefetch_used += s[J.C_USED]
         rec.prefetch_late += s[J.C_LATE]
         rec.saved_loads += s[J.C_SAVED]
+        for lst, add in zip((rec.pred_needed, rec.pred_made, rec.pred_correct), self.pred.tolist()):
+            lst[:] = [a + b for a, b in zip(lst, add)]
+        self.pred[:] = 0
         sim.prefetched_unused.update(np.flatnonzero(Z[J.UNUSED, :self.K]).tolist())
         pcie = sim.pcie  # what the recorder reads of the link
         pcie.transfers, pcie.busy_time = s[J.TRANSFERS], float(self.X[J.XS, J.BUSYTIME])
@@ -142,23 +148,23 @@ class FlatLink:
     def _pack_gates(self, g, step: int, fk: np.ndarray, starts: np.ndarray):
         """_pack of every gate's answer of step `step` from a GateBlocks, and _score of the step's
         layers, compiled (flat_jit.pack_gates): returns the blocks as `_pack` would append them to
-        [0] (an int64 array), each gate's start twice (no pre-attention blocks), and per layer the
-        keys predicted for it (with those recorded earlier) and how many of them are accessed
-        (fk[starts[l]:starts[l + 1]]). Each later target's keys are recorded once, the union of its
-        blocks'."""
+        [0] and each gate's start twice (no pre-attention blocks) and their end, int64 arrays. Per layer, the
+        keys accessed (fk[starts[l]:starts[l + 1]]), predicted for it (with those recorded earlier)
+        and predicted and accessed are added to `pred`. Each later target's keys are recorded
+        once, the union of its blocks'."""
         L, E, predicted = self.L, self.E, self.predicted
         now, pop = np.zeros(L * E, dtype=np.bool_), predicted.pop
         earlier = [pop(t) for t in [t for t in predicted if t[0] == step]]  # (predicted before: recorded)
         if earlier:
             now[np.fromiter(chain.from_iterable(earlier), dtype=np.int64)] = True
         codes = np.asarray(g.steps, dtype=np.int64) * L + np.asarray(g.layers, dtype=np.int64)
-        out, at, targets, ends, keys, made, correct = J.pack_gates(
-            g.experts, np.asarray(g.ends, dtype=np.int64), codes, g.per_gate, step * L, E, L, now, fk, starts)
+        out, at, targets, ends, keys = J.pack_gates(g.experts, np.asarray(g.ends, dtype=np.int64), codes, g.per_gate,
+                                                    step * L, E, L, now, fk, starts, self.pred)
         keys, a = keys.tolist(), 0
         for code, b in zip(targets.tolist(), ends.tolist()):
             record_predicted(predicted, divmod(code, L), keys[a:b])
             a = b
-        return out, at.tolist(), made.tolist(), correct.tolist()
+        return out, at
 
     def _blocks(self, out: list[int]) -> np.ndarray:
         """`out` as the int64 array the compiled moves read, with room for its protections."""

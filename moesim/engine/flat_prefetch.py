@@ -15,7 +15,6 @@ random scenarios, times that tie included.
 """
 from __future__ import annotations
 
-from operator import add
 
 import numpy as np
 
@@ -106,9 +105,10 @@ class FlatPrefetch(FlatLink):
             self._bounds, self._starts = bounds, np.array(bounds, dtype=np.int64)
             self._nkeys = np.diff(self._starts)
             self._nkeys.flags.writeable = False  # (the Recorder keeps it: StepArrays)
-        scored = None  # (a GateBlocks' packing scores the step's predictions too)
+        scored = False  # (a GateBlocks' packing scores the step's predictions too)
         if type(answers) is GateBlocks:
-            out, at, *scored = self._pack_gates(answers, step, fk, self._starts)
+            out, at = self._pack_gates(answers, step, fk, self._starts)
+            scored = True
             for _ in range(L):
                 spent += lat
             self.gated = (step, L - 1)
@@ -137,22 +137,19 @@ class FlatPrefetch(FlatLink):
                 spent += lat
                 if reqs:
                     pack(reqs, out)
-        at.append(len(out))
+        if not scored:
+            at.append(len(out))
         rec.predictor_s = spent
-        if scored is None:  # (every prediction for a layer is made before its gate: all are in)
+        if not scored:  # (every prediction for a layer is made before its gate: all are in)
             self._score(step, range(L), fk.tolist(), bounds)
-        else:
-            made, correct = scored
-            rec.pred_needed = list(map(add, rec.pred_needed, self._nkeys.tolist()))
-            rec.pred_made = list(map(add, rec.pred_made, made))
-            rec.pred_correct = list(map(add, rec.pred_correct, correct))
         hook_gpu = lat if self.on_gpu else 0.0
         pre, gate_gpu = hook_gpu if on_pre else 0.0, hook_gpu if on_gate else 0.0
         if self.log is not None:
             self._room(len(fk) + len(out))
         blocks = self._blocks(out)  # (before PR is read: it may grow it)
         F, I = np.empty((L, 5), dtype=np.float64), np.empty((L, 4), dtype=np.int64)
-        self.npr = J.layers(self.Z, self.X, self.EI, self.EF, self.PR, blocks, np.array(at, dtype=np.int64),
+        self.npr = J.layers(self.Z, self.X, self.EI, self.EF, self.PR, blocks,
+                            at if scored else np.array(at, dtype=np.int64),
                             float(pre + attn), step * L, fk, fc, costs, self._starts, shared,
                             gate_gpu, self._issued, F, I)
         self.env.now = float(self.X[J.XS, J.NOW])
