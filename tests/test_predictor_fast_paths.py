@@ -173,7 +173,8 @@ def _noisy_or_numpy(p_rows, counts):
     rounded to float32 once."""
     miss = np.ones(p_rows.shape[1])
     for a in np.flatnonzero(counts).tolist():
-        f, out, c = 1.0 - np.minimum(p_rows[a], np.float32(1.0 - 1e-6)).astype(np.float64), np.ones_like(miss), int(counts[a])
+        f = 1.0 - np.minimum(p_rows[a], np.float32(1.0 - 1e-6)).astype(np.float64)
+        out, c = np.ones_like(miss), int(counts[a])
         while c:
             if c & 1:
                 out = out * f

@@ -148,10 +148,10 @@ class FlatLink:
     def _pack_gates(self, g, step: int, fk: np.ndarray, starts: np.ndarray):
         """_pack of every gate's answer of step `step` from a GateBlocks, and _score of the step's
         layers, compiled (flat_jit.pack_gates): returns the blocks as `_pack` would append them to
-        [0] and each gate's start twice (no pre-attention blocks) and their end, int64 arrays. Per layer, the
-        keys accessed (fk[starts[l]:starts[l + 1]]), predicted for it (with those recorded earlier)
-        and predicted and accessed are added to `pred`. Each later target's keys are recorded
-        once, the union of its blocks'."""
+        [0], and each gate's start twice (no pre-attention blocks) then their end, int64 arrays.
+        Per layer, the keys accessed (fk[starts[l]:starts[l + 1]]), predicted for it (with those
+        recorded earlier) and predicted and accessed are added to `pred`. Each later target's keys
+        are recorded once, the union of its blocks'."""
         L, E, predicted = self.L, self.E, self.predicted
         now, pop = np.zeros(L * E, dtype=np.bool_), predicted.pop
         earlier = [pop(t) for t in [t for t in predicted if t[0] == step]]  # (predicted before: recorded)

@@ -15,7 +15,6 @@ random scenarios, times that tie included.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..predictors.base import GateBlocks

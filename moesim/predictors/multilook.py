@@ -356,8 +356,8 @@ class MultiLook(HistoryPredictor):
         self._begin(view)
         p, st = self.params, self.store
         experts, scores, ends = self._jit.start(
-            self._prev, self._pvalid, self._prev_codes, self._known, p.pattern_length if p.use_sequences else self.L + 1,
-            _MULT, st._hk, st._hv, st._shift, *self._tables())
+            self._prev, self._pvalid, self._prev_codes, self._known,
+            p.pattern_length if p.use_sequences else self.L + 1, _MULT, st._hk, st._hv, st._shift, *self._tables())
         st.mark += 1
         step, out, a = view.step, Ranked(), 0
         experts, scores = experts.tolist(), scores.tolist()
