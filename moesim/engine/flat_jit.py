@@ -584,8 +584,8 @@ def pack_gates(experts, ends, codes, per, gated0, E, L, now, fk, starts, pred):
     those predicted earlier) and scored against the keys accessed, fk[starts[l]:starts[l + 1]] at
     layer l: per layer, the keys accessed, predicted, and predicted and accessed are added to
     pred [3, L]. Returns (the blocks as _pack appends them to [0]: code, size, keys; each gate's
-    start, twice, and their end; the later steps' kept targets: their codes ascending, the ends of their keys and
-    their keys, each target's distinct keys ascending)."""
+    start, twice, and their end; the later steps' kept targets: their codes ascending, the ends of
+    their keys and their keys, each target's distinct keys ascending)."""
     nb = ends.shape[0]
     total, a = 1, 0
     lo, hi = np.iinfo(np.int64).max, -1

@@ -331,16 +331,9 @@ class Scheduler:
         is admitted): the same plan and state, without its general walks (it runs every step)."""
         seqs, dones = st.running, st.done
         n, req0 = len(seqs), seqs[0].req
-        flat = None
-        if n == 1:
-            s, d = seqs[0], dones[0]
-            ids = np.array([s.rid], dtype=np.int64)
-            routing = s.req.experts[d:d + 1].copy()
-            if self.dedup:
-                flat, s.keys = one_token_keys(s.req.experts, d, self.E, s.keys)
-        else:
-            ids = np.fromiter((s.rid for s in seqs), dtype=np.int64, count=n)
-            routing = np.stack([s.req.experts[d] for s, d in zip(seqs, dones)])
+        ids = np.array([seqs[0].rid], dtype=np.int64) if n == 1 else np.fromiter(
+            (s.rid for s in seqs), dtype=np.int64, count=n)
+        routing, flat = self._one_token_each(seqs, dones)
         finished, running, done = [], [], []
         for s, d in zip(seqs, dones):
             if d + 1 >= s.total:
@@ -358,6 +351,17 @@ class Scheduler:
             plan.scores = np.concatenate([s.req.scores[d:d + 1] for s, d in zip(seqs, dones)], axis=0)
         return plan, _State(tuple(running), tuple(done), st.batch_no, st.excluded), []
 
+    def _one_token_each(self, seqs, dones) -> tuple[np.ndarray, tuple | None]:
+        """The routing of each sequence's next token (its token dones[i]), and one token's flat
+        keys when there is one sequence and dedup is on (one_token_keys; None: made from routing)."""
+        if len(seqs) == 1:  # (np.stack of one row, without its overhead)
+            s, d = seqs[0], dones[0]
+            flat = None
+            if self.dedup:
+                flat, s.keys = one_token_keys(s.req.experts, d, self.E, s.keys)
+            return s.req.experts[d:d + 1].copy(), flat
+        return np.stack([s.req.experts[d] for s, d in zip(seqs, dones)]), None
+
     def _build(self, index: int, st: _State, chunks: list, admitted: list[Seq], batch_no: int):
         """The StepPlan of `chunks` [(Seq, done, new tokens)] and the state after it."""
         ids = np.fromiter((s.rid for s, _, _ in chunks), dtype=np.int64, count=len(chunks))
@@ -367,13 +371,7 @@ class Scheduler:
         flat = None
         if all(n == 1 and d >= s.prompt for s, d, n in chunks):
             phase, prefill_tokens = "decode", 0
-            if len(chunks) == 1:  # (np.stack of one row, without its overhead)
-                s, d, _ = chunks[0]
-                routing = s.req.experts[d:d + 1].copy()
-                if self.dedup:
-                    flat, s.keys = one_token_keys(s.req.experts, d, self.E, s.keys)
-            else:
-                routing = np.stack([s.req.experts[d] for s, d, _ in chunks])
+            routing, flat = self._one_token_each([s for s, _, _ in chunks], [d for _, d, _ in chunks])
             if with_pre:
                 pre_attn = np.stack([s.req.pre_attn[d] for s, d, _ in chunks])
             token_requests = ids
