@@ -92,7 +92,10 @@ def _lru_plan(a: np.ndarray, cap: int):
     return cand, cq, np.append(qnext[queue], m)
 
 
-def _lru_loop(cq: list[int], qnext: list[int], cap: int, flags: list[int] | None) -> int:
+def _lru_loop(cq, qnext, cap: int, flags: list[int] | None) -> int:
+    """The eviction pointer's walk (see the module docstring) over the candidates' queue indices
+    `cq` and the queue entries' next candidates `qnext`: int sequences (memoryviews of int64
+    arrays, which the loop reads faster than it reads lists made of them)."""
     misses = size = qi = 0
     for c, p in enumerate(cq):
         if p >= qi:                  # its previous request is still queued: resident
@@ -117,14 +120,15 @@ def lru_misses(a: np.ndarray, cap: int, out: np.ndarray | None = None) -> int:
     b, kept = _dedup(a)
     cand, cq, qnext = _lru_plan(b, cap)
     flags: list[int] | None = [] if out is not None else None
-    misses = _lru_loop(cq.tolist(), qnext.tolist(), cap, flags)
+    misses = _lru_loop(memoryview(cq), memoryview(qnext), cap, flags)
     if out is not None:
         pos = cand[np.asarray(flags, dtype=np.int64)]
         out[pos if kept is None else kept[pos]] = True
     return misses
 
 
-def _fifo_loop(reqs: list[int], cap: int, universe: int) -> int:
+def _fifo_loop(reqs, cap: int, universe: int) -> int:
+    """FIFO misses of the dense ids `reqs` (an int sequence: a memoryview of an int64 array)."""
     resident = bytearray(universe)
     ring = [0] * cap   # ring[p] is the oldest resident id once the cache is full
     p = size = misses = 0
@@ -153,4 +157,4 @@ def fifo_misses(a: np.ndarray, cap: int) -> int | None:
     if d is None:
         return None
     d, _ = _dedup(d)
-    return _fifo_loop(d.tolist(), cap, int(d.max()) + 1)
+    return _fifo_loop(memoryview(np.ascontiguousarray(d, dtype=np.int64)), cap, int(d.max()) + 1)
