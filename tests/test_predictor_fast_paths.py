@@ -68,10 +68,27 @@ def _prob_numpy(pred, c, n, min_count):
     return np.where((c >= min_count) & (prob >= pred.params.min_confidence), prob, np.float32(0.0))
 
 
-class _PerHopMultiLook(MultiLook):
-    """MultiLook learning as first written: one add.at per hop and per distance."""
+class PartByPart(MultiLook):
+    """MultiLook learning its tables part by part, each compiled part called in turn (the
+    reference for learn_step, which calls them all at once; subclasses swap in their own parts)."""
 
-    _learn_tables = MultiLook._learn_parts  # (learnt part by part: its own parts)
+    def _learn_tables(self, prev, rows, pvalid, slot):
+        seq = np.concatenate([prev, rows], axis=1)                 # [n, 2L, k]
+        self._learn_hops(seq, pvalid)
+        if slot.size:
+            self._jit.learn_temporal(self.temporal, self.temporal_n, slot, rows)
+        if self.params.use_sequences:
+            self._learn_patterns(seq, prev, rows, pvalid)
+
+    def _learn_hops(self, seq, pvalid):
+        qs, tgt, lay, late = self._hop_q
+        if qs.size:
+            self._jit.learn_hops(self._hops3, self._occ2, self._hops_p3, seq, pvalid, qs, tgt, lay, late,
+                                 self._hop_min, self._conf)
+
+
+class _PerHopMultiLook(PartByPart):
+    """MultiLook learning as first written: one add.at per hop and per distance."""
 
     def _learn_hops(self, seq, pvalid):
         L, E = self.L, self.E
@@ -154,8 +171,8 @@ def test_multilook_learns_in_one_call_as_part_by_part(batch, params):
     """learn_step (one compiled call, the patterns left to the store when it must evict) learns
     every table bit for bit as the parts called one by one, and so predicts the same."""
     steps = make_stream(n_requests=12, batch=batch, noise=0.2, seed=batch + 5)
-    new, ref = (registry.create("multilook", params, MODEL, np.random.default_rng(0)) for _ in range(2))
-    ref._learn_tables = ref._learn_parts
+    new = registry.create("multilook", params, MODEL, np.random.default_rng(0))
+    ref = PartByPart(MultiLook.Params(**params), MODEL, np.random.default_rng(0))
     evicting = []
     new._learn_patterns = lambda *a: evicting.append(1) or MultiLook._learn_patterns(new, *a)
     got = _drive(new, steps)

@@ -15,7 +15,7 @@ from moesim.engine.run import simulate
 from moesim.engine.sim import Simulation
 from moesim.predictors import registry
 from tests.helpers import TINY_MODEL, fixed_profile, scenario, write_routing
-from tests.test_predictor_fast_paths import _prob_numpy
+from tests.test_predictor_fast_paths import PartByPart, _prob_numpy
 
 MODEL = {**TINY_MODEL, "num_layers": 6, "num_experts": 16, "top_k": 3}
 PREDICTORS = {
@@ -106,7 +106,7 @@ def test_multilook_learns_as_the_per_hop_masked_form():
     params = cls.Params(lookahead_layers=3, min_pattern_frequency=1, min_confidence=0.2)
     new, old = (cls(params, model, np.random.default_rng(0)) for _ in range(2))
     old._learn_hops = _learn_hops_per_hop.__get__(old)
-    old._learn_tables = old._learn_parts  # (learnt part by part: its own hops)
+    old._learn_tables = PartByPart._learn_tables.__get__(old)  # (learnt part by part: its own hops)
     for i in range(len(STREAM)):
         for p in (new, old):
             view = FakeView(STREAM, i, False)

@@ -415,8 +415,11 @@ class MultiLook(HistoryPredictor):
                 self.positions.put(rid, ps + 1)
 
     def _learn_tables(self, prev, rows, pvalid, slot) -> None:
-        """`_learn_parts` in one compiled call (multilook_jit.learn_step), which leaves the patterns
-        to `_learn_patterns` when the store must evict to hold the step's contexts."""
+        """Co-occurrence and chains, temporal position and sequence patterns (contexts ending at q
+        whose outcome q+d, d <= h, lies in this token), learnt from rows [n, L, k] with their
+        previous tokens (prev, where pvalid) and positions (slot, modulo the period; none: not
+        learnt), in one compiled call (multilook_jit.learn_step); the patterns are left to
+        `_learn_patterns` when the store must evict to hold the step's contexts."""
         p, st = self.params, self.store
         hq, tgt, lay, late = self._hop_q
         short = self._jit.learn_step(
@@ -426,28 +429,6 @@ class MultiLook(HistoryPredictor):
             st.counts, st.n, st.p, st.trusted, st.access, self._trust_min, self._pattern_min)
         if short:  # (the contexts' keys made again: the same)
             self._learn_patterns(np.concatenate([prev, rows], axis=1), prev, rows, pvalid)
-
-    def _learn_parts(self, prev, rows, pvalid, slot) -> None:
-        """Co-occurrence and chains, temporal position, sequence patterns (contexts ending at q whose
-        outcome q+d, d <= h, lies in this token), learnt from rows [n, L, k] with their previous
-        tokens (prev, where pvalid) and positions (slot, modulo the period; none: not learnt)."""
-        seq = np.concatenate([prev, rows], axis=1)                 # [n, 2L, k]
-        self._learn_hops(seq, pvalid)
-        if slot.size:
-            self._jit.learn_temporal(self.temporal, self.temporal_n, slot, rows)
-        if self.params.use_sequences:
-            self._learn_patterns(seq, prev, rows, pvalid)
-
-    def _learn_hops(self, seq: np.ndarray, pvalid: np.ndarray) -> None:
-        """Co-occurrence and chains: a at position q -> b at q+d, for b in this token. Every hop's
-        counts are added, and their touched rows' cache refreshed, in one call each (each count
-        grows by the same 1.0, so the order of the additions does not matter)."""
-        E = self.E
-        qs, tgt, lay, late = self._hop_q
-        if qs.size == 0:
-            return
-        self._jit.learn_hops(self.hops.reshape(-1, E, E), self.occ.reshape(-1, E), self.hops_p.reshape(-1, E, E),
-                             seq, pvalid, qs, tgt, lay, late, self._hop_min, self._conf)
 
     def _learn_patterns(self, seq, prev, rows, pvalid) -> None:
         p, L, st, qs = self.params, self.L, self.store, self._pattern_q

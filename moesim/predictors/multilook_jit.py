@@ -252,7 +252,7 @@ def learn_patterns(counts, n, prob, trusted, access, slots, ti, tq, seq, L, min_
 def learn_step(prev, rows, pvalid, hops, occ, hops_p, hq, tgt, lay, late, hop_min, conf, temporal, temporal_n, slot,
                pq, pl, L, mult, hk, hv, shift, slot_key, used, free, top, counts, n, prob, trusted, access, trust_min,
                pattern_min):
-    """A step's learning (MultiLook._learn_parts) in one call: the hops (`learn_hops`; none
+    """A step's learning (MultiLook._learn_tables) in one call: the hops (`learn_hops`; none
     without hop positions hq), the temporal positions (`learn_temporal`; none without slots), the
     sequence patterns ending at positions pq (`learn_keys`, the store's `claim`, `learn_patterns`;
     none without). Returns 0, or, where the store has fewer free slots than new contexts, how many
